@@ -1,0 +1,42 @@
+# shardps: `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+PROTOS := $(wildcard protos/pscommon/wire/v1/*.proto)
+# glibc: stop mmap/munmap of every multi-MB gRPC buffer (measured in docs/benchmarks.md)
+export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
+export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
+
+.PHONY: install demo test test-fast test-slow proto bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/psctl up --servers 2 --workers 3 --mode async --model digits-mlp --steps 300 \
+		--run-dir runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+
+bench: $(STAMP)
+	$(PY) bench/ps_loop.py --preset small --servers 1 --workers 1 --json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

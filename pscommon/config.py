@@ -1,0 +1,210 @@
+"""Job configuration as frozen, validated dataclasses, and their proto forms.
+
+Flags and environment are read once, in psctl; everything below receives these objects.
+Validation errors are `InvalidArgument` with a message that names the bad value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from pscommon.errors import InvalidArgument
+from pscommon.wire.v1 import job_pb2, tensor_pb2
+
+MODES = {"async": job_pb2.MODE_ASYNC, "sync": job_pb2.MODE_SYNC, "ssp": job_pb2.MODE_SSP}
+OPTIMIZERS = {
+    "sgd": job_pb2.OPTIMIZER_SGD,
+    "momentum": job_pb2.OPTIMIZER_MOMENTUM,
+    "adam": job_pb2.OPTIMIZER_ADAM,
+    "adagrad": job_pb2.OPTIMIZER_ADAGRAD,
+}
+CODECS = {
+    "fp32": tensor_pb2.CODEC_RAW,
+    "raw": tensor_pb2.CODEC_RAW,
+    "fp16": tensor_pb2.CODEC_FP16,
+    "bf16": tensor_pb2.CODEC_BF16,
+    "int8": tensor_pb2.CODEC_INT8,
+    "topk": tensor_pb2.CODEC_TOPK,
+}
+PULL_CODECS = {"fp32", "raw", "fp16", "bf16"}
+LOSSLESS = {
+    "off": tensor_pb2.LOSSLESS_NONE,
+    "auto": tensor_pb2.LOSSLESS_UNSPECIFIED,  # per tensor: zstd where it shrinks >= 10%
+    "zstd": tensor_pb2.LOSSLESS_ZSTD,
+    "lz4": tensor_pb2.LOSSLESS_LZ4,
+}
+
+
+def _name_of(table: dict, value: int) -> str:
+    for name, v in table.items():
+        if v == value:
+            return name
+    raise InvalidArgument(f"unknown enum value {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    kind: str = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    lr_decay: float = 0.0
+    initial_accumulator_value: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in OPTIMIZERS:
+            raise InvalidArgument(f"optimizer {self.kind!r} is not one of {sorted(OPTIMIZERS)}")
+        _finite_nonneg("lr", self.lr, positive=True)
+        for field in ("weight_decay", "momentum", "dampening", "eps", "lr_decay",
+                      "initial_accumulator_value"):
+            _finite_nonneg(field, getattr(self, field))
+        for field in ("beta1", "beta2"):
+            value = getattr(self, field)
+            if not 0.0 <= value < 1.0:
+                raise InvalidArgument(f"{field}={value} must be in [0, 1)")
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise InvalidArgument("nesterov needs momentum > 0 and dampening = 0")
+
+    def to_proto(self) -> job_pb2.OptimizerSpec:
+        fields = dataclasses.asdict(self)
+        fields["kind"] = OPTIMIZERS[self.kind]
+        return job_pb2.OptimizerSpec(**fields)
+
+    @classmethod
+    def from_proto(cls, msg: job_pb2.OptimizerSpec) -> "OptimizerConfig":
+        fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)}
+        fields["kind"] = _name_of(OPTIMIZERS, msg.kind)
+        return cls(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecConfig:
+    """A codec choice such as `fp32`, `bf16`, `int8`, `topk:0.01`."""
+
+    name: str = "fp32"
+    topk_density: float = 0.01
+    int8_block_size: int = 256
+    error_feedback: bool = True
+
+    def __post_init__(self):
+        if self.name not in CODECS:
+            raise InvalidArgument(f"codec {self.name!r} is not one of {sorted(CODECS)}")
+        if not 0.0 < self.topk_density <= 1.0:
+            raise InvalidArgument(f"topk density {self.topk_density} must be in (0, 1]")
+        if not 1 <= self.int8_block_size <= 1 << 20:
+            raise InvalidArgument(f"int8 block size {self.int8_block_size} must be in [1, 2**20]")
+
+    @classmethod
+    def parse(cls, text: str, *, error_feedback: bool = True) -> "CodecConfig":
+        """`fp32`, `fp16`, `bf16`, `int8[:BLOCK]`, `topk[:DENSITY]`."""
+        name, _, arg = text.strip().lower().partition(":")
+        if name == "topk" and arg:
+            try:
+                density = float(arg)
+            except ValueError:
+                raise InvalidArgument(f"codec {text!r}: density {arg!r} is not a number") from None
+            return cls(name="topk", topk_density=density, error_feedback=error_feedback)
+        if name == "int8" and arg:
+            if not arg.isdigit():
+                raise InvalidArgument(f"codec {text!r}: block size {arg!r} is not an integer")
+            return cls(name="int8", int8_block_size=int(arg), error_feedback=error_feedback)
+        if arg:
+            raise InvalidArgument(f"codec {text!r} takes no parameter")
+        return cls(name=name, error_feedback=error_feedback)
+
+    @property
+    def codec(self) -> int:
+        return CODECS[self.name]
+
+    def __str__(self) -> str:
+        if self.name == "topk":
+            return f"topk:{self.topk_density:g}"
+        return self.name
+
+    def to_proto(self) -> job_pb2.CodecSpec:
+        return job_pb2.CodecSpec(codec=self.codec, topk_density=self.topk_density,
+                                 int8_block_size=self.int8_block_size,
+                                 error_feedback=self.error_feedback)
+
+    @classmethod
+    def from_proto(cls, msg: job_pb2.CodecSpec) -> "CodecConfig":
+        if msg.codec == tensor_pb2.CODEC_UNSPECIFIED:
+            return cls()
+        name = "fp32" if msg.codec == tensor_pb2.CODEC_RAW else _name_of(CODECS, msg.codec)
+        return cls(name=name, topk_density=msg.topk_density or 0.01,
+                   int8_block_size=msg.int8_block_size or 256,
+                   error_feedback=msg.error_feedback)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    mode: str = "async"
+    staleness: int = 0
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    push_codec: CodecConfig = dataclasses.field(default_factory=CodecConfig)
+    pull_codec: CodecConfig = dataclasses.field(default_factory=CodecConfig)
+    lossless: str = "off"
+    heartbeat_timeout_s: float = 10.0
+    num_servers: int = 1
+    slice_bytes: int = 4 << 20
+    small_tensor_bytes: int = 4096
+    version: int = 1
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise InvalidArgument(f"mode {self.mode!r} is not one of {sorted(MODES)}")
+        if self.staleness < 0:
+            raise InvalidArgument(f"staleness {self.staleness} must be >= 0")
+        if self.mode == "ssp" and self.staleness < 1:
+            raise InvalidArgument("mode ssp needs --staleness >= 1")
+        if self.pull_codec.name not in PULL_CODECS:
+            raise InvalidArgument(f"pull codec {self.pull_codec} is not one of {sorted(PULL_CODECS)}")
+        if self.lossless not in LOSSLESS:
+            raise InvalidArgument(f"lossless {self.lossless!r} is not one of {sorted(LOSSLESS)}")
+        _finite_nonneg("heartbeat_timeout_s", self.heartbeat_timeout_s, positive=True)
+        if not 1 <= self.num_servers <= 1024:
+            raise InvalidArgument(f"num_servers {self.num_servers} must be in [1, 1024]")
+        if self.slice_bytes < 1024:
+            raise InvalidArgument(f"slice_bytes {self.slice_bytes} must be >= 1024")
+        if self.small_tensor_bytes < 0:
+            raise InvalidArgument(f"small_tensor_bytes {self.small_tensor_bytes} must be >= 0")
+
+    def to_proto(self) -> job_pb2.JobSpec:
+        return job_pb2.JobSpec(
+            mode=MODES[self.mode], staleness=self.staleness, optimizer=self.optimizer.to_proto(),
+            push_codec=self.push_codec.to_proto(), pull_codec=self.pull_codec.to_proto(),
+            lossless=LOSSLESS[self.lossless], heartbeat_timeout_s=self.heartbeat_timeout_s,
+            num_servers=self.num_servers, slice_bytes=self.slice_bytes,
+            small_tensor_bytes=self.small_tensor_bytes, version=self.version)
+
+    @classmethod
+    def from_proto(cls, msg: job_pb2.JobSpec) -> "JobSpec":
+        return cls(
+            mode=_name_of(MODES, msg.mode), staleness=msg.staleness,
+            optimizer=OptimizerConfig.from_proto(msg.optimizer),
+            push_codec=CodecConfig.from_proto(msg.push_codec),
+            pull_codec=CodecConfig.from_proto(msg.pull_codec),
+            lossless=_name_of(LOSSLESS, msg.lossless), heartbeat_timeout_s=msg.heartbeat_timeout_s,
+            num_servers=msg.num_servers, slice_bytes=msg.slice_bytes,
+            small_tensor_bytes=msg.small_tensor_bytes, version=msg.version)
+
+    def describe(self) -> dict:
+        """A JSON-friendly summary for status output."""
+        return {
+            "mode": self.mode, "staleness": self.staleness, "optimizer": dataclasses.asdict(self.optimizer),
+            "push_codec": str(self.push_codec), "pull_codec": str(self.pull_codec),
+            "lossless": self.lossless, "heartbeat_timeout_s": self.heartbeat_timeout_s,
+            "num_servers": self.num_servers, "version": self.version,
+        }
+
+
+def _finite_nonneg(name: str, value: float, positive: bool = False) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
+            positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise InvalidArgument(f"{name}={value!r} must be a finite number {bound}")

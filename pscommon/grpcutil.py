@@ -1,0 +1,115 @@
+"""gRPC plumbing shared by every role: message caps, channels, servers, deadlines, retries."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from concurrent import futures
+from typing import Callable, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from pscommon.errors import PSError, Unavailable, from_rpc_error
+
+log = logging.getLogger(__name__)
+
+# A message is one chunk (~1 MiB) plus framing; 8 MiB leaves room and still refuses abuse.
+MAX_MESSAGE_BYTES = 8 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # each target gets its own TCP connection rather than sharing a global subchannel
+    ("grpc.use_local_subchannel_pool", 1),
+]
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.so_reuseport", 0),
+]
+
+# Default deadlines (seconds): control calls are small; data calls scale with the model.
+CONTROL_TIMEOUT_S = 10.0
+DATA_TIMEOUT_S = 120.0
+
+
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def make_server(max_workers: int = 16) -> grpc.Server:
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+                       options=SERVER_OPTIONS, maximum_concurrent_rpcs=256)
+
+
+def bind(server: grpc.Server, listen: str) -> str:
+    """Bind `listen` (host:port, port 0 = any free port); returns the bound host:port."""
+    host, _, port = listen.rpartition(":")
+    try:
+        bound = server.add_insecure_port(listen)
+    except RuntimeError as exc:
+        raise Unavailable(f"cannot listen on {listen}: {exc}") from None
+    if bound == 0:
+        raise Unavailable(f"cannot listen on {listen}")
+    return f"{host}:{bound}"
+
+
+def add_health(server: grpc.Server) -> health.HealthServicer:
+    svc = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(svc, server)
+    return svc
+
+
+def set_serving(svc: health.HealthServicer, service: str, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    svc.set(service, status)
+    svc.set("", status)
+
+
+T = TypeVar("T")
+
+
+def call(fn: Callable[..., T], request, timeout: float, **kwargs) -> T:
+    """One unary call with a deadline; gRPC errors come back as typed PSErrors."""
+    try:
+        return fn(request, timeout=timeout, **kwargs)
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter."""
+
+    base_s: float = 0.05
+    cap_s: float = 2.0
+    factor: float = 2.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        upper = min(self.cap_s, self.base_s * self.factor ** attempt)
+        return (rng or random).uniform(0, upper)
+
+
+def retry(fn: Callable[[], T], deadline_s: float, backoff: Backoff = Backoff(),
+          retry_on: Callable[[PSError], bool] = lambda e: e.retryable,
+          sleep: Callable[[float], None] = time.sleep) -> T:
+    """Call fn until it succeeds, a non-retryable error occurs, or deadline_s passes."""
+    end = time.monotonic() + deadline_s
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except PSError as exc:
+            if not retry_on(exc) or time.monotonic() >= end:
+                raise
+            pause = min(backoff.delay(attempt), max(0.0, end - time.monotonic()))
+            log.debug("retrying after %s: %.3fs", exc, pause)
+            sleep(pause)
+            attempt += 1

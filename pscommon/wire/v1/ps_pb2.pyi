@@ -1,0 +1,232 @@
+from pscommon.wire.v1 import tensor_pb2 as _tensor_pb2
+from pscommon.wire.v1 import job_pb2 as _job_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class KeySpec(_message.Message):
+    __slots__ = ("key", "param", "dtype", "param_shape", "offset", "length", "shard")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    PARAM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PARAM_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    param: str
+    dtype: _tensor_pb2.DType
+    param_shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    length: int
+    shard: int
+    def __init__(self, key: _Optional[str] = ..., param: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., param_shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., shard: _Optional[int] = ...) -> None: ...
+
+class Caller(_message.Message):
+    __slots__ = ("worker_id", "incarnation", "observer")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    OBSERVER_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    incarnation: int
+    observer: bool
+    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., observer: _Optional[bool] = ...) -> None: ...
+
+class DeclareHeader(_message.Message):
+    __slots__ = ("model_fingerprint", "shard", "keys", "job")
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    model_fingerprint: str
+    shard: int
+    keys: _containers.RepeatedCompositeFieldContainer[KeySpec]
+    job: _job_pb2.JobSpec
+    def __init__(self, model_fingerprint: _Optional[str] = ..., shard: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeySpec, _Mapping]]] = ..., job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ...) -> None: ...
+
+class DeclareRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: DeclareHeader
+    chunk: _tensor_pb2.TensorChunk
+    def __init__(self, header: _Optional[_Union[DeclareHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class DeclareReply(_message.Message):
+    __slots__ = ("created", "existing")
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    EXISTING_FIELD_NUMBER: _ClassVar[int]
+    created: int
+    existing: int
+    def __init__(self, created: _Optional[int] = ..., existing: _Optional[int] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("caller", "shard", "step", "keys", "codec", "model_fingerprint")
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    caller: Caller
+    shard: int
+    step: int
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    codec: _job_pb2.CodecSpec
+    model_fingerprint: str
+    def __init__(self, caller: _Optional[_Union[Caller, _Mapping]] = ..., shard: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ..., codec: _Optional[_Union[_job_pb2.CodecSpec, _Mapping]] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class PullHeader(_message.Message):
+    __slots__ = ("shard_version", "wait_s", "next_step")
+    SHARD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
+    shard_version: int
+    wait_s: float
+    next_step: int
+    def __init__(self, shard_version: _Optional[int] = ..., wait_s: _Optional[float] = ..., next_step: _Optional[int] = ...) -> None: ...
+
+class PullResponse(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PullHeader
+    chunk: _tensor_pb2.TensorChunk
+    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class PushHeader(_message.Message):
+    __slots__ = ("caller", "shard", "step", "base_version", "model_fingerprint")
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    caller: Caller
+    shard: int
+    step: int
+    base_version: int
+    model_fingerprint: str
+    def __init__(self, caller: _Optional[_Union[Caller, _Mapping]] = ..., shard: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PushHeader
+    chunk: _tensor_pb2.TensorChunk
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class PushReply(_message.Message):
+    __slots__ = ("shard_version", "duplicate", "staleness")
+    SHARD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    shard_version: int
+    duplicate: bool
+    staleness: int
+    def __init__(self, shard_version: _Optional[int] = ..., duplicate: _Optional[bool] = ..., staleness: _Optional[int] = ...) -> None: ...
+
+class InspectRequest(_message.Message):
+    __slots__ = ("keys", "sample")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    sample: int
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., sample: _Optional[int] = ...) -> None: ...
+
+class KeyInfo(_message.Message):
+    __slots__ = ("spec", "version", "norm", "sample")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    spec: KeySpec
+    version: int
+    norm: float
+    sample: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, spec: _Optional[_Union[KeySpec, _Mapping]] = ..., version: _Optional[int] = ..., norm: _Optional[float] = ..., sample: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class InspectReply(_message.Message):
+    __slots__ = ("shard", "keys")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    keys: _containers.RepeatedCompositeFieldContainer[KeyInfo]
+    def __init__(self, shard: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyInfo, _Mapping]]] = ...) -> None: ...
+
+class ShardStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Histogram(_message.Message):
+    __slots__ = ("bounds", "counts", "total", "sum", "max")
+    BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    bounds: _containers.RepeatedScalarFieldContainer[float]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    total: int
+    sum: float
+    max: float
+    def __init__(self, bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., total: _Optional[int] = ..., sum: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
+
+class TensorTraffic(_message.Message):
+    __slots__ = ("key", "logical_bytes", "wire_bytes")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    LOGICAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    logical_bytes: int
+    wire_bytes: int
+    def __init__(self, key: _Optional[str] = ..., logical_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ...) -> None: ...
+
+class ShardStatusReply(_message.Message):
+    __slots__ = ("shard", "keys", "bytes", "optimizer_bytes", "shard_version", "pushes", "pulls", "duplicates", "uptime_s", "staleness", "pull_wait_s", "push_traffic", "pull_traffic", "clocks", "completed_step", "membership_epoch", "mode")
+    class ClocksEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_FIELD_NUMBER: _ClassVar[int]
+    PULLS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    PULL_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    PULL_TRAFFIC_FIELD_NUMBER: _ClassVar[int]
+    CLOCKS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_STEP_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    keys: int
+    bytes: int
+    optimizer_bytes: int
+    shard_version: int
+    pushes: int
+    pulls: int
+    duplicates: int
+    uptime_s: float
+    staleness: Histogram
+    pull_wait_s: Histogram
+    push_traffic: _containers.RepeatedCompositeFieldContainer[TensorTraffic]
+    pull_traffic: _containers.RepeatedCompositeFieldContainer[TensorTraffic]
+    clocks: _containers.ScalarMap[int, int]
+    completed_step: int
+    membership_epoch: int
+    mode: _job_pb2.Mode
+    def __init__(self, shard: _Optional[int] = ..., keys: _Optional[int] = ..., bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., shard_version: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., duplicates: _Optional[int] = ..., uptime_s: _Optional[float] = ..., staleness: _Optional[_Union[Histogram, _Mapping]] = ..., pull_wait_s: _Optional[_Union[Histogram, _Mapping]] = ..., push_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., pull_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., clocks: _Optional[_Mapping[int, int]] = ..., completed_step: _Optional[int] = ..., membership_epoch: _Optional[int] = ..., mode: _Optional[_Union[_job_pb2.Mode, str]] = ...) -> None: ...

@@ -1,0 +1,237 @@
+from pscommon.wire.v1 import job_pb2 as _job_pb2
+from pscommon.wire.v1 import tensor_pb2 as _tensor_pb2
+from pscommon.wire.v1 import ps_pb2 as _ps_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLE_UNSPECIFIED: _ClassVar[Role]
+    ROLE_WORKER: _ClassVar[Role]
+    ROLE_SERVER: _ClassVar[Role]
+
+class MemberState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MEMBER_STATE_UNSPECIFIED: _ClassVar[MemberState]
+    MEMBER_STATE_ALIVE: _ClassVar[MemberState]
+    MEMBER_STATE_DEAD: _ClassVar[MemberState]
+    MEMBER_STATE_LEFT: _ClassVar[MemberState]
+ROLE_UNSPECIFIED: Role
+ROLE_WORKER: Role
+ROLE_SERVER: Role
+MEMBER_STATE_UNSPECIFIED: MemberState
+MEMBER_STATE_ALIVE: MemberState
+MEMBER_STATE_DEAD: MemberState
+MEMBER_STATE_LEFT: MemberState
+
+class Lease(_message.Message):
+    __slots__ = ("member_id", "incarnation", "ttl_s")
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    member_id: int
+    incarnation: int
+    ttl_s: float
+    def __init__(self, member_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+
+class RegisterServerRequest(_message.Message):
+    __slots__ = ("address", "shard")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    shard: int
+    def __init__(self, address: _Optional[str] = ..., shard: _Optional[int] = ...) -> None: ...
+
+class RegisterServerReply(_message.Message):
+    __slots__ = ("lease", "shard", "job", "epoch")
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    lease: Lease
+    shard: int
+    job: _job_pb2.JobSpec
+    epoch: int
+    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., shard: _Optional[int] = ..., job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class JoinWorkerRequest(_message.Message):
+    __slots__ = ("name", "worker_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    worker_id: int
+    def __init__(self, name: _Optional[str] = ..., worker_id: _Optional[int] = ...) -> None: ...
+
+class JoinWorkerReply(_message.Message):
+    __slots__ = ("lease", "job", "epoch", "start_clock")
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    START_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    lease: Lease
+    job: _job_pb2.JobSpec
+    epoch: int
+    start_clock: int
+    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., epoch: _Optional[int] = ..., start_clock: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("role", "member_id", "incarnation", "clock")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    role: Role
+    member_id: int
+    incarnation: int
+    clock: int
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., member_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("role", "member_id", "incarnation")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    role: Role
+    member_id: int
+    incarnation: int
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., member_id: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
+
+class ServerInfo(_message.Message):
+    __slots__ = ("shard", "address", "member_id", "incarnation", "state")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    address: str
+    member_id: int
+    incarnation: int
+    state: MemberState
+    def __init__(self, shard: _Optional[int] = ..., address: _Optional[str] = ..., member_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ...) -> None: ...
+
+class ParamSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: _tensor_pb2.DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ShardMap(_message.Message):
+    __slots__ = ("fingerprint", "keys", "params")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    keys: _containers.RepeatedCompositeFieldContainer[_ps_pb2.KeySpec]
+    params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
+    def __init__(self, fingerprint: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[_ps_pb2.KeySpec, _Mapping]]] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class JobInfo(_message.Message):
+    __slots__ = ("job", "servers", "shard_map", "epoch")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_MAP_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    job: _job_pb2.JobSpec
+    servers: _containers.RepeatedCompositeFieldContainer[ServerInfo]
+    shard_map: ShardMap
+    epoch: int
+    def __init__(self, job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., shard_map: _Optional[_Union[ShardMap, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class DeclareModelRequest(_message.Message):
+    __slots__ = ("params",)
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
+    def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ...) -> None: ...
+
+class WatchMembershipRequest(_message.Message):
+    __slots__ = ("after_epoch",)
+    AFTER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    after_epoch: int
+    def __init__(self, after_epoch: _Optional[int] = ...) -> None: ...
+
+class WorkerView(_message.Message):
+    __slots__ = ("worker_id", "incarnation", "state", "clock")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    incarnation: int
+    state: MemberState
+    clock: int
+    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., clock: _Optional[int] = ...) -> None: ...
+
+class MembershipView(_message.Message):
+    __slots__ = ("epoch", "workers", "servers")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerView]
+    servers: _containers.RepeatedCompositeFieldContainer[ServerInfo]
+    def __init__(self, epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerView, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("worker_id", "incarnation", "state", "clock", "lease_age_s", "name")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    LEASE_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    incarnation: int
+    state: MemberState
+    clock: int
+    lease_age_s: float
+    name: str
+    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., clock: _Optional[int] = ..., lease_age_s: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("job", "epoch", "workers", "servers", "model_fingerprint", "keys", "uptime_s")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    job: _job_pb2.JobSpec
+    epoch: int
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    servers: _containers.RepeatedCompositeFieldContainer[ServerInfo]
+    model_fingerprint: str
+    keys: int
+    uptime_s: float
+    def __init__(self, job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ..., keys: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""psctl: the command line, and the one package that imports every role."""

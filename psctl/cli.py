@@ -1,0 +1,183 @@
+"""psctl: start daemons (scheduler, server, worker, up) and inspect a running job.
+
+Flags and environment are read here and nowhere else; they become frozen config objects.
+A bad flag or an unreachable address is one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+
+from pscommon.config import CodecConfig, JobSpec, OptimizerConfig
+from pscommon.errors import PSError
+from pscommon.lifecycle import install_stop_handlers, setup_logging
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line, exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; we want one line
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return text
+
+
+def _add_job_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("job spec")
+    g.add_argument("--mode", choices=["async", "sync", "ssp"], default="async")
+    g.add_argument("--staleness", type=int, default=None, help="ssp bound in clocks (default 2 for ssp)")
+    g.add_argument("--optimizer", choices=["sgd", "momentum", "adam", "adagrad"], default="sgd")
+    g.add_argument("--lr", type=float, default=0.1)
+    g.add_argument("--momentum", type=float, default=0.0)
+    g.add_argument("--nesterov", action="store_true")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.999)
+    g.add_argument("--eps", type=float, default=None, help="default 1e-8 (adam), 1e-10 (adagrad)")
+    g.add_argument("--push-codec", default="fp32", help="fp32|fp16|bf16|int8[:BLOCK]|topk[:DENSITY]")
+    g.add_argument("--pull-codec", default="fp32", help="fp32|fp16|bf16")
+    g.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds before a silent member is dead")
+    g.add_argument("--servers", type=int, default=1, dest="num_servers", help="number of shards")
+    g.add_argument("--slice-bytes", type=int, default=4 << 20, help="tensors above this are sliced")
+
+
+def job_from_args(a) -> JobSpec:
+    staleness = a.staleness if a.staleness is not None else (2 if a.mode == "ssp" else 0)
+    eps = a.eps if a.eps is not None else (1e-10 if a.optimizer == "adagrad" else 1e-8)
+    opt = OptimizerConfig(kind=a.optimizer, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov,
+                          weight_decay=a.weight_decay, beta1=a.beta1, beta2=a.beta2, eps=eps)
+    return JobSpec(mode=a.mode, staleness=staleness, optimizer=opt,
+                   push_codec=CodecConfig.parse(a.push_codec), pull_codec=CodecConfig.parse(a.pull_codec),
+                   heartbeat_timeout_s=a.heartbeat_timeout, num_servers=a.num_servers,
+                   slice_bytes=a.slice_bytes)
+
+
+def build_parser() -> Parser:
+    ap = Parser(prog="psctl", description="shardps: a parameter server on gRPC")
+    ap.add_argument("--log-level", default="INFO")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("scheduler", help="run the scheduler")
+    p.add_argument("--listen", type=_address, default="127.0.0.1:7000")
+    p.add_argument("--state-dir", default=None, help="persist scheduler state here")
+    p.add_argument("--ready-file", default=None, help="write the bound address here once serving")
+    _add_job_flags(p)
+
+    p = sub.add_parser("server", help="run one parameter-server shard")
+    p.add_argument("--scheduler", type=_address, required=True)
+    p.add_argument("--listen", type=_address, default="127.0.0.1:0")
+    p.add_argument("--advertise", type=_address, default=None, help="address workers use (default: bound)")
+    p.add_argument("--shard-id", type=int, default=-1)
+    p.add_argument("--ready-file", default=None)
+
+    p = sub.add_parser("worker", help="run a training worker")
+    p.add_argument("--scheduler", type=_address, required=True)
+    p.add_argument("--model", default="digits-mlp")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--metrics-out", default=None, help="append JSON-lines metrics here")
+    p.add_argument("--push-codec", default=None, help="override the job's push codec")
+    p.add_argument("--step-delay", type=float, default=0.0, help="sleep per step (simulate a straggler)")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("up", help="a local cluster: scheduler + servers + workers as processes")
+    _add_job_flags(p)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--model", default="digits-mlp")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-dir", default=None, help="logs and metrics (default: a new temp dir)")
+    p.add_argument("--step-delay", type=float, default=0.0, help="straggler delay for worker 0")
+    p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    for name, help_ in (("status", "cluster state"), ("inspect", "tensors held by each shard")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--scheduler", type=_address, required=True)
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--timeout", type=float, default=10.0)
+        if name == "inspect":
+            p.add_argument("--shard", type=int, default=None)
+            p.add_argument("--sample", type=int, default=4, help="values shown per tensor")
+    return ap
+
+
+def _run_scheduler(a) -> int:
+    from scheduler.daemon import SchedulerConfig, run
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    return run(SchedulerConfig(job=job_from_args(a), listen=a.listen, state_dir=a.state_dir,
+                               ready_file=a.ready_file), stop)
+
+
+def _run_server(a) -> int:
+    from psserver.daemon import ServerConfig, run
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    return run(ServerConfig(scheduler=a.scheduler, listen=a.listen, advertise=a.advertise or "",
+                            shard_id=a.shard_id, ready_file=a.ready_file), stop)
+
+
+def _run_worker(a) -> int:
+    from worker.train import TrainConfig, train
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    cfg = TrainConfig(scheduler=a.scheduler, model=a.model, steps=a.steps, batch_size=a.batch_size,
+                      seed=a.seed, device=a.device, metrics_out=a.metrics_out, push_codec=a.push_codec,
+                      step_delay_s=a.step_delay, progress=False if a.no_progress else None)
+    train(cfg, stop)
+    return 0
+
+
+def _run_up(a) -> int:
+    from psctl.up import UpConfig, run
+    return run(UpConfig(job=job_from_args(a), workers=a.workers, model=a.model, steps=a.steps,
+                        batch_size=a.batch_size, seed=a.seed, run_dir=a.run_dir,
+                        straggler_delay_s=a.step_delay, timeout_s=a.timeout, as_json=a.json))
+
+
+def _run_status(a) -> int:
+    from psctl import ops
+    return ops.status(a.scheduler, a.json, a.timeout)
+
+
+def _run_inspect(a) -> int:
+    from psctl import ops
+    return ops.inspect(a.scheduler, a.json, a.timeout, a.shard, a.sample)
+
+
+COMMANDS = {"scheduler": _run_scheduler, "server": _run_server, "worker": _run_worker,
+            "up": _run_up, "status": _run_status, "inspect": _run_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        a = build_parser().parse_args(argv)
+        setup_logging(a.log_level)
+        return COMMANDS[a.command](a)
+    except UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except PSError as exc:
+        print(f"psctl: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Operator verbs over RPC: status and inspect (each with --json for scripts)."""
+from __future__ import annotations
+
+import json
+from concurrent import futures
+
+from pscommon import grpcutil
+from pscommon.config import JobSpec
+from pscommon.errors import PSError, Unavailable
+from pscommon.stats import histogram_dict
+from pscommon.tensors import dtype_name
+from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+STATE = {scheduler_pb2.MEMBER_STATE_ALIVE: "alive", scheduler_pb2.MEMBER_STATE_DEAD: "dead",
+         scheduler_pb2.MEMBER_STATE_LEFT: "left", scheduler_pb2.MEMBER_STATE_UNSPECIFIED: "unknown"}
+
+
+def _scheduler(address: str):
+    return scheduler_pb2_grpc.SchedulerStub(grpcutil.channel(address))
+
+
+def _reach(what: str, address: str, fn):
+    try:
+        return fn()
+    except Unavailable as exc:
+        raise Unavailable(f"cannot reach {what} at {address}: {exc}") from None
+
+
+def _shard_calls(servers, method: str, request, timeout: float) -> dict[int, object]:
+    """Call `method` on every live server in parallel; an unreachable one maps to its error."""
+    def one(s):
+        stub = ps_pb2_grpc.ParameterServerStub(grpcutil.channel(s.address))
+        try:
+            return grpcutil.call(getattr(stub, method), request, timeout)
+        except PSError as exc:
+            return exc
+    live = [s for s in servers if s.state == scheduler_pb2.MEMBER_STATE_ALIVE]
+    with futures.ThreadPoolExecutor(max(1, len(live))) as pool:
+        return dict(zip([s.shard for s in live], pool.map(one, live)))
+
+
+def traffic_dict(entries) -> dict:
+    logical = sum(t.logical_bytes for t in entries)
+    wire = sum(t.wire_bytes for t in entries)
+    return {"logical_bytes": logical, "wire_bytes": wire,
+            "ratio": round(logical / wire, 3) if wire else None,
+            "tensors": {t.key: {"logical_bytes": t.logical_bytes, "wire_bytes": t.wire_bytes}
+                        for t in entries}}
+
+
+def collect_status(address: str, timeout: float) -> dict:
+    st = _reach("scheduler", address, lambda: grpcutil.call(
+        _scheduler(address).Status, scheduler_pb2.StatusRequest(), timeout))
+    job = JobSpec.from_proto(st.job)
+    shard_status = _shard_calls(st.servers, "ShardStatus", ps_pb2.ShardStatusRequest(), timeout)
+    servers = []
+    for s in st.servers:
+        entry = {"shard": s.shard, "address": s.address, "state": STATE[s.state],
+                 "member_id": s.member_id, "incarnation": s.incarnation}
+        ss = shard_status.get(s.shard)
+        if isinstance(ss, ps_pb2.ShardStatusReply):
+            entry.update(keys=ss.keys, bytes=ss.bytes, optimizer_bytes=ss.optimizer_bytes,
+                         version=ss.shard_version, pushes=ss.pushes, pulls=ss.pulls,
+                         duplicates=ss.duplicates, uptime_s=round(ss.uptime_s, 2),
+                         update_rate=round(ss.shard_version / ss.uptime_s, 2) if ss.uptime_s else 0.0,
+                         completed_step=ss.completed_step, membership_epoch=ss.membership_epoch,
+                         clocks={str(k): v for k, v in sorted(ss.clocks.items())},
+                         staleness=histogram_dict(ss.staleness),
+                         pull_wait_s=histogram_dict(ss.pull_wait_s),
+                         push_traffic=traffic_dict(ss.push_traffic),
+                         pull_traffic=traffic_dict(ss.pull_traffic))
+        elif ss is not None:
+            entry["error"] = str(ss)
+        servers.append(entry)
+    workers = [{"id": w.worker_id, "incarnation": w.incarnation, "state": STATE[w.state],
+                "clock": w.clock, "lease_age_s": round(w.lease_age_s, 2), "name": w.name}
+               for w in st.workers]
+    return {"epoch": st.epoch, "mode": job.mode, "job": job.describe(),
+            "model_fingerprint": st.model_fingerprint, "keys": st.keys,
+            "uptime_s": round(st.uptime_s, 2), "workers": workers, "servers": servers}
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def render_status(s: dict) -> str:
+    job = s["job"]
+    lines = [f"mode {s['mode']}" + (f"(staleness {job['staleness']})" if s["mode"] == "ssp" else "")
+             + f"  optimizer {job['optimizer']['kind']} lr {job['optimizer']['lr']:g}"
+             + f"  push {job['push_codec']}  pull {job['pull_codec']}",
+             f"membership epoch {s['epoch']}  model {s['model_fingerprint'] or '-'} ({s['keys']} keys)"
+             f"  uptime {s['uptime_s']:.0f}s", "",
+             "workers:", f"  {'id':>3} {'inc':>4} {'state':<6} {'clock':>7} {'lease age':>9}  name"]
+    for w in s["workers"]:
+        lines.append(f"  {w['id']:>3} {w['incarnation']:>4} {w['state']:<6} {w['clock']:>7} "
+                     f"{w['lease_age_s']:>8.1f}s  {w['name']}")
+    lines += ["", "servers:", f"  {'shard':>5} {'state':<6} {'address':<21} {'keys':>5} {'bytes':>10} "
+              f"{'version':>8} {'upd/s':>7} {'stale':>6} {'wire':>6}"]
+    for v in s["servers"]:
+        if "keys" not in v:
+            lines.append(f"  {v['shard']:>5} {v['state']:<6} {v['address']:<21} {v.get('error', '')}")
+            continue
+        ratio = v["push_traffic"]["ratio"]
+        lines.append(f"  {v['shard']:>5} {v['state']:<6} {v['address']:<21} {v['keys']:>5} "
+                     f"{_fmt_bytes(v['bytes']):>10} {v['version']:>8} {v['update_rate']:>7.1f} "
+                     f"{v['staleness']['mean']:>6.2f} {(f'{ratio:.2f}x' if ratio else '-'):>6}")
+    return "\n".join(lines)
+
+
+def status(address: str, as_json: bool, timeout: float) -> int:
+    s = collect_status(address, timeout)
+    print(json.dumps(s, indent=2) if as_json else render_status(s))
+    return 0
+
+
+def collect_inspect(address: str, timeout: float, shard: int | None, sample: int) -> dict:
+    info = _reach("scheduler", address, lambda: grpcutil.call(
+        _scheduler(address).GetJob, scheduler_pb2.GetJobRequest(), timeout))
+    servers = [s for s in info.servers if shard is None or s.shard == shard]
+    if shard is not None and not servers:
+        raise Unavailable(f"no server registered for shard {shard}")
+    replies = _shard_calls(servers, "Inspect", ps_pb2.InspectRequest(sample=sample), timeout)
+    shards = []
+    for s in sorted(servers, key=lambda s: s.shard):
+        r = replies.get(s.shard)
+        if not isinstance(r, ps_pb2.InspectReply):
+            shards.append({"shard": s.shard, "address": s.address, "error": str(r), "tensors": []})
+            continue
+        tensors = []
+        for k in r.keys:
+            whole = k.spec.offset == 0 and k.spec.length == _numel(k.spec.param_shape)
+            tensors.append({"name": k.spec.key, "param": k.spec.param,
+                            "shape": list(k.spec.param_shape) if whole else [k.spec.length],
+                            "param_shape": list(k.spec.param_shape), "offset": k.spec.offset,
+                            "dtype": dtype_name(k.spec.dtype), "version": k.version,
+                            "norm": round(k.norm, 6), "sample": [round(x, 6) for x in k.sample]})
+        shards.append({"shard": s.shard, "address": s.address, "tensors": tensors})
+    return {"model_fingerprint": info.shard_map.fingerprint, "shards": shards}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def render_inspect(d: dict) -> str:
+    lines = [f"model {d['model_fingerprint'] or '-'}"]
+    for s in d["shards"]:
+        lines.append(f"shard {s['shard']} at {s['address']}" + (f": {s['error']}" if "error" in s else ""))
+        for t in s["tensors"]:
+            sample = ", ".join(f"{x:.4g}" for x in t["sample"])
+            lines.append(f"  {t['name']:<28} {str(t['shape']):<14} {t['dtype']:<8} v{t['version']:<7} "
+                         f"|x|={t['norm']:<10.4g} [{sample}]")
+    return "\n".join(lines)
+
+
+def inspect(address: str, as_json: bool, timeout: float, shard: int | None, sample: int) -> int:
+    d = collect_inspect(address, timeout, shard, sample)
+    print(json.dumps(d, indent=2) if as_json else render_inspect(d))
+    return 0

@@ -1,0 +1,196 @@
+"""`psctl up`: a local cluster of real processes on free loopback ports.
+
+The scheduler, each server and each worker is its own interpreter (`python -m psctl ...`),
+never a fork of this one. Ctrl-C or a worker failure tears everything down.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from pscommon.config import JobSpec
+from pscommon.errors import DeadlineExceeded, Unavailable
+
+READY_TIMEOUT_S = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class UpConfig:
+    job: JobSpec
+    workers: int = 2
+    model: str = "digits-mlp"
+    steps: int = 300
+    batch_size: int = 32
+    seed: int = 0
+    run_dir: str | None = None
+    straggler_delay_s: float = 0.0
+    timeout_s: float = 900.0
+    as_json: bool = False
+
+
+def job_flags(job: JobSpec) -> list[str]:
+    """The scheduler flags that reproduce `job`."""
+    o = job.optimizer
+    flags = ["--mode", job.mode, "--staleness", str(job.staleness), "--optimizer", o.kind,
+             "--lr", repr(o.lr), "--momentum", repr(o.momentum), "--weight-decay", repr(o.weight_decay),
+             "--beta1", repr(o.beta1), "--beta2", repr(o.beta2), "--eps", repr(o.eps),
+             "--push-codec", str(job.push_codec), "--pull-codec", str(job.pull_codec),
+             "--heartbeat-timeout", repr(job.heartbeat_timeout_s), "--servers", str(job.num_servers),
+             "--slice-bytes", str(job.slice_bytes)]
+    if o.nesterov:
+        flags.append("--nesterov")
+    return flags
+
+
+class Cluster:
+    """The processes of a local cluster and their files."""
+
+    def __init__(self, run_dir: pathlib.Path):
+        self.run_dir = run_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.scheduler_address = ""
+
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.run_dir / f"{name}.log", "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen([sys.executable, "-m", "psctl", *args], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def wait_ready(self, name: str, ready_file: pathlib.Path) -> str:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        proc = self.procs[name]
+        while time.monotonic() < deadline:
+            if ready_file.exists():
+                return ready_file.read_text().strip()
+            if proc.poll() is not None:
+                raise Unavailable(f"{name} exited with code {proc.returncode} before it was ready; "
+                                  f"see {self.run_dir / (name + '.log')}")
+            time.sleep(0.05)
+        raise DeadlineExceeded(f"{name} not ready after {READY_TIMEOUT_S:.0f}s")
+
+    def start_scheduler(self, job: JobSpec) -> str:
+        ready = self.run_dir / "scheduler.addr"
+        self.spawn("scheduler", ["scheduler", "--listen", "127.0.0.1:0", "--ready-file", str(ready),
+                                 "--state-dir", str(self.run_dir / "scheduler-state"), *job_flags(job)])
+        self.scheduler_address = self.wait_ready("scheduler", ready)
+        return self.scheduler_address
+
+    def start_server(self, shard: int) -> str:
+        name = f"server-{shard}"
+        ready = self.run_dir / f"{name}.addr"
+        self.spawn(name, ["server", "--scheduler", self.scheduler_address, "--listen", "127.0.0.1:0",
+                          "--shard-id", str(shard), "--ready-file", str(ready)])
+        return self.wait_ready(name, ready)
+
+    def start_worker(self, index: int, cfg: UpConfig) -> subprocess.Popen:
+        args = ["worker", "--scheduler", self.scheduler_address, "--model", cfg.model,
+                "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed),
+                "--metrics-out", str(self.run_dir / f"worker-{index}.jsonl"), "--no-progress"]
+        if index == 0 and cfg.straggler_delay_s:
+            args += ["--step-delay", str(cfg.straggler_delay_s)]
+        return self.spawn(f"worker-{index}", args)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM everything still running (they drain), then SIGKILL what is left."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def last_record(path: pathlib.Path) -> dict:
+    try:
+        lines = path.read_text().strip().splitlines()
+        return json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def evaluate_live(scheduler: str, model_name: str) -> float:
+    """Held-out accuracy of the parameters the servers hold now."""
+    import numpy as np
+    import torch
+
+    from worker import data, models
+    from worker.client import ClientConfig, ShardClient
+
+    model = models.build(model_name)
+    client = ShardClient(ClientConfig(scheduler=scheduler))
+    client.attach()
+    flat = {n: np.empty(p.numel(), np.float32) for n, p in model.named_parameters()}
+    client.pull(flat)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(torch.from_numpy(flat[n]).view(p.shape))
+    split = models.BUILTIN[model_name].dataset()
+    return data.accuracy(model, split.x_test, split.y_test)
+
+
+def run(cfg: UpConfig) -> int:
+    from psctl import ops
+
+    run_dir = pathlib.Path(cfg.run_dir or tempfile.mkdtemp(prefix="shardps-up-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(run_dir)
+    t0 = time.time()
+    say = (lambda *a: None) if cfg.as_json else (lambda *a: print(*a, flush=True))
+    try:
+        address = cluster.start_scheduler(cfg.job)
+        say(f"scheduler  {address}  (logs in {run_dir})")
+        for shard in range(cfg.job.num_servers):
+            say(f"server {shard}   {cluster.start_server(shard)}")
+        workers = [cluster.start_worker(i, cfg) for i in range(cfg.workers)]
+        say(f"{cfg.workers} workers training {cfg.model} for {cfg.steps} steps, mode {cfg.job.mode}")
+        deadline = time.monotonic() + cfg.timeout_s
+        while any(w.poll() is None for w in workers):
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"workers still running after {cfg.timeout_s:.0f}s")
+            time.sleep(0.1)
+        results = []
+        for i, w in enumerate(workers):
+            rec = last_record(run_dir / f"worker-{i}.jsonl")
+            results.append({"worker": i, "exit_code": w.returncode, "steps": rec.get("steps"),
+                            "eval_accuracy": rec.get("eval_accuracy"), "wall_s": rec.get("wall_s")})
+        failed = [r for r in results if r["exit_code"] != 0]
+        summary = {"run_dir": str(run_dir), "scheduler": address, "mode": cfg.job.mode,
+                   "wall_s": round(time.time() - t0, 2), "workers": results,
+                   "final_accuracy": round(evaluate_live(address, cfg.model), 4),
+                   "status": ops.collect_status(address, 10.0),
+                   "inspect": ops.collect_inspect(address, 10.0, None, 4)}
+        if cfg.as_json:
+            print(json.dumps(summary, indent=2))
+        else:
+            print()
+            print("$ psctl status --scheduler", address)
+            print(ops.render_status(summary["status"]))
+            print()
+            print("$ psctl inspect --scheduler", address)
+            print(ops.render_inspect(summary["inspect"]))
+            print()
+            for r in results:
+                print(f"worker {r['worker']}: exit {r['exit_code']}, {r['steps']} steps, "
+                      f"held-out accuracy {r['eval_accuracy']}")
+            print(f"final held-out accuracy of the served parameters: {summary['final_accuracy']:.4f} "
+                  f"({summary['wall_s']:.1f}s)")
+        return 1 if failed else 0
+    except KeyboardInterrupt:
+        print("interrupted: stopping the cluster", file=sys.stderr)
+        return 130
+    finally:
+        cluster.stop()

@@ -1,0 +1,122 @@
+"""`psctl server`: a shard process. Registers with the scheduler, follows membership through
+a watch stream, heartbeats, serves the ParameterServer service, drains on SIGTERM."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+
+import grpc
+
+from pscommon import grpcutil
+from pscommon.config import JobSpec
+from pscommon.errors import FailedPrecondition, PSError, from_rpc_error
+from pscommon.lifecycle import write_ready_file
+from pscommon.wire.v1 import ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from psserver.servicer import Limits, ParameterServerServicer
+from psserver.shard import Member, Shard
+
+log = logging.getLogger("shardps.server")
+SERVICE = "pscommon.wire.v1.ParameterServer"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    scheduler: str
+    listen: str = "127.0.0.1:0"
+    advertise: str = ""            # address workers use; default: the bound address
+    shard_id: int = -1
+    ready_file: str | None = None
+    register_timeout_s: float = 60.0
+    drain_grace_s: float = 10.0
+    limits: Limits = Limits()
+
+
+class ServerProcess:
+    """The running server: gRPC server + shard + background threads."""
+
+    def __init__(self, cfg: ServerConfig):
+        self.cfg = cfg
+        self.stop = threading.Event()
+        self.grpc_server = grpcutil.make_server()
+        self.health = grpcutil.add_health(self.grpc_server)
+        self.address = grpcutil.bind(self.grpc_server, cfg.listen)
+        self.sched = scheduler_pb2_grpc.SchedulerStub(grpcutil.channel(cfg.scheduler))
+        self.shard: Shard | None = None
+        self.lease = None
+
+    def _register(self) -> scheduler_pb2.RegisterServerReply:
+        advertise = self.cfg.advertise or self.address
+        shard = self.shard.shard_id if self.shard else self.cfg.shard_id
+        req = scheduler_pb2.RegisterServerRequest(address=advertise, shard=shard)
+        return grpcutil.retry(
+            lambda: grpcutil.call(self.sched.RegisterServer, req, grpcutil.CONTROL_TIMEOUT_S),
+            self.cfg.register_timeout_s)
+
+    def start(self) -> None:
+        reply = self._register()
+        self.lease = reply.lease
+        job = JobSpec.from_proto(reply.job)
+        self.shard = Shard(reply.shard, job)
+        ps_pb2_grpc.add_ParameterServerServicer_to_server(
+            ParameterServerServicer(self.shard, self.cfg.limits), self.grpc_server)
+        self.grpc_server.start()
+        grpcutil.set_serving(self.health, SERVICE, True)
+        log.info("shard %d serving on %s (mode %s, member %d incarnation %d)", reply.shard,
+                 self.address, job.mode, reply.lease.member_id, reply.lease.incarnation)
+        for target in (self._heartbeat_loop, self._watch_loop):
+            threading.Thread(target=target, daemon=True, name=target.__name__).start()
+        write_ready_file(self.cfg.ready_file, self.address)
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.shard.job.heartbeat_timeout_s / 3
+        while not self.stop.wait(interval):
+            req = scheduler_pb2.HeartbeatRequest(role=scheduler_pb2.ROLE_SERVER,
+                                                 member_id=self.lease.member_id,
+                                                 incarnation=self.lease.incarnation)
+            try:
+                grpcutil.call(self.sched.Heartbeat, req, grpcutil.CONTROL_TIMEOUT_S)
+            except FailedPrecondition:
+                log.warning("scheduler no longer knows this server's lease; registering again")
+                try:
+                    self.lease = self._register().lease
+                except PSError as exc:
+                    log.warning("re-registration failed: %s", exc)
+            except PSError as exc:  # scheduler away: keep serving on the last view
+                log.debug("heartbeat failed: %s", exc)
+
+    def _watch_loop(self) -> None:
+        backoff, attempt = grpcutil.Backoff(cap_s=2.0), 0
+        while not self.stop.is_set():
+            try:
+                stream = self.sched.WatchMembership(
+                    scheduler_pb2.WatchMembershipRequest(after_epoch=0), timeout=3600)
+                for view in stream:
+                    attempt = 0
+                    self.shard.set_view(view.epoch, [
+                        Member(w.worker_id, w.incarnation, w.state == scheduler_pb2.MEMBER_STATE_ALIVE,
+                               w.clock) for w in view.workers])
+                    if self.stop.is_set():
+                        stream.cancel()
+                        return
+            except grpc.RpcError as err:
+                if self.stop.is_set():
+                    return
+                log.debug("membership watch broke: %s", from_rpc_error(err))
+            self.stop.wait(backoff.delay(attempt))
+            attempt += 1
+
+    def drain(self) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight ones finish, leave."""
+        self.stop.set()
+        grpcutil.set_serving(self.health, SERVICE, False)
+        self.grpc_server.stop(self.cfg.drain_grace_s).wait()
+        log.info("shard %d drained", self.shard.shard_id if self.shard else -1)
+
+
+def run(cfg: ServerConfig, stop: threading.Event) -> int:
+    proc = ServerProcess(cfg)
+    proc.start()
+    stop.wait()
+    proc.drain()
+    return 0

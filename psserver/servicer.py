@@ -1,0 +1,170 @@
+"""The ParameterServer gRPC servicer: parse and validate, call the shard, build replies.
+
+No decisions live here; errors raised below become status codes through pscommon.errors.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from pscommon import codecs
+from pscommon.config import CodecConfig
+from pscommon.errors import FailedPrecondition, InvalidArgument, servicer_errors
+from pscommon.grpcutil import DATA_TIMEOUT_S
+from pscommon.sharding import Key
+from pscommon.tensors import ChunkAssembler, chunk_payload
+from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
+from psserver.shard import Shard
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_tensor_bytes: int = 64 << 20          # one key's payload
+    max_transfer_bytes: int = 4 << 30         # one Declare/Push stream
+    max_elements: int = 1 << 28
+    max_keys_per_call: int = 100_000
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise InvalidArgument(f"limit {f.name}={getattr(self, f.name)} must be >= 1")
+
+
+def _first_header(requests, kind: str):
+    try:
+        first = next(requests)
+    except StopIteration:
+        raise InvalidArgument(f"empty {kind} stream: the first message must be a header") from None
+    if first.WhichOneof("body") != "header":
+        raise InvalidArgument(f"{kind} stream must start with a header, got {first.WhichOneof('body')}")
+    return first.header
+
+
+class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
+    def __init__(self, shard: Shard, limits: Limits = Limits()):
+        self.shard = shard
+        self.limits = limits
+
+    # -- helpers -------------------------------------------------------------------------
+    def _tensors(self, requests, kind: str):
+        """Decode the chunk messages after a header into {name: array}, all validated."""
+        asm = ChunkAssembler(self.limits.max_tensor_bytes, self.limits.max_transfer_bytes)
+        out: dict[str, np.ndarray] = {}
+        wire: dict[str, int] = {}
+        for req in requests:
+            if req.WhichOneof("body") != "chunk":
+                raise InvalidArgument(f"{kind} stream: a second header after the first")
+            done = asm.add(req.chunk)
+            if done is None:
+                continue
+            meta, payload = done
+            if meta.name in out:
+                raise InvalidArgument(f"tensor {meta.name!r} sent twice in one {kind}")
+            if len(out) >= self.limits.max_keys_per_call:
+                raise InvalidArgument(f"more than {self.limits.max_keys_per_call} tensors in one {kind}")
+            out[meta.name] = codecs.decode(meta, payload, self.limits.max_elements)
+            wire[meta.name] = len(payload)
+        asm.finish()
+        return out, wire
+
+    def _check_shard(self, shard: int):
+        if shard != self.shard.shard_id:
+            raise FailedPrecondition(f"request for shard {shard} reached shard {self.shard.shard_id}; "
+                                     "refresh the shard map")
+
+    def _check_model(self, fingerprint: str):
+        if not self.shard.fingerprint:
+            raise FailedPrecondition("no model declared on this shard yet; declare first")
+        if fingerprint != self.shard.fingerprint:
+            raise FailedPrecondition(
+                f"model {fingerprint!r} differs from the model {self.shard.fingerprint!r} on this shard")
+
+    # -- RPCs ----------------------------------------------------------------------------
+    @servicer_errors
+    def Declare(self, request_iterator, context):
+        header = _first_header(request_iterator, "Declare")
+        if not header.model_fingerprint:
+            raise InvalidArgument("Declare header without a model fingerprint")
+        self._check_shard(header.shard)
+        keys = [Key.from_proto(k) for k in header.keys]
+        if len({k.key for k in keys}) != len(keys):
+            raise InvalidArgument("Declare header lists a key twice")
+        values, _ = self._tensors(request_iterator, "Declare")
+        created, existing = self.shard.declare(header.model_fingerprint, keys, values)
+        return ps_pb2.DeclareReply(created=created, existing=existing)
+
+    @servicer_errors
+    def Pull(self, request, context):
+        self._check_shard(request.shard)
+        self._check_model(request.model_fingerprint)
+        if len(request.keys) > self.limits.max_keys_per_call:
+            raise InvalidArgument(f"more than {self.limits.max_keys_per_call} keys in one Pull")
+        cfg = CodecConfig.from_proto(request.codec)
+        if cfg.name not in ("fp32", "raw", "fp16", "bf16"):
+            raise InvalidArgument(f"pull codec {cfg} is not one of fp32, fp16, bf16")
+        keys = self.shard.keys_for_pull(list(request.keys))
+        remaining = context.time_remaining()
+        wait_budget = (remaining if remaining is not None else DATA_TIMEOUT_S) * 0.8
+        version, next_step, waited = self.shard.wait_pull(
+            request.caller.worker_id, request.caller.incarnation, request.step, wait_budget,
+            observer=request.caller.observer)
+        yield ps_pb2.PullResponse(header=ps_pb2.PullHeader(
+            shard_version=version, wait_s=waited, next_step=next_step))
+        small = self.shard.job.small_tensor_bytes
+        for key in keys:
+            def encode(value, key=key):
+                meta, payload = codecs.encode(key, value, tensor_pb2.DTYPE_FLOAT32, cfg, small)
+                return list(chunk_payload(meta, payload))
+            chunks = self.shard.read(key, encode)
+            self.shard.count_traffic(self.shard.pull_traffic, key,
+                                     self.shard.entries[key].value.nbytes, chunks[0].meta.payload_size)
+            for chunk in chunks:
+                yield ps_pb2.PullResponse(chunk=chunk)
+
+    @servicer_errors
+    def Push(self, request_iterator, context):
+        header = _first_header(request_iterator, "Push")
+        self._check_shard(header.shard)
+        self._check_model(header.model_fingerprint)
+        grads, wire = self._tensors(request_iterator, "Push")
+        for name, g in grads.items():
+            if g.dtype != np.float32:
+                grads[name] = g.astype(np.float32)
+        version, duplicate, staleness = self.shard.push(
+            header.caller.worker_id, header.caller.incarnation, header.step, header.base_version, grads)
+        if not duplicate:
+            for name, g in grads.items():
+                self.shard.count_traffic(self.shard.push_traffic, name, g.size * 4, wire[name])
+        return ps_pb2.PushReply(shard_version=version, duplicate=duplicate, staleness=staleness)
+
+    @servicer_errors
+    def Inspect(self, request, context):
+        shard = self.shard
+        sample = min(request.sample, 64)
+        names = shard.keys_for_pull(list(request.keys))
+        out = []
+        for name in names:
+            def info(value, name=name):
+                e = shard.entries[name]
+                return ps_pb2.KeyInfo(spec=e.spec.to_proto(), version=e.version,
+                                      norm=float(np.linalg.norm(value.astype(np.float64))),
+                                      sample=value[:sample].tolist())
+            out.append(shard.read(name, info))
+        return ps_pb2.InspectReply(shard=shard.shard_id, keys=out)
+
+    @servicer_errors
+    def ShardStatus(self, request, context):
+        s = self.shard
+        with s.cond:
+            return ps_pb2.ShardStatusReply(
+                shard=s.shard_id, keys=len(s.entries), bytes=s.param_bytes(),
+                optimizer_bytes=s.optimizer_bytes(), shard_version=s.version, pushes=s.pushes,
+                pulls=s.pulls, duplicates=s.duplicates, uptime_s=s.now() - s.started,
+                staleness=s.staleness.to_proto(), pull_wait_s=s.pull_wait.to_proto(),
+                push_traffic=[ps_pb2.TensorTraffic(key=k, logical_bytes=t.logical, wire_bytes=t.wire)
+                              for k, t in sorted(s.push_traffic.items())],
+                pull_traffic=[ps_pb2.TensorTraffic(key=k, logical_bytes=t.logical, wire_bytes=t.wire)
+                              for k, t in sorted(s.pull_traffic.items())],
+                clocks=dict(s.gate.clocks), completed_step=s.gate.completed_step,
+                membership_epoch=s.epoch, mode=s.job.to_proto().mode)

@@ -1,0 +1,221 @@
+"""One shard's state and the executor around the pure decisions.
+
+Everything mutable sits behind one condition variable: the gates (psserver.consistency),
+the exactly-once ledger (psserver.ledger), the optimizer's apply. Pulls wait on the condition
+with a deadline; pushes and membership changes notify it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+
+from pscommon.config import JobSpec
+from pscommon.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from pscommon.sharding import Key
+from pscommon.stats import STALENESS_BOUNDS, WAIT_BOUNDS_S, Histogram
+from psserver import consistency, ledger, optim
+
+
+@dataclasses.dataclass
+class Entry:
+    spec: Key
+    value: np.ndarray                  # flat float32
+    state: dict[str, np.ndarray]       # optimizer state, same length
+    version: int = 0                   # updates applied to this key
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    worker: int
+    incarnation: int
+    alive: bool
+    clock: int
+
+
+@dataclasses.dataclass
+class Traffic:
+    logical: int = 0
+    wire: int = 0
+
+
+class Shard:
+    def __init__(self, shard_id: int, job: JobSpec, now: Callable[[], float] = time.monotonic):
+        self.shard_id = shard_id
+        self.job = job
+        self.now = now
+        self.cond = threading.Condition()
+        self.mode = consistency.build(job.mode, job.staleness)
+        self.optimizer = optim.build(job.optimizer)
+        self.gate = consistency.GateState()
+        self.ledger: dict[int, ledger.Entry] = {}
+        self.dead: dict[int, int] = {}   # worker -> incarnation declared dead/left
+        self.entries: dict[str, Entry] = {}
+        self.fingerprint = ""
+        self.version = 0                 # pushes applied to this shard
+        self.epoch = 0
+        self.started = now()
+        self.pushes = self.pulls = self.duplicates = 0
+        self.staleness = Histogram(STALENESS_BOUNDS)
+        self.pull_wait = Histogram(WAIT_BOUNDS_S)
+        self.push_traffic: dict[str, Traffic] = {}
+        self.pull_traffic: dict[str, Traffic] = {}
+
+    # -- declaration -------------------------------------------------------------------
+    def declare(self, fingerprint: str, keys: list[Key], values: dict[str, np.ndarray]) -> tuple[int, int]:
+        """Create missing keys with their initial values; existing ones keep theirs."""
+        for k in keys:
+            if k.shard != self.shard_id:
+                raise InvalidArgument(f"key {k.key!r} belongs to shard {k.shard}, this is shard {self.shard_id}")
+            v = values.get(k.key)
+            if v is None:
+                raise InvalidArgument(f"key {k.key!r} declared without an initial value")
+            if v.size != k.length:
+                raise InvalidArgument(f"key {k.key!r}: initial value has {v.size} elements, spec says {k.length}")
+        if len(values) != len(keys):
+            extra = sorted(set(values) - {k.key for k in keys})
+            raise InvalidArgument(f"initial values for undeclared keys {extra[:5]}")
+        with self.cond:
+            if self.fingerprint and fingerprint != self.fingerprint:
+                raise FailedPrecondition(
+                    f"model {fingerprint} differs from the model {self.fingerprint} this shard holds")
+            for k in keys:
+                old = self.entries.get(k.key)
+                if old is not None and old.spec != k:
+                    raise FailedPrecondition(f"key {k.key!r} exists with a different spec")
+            created = 0
+            for k in keys:
+                if k.key not in self.entries:
+                    value = np.array(values[k.key], dtype=np.float32, copy=True).reshape(-1)
+                    self.entries[k.key] = Entry(k, value, self.optimizer.init_state(k.length))
+                    created += 1
+            self.fingerprint = fingerprint
+            return created, len(keys) - created
+
+    # -- membership ----------------------------------------------------------------------
+    def set_view(self, epoch: int, members: Iterable[Member]) -> None:
+        """Adopt the scheduler's membership view; gates re-evaluate, waiters wake up."""
+        with self.cond:
+            if epoch < self.epoch:
+                return
+            self.epoch = epoch
+            live, start = {}, {}
+            for m in members:
+                if m.alive:
+                    live[m.worker] = m.incarnation
+                    start[m.worker] = m.clock
+                else:
+                    self.dead[m.worker] = max(self.dead.get(m.worker, 0), m.incarnation)
+            self.gate.live = live
+            self.gate.start_clock = start
+            self._apply(self.mode.on_view_change(self.gate), base_version=None)
+            self.cond.notify_all()
+
+    def _check_caller(self, worker: int, incarnation: int) -> None:
+        dead = self.dead.get(worker)
+        if dead is not None and incarnation <= dead:
+            raise FailedPrecondition(
+                f"worker {worker} incarnation {incarnation} was declared dead or left; rejoin")
+        live = self.gate.live.get(worker)
+        if live is not None and incarnation < live:
+            raise FailedPrecondition(
+                f"worker {worker} incarnation {incarnation} is stale (current {live}); rejoin")
+
+    # -- pull ----------------------------------------------------------------------------
+    def wait_pull(self, worker: int, incarnation: int, step: int, timeout_s: float,
+                  observer: bool = False) -> tuple[int, int, float]:
+        """Block until the mode lets this pull proceed. Returns (shard_version, next_step, waited).
+
+        Observers (operators, evaluation) read the current values without a gate.
+        """
+        if observer:
+            with self.cond:
+                return self.version, step, 0.0
+        t0 = self.now()
+        deadline = t0 + max(0.0, timeout_s)
+        with self.cond:
+            self._check_caller(worker, incarnation)
+            while not self.mode.pull_ready(self.gate, worker, step):
+                left = deadline - self.now()
+                if left <= 0:
+                    raise DeadlineExceeded(
+                        f"pull for step {step} by worker {worker} not admitted by {self.mode.name} "
+                        f"within {timeout_s:.1f}s (slowest live clock "
+                        f"{min((self.gate.clock_of(w) for w in self.gate.live), default=None)})")
+                self.cond.wait(min(left, 1.0))
+                self._check_caller(worker, incarnation)
+            waited = self.now() - t0
+            self.pulls += 1
+            if self.mode.name != "async":
+                self.pull_wait.observe(waited)
+            return self.version, self.mode.next_step(self.gate, worker, step), waited
+
+    def keys_for_pull(self, names: list[str]) -> list[str]:
+        if not names:
+            return sorted(self.entries)
+        missing = [n for n in names if n not in self.entries]
+        if missing:
+            raise NotFound(f"keys not on shard {self.shard_id}: {missing[:5]}")
+        return list(names)
+
+    def read(self, key: str, encode: Callable[[np.ndarray], object]):
+        """Run `encode` on a key's current value under the lock (a consistent slice)."""
+        with self.cond:
+            entry = self.entries[key]
+            return encode(entry.value)
+
+    # -- push ----------------------------------------------------------------------------
+    def check_push_keys(self, grads: dict[str, np.ndarray]) -> None:
+        for key, g in grads.items():
+            entry = self.entries.get(key)
+            if entry is None:
+                raise NotFound(f"key {key!r} is not on shard {self.shard_id}")
+            if g.size != entry.value.size:
+                raise InvalidArgument(f"gradient for {key!r} has {g.size} elements, the key has {entry.value.size}")
+
+    def push(self, worker: int, incarnation: int, step: int, base_version: int,
+             grads: dict[str, np.ndarray]) -> tuple[int, bool, int]:
+        """Take one push exactly once. Returns (shard_version, duplicate, staleness)."""
+        self.check_push_keys(grads)
+        with self.cond:
+            self._check_caller(worker, incarnation)
+            if ledger.classify(self.ledger, worker, incarnation, step) is ledger.Verdict.DUPLICATE:
+                self.duplicates += 1
+                return self.version, True, 0
+            outcome = self.mode.on_push(self.gate, worker, step, grads)
+            ledger.record(self.ledger, worker, incarnation, step)
+            self.gate.clocks[worker] = max(self.gate.clocks.get(worker, 0), step + 1)
+            self.pushes += 1
+            staleness = self._apply(outcome, base_version)
+            self.cond.notify_all()
+            return self.version, False, staleness
+
+    def _apply(self, outcome: consistency.PushOutcome, base_version: int | None) -> int:
+        if not outcome.apply:
+            return 0
+        staleness = 0
+        if base_version is not None and self.mode.name != "sync":
+            staleness = max(0, self.version - base_version)
+            self.staleness.observe(staleness)
+        for key, grad in outcome.apply.items():
+            entry = self.entries[key]
+            entry.version += 1
+            self.optimizer.apply(entry.value, grad.reshape(-1), entry.state, entry.version)
+        self.version += 1
+        return staleness
+
+    # -- accounting ----------------------------------------------------------------------
+    def count_traffic(self, table: dict[str, Traffic], key: str, logical: int, wire: int) -> None:
+        with self.cond:
+            t = table.setdefault(key, Traffic())
+            t.logical += logical
+            t.wire += wire
+
+    def param_bytes(self) -> int:
+        return sum(e.value.nbytes for e in self.entries.values())
+
+    def optimizer_bytes(self) -> int:
+        return sum(a.nbytes for e in self.entries.values() for a in e.state.values())

@@ -1,0 +1,145 @@
+"""The scheduler's state and its executor: membership transitions under a lock, the shard
+map, persistence, and a condition that membership watchers wait on."""
+from __future__ import annotations
+
+import logging
+import pathlib
+import threading
+import time
+from typing import Callable
+
+from google.protobuf import json_format
+
+from pscommon import sharding
+from pscommon.config import JobSpec
+from pscommon.errors import FailedPrecondition, InvalidArgument
+from pscommon.wire.v1 import job_pb2, scheduler_pb2
+from scheduler import membership as mb
+from scheduler.persist import read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+STATE_FILE = "scheduler-state.json"
+
+
+class SchedulerCore:
+    def __init__(self, job: JobSpec, state_dir: str | None = None,
+                 now: Callable[[], float] = time.monotonic):
+        self.job = job
+        self.now = now
+        self.cond = threading.Condition()
+        self.members = mb.Membership()
+        self.shard_map: sharding.ShardMap | None = None
+        self.started = now()
+        self.state_path = pathlib.Path(state_dir) / STATE_FILE if state_dir else None
+        if self.state_path:
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            self._load()
+
+    @property
+    def ttl(self) -> float:
+        return self.job.heartbeat_timeout_s
+
+    # -- persistence -------------------------------------------------------------------
+    def _load(self) -> None:
+        data = read_json(self.state_path)
+        if data is None:
+            return
+        saved = JobSpec.from_proto(_job_from_json(data["job"]))
+        if saved != self.job:
+            log.warning("job spec in %s differs from the flags; keeping the saved one", self.state_path)
+        self.job = saved
+        now = self.now()
+        self.members = mb.grace(mb.from_json(data["membership"], now), now, self.ttl)
+        if data.get("shard_map"):
+            self.shard_map = _shard_map_from_json(data["shard_map"])
+        log.info("resumed scheduler state: epoch %d, %d members", self.members.epoch,
+                 len(self.members.members))
+
+    def _save(self) -> None:
+        if not self.state_path:
+            return
+        write_json_atomic(self.state_path, {
+            "job": _job_to_json(self.job),
+            "membership": mb.to_json(self.members, self.now()),
+            "shard_map": _shard_map_to_json(self.shard_map) if self.shard_map else None,
+        })
+
+    def _commit(self, members: mb.Membership) -> None:
+        """Adopt a new membership; persist and wake watchers when the epoch moved."""
+        changed = members.epoch != self.members.epoch
+        self.members = members
+        if changed:
+            self._save()
+            self.cond.notify_all()
+
+    # -- transitions -------------------------------------------------------------------
+    def register_server(self, address: str, shard: int) -> mb.Member:
+        with self.cond:
+            ms, member = mb.register_server(self.members, self.now(), self.ttl, address, shard,
+                                            self.job.num_servers)
+            self._commit(ms)
+            return member
+
+    def join_worker(self, name: str, rejoin_id: int | None) -> mb.Member:
+        with self.cond:
+            ms, member = mb.join_worker(self.members, self.now(), self.ttl, name, rejoin_id)
+            self._commit(ms)
+            return member
+
+    def heartbeat(self, member_id: int, incarnation: int, clock: int | None) -> int:
+        with self.cond:
+            self._commit(mb.renew(self.members, member_id, incarnation, self.now(), self.ttl, clock))
+            return self.members.epoch
+
+    def leave(self, member_id: int, incarnation: int) -> int:
+        with self.cond:
+            self._commit(mb.leave(self.members, member_id, incarnation))
+            return self.members.epoch
+
+    def reap(self) -> list[mb.Member]:
+        """Expire members whose lease ran out; returns them."""
+        with self.cond:
+            gone = mb.expired(self.members, self.now())
+            if gone:
+                self._commit(mb.expire(self.members, self.now()))
+                for m in gone:
+                    log.warning("%s %d (incarnation %d) missed its lease: dead, epoch %d",
+                                m.role, m.member_id, m.incarnation, self.members.epoch)
+            return gone
+
+    def declare_model(self, params: list[sharding.Param]) -> sharding.ShardMap:
+        """Fix the parameter set once; the same set again is a no-op, another is refused."""
+        proposed = sharding.build(params, self.job.num_servers, self.job.slice_bytes)
+        with self.cond:
+            if self.shard_map is None:
+                self.shard_map = proposed
+                self._save()
+            elif self.shard_map.fingerprint != proposed.fingerprint:
+                raise FailedPrecondition(
+                    f"the job's model is {self.shard_map.fingerprint} ({len(self.shard_map.params)} "
+                    f"parameters); a different model {proposed.fingerprint} was declared")
+            return self.shard_map
+
+    def wait_epoch(self, after: int, timeout_s: float) -> bool:
+        """Wait until the epoch passes `after`; False on timeout."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.members.epoch > after, timeout=timeout_s)
+
+
+def _job_to_json(job: JobSpec) -> dict:
+    return json_format.MessageToDict(job.to_proto())
+
+
+def _job_from_json(data: dict):
+    return json_format.ParseDict(data, job_pb2.JobSpec())
+
+
+def _shard_map_to_json(smap: sharding.ShardMap) -> dict:
+    return json_format.MessageToDict(smap.to_proto())
+
+
+def _shard_map_from_json(data: dict) -> sharding.ShardMap:
+    try:
+        return sharding.ShardMap.from_proto(json_format.ParseDict(data, scheduler_pb2.ShardMap()))
+    except json_format.ParseError as exc:
+        raise InvalidArgument(f"saved shard map is malformed: {exc}") from None

@@ -1,0 +1,64 @@
+"""`psctl scheduler`: serves the Scheduler service and expires missed leases."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+
+from pscommon import grpcutil
+from pscommon.config import JobSpec
+from pscommon.lifecycle import write_ready_file
+from pscommon.wire.v1 import scheduler_pb2_grpc
+from scheduler.core import SchedulerCore
+from scheduler.servicer import SchedulerServicer
+
+log = logging.getLogger("shardps.scheduler")
+SERVICE = "pscommon.wire.v1.Scheduler"
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    job: JobSpec
+    listen: str = "127.0.0.1:0"
+    state_dir: str | None = None
+    ready_file: str | None = None
+    reap_interval_s: float = 0.2
+    drain_grace_s: float = 5.0
+
+
+class SchedulerProcess:
+    def __init__(self, cfg: SchedulerConfig):
+        self.cfg = cfg
+        self.core = SchedulerCore(cfg.job, cfg.state_dir)
+        self.stop = threading.Event()
+        self.grpc_server = grpcutil.make_server(max_workers=64)
+        self.health = grpcutil.add_health(self.grpc_server)
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(self.core), self.grpc_server)
+        self.address = grpcutil.bind(self.grpc_server, cfg.listen)
+
+    def start(self) -> None:
+        self.grpc_server.start()
+        grpcutil.set_serving(self.health, SERVICE, True)
+        threading.Thread(target=self._reap_loop, daemon=True, name="reaper").start()
+        log.info("scheduler serving on %s: mode %s, %d servers", self.address, self.core.job.mode,
+                 self.core.job.num_servers)
+        write_ready_file(self.cfg.ready_file, self.address)
+
+    def _reap_loop(self) -> None:
+        while not self.stop.wait(self.cfg.reap_interval_s):
+            self.core.reap()
+
+    def drain(self) -> None:
+        self.stop.set()
+        grpcutil.set_serving(self.health, SERVICE, False)
+        with self.core.cond:  # wake watch streams so they notice the shutdown
+            self.core.cond.notify_all()
+        self.grpc_server.stop(self.cfg.drain_grace_s).wait()
+
+
+def run(cfg: SchedulerConfig, stop: threading.Event) -> int:
+    proc = SchedulerProcess(cfg)
+    proc.start()
+    stop.wait()
+    proc.drain()
+    return 0

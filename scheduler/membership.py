@@ -1,0 +1,174 @@
+"""Membership as pure state transitions: join, renew, expire, leave.
+
+Every function takes a Membership and returns a new one (plus what the caller needs); none
+reads a clock or does I/O, so each transition is tested without a network. The epoch rises
+by one with every change of the live set; incarnations come from one counter that never
+goes back, so a member that returns is told apart from its old self.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+from pscommon.errors import FailedPrecondition, InvalidArgument, NotFound
+
+WORKER, SERVER = "worker", "server"
+ALIVE, DEAD, LEFT = "alive", "dead", "left"
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    member_id: int
+    role: str
+    incarnation: int
+    state: str
+    lease_expires: float
+    last_seen: float
+    clock: int = 0          # workers: steps pushed (reported by heartbeats)
+    name: str = ""
+    address: str = ""       # servers: where workers reach them
+    shard: int = -1         # servers: which shard they hold
+
+    @property
+    def alive(self) -> bool:
+        return self.state == ALIVE
+
+
+@dataclasses.dataclass(frozen=True)
+class Membership:
+    epoch: int = 0
+    members: Mapping[int, Member] = dataclasses.field(default_factory=dict)
+    next_id: int = 0
+    next_incarnation: int = 1
+
+    def live(self, role: str) -> list[Member]:
+        return [m for m in self.members.values() if m.role == role and m.alive]
+
+    def of_role(self, role: str) -> list[Member]:
+        return sorted((m for m in self.members.values() if m.role == role), key=lambda m: m.member_id)
+
+    def server_for(self, shard: int) -> Member | None:
+        for m in self.members.values():
+            if m.role == SERVER and m.shard == shard and m.alive:
+                return m
+        return None
+
+
+def _with(ms: Membership, member: Member, *, bump: bool, **changes) -> Membership:
+    members = dict(ms.members)
+    members[member.member_id] = member
+    return dataclasses.replace(ms, members=members, epoch=ms.epoch + (1 if bump else 0), **changes)
+
+
+def start_clock(ms: Membership) -> int:
+    """Where a joining worker's clock starts: the slowest live worker's clock."""
+    clocks = [m.clock for m in ms.live(WORKER)]
+    return min(clocks) if clocks else 0
+
+
+def join_worker(ms: Membership, now: float, ttl: float, name: str = "",
+                rejoin_id: int | None = None) -> tuple[Membership, Member]:
+    """A new worker, or a returning one (rejoin_id) under a new incarnation."""
+    if rejoin_id is not None:
+        old = ms.members.get(rejoin_id)
+        if old is None or old.role != WORKER:
+            raise NotFound(f"no worker {rejoin_id} to rejoin as")
+        member_id, next_id = rejoin_id, ms.next_id
+    else:
+        member_id, next_id = ms.next_id, ms.next_id + 1
+    member = Member(member_id, WORKER, ms.next_incarnation, ALIVE, now + ttl, now,
+                    clock=start_clock(ms), name=name)
+    return _with(ms, member, bump=True, next_id=next_id,
+                 next_incarnation=ms.next_incarnation + 1), member
+
+
+def register_server(ms: Membership, now: float, ttl: float, address: str, shard: int,
+                    num_shards: int) -> tuple[Membership, Member]:
+    """A server for `shard` (-1: the lowest shard with no live server). A server registering
+    for a shard that has one replaces it: the old process is gone (crash and restart)."""
+    if shard < 0:
+        free = [s for s in range(num_shards) if ms.server_for(s) is None]
+        if not free:
+            raise FailedPrecondition(f"all {num_shards} shards have a live server")
+        shard = free[0]
+    if shard >= num_shards:
+        raise InvalidArgument(f"shard {shard} out of range: the job has {num_shards} shards")
+    if not address or ":" not in address:
+        raise InvalidArgument(f"server address {address!r} is not host:port")
+    previous = [m for m in ms.members.values() if m.role == SERVER and m.shard == shard]
+    if previous:
+        member_id, next_id = previous[0].member_id, ms.next_id
+    else:
+        member_id, next_id = ms.next_id, ms.next_id + 1
+    member = Member(member_id, SERVER, ms.next_incarnation, ALIVE, now + ttl, now,
+                    name=f"shard-{shard}", address=address, shard=shard)
+    return _with(ms, member, bump=True, next_id=next_id,
+                 next_incarnation=ms.next_incarnation + 1), member
+
+
+def _current(ms: Membership, member_id: int, incarnation: int) -> Member:
+    m = ms.members.get(member_id)
+    if m is None:
+        raise NotFound(f"no member {member_id}")
+    if incarnation != m.incarnation:
+        raise FailedPrecondition(
+            f"member {member_id} incarnation {incarnation} is stale (current {m.incarnation}); rejoin")
+    if not m.alive:
+        raise FailedPrecondition(f"member {member_id} incarnation {incarnation} is {m.state}; rejoin")
+    return m
+
+
+def renew(ms: Membership, member_id: int, incarnation: int, now: float, ttl: float,
+          clock: int | None = None) -> Membership:
+    """A heartbeat: extend the lease (and record the worker's clock). No epoch change."""
+    m = _current(ms, member_id, incarnation)
+    changes = {"lease_expires": now + ttl, "last_seen": now}
+    if clock is not None and m.role == WORKER:
+        changes["clock"] = max(m.clock, clock)
+    return _with(ms, dataclasses.replace(m, **changes), bump=False)
+
+
+def leave(ms: Membership, member_id: int, incarnation: int) -> Membership:
+    """An explicit leave: immediate, bumps the epoch."""
+    m = _current(ms, member_id, incarnation)
+    return _with(ms, dataclasses.replace(m, state=LEFT), bump=True)
+
+
+def expired(ms: Membership, now: float) -> list[Member]:
+    """Live members whose lease has run out (a pure predicate over the state)."""
+    return [m for m in ms.members.values() if m.alive and m.lease_expires <= now]
+
+
+def expire(ms: Membership, now: float) -> Membership:
+    """Mark every member whose lease ran out dead; one epoch bump per call that changes anything."""
+    gone = expired(ms, now)
+    if not gone:
+        return ms
+    members = dict(ms.members)
+    for m in gone:
+        members[m.member_id] = dataclasses.replace(m, state=DEAD)
+    return dataclasses.replace(ms, members=members, epoch=ms.epoch + 1)
+
+
+def grace(ms: Membership, now: float, ttl: float) -> Membership:
+    """After a scheduler restart: give every live member a fresh lease to re-attach."""
+    members = {i: dataclasses.replace(m, lease_expires=now + ttl, last_seen=now) if m.alive else m
+               for i, m in ms.members.items()}
+    return dataclasses.replace(ms, members=members)
+
+
+def to_json(ms: Membership, now: float) -> dict:
+    return {"epoch": ms.epoch, "next_id": ms.next_id, "next_incarnation": ms.next_incarnation,
+            "members": [dict(dataclasses.asdict(m), lease_left=m.lease_expires - now,
+                             seen_ago=now - m.last_seen) for m in ms.members.values()]}
+
+
+def from_json(data: dict, now: float) -> Membership:
+    members = {}
+    for raw in data["members"]:
+        raw = dict(raw)
+        raw["lease_expires"] = now + raw.pop("lease_left")
+        raw["last_seen"] = now - raw.pop("seen_ago")
+        m = Member(**raw)
+        members[m.member_id] = m
+    return Membership(int(data["epoch"]), members, int(data["next_id"]), int(data["next_incarnation"]))

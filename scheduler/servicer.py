@@ -1,0 +1,102 @@
+"""The Scheduler gRPC servicer: a thin layer that applies membership transitions."""
+from __future__ import annotations
+
+from pscommon import sharding
+from pscommon.errors import InvalidArgument, servicer_errors
+from pscommon.wire.v1 import scheduler_pb2 as pb
+from pscommon.wire.v1 import scheduler_pb2_grpc
+from scheduler import membership as mb
+from scheduler.core import SchedulerCore
+
+_STATE = {mb.ALIVE: pb.MEMBER_STATE_ALIVE, mb.DEAD: pb.MEMBER_STATE_DEAD, mb.LEFT: pb.MEMBER_STATE_LEFT}
+WATCH_REFRESH_S = 2.0   # a watch stream re-sends the view this often (carries fresh clocks)
+
+
+def _lease(m: mb.Member, ttl: float) -> pb.Lease:
+    return pb.Lease(member_id=m.member_id, incarnation=m.incarnation, ttl_s=ttl)
+
+
+def server_infos(ms: mb.Membership) -> list[pb.ServerInfo]:
+    return [pb.ServerInfo(shard=m.shard, address=m.address, member_id=m.member_id,
+                          incarnation=m.incarnation, state=_STATE[m.state])
+            for m in sorted(ms.of_role(mb.SERVER), key=lambda m: m.shard)]
+
+
+def membership_view(ms: mb.Membership) -> pb.MembershipView:
+    return pb.MembershipView(
+        epoch=ms.epoch, servers=server_infos(ms),
+        workers=[pb.WorkerView(worker_id=m.member_id, incarnation=m.incarnation,
+                               state=_STATE[m.state], clock=m.clock) for m in ms.of_role(mb.WORKER)])
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, core: SchedulerCore):
+        self.core = core
+
+    def _job_info(self) -> pb.JobInfo:
+        core = self.core
+        with core.cond:
+            return pb.JobInfo(job=core.job.to_proto(), servers=server_infos(core.members),
+                              shard_map=core.shard_map.to_proto() if core.shard_map else None,
+                              epoch=core.members.epoch)
+
+    @servicer_errors
+    def RegisterServer(self, request, context):
+        m = self.core.register_server(request.address, request.shard)
+        return pb.RegisterServerReply(lease=_lease(m, self.core.ttl), shard=m.shard,
+                                      job=self.core.job.to_proto(), epoch=self.core.members.epoch)
+
+    @servicer_errors
+    def JoinWorker(self, request, context):
+        if len(request.name) > 256:
+            raise InvalidArgument("worker name longer than 256 characters")
+        rejoin = request.worker_id if request.worker_id >= 0 else None
+        m = self.core.join_worker(request.name, rejoin)
+        return pb.JoinWorkerReply(lease=_lease(m, self.core.ttl), job=self.core.job.to_proto(),
+                                  epoch=self.core.members.epoch, start_clock=m.clock)
+
+    @servicer_errors
+    def Heartbeat(self, request, context):
+        clock = request.clock if request.role == pb.ROLE_WORKER else None
+        epoch = self.core.heartbeat(request.member_id, request.incarnation, clock)
+        return pb.HeartbeatReply(epoch=epoch)
+
+    @servicer_errors
+    def Leave(self, request, context):
+        return pb.LeaveReply(epoch=self.core.leave(request.member_id, request.incarnation))
+
+    @servicer_errors
+    def GetJob(self, request, context):
+        return self._job_info()
+
+    @servicer_errors
+    def DeclareModel(self, request, context):
+        params = [sharding.Param(p.name, p.dtype, tuple(p.shape)) for p in request.params]
+        self.core.declare_model(params)
+        return self._job_info()
+
+    @servicer_errors
+    def WatchMembership(self, request, context):
+        last = None
+        while context.is_active():
+            with self.core.cond:
+                ms = self.core.members
+            if last is None or ms.epoch > request.after_epoch:
+                yield membership_view(ms)
+            last = ms.epoch
+            self.core.wait_epoch(last, WATCH_REFRESH_S)
+
+    @servicer_errors
+    def Status(self, request, context):
+        core = self.core
+        with core.cond:
+            ms, now = core.members, core.now()
+            workers = [pb.WorkerStatus(worker_id=m.member_id, incarnation=m.incarnation,
+                                       state=_STATE[m.state], clock=m.clock,
+                                       lease_age_s=now - m.last_seen, name=m.name)
+                       for m in ms.of_role(mb.WORKER)]
+            smap = core.shard_map
+            return pb.StatusReply(job=core.job.to_proto(), epoch=ms.epoch, workers=workers,
+                                  servers=server_infos(ms),
+                                  model_fingerprint=smap.fingerprint if smap else "",
+                                  keys=len(smap.keys) if smap else 0, uptime_s=now - core.started)

@@ -1,0 +1,308 @@
+"""ShardClient: a worker's connection to the cluster, in numpy terms.
+
+It joins the scheduler, fixes the model's parameter set, and fans pulls and pushes out to
+every shard in parallel (one stream per shard), with deadlines and retries. Torch lives one
+level up (worker.api); this module moves flat float32 arrays keyed by parameter name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+
+from pscommon import codecs, grpcutil
+from pscommon.config import CodecConfig, JobSpec
+from pscommon.errors import Aborted, FailedPrecondition, PSError, Unavailable, from_rpc_error
+from pscommon.sharding import Param, ShardMap
+from pscommon.tensors import ChunkAssembler, chunk_payload
+from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tensor_pb2
+
+log = logging.getLogger("shardps.worker")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    scheduler: str
+    name: str = ""
+    push_codec: CodecConfig | None = None     # None: the job's
+    control_timeout_s: float = grpcutil.CONTROL_TIMEOUT_S
+    data_timeout_s: float = grpcutil.DATA_TIMEOUT_S
+    connect_timeout_s: float = 120.0          # waiting for the scheduler and all servers
+    retry_deadline_s: float = 120.0           # retrying one pull/push on a retryable error
+    max_tensor_bytes: int = 64 << 20
+
+
+@dataclasses.dataclass
+class Traffic:
+    logical_sent: int = 0
+    wire_sent: int = 0
+    logical_received: int = 0
+    wire_received: int = 0
+
+
+class Expired(PSError):
+    """The scheduler declared this worker dead (or it left): rejoin before going on."""
+
+
+class ShardClient:
+    def __init__(self, cfg: ClientConfig):
+        self.cfg = cfg
+        self.sched = scheduler_pb2_grpc.SchedulerStub(grpcutil.channel(cfg.scheduler))
+        self.lock = threading.Lock()
+        self.job: JobSpec | None = None
+        self.shard_map: ShardMap | None = None
+        self.worker_id = -1
+        self.incarnation = 0
+        self.epoch = 0
+        self.clock = 0
+        self.shard_versions: dict[int, int] = {}
+        self.traffic = Traffic()
+        self._stubs: dict[int, tuple[str, ps_pb2_grpc.ParameterServerStub]] = {}
+        self._pool = futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="fanout")
+        self._stop = threading.Event()
+        self._expired = threading.Event()
+        self._hb_thread: threading.Thread | None = None
+        self.observer = False
+
+    # -- membership ----------------------------------------------------------------------
+    def join(self) -> None:
+        req = scheduler_pb2.JoinWorkerRequest(name=self.cfg.name, worker_id=-1)
+        reply = grpcutil.retry(lambda: grpcutil.call(self.sched.JoinWorker, req, self.cfg.control_timeout_s),
+                               self.cfg.connect_timeout_s)
+        self._adopt_lease(reply)
+        if self._hb_thread is None:
+            self._hb_thread = threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat")
+            self._hb_thread.start()
+
+    def attach(self) -> ShardMap:
+        """Read-only access (operators, evaluation, export): learn the job, its servers and
+        shard map without joining; pulls skip the consistency gate."""
+        info = self._job_info()
+        if not info.shard_map.fingerprint:
+            raise FailedPrecondition("no model has been declared in this job yet")
+        self.job = JobSpec.from_proto(info.job)
+        self.shard_map = ShardMap.from_proto(info.shard_map)
+        self.observer = True
+        self._set_servers({s.shard: s.address for s in info.servers
+                           if s.state == scheduler_pb2.MEMBER_STATE_ALIVE})
+        return self.shard_map
+
+    def rejoin(self) -> None:
+        """Join again under the same id and a new incarnation (after being declared dead)."""
+        req = scheduler_pb2.JoinWorkerRequest(name=self.cfg.name, worker_id=self.worker_id)
+        reply = grpcutil.retry(lambda: grpcutil.call(self.sched.JoinWorker, req, self.cfg.control_timeout_s),
+                               self.cfg.connect_timeout_s)
+        self._adopt_lease(reply)
+        log.warning("worker %d rejoined as incarnation %d at clock %d", self.worker_id,
+                    self.incarnation, self.clock)
+
+    def _adopt_lease(self, reply) -> None:
+        with self.lock:
+            self.job = JobSpec.from_proto(reply.job)
+            self.worker_id = reply.lease.member_id
+            self.incarnation = reply.lease.incarnation
+            self.epoch = reply.epoch
+            self.clock = max(self.clock, reply.start_clock)
+            self._expired.clear()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.job.heartbeat_timeout_s / 3):
+            req = scheduler_pb2.HeartbeatRequest(role=scheduler_pb2.ROLE_WORKER, member_id=self.worker_id,
+                                                 incarnation=self.incarnation, clock=self.clock)
+            try:
+                self.epoch = grpcutil.call(self.sched.Heartbeat, req, self.cfg.control_timeout_s).epoch
+            except FailedPrecondition as exc:
+                log.warning("heartbeat refused: %s", exc)
+                self._expired.set()
+            except PSError as exc:  # the scheduler is away: keep training on the last view
+                log.debug("heartbeat failed: %s", exc)
+
+    @property
+    def expired(self) -> bool:
+        return self._expired.is_set()
+
+    def leave(self) -> None:
+        self._stop.set()
+        if self.worker_id >= 0:
+            req = scheduler_pb2.LeaveRequest(role=scheduler_pb2.ROLE_WORKER, member_id=self.worker_id,
+                                             incarnation=self.incarnation)
+            try:
+                grpcutil.call(self.sched.Leave, req, self.cfg.control_timeout_s)
+            except PSError as exc:
+                log.warning("leave failed: %s", exc)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- model ---------------------------------------------------------------------------
+    def _job_info(self) -> scheduler_pb2.JobInfo:
+        return grpcutil.call(self.sched.GetJob, scheduler_pb2.GetJobRequest(), self.cfg.control_timeout_s)
+
+    def wait_for_servers(self) -> None:
+        """Block until every shard has a live server (deadline: connect_timeout_s)."""
+        def ready():
+            info = self._job_info()
+            alive = {s.shard: s.address for s in info.servers if s.state == scheduler_pb2.MEMBER_STATE_ALIVE}
+            if len(alive) < info.job.num_servers:
+                raise Unavailable(f"{len(alive)} of {info.job.num_servers} servers registered")
+            self._set_servers(alive)
+        grpcutil.retry(ready, self.cfg.connect_timeout_s, backoff=grpcutil.Backoff(0.05, 0.5))
+
+    def _set_servers(self, addresses: dict[int, str]) -> None:
+        with self.lock:
+            for shard, address in addresses.items():
+                current = self._stubs.get(shard)
+                if current is None or current[0] != address:
+                    self._stubs[shard] = (address, ps_pb2_grpc.ParameterServerStub(grpcutil.channel(address)))
+
+    def _refresh_servers(self) -> None:
+        try:
+            info = self._job_info()
+        except PSError as exc:
+            log.debug("cannot refresh servers: %s", exc)
+            return
+        self._set_servers({s.shard: s.address for s in info.servers
+                           if s.state == scheduler_pb2.MEMBER_STATE_ALIVE})
+
+    def declare(self, initial: dict[str, np.ndarray]) -> ShardMap:
+        """Fix the parameter set at the scheduler and create the keys on every shard.
+
+        Idempotent: a second worker (or a restart) with the same model keeps trained values.
+        """
+        params = [Param(name, tensor_pb2.DTYPE_FLOAT32, tuple(a.shape)) for name, a in initial.items()]
+        req = scheduler_pb2.DeclareModelRequest(params=[
+            scheduler_pb2.ParamSpec(name=p.name, dtype=p.dtype, shape=p.shape) for p in params])
+        info = grpcutil.call(self.sched.DeclareModel, req, self.cfg.control_timeout_s)
+        self.shard_map = ShardMap.from_proto(info.shard_map)
+        flat = {name: np.ascontiguousarray(a, dtype=np.float32).reshape(-1) for name, a in initial.items()}
+        self._fan_out(lambda shard: self._declare_shard(shard, flat))
+        return self.shard_map
+
+    def _declare_shard(self, shard: int, flat: dict[str, np.ndarray]) -> None:
+        keys = self.shard_map.keys_of(shard)
+        header = ps_pb2.DeclareHeader(model_fingerprint=self.shard_map.fingerprint, shard=shard,
+                                      keys=[k.to_proto() for k in keys], job=self.job.to_proto())
+
+        def requests():
+            yield ps_pb2.DeclareRequest(header=header)
+            for k in keys:
+                value = flat[k.param][k.offset:k.offset + k.length]
+                meta, payload = codecs.encode(k.key, value, tensor_pb2.DTYPE_FLOAT32)
+                for chunk in chunk_payload(meta, payload):
+                    yield ps_pb2.DeclareRequest(chunk=chunk)
+        self._with_retry(shard, lambda stub: stub.Declare(requests(), timeout=self.cfg.data_timeout_s))
+
+    # -- data path -------------------------------------------------------------------------
+    def _stub(self, shard: int) -> ps_pb2_grpc.ParameterServerStub:
+        with self.lock:
+            return self._stubs[shard][1]
+
+    def _with_retry(self, shard: int, fn):
+        """Run fn(stub) with retries on retryable errors (not ABORTED: the caller re-pulls);
+        after UNAVAILABLE, re-resolve the shard's address from the scheduler."""
+        def attempt():
+            try:
+                return fn(self._stub(shard))
+            except grpc.RpcError as err:
+                exc = from_rpc_error(err)
+                if isinstance(exc, Unavailable):
+                    self._refresh_servers()
+                raise exc from None
+        return grpcutil.retry(attempt, self.cfg.retry_deadline_s,
+                              retry_on=lambda e: e.retryable and not isinstance(e, Aborted))
+
+    def _fan_out(self, fn) -> dict[int, object]:
+        shards = range(self.job.num_servers)
+        futs = {s: self._pool.submit(fn, s) for s in shards}
+        return {s: f.result() for s, f in futs.items()}
+
+    def pull(self, into: dict[str, np.ndarray]) -> None:
+        """Fill `into` (flat float32 arrays by parameter name) with current values."""
+        results = self._fan_out(lambda shard: self._pull_shard(shard, into))
+        with self.lock:
+            self.clock = max([self.clock] + [next_step for _, next_step in results.values()])
+            for shard, (version, _) in results.items():
+                self.shard_versions[shard] = version
+
+    def _pull_shard(self, shard: int, into: dict[str, np.ndarray]) -> tuple[int, int]:
+        keys = {k.key: k for k in self.shard_map.keys_of(shard)}
+        req = ps_pb2.PullRequest(caller=self._caller(), shard=shard, step=self.clock,
+                                 codec=self.job.pull_codec.to_proto(),
+                                 model_fingerprint=self.shard_map.fingerprint)
+
+        def once(stub):
+            asm = ChunkAssembler(self.cfg.max_tensor_bytes, 1 << 62)
+            header, logical, wire = None, 0, 0
+            for resp in stub.Pull(req, timeout=self.cfg.data_timeout_s):
+                if resp.WhichOneof("body") == "header":
+                    header = resp.header
+                    continue
+                done = asm.add(resp.chunk)
+                if done is None:
+                    continue
+                meta, payload = done
+                k = keys[meta.name]
+                value = codecs.decode(meta, payload, k.length)
+                into[k.param][k.offset:k.offset + k.length] = value.reshape(-1)
+                logical += k.length * 4
+                wire += len(payload)
+            asm.finish()
+            with self.lock:
+                self.traffic.logical_received += logical
+                self.traffic.wire_received += wire
+            return header.shard_version, header.next_step
+        return self._with_retry(shard, once)
+
+    def push(self, grads: dict[str, np.ndarray]) -> list[ps_pb2.PushReply]:
+        """Push flat float32 gradients (by parameter name) for the current clock, then advance it.
+
+        Raises Aborted in sync mode when the step completed without this worker: pull again.
+        """
+        step = self.clock
+        results = self._fan_out(lambda shard: self._push_shard(shard, step, grads))
+        with self.lock:
+            self.clock = step + 1
+        return list(results.values())
+
+    def _push_shard(self, shard: int, step: int, grads: dict[str, np.ndarray]) -> ps_pb2.PushReply:
+        keys = self.shard_map.keys_of(shard)
+        codec = self.cfg.push_codec or self.job.push_codec
+        header = ps_pb2.PushHeader(caller=self._caller(), shard=shard, step=step,
+                                   base_version=self.shard_versions.get(shard, 0),
+                                   model_fingerprint=self.shard_map.fingerprint)
+        sizes = {"logical": 0, "wire": 0}
+
+        def requests():
+            sizes["logical"] = sizes["wire"] = 0  # a retry sends everything again
+            yield ps_pb2.PushRequest(header=header)
+            for k in keys:
+                g = grads[k.param][k.offset:k.offset + k.length]
+                meta, payload = codecs.encode(k.key, g, tensor_pb2.DTYPE_FLOAT32, codec,
+                                              self.job.small_tensor_bytes)
+                sizes["logical"] += g.nbytes
+                for chunk in chunk_payload(meta, payload):
+                    sizes["wire"] += len(chunk.data)
+                    yield ps_pb2.PushRequest(chunk=chunk)
+
+        reply = self._with_retry(shard, lambda stub: stub.Push(requests(), timeout=self.cfg.data_timeout_s))
+        with self.lock:
+            self.traffic.logical_sent += sizes["logical"]
+            self.traffic.wire_sent += sizes["wire"]
+        return reply
+
+    def _caller(self) -> ps_pb2.Caller:
+        return ps_pb2.Caller(worker_id=max(self.worker_id, 0), incarnation=self.incarnation,
+                             observer=self.observer)
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
+    """Poll `predicate` until true or the deadline passes."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
