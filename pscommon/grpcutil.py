@@ -11,7 +11,8 @@ from typing import Callable, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from pscommon.errors import PSError, Unavailable, from_rpc_error
+from pscommon.errors import PSError, from_rpc_error
+from pscommon.security import NO_SECURITY, Security, add_port, secure_channel, server_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -40,25 +41,29 @@ CONTROL_TIMEOUT_S = 10.0
 DATA_TIMEOUT_S = 120.0
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def channel(address: str, security: Security = NO_SECURITY) -> grpc.Channel:
+    """A channel with shardps's message caps (TLS and token when `security` says so)."""
+    return secure_channel(address, security, CHANNEL_OPTIONS)
 
 
-def make_server(max_workers: int = 16) -> grpc.Server:
+def make_server(max_workers: int = 16, security: Security = NO_SECURITY,
+                interceptors: tuple = ()) -> grpc.Server:
+    """A gRPC server; authentication runs before every other interceptor."""
+    chain = server_interceptors(security) + list(interceptors)
     return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-                       options=SERVER_OPTIONS, maximum_concurrent_rpcs=256)
+                       options=SERVER_OPTIONS, maximum_concurrent_rpcs=256, interceptors=chain)
 
 
-def bind(server: grpc.Server, listen: str) -> str:
+def bind(server: grpc.Server, listen: str, security: Security = NO_SECURITY) -> str:
     """Bind `listen` (host:port, port 0 = any free port); returns the bound host:port."""
-    host, _, port = listen.rpartition(":")
-    try:
-        bound = server.add_insecure_port(listen)
-    except RuntimeError as exc:
-        raise Unavailable(f"cannot listen on {listen}: {exc}") from None
-    if bound == 0:
-        raise Unavailable(f"cannot listen on {listen}")
-    return f"{host}:{bound}"
+    host, _, _ = listen.rpartition(":")
+    return f"{host}:{add_port(server, listen, security)}"
+
+
+def enable_reflection(server: grpc.Server, service_names: list[str]) -> None:
+    """gRPC server reflection (for grpcurl), behind the daemons' --reflection flag."""
+    from grpc_reflection.v1alpha import reflection
+    reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME], server)
 
 
 def add_health(server: grpc.Server) -> health.HealthServicer:

@@ -1,11 +1,15 @@
 """Process lifecycle helpers shared by the daemons: stop signals, ready files, logging."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
 import signal
 import threading
+
+from pscommon.errors import InvalidArgument
+from pscommon.security import NO_SECURITY, Security
 
 
 def install_stop_handlers(stop: threading.Event) -> None:
@@ -30,3 +34,73 @@ def write_ready_file(path: str | None, address: str) -> None:
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 4 << 30) -> bool:
+    """Stop glibc from mmap/munmap-ing every multi-MB buffer gRPC allocates.
+
+    Same effect as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ in the environment, but set
+    by the process itself so every way of starting a daemon gets it (docs/benchmarks.md has
+    the measurement). Returns False where there is no glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok_mmap = mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(min(mmap_threshold, 2**31 - 1)))
+    ok_trim = mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(min(trim_threshold, 2**31 - 1)))
+    return bool(ok_mmap and ok_trim)
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonOptions:
+    """What every daemon shares: security, the metrics endpoint, reflection."""
+
+    security: Security = NO_SECURITY
+    metrics_port: int | None = None     # None: no /metrics endpoint; 0: any free port
+    metrics_host: str = "0.0.0.0"
+    reflection: bool = False
+
+    def __post_init__(self):
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise InvalidArgument(f"metrics port {self.metrics_port} must be in [0, 65535]")
+
+
+class Telemetry:
+    """A daemon's Prometheus registry, RPC interceptor and /metrics endpoint."""
+
+    def __init__(self, opts: DaemonOptions, role: str):
+        from prometheus_client import CollectorRegistry
+
+        from pscommon.metrics import RpcMetrics
+        self.opts = opts
+        self.registry = CollectorRegistry()
+        self.interceptors = (RpcMetrics(self.registry, role),) if opts.metrics_port is not None else ()
+        self.port: int | None = None
+        self._server = None
+
+    def start(self, *collectors) -> None:
+        if self.opts.metrics_port is None:
+            return
+        from pscommon.metrics import serve
+        for c in collectors:
+            self.registry.register(c)
+        self._server, _ = serve(self.opts.metrics_port, self.registry, self.opts.metrics_host)
+        self.port = self._server.server_port
+        logging.getLogger("shardps").info("metrics on http://%s:%d/metrics", self.opts.metrics_host, self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()

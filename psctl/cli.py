@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 
 from pscommon.config import CodecConfig, JobSpec, OptimizerConfig
 from pscommon.errors import PSError
-from pscommon.lifecycle import install_stop_handlers, setup_logging
+from pscommon.lifecycle import DaemonOptions, install_stop_handlers, setup_logging, tune_malloc
+from pscommon.security import Security, TLSConfig, read_token
 
 EXIT_USAGE = 2
 
@@ -63,6 +65,36 @@ def job_from_args(a) -> JobSpec:
                    slice_bytes=a.slice_bytes)
 
 
+def _add_security_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("security (off by default; see docs/operations.md)")
+    g.add_argument("--tls-cert", default=None, help="this process's PEM certificate (mutual TLS)")
+    g.add_argument("--tls-key", default=None, help="its PEM private key")
+    g.add_argument("--tls-ca", default=None, help="PEM CA that signs every peer")
+    g.add_argument("--tls-server-name", default="", help="name to check server certificates against")
+    g.add_argument("--token-file", default=None, help="shared bearer token (or env SHARDPS_TOKEN)")
+
+
+def _add_daemon_flags(p: argparse.ArgumentParser, reflection: bool = True) -> None:
+    _add_security_flags(p)
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-host", default="0.0.0.0")
+    if reflection:
+        p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection (grpcurl)")
+
+
+def security_from_args(a) -> Security:
+    tls_flags = (a.tls_cert, a.tls_key, a.tls_ca)
+    if any(tls_flags) and not all(tls_flags):
+        raise UsageError("psctl: --tls-cert, --tls-key and --tls-ca go together")
+    tls = TLSConfig(a.tls_cert, a.tls_key, a.tls_ca, a.tls_server_name) if all(tls_flags) else None
+    return Security(tls=tls, token=read_token(a.token_file, os.environ))
+
+
+def options_from_args(a) -> DaemonOptions:
+    return DaemonOptions(security=security_from_args(a), metrics_port=a.metrics_port,
+                         metrics_host=a.metrics_host, reflection=getattr(a, "reflection", False))
+
+
 def build_parser() -> Parser:
     ap = Parser(prog="psctl", description="shardps: a parameter server on gRPC")
     ap.add_argument("--log-level", default="INFO")
@@ -73,6 +105,7 @@ def build_parser() -> Parser:
     p.add_argument("--state-dir", default=None, help="persist scheduler state here")
     p.add_argument("--ready-file", default=None, help="write the bound address here once serving")
     _add_job_flags(p)
+    _add_daemon_flags(p)
 
     p = sub.add_parser("server", help="run one parameter-server shard")
     p.add_argument("--scheduler", type=_address, required=True)
@@ -80,6 +113,9 @@ def build_parser() -> Parser:
     p.add_argument("--advertise", type=_address, default=None, help="address workers use (default: bound)")
     p.add_argument("--shard-id", type=int, default=-1)
     p.add_argument("--ready-file", default=None)
+    p.add_argument("--checkpoint-dir", default=None, help="write checkpoints here; restore from here at start")
+    p.add_argument("--checkpoint-every", type=float, default=30.0, help="seconds between checkpoints")
+    _add_daemon_flags(p)
 
     p = sub.add_parser("worker", help="run a training worker")
     p.add_argument("--scheduler", type=_address, required=True)
@@ -91,7 +127,11 @@ def build_parser() -> Parser:
     p.add_argument("--metrics-out", default=None, help="append JSON-lines metrics here")
     p.add_argument("--push-codec", default=None, help="override the job's push codec")
     p.add_argument("--step-delay", type=float, default=0.0, help="sleep per step (simulate a straggler)")
+    p.add_argument("--epochs", type=int, default=0, help="train on leased data partitions for E epochs "
+                   "(instead of --steps)")
+    p.add_argument("--partitions", type=int, default=16, help="data partitions per epoch (with --epochs)")
     p.add_argument("--no-progress", action="store_true")
+    _add_daemon_flags(p, reflection=False)
 
     p = sub.add_parser("up", help="a local cluster: scheduler + servers + workers as processes")
     _add_job_flags(p)
@@ -110,10 +150,41 @@ def build_parser() -> Parser:
         p.add_argument("--scheduler", type=_address, required=True)
         p.add_argument("--json", action="store_true")
         p.add_argument("--timeout", type=float, default=10.0)
+        _add_security_flags(p)
         if name == "inspect":
             p.add_argument("--shard", type=int, default=None)
             p.add_argument("--sample", type=int, default=4, help="values shown per tensor")
+    p = sub.add_parser("export", help="gather every shard into one safetensors file")
+    p.add_argument("--scheduler", type=_address, required=True)
+    p.add_argument("--out", required=True, help="path of the .safetensors file to write")
+    p.add_argument("--timeout", type=float, default=60.0)
+    _add_security_flags(p)
+
+    p = sub.add_parser("checkpoint", help="ask every shard to write a checkpoint now")
+    p.add_argument("--scheduler", type=_address, required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=60.0)
+    _add_security_flags(p)
+
+    p = sub.add_parser("plot", help="loss and accuracy curves from worker metrics files")
+    p.add_argument("metrics", nargs="+", help="JSON-lines files written by --metrics-out")
+    p.add_argument("-o", "--out", required=True, help="PNG to write")
     return ap
+
+
+def _run_export(a) -> int:
+    from psctl import export
+    return export.run(a.scheduler, a.out, a.timeout, security_from_args(a))
+
+
+def _run_checkpoint(a) -> int:
+    from psctl import ops
+    return ops.checkpoint(a.scheduler, a.json, a.timeout, security_from_args(a))
+
+
+def _run_plot(a) -> int:
+    from psctl import plot
+    return plot.run(a.metrics, a.out)
 
 
 def _run_scheduler(a) -> int:
@@ -121,7 +192,7 @@ def _run_scheduler(a) -> int:
     stop = threading.Event()
     install_stop_handlers(stop)
     return run(SchedulerConfig(job=job_from_args(a), listen=a.listen, state_dir=a.state_dir,
-                               ready_file=a.ready_file), stop)
+                               ready_file=a.ready_file, options=options_from_args(a)), stop)
 
 
 def _run_server(a) -> int:
@@ -129,7 +200,8 @@ def _run_server(a) -> int:
     stop = threading.Event()
     install_stop_handlers(stop)
     return run(ServerConfig(scheduler=a.scheduler, listen=a.listen, advertise=a.advertise or "",
-                            shard_id=a.shard_id, ready_file=a.ready_file), stop)
+                            shard_id=a.shard_id, ready_file=a.ready_file, checkpoint_dir=a.checkpoint_dir,
+                            checkpoint_every_s=a.checkpoint_every, options=options_from_args(a)), stop)
 
 
 def _run_worker(a) -> int:
@@ -138,7 +210,8 @@ def _run_worker(a) -> int:
     install_stop_handlers(stop)
     cfg = TrainConfig(scheduler=a.scheduler, model=a.model, steps=a.steps, batch_size=a.batch_size,
                       seed=a.seed, device=a.device, metrics_out=a.metrics_out, push_codec=a.push_codec,
-                      step_delay_s=a.step_delay, progress=False if a.no_progress else None)
+                      step_delay_s=a.step_delay, progress=False if a.no_progress else None,
+                      epochs=a.epochs, partitions=a.partitions, options=options_from_args(a))
     train(cfg, stop)
     return 0
 
@@ -152,22 +225,25 @@ def _run_up(a) -> int:
 
 def _run_status(a) -> int:
     from psctl import ops
-    return ops.status(a.scheduler, a.json, a.timeout)
+    return ops.status(a.scheduler, a.json, a.timeout, security_from_args(a))
 
 
 def _run_inspect(a) -> int:
     from psctl import ops
-    return ops.inspect(a.scheduler, a.json, a.timeout, a.shard, a.sample)
+    return ops.inspect(a.scheduler, a.json, a.timeout, a.shard, a.sample, security_from_args(a))
 
 
 COMMANDS = {"scheduler": _run_scheduler, "server": _run_server, "worker": _run_worker,
-            "up": _run_up, "status": _run_status, "inspect": _run_inspect}
+            "up": _run_up, "status": _run_status, "inspect": _run_inspect,
+            "export": _run_export, "plot": _run_plot, "checkpoint": _run_checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         a = build_parser().parse_args(argv)
         setup_logging(a.log_level)
+        if os.environ.get("SHARDPS_MALLOC_TUNING", "1") != "0":
+            tune_malloc()  # measured: large gRPC messages are much faster (docs/benchmarks.md)
         return COMMANDS[a.command](a)
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
@@ -177,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `psctl status | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

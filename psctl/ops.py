@@ -7,6 +7,7 @@ from concurrent import futures
 from pscommon import grpcutil
 from pscommon.config import JobSpec
 from pscommon.errors import PSError, Unavailable
+from pscommon.security import NO_SECURITY, Security
 from pscommon.stats import histogram_dict
 from pscommon.tensors import dtype_name
 from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -15,8 +16,8 @@ STATE = {scheduler_pb2.MEMBER_STATE_ALIVE: "alive", scheduler_pb2.MEMBER_STATE_D
          scheduler_pb2.MEMBER_STATE_LEFT: "left", scheduler_pb2.MEMBER_STATE_UNSPECIFIED: "unknown"}
 
 
-def _scheduler(address: str):
-    return scheduler_pb2_grpc.SchedulerStub(grpcutil.channel(address))
+def _scheduler(address: str, security: Security):
+    return scheduler_pb2_grpc.SchedulerStub(grpcutil.channel(address, security))
 
 
 def _reach(what: str, address: str, fn):
@@ -26,10 +27,10 @@ def _reach(what: str, address: str, fn):
         raise Unavailable(f"cannot reach {what} at {address}: {exc}") from None
 
 
-def _shard_calls(servers, method: str, request, timeout: float) -> dict[int, object]:
+def _shard_calls(servers, method: str, request, timeout: float, security: Security) -> dict[int, object]:
     """Call `method` on every live server in parallel; an unreachable one maps to its error."""
     def one(s):
-        stub = ps_pb2_grpc.ParameterServerStub(grpcutil.channel(s.address))
+        stub = ps_pb2_grpc.ParameterServerStub(grpcutil.channel(s.address, security))
         try:
             return grpcutil.call(getattr(stub, method), request, timeout)
         except PSError as exc:
@@ -48,11 +49,11 @@ def traffic_dict(entries) -> dict:
                         for t in entries}}
 
 
-def collect_status(address: str, timeout: float) -> dict:
+def collect_status(address: str, timeout: float, security: Security = NO_SECURITY) -> dict:
     st = _reach("scheduler", address, lambda: grpcutil.call(
-        _scheduler(address).Status, scheduler_pb2.StatusRequest(), timeout))
+        _scheduler(address, security).Status, scheduler_pb2.StatusRequest(), timeout))
     job = JobSpec.from_proto(st.job)
-    shard_status = _shard_calls(st.servers, "ShardStatus", ps_pb2.ShardStatusRequest(), timeout)
+    shard_status = _shard_calls(st.servers, "ShardStatus", ps_pb2.ShardStatusRequest(), timeout, security)
     servers = []
     for s in st.servers:
         entry = {"shard": s.shard, "address": s.address, "state": STATE[s.state],
@@ -111,19 +112,20 @@ def render_status(s: dict) -> str:
     return "\n".join(lines)
 
 
-def status(address: str, as_json: bool, timeout: float) -> int:
-    s = collect_status(address, timeout)
+def status(address: str, as_json: bool, timeout: float, security: Security = NO_SECURITY) -> int:
+    s = collect_status(address, timeout, security)
     print(json.dumps(s, indent=2) if as_json else render_status(s))
     return 0
 
 
-def collect_inspect(address: str, timeout: float, shard: int | None, sample: int) -> dict:
+def collect_inspect(address: str, timeout: float, shard: int | None, sample: int,
+                    security: Security = NO_SECURITY) -> dict:
     info = _reach("scheduler", address, lambda: grpcutil.call(
-        _scheduler(address).GetJob, scheduler_pb2.GetJobRequest(), timeout))
+        _scheduler(address, security).GetJob, scheduler_pb2.GetJobRequest(), timeout))
     servers = [s for s in info.servers if shard is None or s.shard == shard]
     if shard is not None and not servers:
         raise Unavailable(f"no server registered for shard {shard}")
-    replies = _shard_calls(servers, "Inspect", ps_pb2.InspectRequest(sample=sample), timeout)
+    replies = _shard_calls(servers, "Inspect", ps_pb2.InspectRequest(sample=sample), timeout, security)
     shards = []
     for s in sorted(servers, key=lambda s: s.shard):
         r = replies.get(s.shard)
@@ -160,7 +162,28 @@ def render_inspect(d: dict) -> str:
     return "\n".join(lines)
 
 
-def inspect(address: str, as_json: bool, timeout: float, shard: int | None, sample: int) -> int:
-    d = collect_inspect(address, timeout, shard, sample)
+def inspect(address: str, as_json: bool, timeout: float, shard: int | None, sample: int,
+            security: Security = NO_SECURITY) -> int:
+    d = collect_inspect(address, timeout, shard, sample, security)
     print(json.dumps(d, indent=2) if as_json else render_inspect(d))
     return 0
+
+
+def checkpoint(address: str, as_json: bool, timeout: float, security: Security = NO_SECURITY) -> int:
+    """Every live shard writes a checkpoint now; exit 1 if any could not."""
+    info = _reach("scheduler", address, lambda: grpcutil.call(
+        _scheduler(address, security).GetJob, scheduler_pb2.GetJobRequest(), timeout))
+    replies = _shard_calls(info.servers, "Checkpoint", ps_pb2.CheckpointRequest(), timeout, security)
+    out = []
+    for shard, r in sorted(replies.items()):
+        if isinstance(r, ps_pb2.CheckpointReply):
+            out.append({"shard": shard, "path": r.path, "version": r.shard_version})
+        else:
+            out.append({"shard": shard, "error": str(r)})
+    if as_json:
+        print(json.dumps({"checkpoints": out}, indent=2))
+    else:
+        for c in out:
+            print(f"shard {c['shard']}: " + (f"{c['path']} (version {c['version']})" if "path" in c
+                                              else f"failed: {c['error']}"))
+    return 1 if any("error" in c for c in out) or not out else 0

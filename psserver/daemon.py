@@ -7,17 +7,20 @@ import logging
 import threading
 
 import grpc
+from google.protobuf import json_format
 
 from pscommon import grpcutil
 from pscommon.config import JobSpec
-from pscommon.errors import FailedPrecondition, PSError, from_rpc_error
-from pscommon.lifecycle import write_ready_file
-from pscommon.wire.v1 import ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from pscommon.errors import FailedPrecondition, InvalidArgument, PSError, from_rpc_error
+from pscommon.lifecycle import DaemonOptions, Telemetry, write_ready_file
+from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from psserver.checkpoint import Checkpointer, CheckpointStore
+from psserver.metrics import ShardCollector
 from psserver.servicer import Limits, ParameterServerServicer
 from psserver.shard import Member, Shard
 
 log = logging.getLogger("shardps.server")
-SERVICE = "pscommon.wire.v1.ParameterServer"
+SERVICE = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +33,13 @@ class ServerConfig:
     register_timeout_s: float = 60.0
     drain_grace_s: float = 10.0
     limits: Limits = Limits()
+    checkpoint_dir: str | None = None
+    checkpoint_every_s: float = 30.0
+    options: DaemonOptions = DaemonOptions()
+
+    def __post_init__(self):
+        if self.checkpoint_every_s <= 0:
+            raise InvalidArgument(f"checkpoint interval {self.checkpoint_every_s} must be > 0 seconds")
 
 
 class ServerProcess:
@@ -38,11 +48,14 @@ class ServerProcess:
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
         self.stop = threading.Event()
-        self.grpc_server = grpcutil.make_server()
+        self.telemetry = Telemetry(cfg.options, "server")
+        self.grpc_server = grpcutil.make_server(security=cfg.options.security,
+                                                interceptors=self.telemetry.interceptors)
         self.health = grpcutil.add_health(self.grpc_server)
-        self.address = grpcutil.bind(self.grpc_server, cfg.listen)
-        self.sched = scheduler_pb2_grpc.SchedulerStub(grpcutil.channel(cfg.scheduler))
+        self.address = grpcutil.bind(self.grpc_server, cfg.listen, cfg.options.security)
+        self.sched = scheduler_pb2_grpc.SchedulerStub(grpcutil.channel(cfg.scheduler, cfg.options.security))
         self.shard: Shard | None = None
+        self.checkpointer: Checkpointer | None = None
         self.lease = None
 
     def _register(self) -> scheduler_pb2.RegisterServerReply:
@@ -58,15 +71,47 @@ class ServerProcess:
         self.lease = reply.lease
         job = JobSpec.from_proto(reply.job)
         self.shard = Shard(reply.shard, job)
+        if self.cfg.checkpoint_dir:
+            self._restore(reply)
         ps_pb2_grpc.add_ParameterServerServicer_to_server(
-            ParameterServerServicer(self.shard, self.cfg.limits), self.grpc_server)
+            ParameterServerServicer(self.shard, self.cfg.limits, self.checkpointer), self.grpc_server)
+        if self.cfg.options.reflection:
+            grpcutil.enable_reflection(self.grpc_server, [SERVICE])
         self.grpc_server.start()
+        self.telemetry.start(ShardCollector(self.shard, self.checkpointer))
         grpcutil.set_serving(self.health, SERVICE, True)
         log.info("shard %d serving on %s (mode %s, member %d incarnation %d)", reply.shard,
                  self.address, job.mode, reply.lease.member_id, reply.lease.incarnation)
-        for target in (self._heartbeat_loop, self._watch_loop):
+        loops = [self._heartbeat_loop, self._watch_loop] + ([self._checkpoint_loop] if self.checkpointer else [])
+        for target in loops:
             threading.Thread(target=target, daemon=True, name=target.__name__).start()
         write_ready_file(self.cfg.ready_file, self.address)
+
+    def _restore(self, reply) -> None:
+        """Adopt this shard's newest good checkpoint, if any; refuse one from another job."""
+        job_json = json_format.MessageToDict(reply.job)
+        job_json.pop("version", None)
+        store = CheckpointStore(self.cfg.checkpoint_dir, reply.shard)
+        self.checkpointer = Checkpointer(self.shard, store, job_json)
+        snap = store.latest()
+        if snap is None:
+            return
+        if snap.job != job_json:
+            raise FailedPrecondition(
+                f"checkpoint in {store.dir} was written for another job spec ({snap.job.get('mode')}, "
+                f"{snap.job.get('optimizer', {}).get('kind')}); refusing to restore it")
+        self.shard.restore(snap)
+        self.checkpointer.last_version = snap.shard_version
+        log.info("shard %d restored from %s: version %d, %d keys", reply.shard, store.dir,
+                 snap.shard_version, len(snap.keys))
+
+    def _checkpoint_loop(self) -> None:
+        while not self.stop.wait(self.cfg.checkpoint_every_s):
+            if self.checkpointer.due():
+                try:
+                    self.checkpointer.write()
+                except OSError as exc:  # a full disk must not take the shard down
+                    log.error("checkpoint failed: %s", exc)
 
     def _heartbeat_loop(self) -> None:
         interval = self.shard.job.heartbeat_timeout_s / 3
@@ -111,7 +156,21 @@ class ServerProcess:
         self.stop.set()
         grpcutil.set_serving(self.health, SERVICE, False)
         self.grpc_server.stop(self.cfg.drain_grace_s).wait()
+        if self.checkpointer is not None:
+            self.checkpointer.write()  # the final checkpoint: nothing applied is lost
+        self._leave()
+        self.telemetry.stop()
         log.info("shard %d drained", self.shard.shard_id if self.shard else -1)
+
+    def _leave(self) -> None:
+        if self.lease is None:
+            return
+        req = scheduler_pb2.LeaveRequest(role=scheduler_pb2.ROLE_SERVER, member_id=self.lease.member_id,
+                                         incarnation=self.lease.incarnation)
+        try:
+            grpcutil.call(self.sched.Leave, req, 2.0)
+        except PSError as exc:
+            log.debug("leave failed: %s", exc)
 
 
 def run(cfg: ServerConfig, stop: threading.Event) -> int:

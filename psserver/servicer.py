@@ -42,9 +42,10 @@ def _first_header(requests, kind: str):
 
 
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
-    def __init__(self, shard: Shard, limits: Limits = Limits()):
+    def __init__(self, shard: Shard, limits: Limits = Limits(), checkpointer=None):
         self.shard = shard
         self.limits = limits
+        self.checkpointer = checkpointer
 
     # -- helpers -------------------------------------------------------------------------
     def _tensors(self, requests, kind: str):
@@ -167,4 +168,14 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 pull_traffic=[ps_pb2.TensorTraffic(key=k, logical_bytes=t.logical, wire_bytes=t.wire)
                               for k, t in sorted(s.pull_traffic.items())],
                 clocks=dict(s.gate.clocks), completed_step=s.gate.completed_step,
-                membership_epoch=s.epoch, mode=s.job.to_proto().mode)
+                membership_epoch=s.epoch, mode=s.job.to_proto().mode,
+                checkpoint_age_s=self.checkpointer.age_s() if self.checkpointer else -1.0,
+                checkpoint_version=(self.checkpointer.last_version or 0) if self.checkpointer else 0)
+
+    @servicer_errors
+    def Checkpoint(self, request, context):
+        if self.checkpointer is None:
+            raise FailedPrecondition(f"shard {self.shard.shard_id} has no --checkpoint-dir")
+        path = self.checkpointer.write()
+        return ps_pb2.CheckpointReply(shard=self.shard.shard_id, path=str(path),
+                                      shard_version=self.checkpointer.last_version)

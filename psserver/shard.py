@@ -17,7 +17,7 @@ from pscommon.config import JobSpec
 from pscommon.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from pscommon.sharding import Key
 from pscommon.stats import STALENESS_BOUNDS, WAIT_BOUNDS_S, Histogram
-from psserver import consistency, ledger, optim
+from psserver import checkpoint, consistency, ledger, optim
 
 
 @dataclasses.dataclass
@@ -206,6 +206,50 @@ class Shard:
             self.optimizer.apply(entry.value, grad.reshape(-1), entry.state, entry.version)
         self.version += 1
         return staleness
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def write_snapshot(self, path: str, job_json: dict) -> checkpoint.Snapshot:
+        """Write the tensors file under the lock (no copy) and return the matching Snapshot."""
+        with self.cond:
+            tensors = {}
+            for key, e in self.entries.items():
+                tensors[key] = e.value
+                for name, arr in e.state.items():
+                    tensors[f"{key}{checkpoint.STATE_SEP}{name}"] = arr
+            checkpoint.save_tensors(tensors, path)
+            return checkpoint.Snapshot(
+                shard=self.shard_id, fingerprint=self.fingerprint, job=job_json,
+                keys=[dataclasses.asdict(e.spec) for e in self.entries.values()],
+                versions={k: e.version for k, e in self.entries.items()}, shard_version=self.version,
+                ledger=ledger.to_json(self.ledger),
+                gate={"completed_step": self.gate.completed_step,
+                      "clocks": {str(w): c for w, c in self.gate.clocks.items()}},
+                tensors={})
+
+    def restore(self, snap: checkpoint.Snapshot) -> None:
+        """Adopt a checkpoint (at start-up, before serving)."""
+        if snap.shard != self.shard_id:
+            raise FailedPrecondition(f"checkpoint of shard {snap.shard} cannot restore shard {self.shard_id}")
+        entries = {}
+        for raw in snap.keys:
+            spec = Key(**{**raw, "param_shape": tuple(raw["param_shape"])})
+            value = snap.tensors.get(spec.key)
+            if value is None or value.size != spec.length:
+                raise FailedPrecondition(f"checkpoint lacks values for key {spec.key!r}")
+            state = self.optimizer.init_state(spec.length)
+            for name in state:
+                saved = snap.tensors.get(f"{spec.key}{checkpoint.STATE_SEP}{name}")
+                if saved is not None:
+                    state[name] = np.array(saved, dtype=np.float32)
+            entries[spec.key] = Entry(spec, np.array(value, dtype=np.float32).reshape(-1), state,
+                                      snap.versions.get(spec.key, 0))
+        with self.cond:
+            self.entries = entries
+            self.fingerprint = snap.fingerprint
+            self.version = snap.shard_version
+            self.ledger = ledger.from_json(snap.ledger)
+            self.gate.completed_step = int(snap.gate.get("completed_step", 0))
+            self.gate.clocks = {int(w): int(c) for w, c in snap.gate.get("clocks", {}).items()}
 
     # -- accounting ----------------------------------------------------------------------
     def count_traffic(self, table: dict[str, Traffic], key: str, logical: int, wire: int) -> None:

@@ -14,6 +14,7 @@ from pscommon import sharding
 from pscommon.config import JobSpec
 from pscommon.errors import FailedPrecondition, InvalidArgument
 from pscommon.wire.v1 import job_pb2, scheduler_pb2
+from scheduler import leases
 from scheduler import membership as mb
 from scheduler.persist import read_json, write_json_atomic
 
@@ -29,6 +30,7 @@ class SchedulerCore:
         self.cond = threading.Condition()
         self.members = mb.Membership()
         self.shard_map: sharding.ShardMap | None = None
+        self.data = leases.DataState()
         self.started = now()
         self.state_path = pathlib.Path(state_dir) / STATE_FILE if state_dir else None
         if self.state_path:
@@ -52,6 +54,8 @@ class SchedulerCore:
         self.members = mb.grace(mb.from_json(data["membership"], now), now, self.ttl)
         if data.get("shard_map"):
             self.shard_map = _shard_map_from_json(data["shard_map"])
+        if data.get("data"):
+            self.data = leases.from_json(data["data"])
         log.info("resumed scheduler state: epoch %d, %d members", self.members.epoch,
                  len(self.members.members))
 
@@ -62,13 +66,18 @@ class SchedulerCore:
             "job": _job_to_json(self.job),
             "membership": mb.to_json(self.members, self.now()),
             "shard_map": _shard_map_to_json(self.shard_map) if self.shard_map else None,
+            "data": leases.to_json(self.data),
         })
 
     def _commit(self, members: mb.Membership) -> None:
-        """Adopt a new membership; persist and wake watchers when the epoch moved."""
+        """Adopt a new membership; persist and wake watchers when the epoch moved. Workers
+        that are no longer alive give their data leases back."""
         changed = members.epoch != self.members.epoch
         self.members = members
         if changed:
+            for m in members.of_role(mb.WORKER):
+                if not m.alive:
+                    self.data = leases.release(self.data, m.member_id)
             self._save()
             self.cond.notify_all()
 
@@ -119,6 +128,32 @@ class SchedulerCore:
                     f"the job's model is {self.shard_map.fingerprint} ({len(self.shard_map.params)} "
                     f"parameters); a different model {proposed.fingerprint} was declared")
             return self.shard_map
+
+    def _check_worker(self, worker: int, incarnation: int) -> None:
+        m = self.members.members.get(worker)
+        if m is None or m.role != mb.WORKER:
+            raise FailedPrecondition(f"no worker {worker}; join first")
+        if m.incarnation != incarnation or not m.alive:
+            raise FailedPrecondition(f"worker {worker} incarnation {incarnation} is not current; rejoin")
+
+    def acquire_partition(self, worker: int, incarnation: int, num_partitions: int,
+                          max_epochs: int) -> tuple[str, int, int]:
+        """(status, data epoch, partition) for a worker asking for data."""
+        with self.cond:
+            self._check_worker(worker, incarnation)
+            state = leases.configure(self.data, num_partitions, max_epochs)
+            state, status, partition = leases.acquire(state, worker, incarnation)
+            if state != self.data:
+                self.data = state
+                self._save()
+            return status, state.epoch, partition
+
+    def complete_partition(self, worker: int, incarnation: int, epoch: int, partition: int) -> leases.DataState:
+        with self.cond:
+            self._check_worker(worker, incarnation)
+            self.data = leases.complete(self.data, worker, incarnation, epoch, partition)
+            self._save()
+            return self.data
 
     def wait_epoch(self, after: int, timeout_s: float) -> bool:
         """Wait until the epoch passes `after`; False on timeout."""

@@ -7,13 +7,14 @@ import threading
 
 from pscommon import grpcutil
 from pscommon.config import JobSpec
-from pscommon.lifecycle import write_ready_file
-from pscommon.wire.v1 import scheduler_pb2_grpc
+from pscommon.lifecycle import DaemonOptions, Telemetry, write_ready_file
+from pscommon.wire.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler.core import SchedulerCore
+from scheduler.metrics import SchedulerCollector
 from scheduler.servicer import SchedulerServicer
 
 log = logging.getLogger("shardps.scheduler")
-SERVICE = "pscommon.wire.v1.Scheduler"
+SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,7 @@ class SchedulerConfig:
     ready_file: str | None = None
     reap_interval_s: float = 0.2
     drain_grace_s: float = 5.0
+    options: DaemonOptions = DaemonOptions()
 
 
 class SchedulerProcess:
@@ -31,15 +33,21 @@ class SchedulerProcess:
         self.cfg = cfg
         self.core = SchedulerCore(cfg.job, cfg.state_dir)
         self.stop = threading.Event()
-        self.grpc_server = grpcutil.make_server(max_workers=64)
+        self.telemetry = Telemetry(cfg.options, "scheduler")
+        # watch streams hold a thread each: room for many servers and control calls
+        self.grpc_server = grpcutil.make_server(max_workers=64, security=cfg.options.security,
+                                                interceptors=self.telemetry.interceptors)
         self.health = grpcutil.add_health(self.grpc_server)
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(self.core), self.grpc_server)
-        self.address = grpcutil.bind(self.grpc_server, cfg.listen)
+        if cfg.options.reflection:
+            grpcutil.enable_reflection(self.grpc_server, [SERVICE])
+        self.address = grpcutil.bind(self.grpc_server, cfg.listen, cfg.options.security)
 
     def start(self) -> None:
         self.grpc_server.start()
         grpcutil.set_serving(self.health, SERVICE, True)
         threading.Thread(target=self._reap_loop, daemon=True, name="reaper").start()
+        self.telemetry.start(SchedulerCollector(self.core))
         log.info("scheduler serving on %s: mode %s, %d servers", self.address, self.core.job.mode,
                  self.core.job.num_servers)
         write_ready_file(self.cfg.ready_file, self.address)
@@ -54,6 +62,7 @@ class SchedulerProcess:
         with self.core.cond:  # wake watch streams so they notice the shutdown
             self.core.cond.notify_all()
         self.grpc_server.stop(self.cfg.drain_grace_s).wait()
+        self.telemetry.stop()
 
 
 def run(cfg: SchedulerConfig, stop: threading.Event) -> int:

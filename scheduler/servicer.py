@@ -5,6 +5,7 @@ from pscommon import sharding
 from pscommon.errors import InvalidArgument, servicer_errors
 from pscommon.wire.v1 import scheduler_pb2 as pb
 from pscommon.wire.v1 import scheduler_pb2_grpc
+from scheduler import leases
 from scheduler import membership as mb
 from scheduler.core import SchedulerCore
 
@@ -27,6 +28,18 @@ def membership_view(ms: mb.Membership) -> pb.MembershipView:
         epoch=ms.epoch, servers=server_infos(ms),
         workers=[pb.WorkerView(worker_id=m.member_id, incarnation=m.incarnation,
                                state=_STATE[m.state], clock=m.clock) for m in ms.of_role(mb.WORKER)])
+
+
+_LEASE = {leases.LEASED: pb.LEASE_STATUS_LEASED, leases.WAIT: pb.LEASE_STATUS_WAIT,
+          leases.DONE: pb.LEASE_STATUS_DONE}
+
+
+def data_progress(state: leases.DataState) -> pb.DataProgress:
+    p = state.progress()
+    return pb.DataProgress(
+        epoch=p["epoch"], max_epochs=p["max_epochs"], partitions=p["partitions"], done=p["done"],
+        leased=p["leased"], queued=p["queued"], finished=p["finished"],
+        history=[pb.EpochRecord(epoch=e, completed_by=dict(c)) for e, c in sorted(state.history.items())])
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -99,4 +112,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             return pb.StatusReply(job=core.job.to_proto(), epoch=ms.epoch, workers=workers,
                                   servers=server_infos(ms),
                                   model_fingerprint=smap.fingerprint if smap else "",
-                                  keys=len(smap.keys) if smap else 0, uptime_s=now - core.started)
+                                  keys=len(smap.keys) if smap else 0, uptime_s=now - core.started,
+                                  data=data_progress(core.data))
+
+    @servicer_errors
+    def AcquirePartition(self, request, context):
+        status, epoch, partition = self.core.acquire_partition(
+            request.worker_id, request.incarnation, request.num_partitions, request.max_epochs)
+        return pb.AcquirePartitionReply(status=_LEASE[status], epoch=epoch, partition=max(partition, 0),
+                                        num_partitions=self.core.data.num_partitions)
+
+    @servicer_errors
+    def CompletePartition(self, request, context):
+        state = self.core.complete_partition(request.worker_id, request.incarnation, request.epoch,
+                                             request.partition)
+        return pb.CompletePartitionReply(data=data_progress(state))

@@ -18,6 +18,7 @@ import numpy as np
 from pscommon import codecs, grpcutil
 from pscommon.config import CodecConfig, JobSpec
 from pscommon.errors import Aborted, FailedPrecondition, PSError, Unavailable, from_rpc_error
+from pscommon.security import NO_SECURITY, Security
 from pscommon.sharding import Param, ShardMap
 from pscommon.tensors import ChunkAssembler, chunk_payload
 from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tensor_pb2
@@ -35,6 +36,7 @@ class ClientConfig:
     connect_timeout_s: float = 120.0          # waiting for the scheduler and all servers
     retry_deadline_s: float = 120.0           # retrying one pull/push on a retryable error
     max_tensor_bytes: int = 64 << 20
+    security: Security = NO_SECURITY
 
 
 @dataclasses.dataclass
@@ -52,7 +54,7 @@ class Expired(PSError):
 class ShardClient:
     def __init__(self, cfg: ClientConfig):
         self.cfg = cfg
-        self.sched = scheduler_pb2_grpc.SchedulerStub(grpcutil.channel(cfg.scheduler))
+        self.sched = scheduler_pb2_grpc.SchedulerStub(grpcutil.channel(cfg.scheduler, cfg.security))
         self.lock = threading.Lock()
         self.job: JobSpec | None = None
         self.shard_map: ShardMap | None = None
@@ -137,6 +139,21 @@ class ShardClient:
                 log.warning("leave failed: %s", exc)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    # -- data leases ---------------------------------------------------------------------
+    def acquire_partition(self, num_partitions: int, max_epochs: int) -> tuple[int, int, int]:
+        """(LeaseStatus, data epoch, partition) from the scheduler."""
+        req = scheduler_pb2.AcquirePartitionRequest(worker_id=self.worker_id, incarnation=self.incarnation,
+                                                    num_partitions=num_partitions, max_epochs=max_epochs)
+        reply = grpcutil.retry(lambda: grpcutil.call(self.sched.AcquirePartition, req, self.cfg.control_timeout_s),
+                               self.cfg.retry_deadline_s)
+        return reply.status, reply.epoch, reply.partition
+
+    def complete_partition(self, epoch: int, partition: int) -> None:
+        req = scheduler_pb2.CompletePartitionRequest(worker_id=self.worker_id, incarnation=self.incarnation,
+                                                     epoch=epoch, partition=partition)
+        grpcutil.retry(lambda: grpcutil.call(self.sched.CompletePartition, req, self.cfg.control_timeout_s),
+                       self.cfg.retry_deadline_s)
+
     # -- model ---------------------------------------------------------------------------
     def _job_info(self) -> scheduler_pb2.JobInfo:
         return grpcutil.call(self.sched.GetJob, scheduler_pb2.GetJobRequest(), self.cfg.control_timeout_s)
@@ -156,7 +173,8 @@ class ShardClient:
             for shard, address in addresses.items():
                 current = self._stubs.get(shard)
                 if current is None or current[0] != address:
-                    self._stubs[shard] = (address, ps_pb2_grpc.ParameterServerStub(grpcutil.channel(address)))
+                    self._stubs[shard] = (address, ps_pb2_grpc.ParameterServerStub(
+                    grpcutil.channel(address, self.cfg.security)))
 
     def _refresh_servers(self) -> None:
         try:

@@ -12,9 +12,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pscommon.errors import InvalidArgument
+from pscommon.errors import FailedPrecondition, InvalidArgument
+from pscommon.lifecycle import DaemonOptions, Telemetry
+from pscommon.wire.v1 import scheduler_pb2 as pb
 from worker import data, models
 from worker.api import PSClient
+from worker.metrics import WorkerCollector
 
 log = logging.getLogger("shardps.worker")
 
@@ -32,6 +35,9 @@ class TrainConfig:
     step_delay_s: float = 0.0
     progress: bool | None = None    # None: a bar when stderr is a terminal
     name: str = ""
+    epochs: int = 0                 # > 0: train on leased data partitions for this many epochs
+    partitions: int = 16
+    options: DaemonOptions = DaemonOptions()
 
     def __post_init__(self):
         if self.model not in models.BUILTIN:
@@ -44,6 +50,9 @@ class TrainConfig:
             raise InvalidArgument(f"device {self.device!r} is not one of auto, cpu, cuda")
         if self.step_delay_s < 0:
             raise InvalidArgument(f"step delay {self.step_delay_s} must be >= 0")
+        if self.epochs < 0 or not 1 <= self.partitions <= 100_000:
+            raise InvalidArgument(f"epochs {self.epochs} must be >= 0 and partitions {self.partitions} "
+                                  "in [1, 100000]")
 
 
 def pick_device(name: str) -> torch.device:
@@ -80,6 +89,79 @@ def _progress(total: int, enabled: bool | None):
     return tqdm(total=total, unit="step", dynamic_ncols=True)
 
 
+class Loop:
+    """One worker's training: steps on random batches, or epochs of leased partitions."""
+
+    def __init__(self, cfg: TrainConfig, ps: PSClient, model, device, split: data.Split,
+                 metrics: MetricsWriter, stop: threading.Event):
+        self.cfg, self.ps, self.model, self.device = cfg, ps, model, device
+        self.split, self.metrics, self.stop = split, metrics, stop
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + ps.worker_id)
+        self.bar = _progress(cfg.steps if not cfg.epochs else None, cfg.progress)
+        self.done = self.skipped = 0
+        self.loss = float("nan")
+
+    def step(self, idx: torch.Tensor) -> bool:
+        """pull, forward/backward on the batch `idx`, push. False: sync skipped the step."""
+        ps, model = self.ps, self.model
+        ps.pull()
+        model.zero_grad(set_to_none=True)
+        out = model(self.split.x_train[idx].to(self.device))
+        loss_t = F.cross_entropy(out, self.split.y_train[idx].to(self.device))
+        loss_t.backward()
+        self.loss = float(loss_t.detach())
+        if self.cfg.step_delay_s:
+            time.sleep(self.cfg.step_delay_s)  # a deliberate straggler (benchmarks)
+        if not ps.push():
+            self.skipped += 1
+            return False
+        self.done += 1
+        self.metrics.write(step=self.done, clock=ps.clock, loss=round(self.loss, 5), worker=ps.worker_id)
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{self.loss:.3f}")
+        return True
+
+    def run_steps(self) -> None:
+        n = len(self.split.x_train)
+        while self.done < self.cfg.steps and not self.stop.is_set():
+            self.step(torch.randint(n, (self.cfg.batch_size,), generator=self.gen))
+
+    def run_epochs(self) -> None:
+        """Lease partitions until the scheduler says every epoch is done."""
+        client = self.ps.client
+        while not self.stop.is_set():
+            status, epoch, partition = client.acquire_partition(self.cfg.partitions, self.cfg.epochs)
+            if status == pb.LEASE_STATUS_DONE:
+                return
+            if status == pb.LEASE_STATUS_WAIT:
+                self.stop.wait(0.05)  # others hold the last leases of this epoch
+                continue
+            for idx in partition_batches(len(self.split.x_train), self.cfg.partitions, epoch, partition,
+                                         self.cfg.batch_size, self.cfg.seed):
+                if self.stop.is_set():
+                    return
+                while not self.step(idx) and not self.stop.is_set():
+                    pass  # sync skipped the step: the same batch on the current parameters
+            try:
+                client.complete_partition(epoch, partition)
+            except FailedPrecondition as exc:
+                # our lease lapsed (we were declared dead and rejoined): the partition went
+                # back to the queue and is someone else's now
+                log.warning("partition %d of epoch %d not recorded: %s", partition, epoch, exc)
+                continue
+            self.metrics.write(event="partition_done", epoch=epoch, partition=partition,
+                               worker=self.ps.worker_id)
+
+
+def partition_batches(n: int, partitions: int, epoch: int, partition: int, batch_size: int, seed: int):
+    """The batches of one partition: a per-epoch permutation of the samples, cut into
+    `partitions` contiguous parts, each cut into batches. Every worker computes the same."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    part = torch.tensor_split(perm, partitions)[partition]
+    return list(torch.split(part, batch_size))
+
+
 def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
     """Train until `cfg.steps` steps are pushed (or `stop` is set); returns a summary."""
     stop = stop or threading.Event()
@@ -90,33 +172,21 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
     split = entry.dataset()
     metrics = MetricsWriter(cfg.metrics_out)
     name = cfg.name or f"{os.uname().nodename}:{os.getpid()}"
-    with PSClient.connect(cfg.scheduler, model, name=name, push_codec=cfg.push_codec) as ps:
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + ps.worker_id)
-        bar = _progress(cfg.steps, cfg.progress)
-        x_tr, y_tr = split.x_train, split.y_train
-        t0, done, skipped, loss = time.time(), 0, 0, float("nan")
-        while done < cfg.steps and not stop.is_set():
-            ps.pull()
-            idx = torch.randint(len(x_tr), (cfg.batch_size,), generator=gen)
-            model.zero_grad(set_to_none=True)
-            out = model(x_tr[idx].to(device))
-            loss_t = F.cross_entropy(out, y_tr[idx].to(device))
-            loss_t.backward()
-            loss = float(loss_t)
-            if cfg.step_delay_s:
-                time.sleep(cfg.step_delay_s)  # a deliberate straggler (benchmarks)
-            if ps.push():
-                done += 1
-                metrics.write(step=done, clock=ps.clock, loss=round(loss, 5), worker=ps.worker_id)
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}")
-            else:
-                skipped += 1
-        if bar:
-            bar.close()
+    telemetry = Telemetry(cfg.options, "worker")
+    with PSClient.connect(cfg.scheduler, model, name=name, push_codec=cfg.push_codec,
+                          security=cfg.options.security) as ps:
+        telemetry.start(WorkerCollector(ps.client))
+        loop = Loop(cfg, ps, model, device, split, metrics, stop)
+        t0 = time.time()
+        if cfg.epochs:
+            loop.run_epochs()
+        else:
+            loop.run_steps()
+        if loop.bar:
+            loop.bar.close()
         ps.pull()
         acc = data.accuracy(model, split.x_test, split.y_test)
+        done, skipped, loss = loop.done, loop.skipped, loop.loss
         summary = dict(worker=ps.worker_id, steps=done, skipped=skipped, final_loss=round(loss, 5),
                        eval_accuracy=round(acc, 4), wall_s=round(time.time() - t0, 3),
                        bytes_sent=ps.bytes_sent, bytes_received=ps.bytes_received,
@@ -125,5 +195,6 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
                        stopped=stop.is_set())
         metrics.write(**summary)
     metrics.close()
+    telemetry.stop()
     log.info("worker done: %s", summary)
     return summary

@@ -8,6 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckpointReply(_message.Message):
+    __slots__ = ("shard", "path", "shard_version")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SHARD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    path: str
+    shard_version: int
+    def __init__(self, shard: _Optional[int] = ..., path: _Optional[str] = ..., shard_version: _Optional[int] = ...) -> None: ...
+
 class KeySpec(_message.Message):
     __slots__ = ("key", "param", "dtype", "param_shape", "offset", "length", "shard")
     KEY_FIELD_NUMBER: _ClassVar[int]
@@ -187,7 +201,7 @@ class TensorTraffic(_message.Message):
     def __init__(self, key: _Optional[str] = ..., logical_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ...) -> None: ...
 
 class ShardStatusReply(_message.Message):
-    __slots__ = ("shard", "keys", "bytes", "optimizer_bytes", "shard_version", "pushes", "pulls", "duplicates", "uptime_s", "staleness", "pull_wait_s", "push_traffic", "pull_traffic", "clocks", "completed_step", "membership_epoch", "mode")
+    __slots__ = ("shard", "keys", "bytes", "optimizer_bytes", "shard_version", "pushes", "pulls", "duplicates", "uptime_s", "staleness", "pull_wait_s", "push_traffic", "pull_traffic", "clocks", "completed_step", "membership_epoch", "mode", "checkpoint_age_s", "checkpoint_version")
     class ClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +226,8 @@ class ShardStatusReply(_message.Message):
     COMPLETED_STEP_FIELD_NUMBER: _ClassVar[int]
     MEMBERSHIP_EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_VERSION_FIELD_NUMBER: _ClassVar[int]
     shard: int
     keys: int
     bytes: int
@@ -229,4 +245,6 @@ class ShardStatusReply(_message.Message):
     completed_step: int
     membership_epoch: int
     mode: _job_pb2.Mode
-    def __init__(self, shard: _Optional[int] = ..., keys: _Optional[int] = ..., bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., shard_version: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., duplicates: _Optional[int] = ..., uptime_s: _Optional[float] = ..., staleness: _Optional[_Union[Histogram, _Mapping]] = ..., pull_wait_s: _Optional[_Union[Histogram, _Mapping]] = ..., push_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., pull_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., clocks: _Optional[_Mapping[int, int]] = ..., completed_step: _Optional[int] = ..., membership_epoch: _Optional[int] = ..., mode: _Optional[_Union[_job_pb2.Mode, str]] = ...) -> None: ...
+    checkpoint_age_s: float
+    checkpoint_version: int
+    def __init__(self, shard: _Optional[int] = ..., keys: _Optional[int] = ..., bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., shard_version: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., duplicates: _Optional[int] = ..., uptime_s: _Optional[float] = ..., staleness: _Optional[_Union[Histogram, _Mapping]] = ..., pull_wait_s: _Optional[_Union[Histogram, _Mapping]] = ..., push_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., pull_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., clocks: _Optional[_Mapping[int, int]] = ..., completed_step: _Optional[int] = ..., membership_epoch: _Optional[int] = ..., mode: _Optional[_Union[_job_pb2.Mode, str]] = ..., checkpoint_age_s: _Optional[float] = ..., checkpoint_version: _Optional[int] = ...) -> None: ...

@@ -59,6 +59,11 @@ class ParameterServerStub:
                 request_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusRequest.SerializeToString,
                 response_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusReply.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/pscommon.wire.v1.ParameterServer/Checkpoint',
+                request_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -100,6 +105,13 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Write a checkpoint now (needs --checkpoint-dir).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +139,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.ShardStatus,
                     request_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusRequest.FromString,
                     response_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusReply.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointRequest.FromString,
+                    response_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +281,33 @@ class ParameterServer:
             '/pscommon.wire.v1.ParameterServer/ShardStatus',
             pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusRequest.SerializeToString,
             pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pscommon.wire.v1.ParameterServer/Checkpoint',
+            pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointRequest.SerializeToString,
+            pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,6 +22,13 @@ class MemberState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MEMBER_STATE_ALIVE: _ClassVar[MemberState]
     MEMBER_STATE_DEAD: _ClassVar[MemberState]
     MEMBER_STATE_LEFT: _ClassVar[MemberState]
+
+class LeaseStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LEASE_STATUS_UNSPECIFIED: _ClassVar[LeaseStatus]
+    LEASE_STATUS_LEASED: _ClassVar[LeaseStatus]
+    LEASE_STATUS_WAIT: _ClassVar[LeaseStatus]
+    LEASE_STATUS_DONE: _ClassVar[LeaseStatus]
 ROLE_UNSPECIFIED: Role
 ROLE_WORKER: Role
 ROLE_SERVER: Role
@@ -29,6 +36,10 @@ MEMBER_STATE_UNSPECIFIED: MemberState
 MEMBER_STATE_ALIVE: MemberState
 MEMBER_STATE_DEAD: MemberState
 MEMBER_STATE_LEFT: MemberState
+LEASE_STATUS_UNSPECIFIED: LeaseStatus
+LEASE_STATUS_LEASED: LeaseStatus
+LEASE_STATUS_WAIT: LeaseStatus
+LEASE_STATUS_DONE: LeaseStatus
 
 class Lease(_message.Message):
     __slots__ = ("member_id", "incarnation", "ttl_s")
@@ -219,7 +230,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., clock: _Optional[int] = ..., lease_age_s: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("job", "epoch", "workers", "servers", "model_fingerprint", "keys", "uptime_s")
+    __slots__ = ("job", "epoch", "workers", "servers", "model_fingerprint", "keys", "uptime_s", "data")
     JOB_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +238,7 @@ class StatusReply(_message.Message):
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     job: _job_pb2.JobSpec
     epoch: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
@@ -234,4 +246,82 @@ class StatusReply(_message.Message):
     model_fingerprint: str
     keys: int
     uptime_s: float
-    def __init__(self, job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ..., keys: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    data: DataProgress
+    def __init__(self, job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ..., keys: _Optional[int] = ..., uptime_s: _Optional[float] = ..., data: _Optional[_Union[DataProgress, _Mapping]] = ...) -> None: ...
+
+class DataProgress(_message.Message):
+    __slots__ = ("epoch", "max_epochs", "partitions", "done", "leased", "queued", "finished", "history")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    LEASED_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    max_epochs: int
+    partitions: int
+    done: int
+    leased: int
+    queued: int
+    finished: bool
+    history: _containers.RepeatedCompositeFieldContainer[EpochRecord]
+    def __init__(self, epoch: _Optional[int] = ..., max_epochs: _Optional[int] = ..., partitions: _Optional[int] = ..., done: _Optional[int] = ..., leased: _Optional[int] = ..., queued: _Optional[int] = ..., finished: _Optional[bool] = ..., history: _Optional[_Iterable[_Union[EpochRecord, _Mapping]]] = ...) -> None: ...
+
+class EpochRecord(_message.Message):
+    __slots__ = ("epoch", "completed_by")
+    class CompletedByEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_BY_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    completed_by: _containers.ScalarMap[int, int]
+    def __init__(self, epoch: _Optional[int] = ..., completed_by: _Optional[_Mapping[int, int]] = ...) -> None: ...
+
+class AcquirePartitionRequest(_message.Message):
+    __slots__ = ("worker_id", "incarnation", "num_partitions", "max_epochs")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    incarnation: int
+    num_partitions: int
+    max_epochs: int
+    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., num_partitions: _Optional[int] = ..., max_epochs: _Optional[int] = ...) -> None: ...
+
+class AcquirePartitionReply(_message.Message):
+    __slots__ = ("status", "epoch", "partition", "num_partitions")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    status: LeaseStatus
+    epoch: int
+    partition: int
+    num_partitions: int
+    def __init__(self, status: _Optional[_Union[LeaseStatus, str]] = ..., epoch: _Optional[int] = ..., partition: _Optional[int] = ..., num_partitions: _Optional[int] = ...) -> None: ...
+
+class CompletePartitionRequest(_message.Message):
+    __slots__ = ("worker_id", "incarnation", "epoch", "partition")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    incarnation: int
+    epoch: int
+    partition: int
+    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., epoch: _Optional[int] = ..., partition: _Optional[int] = ...) -> None: ...
+
+class CompletePartitionReply(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: DataProgress
+    def __init__(self, data: _Optional[_Union[DataProgress, _Mapping]] = ...) -> None: ...

@@ -74,6 +74,16 @@ class SchedulerStub:
                 request_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusRequest.SerializeToString,
                 response_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.AcquirePartition = channel.unary_unary(
+                '/pscommon.wire.v1.Scheduler/AcquirePartition',
+                request_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionRequest.SerializeToString,
+                response_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionReply.FromString,
+                _registered_method=True)
+        self.CompletePartition = channel.unary_unary(
+                '/pscommon.wire.v1.Scheduler/CompletePartition',
+                request_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionRequest.SerializeToString,
+                response_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionReply.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -130,6 +140,19 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcquirePartition(self, request, context):
+        """Data leases: the next partition of the current data epoch for this worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompletePartition(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +195,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusRequest.FromString,
                     response_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusReply.SerializeToString,
+            ),
+            'AcquirePartition': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquirePartition,
+                    request_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionRequest.FromString,
+                    response_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionReply.SerializeToString,
+            ),
+            'CompletePartition': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompletePartition,
+                    request_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionRequest.FromString,
+                    response_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +423,60 @@ class Scheduler:
             '/pscommon.wire.v1.Scheduler/Status',
             pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusRequest.SerializeToString,
             pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquirePartition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pscommon.wire.v1.Scheduler/AcquirePartition',
+            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionRequest.SerializeToString,
+            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompletePartition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pscommon.wire.v1.Scheduler/CompletePartition',
+            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionRequest.SerializeToString,
+            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionReply.FromString,
             options,
             channel_credentials,
             insecure,

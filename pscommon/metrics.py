@@ -1,0 +1,97 @@
+"""Prometheus plumbing shared by the daemons: an HTTP endpoint, an RPC latency interceptor,
+and conversion of shardps's own histograms into Prometheus families at scrape time.
+
+Role-specific collectors (psserver.metrics, scheduler.metrics, worker.metrics) read the
+state each role already keeps, so scraping costs the hot path nothing.
+"""
+from __future__ import annotations
+
+import time
+
+import grpc
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import HistogramMetricFamily
+
+from pscommon.stats import Histogram as PSHistogram
+
+RPC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def serve(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0"):
+    """Start the /metrics endpoint; returns the (server, thread) pair."""
+    return start_http_server(port, addr=addr, registry=registry)
+
+
+def histogram_family(name: str, doc: str, hist: PSHistogram, labels: dict[str, str]) -> HistogramMetricFamily:
+    """A Prometheus histogram (cumulative buckets) from a pscommon.stats.Histogram."""
+    fam = HistogramMetricFamily(name, doc, labels=list(labels))
+    cumulative, buckets = 0, []
+    for bound, count in zip(hist.bounds, hist.counts):
+        cumulative += count
+        buckets.append((repr(float(bound)), cumulative))
+    buckets.append(("+Inf", hist.total))
+    fam.add_metric(list(labels.values()), buckets, hist.sum)
+    return fam
+
+
+class RpcMetrics(grpc.ServerInterceptor):
+    """Observes the handling time of every RPC, by method and status (streams: until the
+    handler returns or its response stream ends)."""
+
+    def __init__(self, registry: CollectorRegistry, role: str):
+        self.role = role
+        self.hist = Histogram("shardps_rpc_duration_seconds", "Time to handle one RPC, by method and code.",
+                              ["role", "method", "code"], buckets=RPC_BUCKETS_S, registry=registry)
+
+    def _observe(self, method: str, t0: float, code: str) -> None:
+        self.hist.labels(self.role, method, code).observe(time.perf_counter() - t0)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(handler.stream_stream, method),
+            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+    def _wrap_unary(self, fn, method):
+        def wrapped(request, context):
+            t0, code = time.perf_counter(), "OK"
+            try:
+                return fn(request, context)
+            except Exception:
+                code = _code_of(context)
+                raise
+            finally:
+                self._observe(method, t0, code)
+        return wrapped
+
+    def _wrap_stream(self, fn, method):
+        def wrapped(request, context):
+            t0, code = time.perf_counter(), "OK"
+            try:
+                yield from fn(request, context)
+            except Exception:
+                code = _code_of(context)
+                raise
+            finally:
+                self._observe(method, t0, code)
+        return wrapped
+
+
+def _code_of(context) -> str:
+    code = context.code() if hasattr(context, "code") else None
+    return code.name if code is not None else "UNKNOWN"

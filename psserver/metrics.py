@@ -1,0 +1,59 @@
+"""Prometheus collector for one shard: reads the shard's own counters at scrape time."""
+from __future__ import annotations
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from pscommon.metrics import histogram_family
+
+
+class ShardCollector:
+    def __init__(self, shard, checkpointer=None):
+        self.shard = shard
+        self.checkpointer = checkpointer
+
+    def collect(self):
+        s = self.shard
+        label = {"shard": str(s.shard_id)}
+        with s.cond:
+            pushes, pulls, dups, version = s.pushes, s.pulls, s.duplicates, s.version
+            push = (sum(t.logical for t in s.push_traffic.values()), sum(t.wire for t in s.push_traffic.values()))
+            pull = (sum(t.logical for t in s.pull_traffic.values()), sum(t.wire for t in s.pull_traffic.values()))
+            staleness = histogram_family("shardps_server_staleness", "Staleness of applied pushes, in "
+                                         "shard updates (async/ssp).", s.staleness, label)
+            wait = histogram_family("shardps_server_pull_wait_seconds", "Time pulls waited at the "
+                                    "consistency gate (sync/ssp).", s.pull_wait, label)
+            live, epoch = len(s.gate.live), s.epoch
+            param_bytes, opt_bytes = s.param_bytes(), s.optimizer_bytes()
+        yield _counter("shardps_server_pushes_total", "Pushes taken (duplicates excluded).", label, pushes)
+        yield _counter("shardps_server_pulls_total", "Pulls served.", label, pulls)
+        yield _counter("shardps_server_duplicate_pushes_total", "Retried pushes acknowledged, not applied.",
+                       label, dups)
+        yield _counter("shardps_server_updates_applied_total", "Optimizer updates applied to the shard.",
+                       label, version)
+        for name, (logical, wire) in (("push", push), ("pull", pull)):
+            fam = CounterMetricFamily(f"shardps_server_{name}_bytes", f"Tensor bytes {name}ed, "
+                                      "logical (fp32) and on the wire.", labels=["shard", "kind"])
+            fam.add_metric([label["shard"], "logical"], logical)
+            fam.add_metric([label["shard"], "wire"], wire)
+            yield fam
+        yield staleness
+        yield wait
+        yield _gauge("shardps_server_live_workers", "Live workers in the shard's membership view.", label, live)
+        yield _gauge("shardps_server_membership_epoch", "Membership epoch the shard follows.", label, epoch)
+        yield _gauge("shardps_server_parameter_bytes", "Parameter bytes held.", label, param_bytes)
+        yield _gauge("shardps_server_optimizer_state_bytes", "Optimizer state bytes held.", label, opt_bytes)
+        age = self.checkpointer.age_s() if self.checkpointer else -1.0
+        yield _gauge("shardps_server_checkpoint_age_seconds", "Seconds since the last checkpoint (-1: none).",
+                     label, age)
+
+
+def _counter(name, doc, labels, value):
+    fam = CounterMetricFamily(name.removesuffix("_total"), doc, labels=list(labels))
+    fam.add_metric(list(labels.values()), value)
+    return fam
+
+
+def _gauge(name, doc, labels, value):
+    fam = GaugeMetricFamily(name, doc, labels=list(labels))
+    fam.add_metric(list(labels.values()), value)
+    return fam
