@@ -21,7 +21,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/psctl up --servers 2 --workers 3 --mode async --model digits-mlp --steps 300 \
-		--run-dir runs/demo
+		--run-dir runs/demo --plot runs/demo/curve.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q

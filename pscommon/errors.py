@@ -123,5 +123,6 @@ def servicer_errors(method):
 
 
 def _is_abort(exc: Exception) -> bool:
-    # context.abort raises a bare Exception subclass internal to grpc; let it through.
-    return type(exc).__module__.startswith("grpc")
+    # grpc's ServicerContext.abort records the status, then raises a bare Exception(): let it
+    # through so the recorded code stands
+    return (type(exc) is Exception and not exc.args) or type(exc).__module__.startswith("grpc")

@@ -49,6 +49,10 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eps", type=float, default=None, help="default 1e-8 (adam), 1e-10 (adagrad)")
     g.add_argument("--push-codec", default="fp32", help="fp32|fp16|bf16|int8[:BLOCK]|topk[:DENSITY]")
     g.add_argument("--pull-codec", default="fp32", help="fp32|fp16|bf16")
+    g.add_argument("--lossless", choices=["auto", "off", "zstd", "lz4"], default="off",
+                   help="lossless layer over payloads, per tensor only where it saves >= 10%%")
+    g.add_argument("--no-error-feedback", action="store_true",
+                   help="drop what lossy push codecs leave out (ablation; default keeps it)")
     g.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds before a silent member is dead")
     g.add_argument("--servers", type=int, default=1, dest="num_servers", help="number of shards")
     g.add_argument("--slice-bytes", type=int, default=4 << 20, help="tensors above this are sliced")
@@ -59,8 +63,9 @@ def job_from_args(a) -> JobSpec:
     eps = a.eps if a.eps is not None else (1e-10 if a.optimizer == "adagrad" else 1e-8)
     opt = OptimizerConfig(kind=a.optimizer, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov,
                           weight_decay=a.weight_decay, beta1=a.beta1, beta2=a.beta2, eps=eps)
-    return JobSpec(mode=a.mode, staleness=staleness, optimizer=opt,
-                   push_codec=CodecConfig.parse(a.push_codec), pull_codec=CodecConfig.parse(a.pull_codec),
+    return JobSpec(mode=a.mode, staleness=staleness, optimizer=opt, lossless=a.lossless,
+                   push_codec=CodecConfig.parse(a.push_codec, error_feedback=not a.no_error_feedback),
+                   pull_codec=CodecConfig.parse(a.pull_codec),
                    heartbeat_timeout_s=a.heartbeat_timeout, num_servers=a.num_servers,
                    slice_bytes=a.slice_bytes)
 
@@ -119,13 +124,16 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("worker", help="run a training worker")
     p.add_argument("--scheduler", type=_address, required=True)
-    p.add_argument("--model", default="digits-mlp")
+    p.add_argument("--model", default="digits-mlp", help="digits-mlp, digits-cnn, ctr, or module:function")
+    p.add_argument("--data", default=None, help="module:function returning the data of a custom --model")
+    p.add_argument("--overlap", action="store_true", help="push gradients during backward, prefetch pulls")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--metrics-out", default=None, help="append JSON-lines metrics here")
     p.add_argument("--push-codec", default=None, help="override the job's push codec")
+    p.add_argument("--no-error-feedback", action="store_true", help="with --push-codec: no residual")
     p.add_argument("--step-delay", type=float, default=0.0, help="sleep per step (simulate a straggler)")
     p.add_argument("--epochs", type=int, default=0, help="train on leased data partitions for E epochs "
                    "(instead of --steps)")
@@ -144,6 +152,10 @@ def build_parser() -> Parser:
     p.add_argument("--step-delay", type=float, default=0.0, help="straggler delay for worker 0")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--churn", default="", help="kill@SECONDS,add@SECONDS,...: SIGKILL the newest worker "
+                   "or start a new one at these times after the workers start")
+    p.add_argument("--epochs", type=int, default=0, help="train on leased data partitions instead of --steps")
+    p.add_argument("--plot", default=None, help="write the training curves to this PNG at the end")
 
     for name, help_ in (("status", "cluster state"), ("inspect", "tensors held by each shard")):
         p = sub.add_parser(name, help=help_)
@@ -208,8 +220,10 @@ def _run_worker(a) -> int:
     from worker.train import TrainConfig, train
     stop = threading.Event()
     install_stop_handlers(stop)
-    cfg = TrainConfig(scheduler=a.scheduler, model=a.model, steps=a.steps, batch_size=a.batch_size,
-                      seed=a.seed, device=a.device, metrics_out=a.metrics_out, push_codec=a.push_codec,
+    cfg = TrainConfig(scheduler=a.scheduler, model=a.model, data=a.data, overlap=a.overlap, steps=a.steps,
+                      batch_size=a.batch_size, seed=a.seed, device=a.device, metrics_out=a.metrics_out,
+                      push_codec=a.push_codec and str(CodecConfig.parse(a.push_codec)),
+                      error_feedback=not a.no_error_feedback,
                       step_delay_s=a.step_delay, progress=False if a.no_progress else None,
                       epochs=a.epochs, partitions=a.partitions, options=options_from_args(a))
     train(cfg, stop)
@@ -217,10 +231,11 @@ def _run_worker(a) -> int:
 
 
 def _run_up(a) -> int:
-    from psctl.up import UpConfig, run
+    from psctl.up import UpConfig, parse_churn, run
     return run(UpConfig(job=job_from_args(a), workers=a.workers, model=a.model, steps=a.steps,
                         batch_size=a.batch_size, seed=a.seed, run_dir=a.run_dir,
-                        straggler_delay_s=a.step_delay, timeout_s=a.timeout, as_json=a.json))
+                        straggler_delay_s=a.step_delay, timeout_s=a.timeout, as_json=a.json,
+                        churn=parse_churn(a.churn), epochs=a.epochs, plot=a.plot))
 
 
 def _run_status(a) -> int:

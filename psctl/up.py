@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from pscommon.config import JobSpec
-from pscommon.errors import DeadlineExceeded, Unavailable
+from pscommon.errors import DeadlineExceeded, InvalidArgument, Unavailable
 
 READY_TIMEOUT_S = 60.0
 
@@ -33,6 +33,25 @@ class UpConfig:
     straggler_delay_s: float = 0.0
     timeout_s: float = 900.0
     as_json: bool = False
+    churn: tuple[tuple[str, float], ...] = ()   # (("kill"|"add", seconds after start), ...)
+    epochs: int = 0
+    plot: str | None = None                      # PNG of the training curves
+
+
+def parse_churn(text: str) -> tuple[tuple[str, float], ...]:
+    """`kill@5,add@10`: SIGKILL the newest running worker 5 s after the workers start, then
+    start a new worker at 10 s."""
+    events = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        action, sep, at = item.partition("@")
+        try:
+            when = float(at)
+        except ValueError:
+            when = -1.0
+        if action not in ("kill", "add") or not sep or when < 0:
+            raise InvalidArgument(f"churn event {item!r} is not kill@SECONDS or add@SECONDS")
+        events.append((action, when))
+    return tuple(sorted(events, key=lambda e: e[1]))
 
 
 def job_flags(job: JobSpec) -> list[str]:
@@ -42,10 +61,13 @@ def job_flags(job: JobSpec) -> list[str]:
              "--lr", repr(o.lr), "--momentum", repr(o.momentum), "--weight-decay", repr(o.weight_decay),
              "--beta1", repr(o.beta1), "--beta2", repr(o.beta2), "--eps", repr(o.eps),
              "--push-codec", str(job.push_codec), "--pull-codec", str(job.pull_codec),
+             "--lossless", job.lossless,
              "--heartbeat-timeout", repr(job.heartbeat_timeout_s), "--servers", str(job.num_servers),
              "--slice-bytes", str(job.slice_bytes)]
     if o.nesterov:
         flags.append("--nesterov")
+    if not job.push_codec.error_feedback:
+        flags.append("--no-error-feedback")
     return flags
 
 
@@ -96,6 +118,8 @@ class Cluster:
         args = ["worker", "--scheduler", self.scheduler_address, "--model", cfg.model,
                 "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed),
                 "--metrics-out", str(self.run_dir / f"worker-{index}.jsonl"), "--no-progress"]
+        if cfg.epochs:
+            args += ["--epochs", str(cfg.epochs)]
         if index == 0 and cfg.straggler_delay_s:
             args += ["--step-delay", str(cfg.straggler_delay_s)]
         return self.spawn(f"worker-{index}", args)
@@ -142,6 +166,34 @@ def evaluate_live(scheduler: str, model_name: str) -> float:
     return data.accuracy(model, split.x_test, split.y_test)
 
 
+def churn_and_wait(cluster: Cluster, workers: list, cfg: UpConfig, say) -> set[int]:
+    """Wait for the workers, applying churn events on the way; returns indices killed."""
+    start = time.monotonic()
+    deadline = start + cfg.timeout_s
+    pending, killed = list(cfg.churn), set()
+    while any(w.poll() is None for w in workers) or pending:
+        now = time.monotonic()
+        if now > deadline:
+            raise DeadlineExceeded(f"workers still running after {cfg.timeout_s:.0f}s")
+        while pending and now - start >= pending[0][1]:
+            action, _ = pending.pop(0)
+            running = [i for i, w in enumerate(workers) if w.poll() is None]
+            if action == "kill" and running:
+                victim = running[-1]
+                workers[victim].kill()
+                killed.add(victim)
+                say(f"churn: killed worker {victim} (SIGKILL) at {now - start:.1f}s")
+            elif action == "add":
+                workers.append(cluster.start_worker(len(workers), cfg))
+                say(f"churn: started worker {len(workers) - 1} at {now - start:.1f}s")
+        if not any(w.poll() is None for w in workers) and pending:
+            break  # everyone finished before the remaining events
+        time.sleep(0.05)
+    for w in workers:
+        w.wait()
+    return killed
+
+
 def run(cfg: UpConfig) -> int:
     from psctl import ops
 
@@ -156,18 +208,16 @@ def run(cfg: UpConfig) -> int:
         for shard in range(cfg.job.num_servers):
             say(f"server {shard}   {cluster.start_server(shard)}")
         workers = [cluster.start_worker(i, cfg) for i in range(cfg.workers)]
-        say(f"{cfg.workers} workers training {cfg.model} for {cfg.steps} steps, mode {cfg.job.mode}")
-        deadline = time.monotonic() + cfg.timeout_s
-        while any(w.poll() is None for w in workers):
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded(f"workers still running after {cfg.timeout_s:.0f}s")
-            time.sleep(0.1)
+        say(f"{cfg.workers} workers training {cfg.model} for "
+            f"{f'{cfg.epochs} epochs' if cfg.epochs else f'{cfg.steps} steps'}, mode {cfg.job.mode}")
+        killed = churn_and_wait(cluster, workers, cfg, say)
         results = []
         for i, w in enumerate(workers):
             rec = last_record(run_dir / f"worker-{i}.jsonl")
-            results.append({"worker": i, "exit_code": w.returncode, "steps": rec.get("steps"),
-                            "eval_accuracy": rec.get("eval_accuracy"), "wall_s": rec.get("wall_s")})
-        failed = [r for r in results if r["exit_code"] != 0]
+            results.append({"worker": i, "exit_code": w.returncode, "killed": i in killed,
+                            "steps": rec.get("steps"), "eval_accuracy": rec.get("eval_accuracy"),
+                            "wall_s": rec.get("wall_s")})
+        failed = [r for r in results if r["exit_code"] != 0 and not r["killed"]]
         summary = {"run_dir": str(run_dir), "scheduler": address, "mode": cfg.job.mode,
                    "wall_s": round(time.time() - t0, 2), "workers": results,
                    "final_accuracy": round(evaluate_live(address, cfg.model), 4),
@@ -188,6 +238,9 @@ def run(cfg: UpConfig) -> int:
                       f"held-out accuracy {r['eval_accuracy']}")
             print(f"final held-out accuracy of the served parameters: {summary['final_accuracy']:.4f} "
                   f"({summary['wall_s']:.1f}s)")
+        if cfg.plot:
+            from psctl import plot
+            plot.run(sorted(str(p) for p in run_dir.glob("worker-*.jsonl")), cfg.plot)
         return 1 if failed else 0
     except KeyboardInterrupt:
         print("interrupted: stopping the cluster", file=sys.stderr)

@@ -13,7 +13,8 @@ from pscommon.config import CodecConfig
 from pscommon.errors import FailedPrecondition, InvalidArgument, servicer_errors
 from pscommon.grpcutil import DATA_TIMEOUT_S
 from pscommon.sharding import Key
-from pscommon.tensors import ChunkAssembler, chunk_payload
+from pscommon.codecs.bf16 import from_bf16_bits
+from pscommon.tensors import ChunkAssembler, check_shape, chunk_payload, numel
 from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 from psserver.shard import Shard
 
@@ -29,6 +30,25 @@ class Limits:
         for f in dataclasses.fields(self):
             if getattr(self, f.name) < 1:
                 raise InvalidArgument(f"limit {f.name}={getattr(self, f.name)} must be >= 1")
+
+
+def _as_float32(meta: tensor_pb2.TensorMeta, value: np.ndarray) -> np.ndarray:
+    """Values and gradients are floating: bf16 arrives as bit patterns, integers are refused."""
+    if meta.dtype == tensor_pb2.DTYPE_BFLOAT16 and value.dtype == np.uint16:
+        return from_bf16_bits(value)
+    if value.dtype.kind != "f":
+        raise InvalidArgument(f"tensor {meta.name!r}: dtype {tensor_pb2.DType.Name(meta.dtype)} is not "
+                              "floating; parameters and gradients are float tensors")
+    return value if value.dtype == np.float32 else value.astype(np.float32)
+
+
+def _check_key_spec(k: Key) -> None:
+    if k.dtype != tensor_pb2.DTYPE_FLOAT32:
+        raise InvalidArgument(f"key {k.key!r}: dtype {k.dtype} is not DTYPE_FLOAT32 (servers keep float32)")
+    check_shape(k.key, k.param_shape)
+    if k.length == 0 and numel(k.param_shape) != 0 or k.offset + k.length > numel(k.param_shape):
+        raise InvalidArgument(f"key {k.key!r}: slice [{k.offset}, {k.offset + k.length}) does not fit "
+                              f"parameter shape {list(k.param_shape)}")
 
 
 def _first_header(requests, kind: str):
@@ -64,7 +84,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 raise InvalidArgument(f"tensor {meta.name!r} sent twice in one {kind}")
             if len(out) >= self.limits.max_keys_per_call:
                 raise InvalidArgument(f"more than {self.limits.max_keys_per_call} tensors in one {kind}")
-            out[meta.name] = codecs.decode(meta, payload, self.limits.max_elements)
+            out[meta.name] = _as_float32(meta, codecs.decode(meta, payload, self.limits.max_elements))
             wire[meta.name] = len(payload)
         asm.finish()
         return out, wire
@@ -89,6 +109,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             raise InvalidArgument("Declare header without a model fingerprint")
         self._check_shard(header.shard)
         keys = [Key.from_proto(k) for k in header.keys]
+        for k in keys:
+            _check_key_spec(k)
         if len({k.key for k in keys}) != len(keys):
             raise InvalidArgument("Declare header lists a key twice")
         values, _ = self._tensors(request_iterator, "Declare")
@@ -112,10 +134,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             observer=request.caller.observer)
         yield ps_pb2.PullResponse(header=ps_pb2.PullHeader(
             shard_version=version, wait_s=waited, next_step=next_step))
-        small = self.shard.job.small_tensor_bytes
+        small, lossless = self.shard.job.small_tensor_bytes, self.shard.job.lossless
         for key in keys:
             def encode(value, key=key):
-                meta, payload = codecs.encode(key, value, tensor_pb2.DTYPE_FLOAT32, cfg, small)
+                meta, payload = codecs.encode(key, value, tensor_pb2.DTYPE_FLOAT32, cfg, small, lossless)
                 return list(chunk_payload(meta, payload))
             chunks = self.shard.read(key, encode)
             self.shard.count_traffic(self.shard.pull_traffic, key,
@@ -129,9 +151,6 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._check_shard(header.shard)
         self._check_model(header.model_fingerprint)
         grads, wire = self._tensors(request_iterator, "Push")
-        for name, g in grads.items():
-            if g.dtype != np.float32:
-                grads[name] = g.astype(np.float32)
         version, duplicate, staleness = self.shard.push(
             header.caller.worker_id, header.caller.incarnation, header.step, header.base_version, grads)
         if not duplicate:

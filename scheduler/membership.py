@@ -38,7 +38,7 @@ class Member:
 class Membership:
     epoch: int = 0
     members: Mapping[int, Member] = dataclasses.field(default_factory=dict)
-    next_id: int = 0
+    next_id: int = 1          # ids start at 1: 0 on the wire means "no id yet"
     next_incarnation: int = 1
 
     def live(self, role: str) -> list[Member]:

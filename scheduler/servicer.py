@@ -63,7 +63,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def JoinWorker(self, request, context):
         if len(request.name) > 256:
             raise InvalidArgument("worker name longer than 256 characters")
-        rejoin = request.worker_id if request.worker_id >= 0 else None
+        rejoin = request.worker_id if request.worker_id > 0 else None  # 0 and -1: a new worker
         m = self.core.join_worker(request.name, rejoin)
         return pb.JoinWorkerReply(lease=_lease(m, self.core.ttl), job=self.core.job.to_proto(),
                                   epoch=self.core.members.epoch, start_clock=m.clock)

@@ -5,46 +5,76 @@
             ps.pull()
             loss_fn(model(x), y).backward()
             ps.push()
+
+With overlap=True, gradients stream to the shards from autograd hooks while backward is
+still running, and (in async and ssp modes) the next pull is prefetched as soon as the push
+is acknowledged. On CUDA, gradients and weights cross through pinned host buffers with
+non-blocking copies on a side stream. Every path runs on the CPU too.
 """
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+from concurrent import futures
 
 import numpy as np
 import torch
 from torch import nn
 
 from pscommon.config import CodecConfig
-from pscommon.errors import Aborted, FailedPrecondition
-from worker.client import ClientConfig, ShardClient
+from pscommon.errors import Aborted, FailedPrecondition, InvalidArgument
+from worker.client import ClientConfig, ShardClient, StreamingPush
 
 log = logging.getLogger("shardps.worker")
 
 
+class HostBuffers:
+    """One flat float32 host buffer per parameter (pinned when the model is on CUDA), seen by
+    numpy for the wire and by torch for device copies."""
+
+    def __init__(self, params: dict[str, nn.Parameter], pinned: bool):
+        self.tensors = {n: torch.empty(p.numel(), dtype=torch.float32, pin_memory=pinned)
+                        for n, p in params.items()}
+        self.arrays = {n: t.numpy() for n, t in self.tensors.items()}
+
+
 class PSClient:
-    def __init__(self, client: ShardClient, model: nn.Module):
+    def __init__(self, client: ShardClient, model: nn.Module, overlap: bool = False):
         self.client = client
         self.model = model
         self.params = dict(model.named_parameters())
-        self._flat = {name: np.empty(p.numel(), np.float32) for name, p in self.params.items()}
+        device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
+        self.cuda = device.type == "cuda"
+        self.weights = HostBuffers(self.params, self.cuda)    # pulls land here
+        self.grads = HostBuffers(self.params, self.cuda) if self.cuda else None
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.overlap = overlap
+        self.prefetch_enabled = overlap and client.job.mode in ("async", "ssp")
+        self._stream: StreamingPush | None = None
+        self._prefetch: futures.Future | None = None
+        self._h2d_done = None           # CUDA event: weights copied out of the host buffers
+        self._pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="psclient")
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook(n))
+                       for n, p in self.params.items()] if overlap else []
 
     @classmethod
-    def connect(cls, scheduler: str, model: nn.Module, *, name: str = "",
-                push_codec: str | None = None, **client_options) -> "PSClient":
+    def connect(cls, scheduler: str, model: nn.Module, *, name: str = "", push_codec: str | None = None,
+                error_feedback: bool = True, overlap: bool = False, **client_options) -> "PSClient":
         """Join the job, wait for its servers, declare the model (idempotent) and pull."""
+        if not isinstance(model, nn.Module):
+            raise InvalidArgument(f"model must be a torch.nn.Module, got {type(model).__name__}")
         cfg = ClientConfig(scheduler=scheduler, name=name,
-                           push_codec=CodecConfig.parse(push_codec) if push_codec else None,
+                           push_codec=(CodecConfig.parse(push_codec, error_feedback=error_feedback)
+                                       if push_codec else None),
                            **client_options)
         client = ShardClient(cfg)
         client.join()
         try:
             client.wait_for_servers()
-            initial = {n: p.detach().to("cpu", torch.float32).numpy().reshape(-1).copy()
-                       if p.dtype == torch.float32 else p.detach().float().cpu().numpy().reshape(-1)
-                       for n, p in model.named_parameters()}
-            shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-            client.declare({n: v.reshape(shapes[n]) for n, v in initial.items()})
-            ps = cls(client, model)
+            client.declare({n: p.detach().to("cpu", torch.float32).numpy()
+                            for n, p in model.named_parameters()})
+            ps = cls(client, model, overlap=overlap)
             ps.pull()
             return ps
         except BaseException:
@@ -53,24 +83,44 @@ class PSClient:
 
     # -- the loop --------------------------------------------------------------------------
     def pull(self) -> None:
-        """Replace the model's parameters with the servers' current values."""
-        self._ensure_member()
-        self.client.pull(self._flat)
+        """Replace the model's parameters with the servers' current values (the prefetched
+        ones when a prefetch is in flight)."""
+        if self._prefetch is not None:
+            fut, self._prefetch = self._prefetch, None
+            fut.result()
+        else:
+            self._fetch()
         with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(torch.from_numpy(self._flat[name]).view(p.shape), non_blocking=False)
+            if self.cuda:
+                with torch.cuda.stream(self.copy_stream):
+                    for n, p in self.params.items():
+                        p.copy_(self.weights.tensors[n].view(p.shape), non_blocking=True)
+                self._h2d_done = self.copy_stream.record_event()
+                torch.cuda.current_stream().wait_event(self._h2d_done)
+            else:
+                for n, p in self.params.items():
+                    p.copy_(self.weights.tensors[n].view(p.shape))
+
+    def _fetch(self) -> None:
+        if self.client.expired:
+            self.client.rejoin()
+        if self._h2d_done is not None:
+            self._h2d_done.synchronize()  # the device still reads the buffers we overwrite
+        self.client.pull(self.weights.arrays)
 
     def push(self) -> bool:
-        """Push the gradients of model.parameters(); False when sync mode skipped this step
-        (it completed without us) and the next pull catches up."""
-        grads = {}
-        for name, p in self.params.items():
-            g = p.grad
-            grads[name] = (np.zeros(p.numel(), np.float32) if g is None
-                           else g.detach().to("cpu", torch.float32).numpy().reshape(-1))
+        """Push the gradients of model.parameters(); False when the step did not count (sync
+        mode completed it without us, or we had to rejoin) and the next pull catches up."""
+        stream, self._stream = self._stream, None
+        if stream is None:
+            stream = self.client.start_push()
+            for n, p in self.params.items():
+                if p.grad is not None:
+                    self._add_grad(stream, n, p.grad)
+        for n in stream.missing():  # parameters that took no part in this step's graph
+            stream.add(n, np.zeros(self.params[n].numel(), np.float32))
         try:
-            self.client.push(grads)
-            return True
+            stream.finish()
         except Aborted as exc:
             log.info("step skipped: %s", exc)
             return False
@@ -81,12 +131,37 @@ class PSClient:
             log.warning("push refused: %s", exc)
             self.client.rejoin()
             return False
+        if self.prefetch_enabled:
+            self._prefetch = self._pool.submit(self._fetch)
+        return True
 
-    def _ensure_member(self) -> None:
-        if self.client.expired:
-            self.client.rejoin()
+    def _grad_hook(self, name: str):
+        def hook(param: nn.Parameter) -> None:
+            if self._stream is None:
+                self._stream = self.client.start_push()
+            self._add_grad(self._stream, name, param.grad)
+        return hook
+
+    def _add_grad(self, stream: StreamingPush, name: str, grad: torch.Tensor) -> None:
+        if not self.cuda:
+            # the grad tensor itself: nothing writes it until the next zero_grad/backward,
+            # and push() returns only after every byte has been sent
+            stream.add(name, grad.detach().reshape(-1).to(torch.float32).numpy())
+            return
+        buf = self.grads.tensors[name]
+        self.copy_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.copy_stream):
+            buf.copy_(grad.detach().reshape(-1), non_blocking=True)
+            done = self.copy_stream.record_event()
+        # wait for the copy off the backward thread, then hand the host bytes over
+        self._pool.submit(lambda: (done.synchronize(), stream.add(name, self.grads.arrays[name])))
 
     def leave(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        if self._prefetch is not None:
+            self._prefetch.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.client.leave()
 
     # -- what the loop may want to know ----------------------------------------------------
@@ -111,7 +186,19 @@ class PSClient:
         return self.client.traffic.wire_received
 
     def __enter__(self) -> "PSClient":
+        self._previous_sigterm = None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+            # nobody handles SIGTERM: make it unwind like Ctrl-C so __exit__ leaves at once
+            # (psctl worker installs its own graceful handler and is left alone)
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
         self.leave()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -17,11 +17,13 @@ import numpy as np
 
 from pscommon import codecs, grpcutil
 from pscommon.config import CodecConfig, JobSpec
-from pscommon.errors import Aborted, FailedPrecondition, PSError, Unavailable, from_rpc_error
+from pscommon.errors import (Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument, PSError,
+                             Unavailable, from_rpc_error)
 from pscommon.security import NO_SECURITY, Security
 from pscommon.sharding import Param, ShardMap
 from pscommon.tensors import ChunkAssembler, chunk_payload
 from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tensor_pb2
+from worker.compression import ErrorFeedback
 
 log = logging.getLogger("shardps.worker")
 
@@ -47,10 +49,6 @@ class Traffic:
     wire_received: int = 0
 
 
-class Expired(PSError):
-    """The scheduler declared this worker dead (or it left): rejoin before going on."""
-
-
 class ShardClient:
     def __init__(self, cfg: ClientConfig):
         self.cfg = cfg
@@ -70,6 +68,7 @@ class ShardClient:
         self._expired = threading.Event()
         self._hb_thread: threading.Thread | None = None
         self.observer = False
+        self.compressor = ErrorFeedback()
 
     # -- membership ----------------------------------------------------------------------
     def join(self) -> None:
@@ -195,6 +194,7 @@ class ShardClient:
             scheduler_pb2.ParamSpec(name=p.name, dtype=p.dtype, shape=p.shape) for p in params])
         info = grpcutil.call(self.sched.DeclareModel, req, self.cfg.control_timeout_s)
         self.shard_map = ShardMap.from_proto(info.shard_map)
+        self.compressor.reset()  # residuals are per key; keys come from this map
         flat = {name: np.ascontiguousarray(a, dtype=np.float32).reshape(-1) for name, a in initial.items()}
         self._fan_out(lambda shard: self._declare_shard(shard, flat))
         return self.shard_map
@@ -279,27 +279,35 @@ class ShardClient:
 
         Raises Aborted in sync mode when the step completed without this worker: pull again.
         """
-        step = self.clock
-        results = self._fan_out(lambda shard: self._push_shard(shard, step, grads))
-        with self.lock:
-            self.clock = step + 1
-        return list(results.values())
+        stream = self.start_push()
+        for name, g in grads.items():
+            stream.add(name, g)
+        return stream.finish()
 
-    def _push_shard(self, shard: int, step: int, grads: dict[str, np.ndarray]) -> ps_pb2.PushReply:
-        keys = self.shard_map.keys_of(shard)
+    def start_push(self) -> "StreamingPush":
+        """A push for the current clock whose gradients arrive one parameter at a time (from
+        autograd hooks): each shard's stream starts with its first gradient."""
+        return StreamingPush(self, self.clock)
+
+    def _push_shard(self, shard: int, step: int, feed: "_Feed") -> ps_pb2.PushReply:
         codec = self.cfg.push_codec or self.job.push_codec
         header = ps_pb2.PushHeader(caller=self._caller(), shard=shard, step=step,
                                    base_version=self.shard_versions.get(shard, 0),
                                    model_fingerprint=self.shard_map.fingerprint)
         sizes = {"logical": 0, "wire": 0}
+        # each gradient is compressed once per step: a retry resends the same bytes, so the
+        # error-feedback residual is never taken twice
+        encoded: dict[str, tuple] = {}
 
         def requests():
             sizes["logical"] = sizes["wire"] = 0  # a retry sends everything again
             yield ps_pb2.PushRequest(header=header)
-            for k in keys:
-                g = grads[k.param][k.offset:k.offset + k.length]
-                meta, payload = codecs.encode(k.key, g, tensor_pb2.DTYPE_FLOAT32, codec,
-                                              self.job.small_tensor_bytes)
+            for k, g in feed:
+                if k.key not in encoded:
+                    encoded[k.key] = self.compressor.compress(
+                        k.key, g, codec, small_tensor_bytes=self.job.small_tensor_bytes,
+                        lossless=self.job.lossless)
+                meta, payload = encoded[k.key]
                 sizes["logical"] += g.nbytes
                 for chunk in chunk_payload(meta, payload):
                     sizes["wire"] += len(chunk.data)
@@ -314,6 +322,75 @@ class ShardClient:
     def _caller(self) -> ps_pb2.Caller:
         return ps_pb2.Caller(worker_id=max(self.worker_id, 0), incarnation=self.incarnation,
                              observer=self.observer)
+
+
+class _Feed:
+    """One shard's gradients for one step, in arrival order. Iterating blocks until the next
+    one arrives (or the deadline passes); each iteration starts over, so a retried stream
+    sends everything again."""
+
+    def __init__(self, expected: int, timeout_s: float):
+        self.items: list = []
+        self.expected = expected
+        self.timeout_s = timeout_s
+        self.cond = threading.Condition()
+
+    def put(self, key, grad: np.ndarray) -> None:
+        with self.cond:
+            self.items.append((key, grad))
+            self.cond.notify_all()
+
+    def __iter__(self):
+        i = 0
+        while i < self.expected:
+            with self.cond:
+                if not self.cond.wait_for(lambda: i < len(self.items), timeout=self.timeout_s):
+                    raise DeadlineExceeded(f"gradients stopped arriving: {len(self.items)} of "
+                                           f"{self.expected} after {self.timeout_s:.0f}s")
+                item = self.items[i]
+            i += 1
+            yield item
+
+
+class StreamingPush:
+    """One step's push, fed parameter by parameter; each shard's Push stream starts as soon
+    as its first gradient arrives, so sending overlaps the rest of the backward pass."""
+
+    def __init__(self, client: ShardClient, step: int):
+        self.client = client
+        self.step = step
+        smap = client.shard_map
+        self.feeds = {s: _Feed(len(smap.keys_of(s)), client.cfg.data_timeout_s)
+                      for s in range(client.job.num_servers)}
+        self.futures: dict[int, futures.Future] = {}
+        self.seen: set[str] = set()
+        self.lock = threading.Lock()
+
+    def add(self, name: str, grad: np.ndarray) -> None:
+        """Hand over parameter `name`'s flat float32 gradient (kept, not copied: don't reuse it
+        before finish() returns)."""
+        with self.lock:
+            if name in self.seen:
+                raise InvalidArgument(f"gradient for {name!r} added twice in step {self.step}")
+            self.seen.add(name)
+            for k in self.client.shard_map.keys_of_param(name):
+                self.feeds[k.shard].put(k, grad[k.offset:k.offset + k.length])
+                if k.shard not in self.futures:
+                    self.futures[k.shard] = self.client._pool.submit(
+                        self.client._push_shard, k.shard, self.step, self.feeds[k.shard])
+
+    def missing(self) -> list[str]:
+        return [p.name for p in self.client.shard_map.params if p.name not in self.seen]
+
+    def finish(self) -> list[ps_pb2.PushReply]:
+        """Wait for every shard's stream; then the clock moves to the next step."""
+        missing = self.missing()
+        if missing:
+            raise InvalidArgument(f"no gradient for parameters {missing[:5]} in step {self.step}")
+        replies = [f.result() for _, f in sorted(self.futures.items())]
+        with self.client.lock:
+            self.client.clock = self.step + 1
+        return replies
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:

@@ -18,6 +18,9 @@ class WorkerCollector:
         fam.add_metric(["received", "logical"], t.logical_received)
         fam.add_metric(["received", "wire"], t.wire_received)
         yield fam
+        enc = CounterMetricFamily("shardps_worker_encode_seconds", "Time spent compressing pushes.")
+        enc.add_metric([], c.compressor.totals().total_encode_s)
+        yield enc
         clock = GaugeMetricFamily("shardps_worker_clock", "Steps pushed (the worker's clock).")
         clock.add_metric([], c.clock)
         yield clock

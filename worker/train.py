@@ -25,23 +25,27 @@ log = logging.getLogger("shardps.worker")
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     scheduler: str
-    model: str = "digits-mlp"
+    model: str = "digits-mlp"       # built-in name or module:function
+    data: str | None = None         # module:function for a custom model's data
     steps: int = 300
     batch_size: int = 32
     seed: int = 0
     device: str = "auto"
     metrics_out: str | None = None
-    push_codec: str | None = None
+    push_codec: str | None = None   # overrides the job's push codec
+    error_feedback: bool = True     # with push_codec
     step_delay_s: float = 0.0
     progress: bool | None = None    # None: a bar when stderr is a terminal
     name: str = ""
     epochs: int = 0                 # > 0: train on leased data partitions for this many epochs
     partitions: int = 16
     options: DaemonOptions = DaemonOptions()
+    overlap: bool = False           # stream gradients from autograd hooks, prefetch pulls
 
     def __post_init__(self):
-        if self.model not in models.BUILTIN:
-            raise InvalidArgument(f"model {self.model!r} is not one of {sorted(models.BUILTIN)}")
+        if self.model not in models.BUILTIN and ":" not in self.model:
+            raise InvalidArgument(f"model {self.model!r} is not one of {sorted(models.BUILTIN)} "
+                                  "nor module:function")
         if self.steps < 1:
             raise InvalidArgument(f"steps {self.steps} must be >= 1")
         if not 1 <= self.batch_size <= 65536:
@@ -167,14 +171,15 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
     stop = stop or threading.Event()
     torch.set_num_threads(1)  # every process on the host shares its cores
     device = pick_device(cfg.device)
-    entry = models.BUILTIN[cfg.model]
-    model = models.build(cfg.model, cfg.seed).to(device)
+    entry = models.entry(cfg.model, cfg.data)
+    model = models.build(cfg.model, cfg.seed, cfg.data).to(device)
     split = entry.dataset()
     metrics = MetricsWriter(cfg.metrics_out)
     name = cfg.name or f"{os.uname().nodename}:{os.getpid()}"
     telemetry = Telemetry(cfg.options, "worker")
     with PSClient.connect(cfg.scheduler, model, name=name, push_codec=cfg.push_codec,
-                          security=cfg.options.security) as ps:
+                          error_feedback=cfg.error_feedback,
+                          overlap=cfg.overlap, security=cfg.options.security) as ps:
         telemetry.start(WorkerCollector(ps.client))
         loop = Loop(cfg, ps, model, device, split, metrics, stop)
         t0 = time.time()
@@ -192,7 +197,11 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
                        bytes_sent=ps.bytes_sent, bytes_received=ps.bytes_received,
                        logical_sent=ps.client.traffic.logical_sent,
                        logical_received=ps.client.traffic.logical_received,
-                       stopped=stop.is_set())
+                       stopped=stop.is_set(),
+                       compression={k: {"codec": v.codec, "logical_bytes": v.total_logical_bytes,
+                                        "wire_bytes": v.total_wire_bytes + v.total_header_bytes,
+                                        "encode_s": round(v.total_encode_s, 4)}
+                                    for k, v in ps.client.compressor.stats().items()})
         metrics.write(**summary)
     metrics.close()
     telemetry.stop()

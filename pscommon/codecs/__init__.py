@@ -1,51 +1,95 @@
-"""Tensor codecs, registered by the proto Codec enum, and the encode/decode entry points."""
+"""Tensor codecs, registered by the proto Codec enum, and the encode/decode entry points.
+
+encode: lossy codec (or raw for small tensors) -> optional lossless layer -> (meta, payload).
+decode: validate meta, undo the lossless layer within bounds, check the payload length against
+the codec's parameters, then decode to a dense array.
+"""
 from __future__ import annotations
 
 import numpy as np
 
+from pscommon.codecs import lossless as _lossless
 from pscommon.codecs.base import Codec
 from pscommon.codecs.bf16 import Bf16Codec
 from pscommon.codecs.fp16 import Fp16Codec
+from pscommon.codecs.int8 import Int8Codec
 from pscommon.codecs.raw import RawCodec
+from pscommon.codecs.topk import TopKCodec
 from pscommon.config import CodecConfig
 from pscommon.errors import InvalidArgument
 from pscommon.tensors import check_shape, numel, numpy_dtype
 from pscommon.wire.v1 import tensor_pb2
 
-REGISTRY: dict[int, Codec] = {c.wire: c for c in (RawCodec(), Fp16Codec(), Bf16Codec())}
+REGISTRY: dict[int, Codec] = {c.wire: c for c in (RawCodec(), Fp16Codec(), Bf16Codec(), Int8Codec(),
+                                                  TopKCodec())}
 
 RAW = CodecConfig("fp32")
+LOSSLESS_POLICIES = _lossless.POLICIES
+# Largest bytes per element any payload needs (float64/int64 raw; int8 at block size 1 is 5,
+# top-k at most 6 per kept element): bounds a lossless frame's raw size before decompressing.
+MAX_BYTES_PER_ELEMENT = 8
 
 
-def get(wire: int) -> Codec:
+def get(wire: int, name: str | None = None) -> Codec:
     try:
         return REGISTRY[wire]
     except KeyError:
-        raise InvalidArgument(f"unknown codec {wire}") from None
+        where = f"tensor {name!r}: " if name is not None else ""
+        raise InvalidArgument(f"{where}unknown codec {wire}") from None
 
 
-def encode(name: str, array: np.ndarray, wire_dtype: int, cfg: CodecConfig = RAW,
-           small_tensor_bytes: int = 0):
-    """(meta, payload) for one tensor. Tensors of at most `small_tensor_bytes` go raw."""
-    codec = REGISTRY[cfg.codec]
+def encode_codec(name: str, array: np.ndarray, wire_dtype: int, cfg: CodecConfig = RAW,
+                 small_tensor_bytes: int = 0, rng: np.random.Generator | None = None):
+    """(meta, payload) from the codec alone, before any lossless layer.
+
+    Tensors of at most `small_tensor_bytes` skip lossy codecs and go raw: their headers would
+    outweigh the savings, and biases/norms are the parameters most hurt by quantization.
+    """
+    codec = get(cfg.codec, name)
     if codec.lossy and array.nbytes <= small_tensor_bytes:
         codec = REGISTRY[tensor_pb2.CODEC_RAW]
     meta = tensor_pb2.TensorMeta(name=name, dtype=wire_dtype, shape=array.shape, codec=codec.wire)
-    payload = codec.encode(array, cfg, meta)
+    # A flat byte view whatever the codec returned: len() is then the byte count, and a view
+    # shaped like a (3, 0) array cannot be cast to bytes by memoryview.cast.
+    payload = np.frombuffer(codec.encode(array, cfg, meta, rng), dtype=np.uint8).data
     return meta, payload
+
+
+def apply_lossless(meta: tensor_pb2.TensorMeta, payload, lossless: str = "off"):
+    """The payload to send after the lossless policy; fills meta.lossless when it applies."""
+    width = REGISTRY[meta.codec].shuffle_width(meta)  # meta.codec: top-k may have gone bf16
+    return _lossless.apply(meta, payload, lossless, width)
+
+
+def encode(name: str, array: np.ndarray, wire_dtype: int, cfg: CodecConfig = RAW,
+           small_tensor_bytes: int = 0, lossless: str = "off",
+           rng: np.random.Generator | None = None):
+    """(meta, payload) for one tensor; wire bytes are len(payload).
+
+    `lossless` is 'off', 'auto' (zstd where it saves >= 10%), 'zstd' or 'lz4' (each also only
+    where it saves >= 10%). `rng` drives int8 stochastic rounding and top-k sampling.
+    """
+    _lossless.check_policy(lossless)
+    meta, payload = encode_codec(name, array, wire_dtype, cfg, small_tensor_bytes, rng)
+    return meta, apply_lossless(meta, payload, lossless)
 
 
 def decode(meta: tensor_pb2.TensorMeta, payload, max_elements: int) -> np.ndarray:
     """The dense array a payload encodes, after checking it against its metadata."""
-    numpy_dtype(meta.dtype)  # unknown dtype -> InvalidArgument
+    try:
+        numpy_dtype(meta.dtype)
+    except InvalidArgument:
+        raise InvalidArgument(f"tensor {meta.name!r}: unsupported dtype {meta.dtype}") from None
     shape = check_shape(meta.name, meta.shape)
     if numel(shape) > max_elements:
         raise InvalidArgument(f"tensor {meta.name!r}: {numel(shape)} elements exceed the cap of {max_elements}")
-    codec = get(meta.codec)
+    codec = get(meta.codec, meta.name)
     expected = codec.payload_size(meta)
-    if len(payload) != expected:
+    payload = _lossless.undo(meta, payload, expected, max_elements * MAX_BYTES_PER_ELEMENT)
+    size = memoryview(payload).nbytes
+    if size != expected:
         raise InvalidArgument(
-            f"tensor {meta.name!r}: payload of {len(payload)} bytes, expected {expected} for "
+            f"tensor {meta.name!r}: payload of {size} bytes, expected {expected} for "
             f"{tensor_pb2.Codec.Name(meta.codec)} shape {list(shape)} dtype "
             f"{tensor_pb2.DType.Name(meta.dtype)}")
     return codec.decode(meta, payload)

@@ -7,7 +7,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pscommon.errors import InvalidArgument
+
 from worker import data
+from worker.models.ctr import CTRModel, ctr_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,10 +34,25 @@ def digits_cnn() -> nn.Module:
 BUILTIN = {
     "digits-mlp": ModelEntry(digits_mlp, lambda: data.digits(image=False)),
     "digits-cnn": ModelEntry(digits_cnn, lambda: data.digits(image=True)),
+    "ctr": ModelEntry(CTRModel, ctr_data),
 }
 
 
-def build(name: str, seed: int = 0) -> nn.Module:
-    """The named model with weights drawn from `seed` (every worker draws the same)."""
+def entry(model: str, data_spec: str | None = None) -> ModelEntry:
+    """A built-in model by name, or `module:function` (with --data `module:function`)."""
+    from worker import loading
+    if model in BUILTIN and not data_spec:
+        return BUILTIN[model]
+    build_fn = BUILTIN[model].build if model in BUILTIN else (lambda: loading.build_model(model))
+    if data_spec:
+        return ModelEntry(build_fn, lambda: loading.load_data(data_spec))
+    if model not in BUILTIN:
+        raise InvalidArgument(f"--model {model!r} is not built in ({', '.join(sorted(BUILTIN))}): "
+                              "give its data with --data module:function")
+    return BUILTIN[model]
+
+
+def build(name: str, seed: int = 0, data_spec: str | None = None) -> nn.Module:
+    """The model with weights drawn from `seed` (every worker draws the same)."""
     torch.manual_seed(seed)
-    return BUILTIN[name].build()
+    return entry(name, data_spec).build()

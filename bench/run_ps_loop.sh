@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# ps-loop: shardps beside the peer baselines of ../shared/bench/peers, every preset and
+# configuration, REPS times each; JSON lines into $OUTDIR/ps_loop.jsonl, table into
+# $OUTDIR/RESULTS.md (bench/make_table.py). See bench/README.md.
+#
+# Env: OUTDIR (default bench/results), VENV (default .venv), REPS (default 2), TMO (seconds per
+# run, default 150), PEERS (the peer scripts, default ../shared/bench/peers), PRESETS (default
+# "small large"), CONFIGS (S,W pairs, default "1,1 1,2 2,2"), IMPLS (any of shardps torch_rpc
+# grpc_raw memcpy, default all), CODEC_RUNS (extra shardps runs, "PULL,PUSH" pairs such as
+# "bf16,bf16 fp32,topk:0.01"; default none), STEPS (override N for every run; quick checks
+# only, the workload's N is small 200 / large 10), APPEND=1 (keep earlier lines in the file).
+set -u
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+OUTDIR=${OUTDIR:-$root/bench/results}
+VENV=${VENV:-$root/.venv}
+PEERS=${PEERS:-$root/../shared/bench/peers}
+REPS=${REPS:-2}; TMO=${TMO:-150}
+PRESETS=${PRESETS:-small large}
+CONFIGS=${CONFIGS:-1,1 1,2 2,2}
+IMPLS=${IMPLS:-shardps torch_rpc grpc_raw memcpy}
+CODEC_RUNS=${CODEC_RUNS:-}
+STEPS=${STEPS:-}
+PY=$VENV/bin/python
+mkdir -p "$OUTDIR"
+OUT=$OUTDIR/ps_loop.jsonl; LOG=$OUTDIR/run_ps_loop.log
+[ "${APPEND:-0}" = 1 ] || : > "$OUT"
+: > "$LOG"
+
+# The peers' "+malloc" variant (glibc stops mmap/munmap-ing every multi-MB buffer).
+TUNED=(MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296)
+# Untuned runs must not inherit tuning from the caller (the Makefile exports these).
+UNTUNED=(-u MALLOC_MMAP_THRESHOLD_ -u MALLOC_TRIM_THRESHOLD_)
+# The script's own deadline stays under `timeout`'s, so a slow run reports and cleans up.
+inner_tmo=$((TMO > 20 ? TMO - 10 : TMO))
+
+want() { [[ " $IMPLS " == *" $1 "* ]]; }
+
+run() {  # run ENV-ARGS... -- SCRIPT ARGS...  -> one JSON line appended; failures on stderr and in the log
+  local envs=() t0=$SECONDS
+  while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
+  echo "### ${envs[*]} $*" >> "$LOG"
+  if env "${envs[@]}" timeout "$TMO" "$PY" "$@" --json --timeout "$inner_tmo" >> "$OUT" 2>> "$LOG"; then
+    echo "ok   $((SECONDS - t0))s  ${envs[*]} $*" >&2
+  else
+    echo "FAIL $((SECONDS - t0))s  ${envs[*]} $*  (see $LOG)" >&2
+  fi
+}
+
+for preset in $PRESETS; do
+  steps=(); [ -n "$STEPS" ] && steps=(--steps "$STEPS")
+  for rep in $(seq "$REPS"); do
+    want memcpy && run "${UNTUNED[@]}" -- "$PEERS/memcpy_limit.py" --preset "$preset"
+    for cfg in $CONFIGS; do
+      a=(--preset "$preset" --servers "${cfg%,*}" --workers "${cfg#*,}" "${steps[@]}")
+      if want shardps; then
+        run "${UNTUNED[@]}" SHARDPS_MALLOC_TUNING=1 -- bench/ps_loop.py "${a[@]}"
+        run "${UNTUNED[@]}" SHARDPS_MALLOC_TUNING=0 -- bench/ps_loop.py "${a[@]}"
+        for pair in $CODEC_RUNS; do
+          run "${UNTUNED[@]}" SHARDPS_MALLOC_TUNING=1 -- bench/ps_loop.py "${a[@]}" \
+            --pull-codec "${pair%%,*}" --push-codec "${pair#*,}"
+        done
+      fi
+      if want torch_rpc; then
+        run "${UNTUNED[@]}" -- "$PEERS/torch_rpc_ps.py" "${a[@]}" --tp auto
+        run "${UNTUNED[@]}" -- "$PEERS/torch_rpc_ps.py" "${a[@]}" --tp uv
+        run "${TUNED[@]}" -- "$PEERS/torch_rpc_ps.py" "${a[@]}" --tp uv
+      fi
+      if want grpc_raw; then
+        run "${UNTUNED[@]}" -- "$PEERS/grpc_raw_limit.py" "${a[@]}"   # both modes, [step] and [tensor]
+        run "${TUNED[@]}" -- "$PEERS/grpc_raw_limit.py" "${a[@]}"
+      fi
+    done
+  done
+done
+"$PY" bench/make_table.py "$OUT" > "$OUTDIR/RESULTS.md" && cat "$OUTDIR/RESULTS.md"

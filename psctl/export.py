@@ -1,0 +1,180 @@
+"""`psctl export`: gather every shard's parameters into one safetensors file.
+
+The file holds the model under its original parameter names and shapes (float32), so
+`model.load_state_dict(safetensors.torch.load_file(path), strict=True)` works on a fresh
+torch model. Read-only: the exporter attaches as an observer and never joins the job.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import tempfile
+import threading
+
+import numpy as np
+
+from pscommon.config import CodecConfig
+from pscommon.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from pscommon.security import NO_SECURITY, Security
+from pscommon.sharding import ShardMap
+
+# safetensors metadata is str -> str; "format": "pt" is what torch-side loaders expect.
+META_PREFIX = "shardps."
+
+
+def _one_line(text: str) -> str:
+    # psctl prints errors as one line; gRPC details can carry newlines.
+    return " ".join(str(text).split())
+
+
+class _Recorded:
+    """One parameter's flat buffer that remembers which [start, stop) ranges were written.
+
+    ShardClient.pull writes each received key as `into[param][offset:offset + length] = v`;
+    recording those writes lets export refuse to save a file with holes (a shard that did
+    not send a key would otherwise leave uninitialised memory in the tensor).
+    """
+
+    def __init__(self, numel: int, lock: threading.Lock):
+        self.array = np.empty(numel, np.float32)
+        # a set: a retried shard stream writes its keys again
+        self.written: set[tuple[int, int]] = set()
+        self._lock = lock
+
+    def __setitem__(self, index, value) -> None:
+        if not isinstance(index, slice):
+            raise TypeError(f"expected a slice, got {index!r}")
+        self.array[index] = value
+        start, stop, _ = index.indices(self.array.size)
+        with self._lock:
+            self.written.add((start, stop))
+
+
+def _check_complete(shard_map: ShardMap, buffers: dict[str, _Recorded]) -> None:
+    """Every key of the shard map arrived: otherwise name the missing keys and their shards."""
+    missing = []
+    for k in shard_map.keys:
+        if (k.offset, k.offset + k.length) not in buffers[k.param].written:
+            missing.append(f"{k.key} (shard {k.shard})")
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FailedPrecondition(f"the servers did not return every key: missing {shown}")
+    for p in shard_map.params:  # the map itself must tile each parameter exactly
+        spans = sorted(buffers[p.name].written)
+        end = 0
+        for start, stop in spans:
+            if start != end:
+                raise FailedPrecondition(f"the shard map does not tile parameter {p.name!r} "
+                                         f"(gap or overlap at element {end})")
+            end = stop
+        if end != p.numel:
+            raise FailedPrecondition(f"parameter {p.name!r}: keys cover {end} of {p.numel} elements")
+
+
+def gather(scheduler: str, timeout: float, security: Security = NO_SECURITY
+           ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The served parameters by original name and shape (float32), and metadata (all str)."""
+    from worker.client import ClientConfig, ShardClient
+
+    client = ShardClient(ClientConfig(scheduler=scheduler, control_timeout_s=timeout,
+                                      data_timeout_s=timeout, connect_timeout_s=timeout,
+                                      retry_deadline_s=timeout, security=security))
+    try:
+        try:
+            shard_map = client.attach()
+        except FailedPrecondition as exc:
+            raise FailedPrecondition(f"nothing to export from {scheduler}: no model has been declared "
+                                     f"in this job yet (a worker declares it when it starts)") from exc
+        except (Unavailable, DeadlineExceeded) as exc:
+            raise type(exc)(f"cannot reach scheduler at {scheduler}: {_one_line(exc)}") from None
+        # Waits (up to timeout) for a live server on every shard, else Unavailable naming the count.
+        client.wait_for_servers()
+        # Export the float32 master weights, not the job's (possibly lossy, bf16/fp16) pull
+        # encoding; the override only affects this observer's requests.
+        job = client.job  # the metadata describes the job as configured
+        client.job = dataclasses.replace(job, pull_codec=CodecConfig("fp32"))
+        lock = threading.Lock()
+        buffers = {p.name: _Recorded(p.numel, lock) for p in shard_map.params}
+        client.pull(buffers)
+        _check_complete(shard_map, buffers)
+        tensors = {p.name: buffers[p.name].array.reshape(p.shape) for p in shard_map.params}
+        versions = dict(sorted(client.shard_versions.items()))
+        metadata = {
+            "format": "pt",
+            META_PREFIX + "model_fingerprint": shard_map.fingerprint,
+            META_PREFIX + "shard_versions": json.dumps({str(s): v for s, v in versions.items()}),
+            META_PREFIX + "mode": job.mode,
+            META_PREFIX + "job": json.dumps(job.describe(), sort_keys=True),
+            META_PREFIX + "exported_at": datetime.datetime.now(datetime.timezone.utc)
+            .isoformat(timespec="seconds"),
+            META_PREFIX + "scheduler": scheduler,
+        }
+        return tensors, metadata
+    finally:
+        client.leave()  # an observer never joined: this only stops its thread pool
+
+
+def _open_temp(out: pathlib.Path) -> str:
+    """Create the output's parent and a temp file beside it (same filesystem: rename is atomic).
+
+    Done before contacting the cluster so a bad path fails before a large model is pulled.
+    """
+    if out.is_dir():
+        raise InvalidArgument(f"cannot write {out}: it is a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise InvalidArgument(f"cannot write {out}: {exc.strerror or exc}") from None
+    os.close(fd)
+    return tmp
+
+
+def _fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write(out: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str],
+          tmp: str | None = None) -> int:
+    """Write `tensors` to `out` atomically (temp file, fsync, rename); returns the file size."""
+    from safetensors.numpy import save_file
+
+    out = pathlib.Path(out)
+    tmp = tmp or _open_temp(out)
+    try:
+        save_file({n: np.ascontiguousarray(a, np.float32) for n, a in tensors.items()}, tmp, metadata)
+        _fsync_path(tmp)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    try:  # the rename itself survives a crash only once the directory entry is on disk
+        _fsync_path(str(out.parent))
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the data itself is synced
+    return out.stat().st_size
+
+
+def run(scheduler: str, out: str, timeout: float, security: Security = NO_SECURITY) -> int:
+    path = pathlib.Path(out)
+    tmp = _open_temp(path)
+    try:
+        tensors, metadata = gather(scheduler, timeout, security)
+        size = write(path, tensors, metadata, tmp)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    versions = json.loads(metadata[META_PREFIX + "shard_versions"])
+    print(f"{path}: {len(tensors)} tensors, {size} bytes "
+          f"(model {metadata[META_PREFIX + 'model_fingerprint']}, shard versions "
+          f"{' '.join(f'{s}:{v}' for s, v in versions.items())})", flush=True)
+    return 0

@@ -1,0 +1,66 @@
+"""Each role started by hand as its own `psctl` process (scheduler, 2 servers, 2 workers):
+while they train, `psctl status` and `psctl inspect` describe the live cluster; afterwards each
+worker's metrics file holds its step records and a final evaluation."""
+from __future__ import annotations
+
+import pytest
+
+from .helpers import MLP_PARAMS, assert_worker_metrics, inspect_json, poll, status_json, tensors_by_name
+
+STEPS = 1000          # with --step-delay, long enough to watch a few heartbeats go by
+STEP_DELAY = "0.02"
+HEARTBEAT = "3"       # workers report their clock every heartbeat_timeout / 3 = 1 s
+
+
+@pytest.mark.slow
+def test_daemons_by_hand(procs):
+    sched = procs.scheduler("--mode", "async", "--servers", "2", "--heartbeat-timeout", HEARTBEAT)
+    servers = [procs.server(sched.address, shard) for shard in range(2)]
+    workers = [procs.worker(sched.address, i, STEPS, "--step-delay", STEP_DELAY, "--seed", str(i))
+               for i in range(2)]
+
+    def alive_clocks():
+        st = status_json(sched.address)
+        alive = {w["id"]: w["clock"] for w in st["workers"] if w["state"] == "alive"}
+        return st, alive
+
+    # both workers joined and have reported progress
+    def both_training():
+        for w in workers:
+            assert w.running() or w.popen.returncode == 0, f"{w.name} failed:\n{w.log_text()[-3000:]}"
+        st, alive = alive_clocks()
+        return (st, alive) if len(alive) == 2 and all(c > 0 for c in alive.values()) else None
+    st, first = poll(both_training, 180, interval_s=0.5, what="2 alive workers with clocks > 0")
+    assert all(w.running() for w in workers), "workers finished before their clocks could be watched"
+
+    assert st["mode"] == "async"
+    assert sorted((s["shard"], s["address"], s["state"]) for s in st["servers"]) == \
+        [(i, servers[i].address, "alive") for i in range(2)]
+    assert st["keys"] == len(MLP_PARAMS)
+
+    # clocks advance while they train (reported by heartbeats)
+    def advanced():
+        _, alive = alive_clocks()
+        return alive if set(alive) == set(first) and all(alive[i] > first[i] for i in first) else None
+    later = poll(advanced, 60, interval_s=0.5, what=f"clocks to advance past {first}")
+    assert all(c <= STEPS for c in later.values())
+
+    # every parameter is on exactly one shard, being trained
+    tensors = tensors_by_name(inspect_json(sched.address))
+    assert set(tensors) == set(MLP_PARAMS)
+    for name, shape in MLP_PARAMS.items():
+        assert tensors[name]["shape"] == shape and tensors[name]["dtype"] == "float32"
+        assert tensors[name]["version"] > 0, tensors[name]
+
+    for w in workers:
+        assert w.wait(240) == 0, f"{w.name} exited {w.popen.returncode}:\n{w.log_text()[-3000:]}"
+    finals = [assert_worker_metrics(w.metrics, STEPS) for w in workers]
+    assert sorted(f["worker"] for f in finals) == sorted(first)
+    for f in finals:
+        assert f["eval_accuracy"] >= 0.9, f   # 2000 async updates of digits-mlp
+
+    st = status_json(sched.address)
+    assert {w["id"]: w["state"] for w in st["workers"]} == {i: "left" for i in first}
+    # async applies every push exactly once
+    for t in tensors_by_name(inspect_json(sched.address)).values():
+        assert t["version"] == 2 * STEPS, t

@@ -1,0 +1,109 @@
+"""pscommon.config: codec strings, the job spec's validation and its proto form."""
+from __future__ import annotations
+
+import pytest
+
+from pscommon.config import CodecConfig, JobSpec, OptimizerConfig
+from pscommon.errors import InvalidArgument
+from pscommon.wire.v1 import job_pb2, tensor_pb2
+
+
+@pytest.mark.parametrize("text, name, codec", [
+    ("fp32", "fp32", tensor_pb2.CODEC_RAW),
+    ("raw", "raw", tensor_pb2.CODEC_RAW),
+    ("fp16", "fp16", tensor_pb2.CODEC_FP16),
+    ("bf16", "bf16", tensor_pb2.CODEC_BF16),
+    (" BF16 ", "bf16", tensor_pb2.CODEC_BF16),
+    ("int8", "int8", tensor_pb2.CODEC_INT8),
+    ("topk", "topk", tensor_pb2.CODEC_TOPK),
+])
+def test_parse_plain_codec_names(text, name, codec):
+    cfg = CodecConfig.parse(text)
+    assert (cfg.name, cfg.codec) == (name, codec)
+
+
+def test_parse_int8_block_size():
+    cfg = CodecConfig.parse("int8:128")
+    assert (cfg.name, cfg.int8_block_size) == ("int8", 128)
+
+
+def test_parse_topk_density():
+    cfg = CodecConfig.parse("topk:0.01", error_feedback=False)
+    assert (cfg.name, cfg.topk_density, cfg.error_feedback) == ("topk", 0.01, False)
+    assert str(cfg) == "topk:0.01"
+
+
+@pytest.mark.parametrize("text, named", [
+    ("gzip", "'gzip'"),
+    ("", "''"),
+    ("topk:lots", "'topk:lots'"),
+    ("int8:-3", "'int8:-3'"),
+    ("int8:1.5", "'int8:1.5'"),
+    ("fp16:2", "'fp16:2'"),
+    ("topk:0", "0.0"),
+    ("topk:1.5", "1.5"),
+    ("topk:nan", "nan"),
+    ("int8:0", "block size 0"),
+    ("int8:2000000", "2000000"),
+])
+def test_parse_refuses_bad_codec_text_naming_it(text, named):
+    with pytest.raises(InvalidArgument) as exc:
+        CodecConfig.parse(text)
+    assert named in str(exc.value)
+
+
+def _full_spec(**kw) -> JobSpec:
+    fields = dict(
+        mode="ssp", staleness=3,
+        optimizer=OptimizerConfig(kind="adam", lr=3e-4, beta1=0.85, beta2=0.995, eps=1e-7,
+                                  weight_decay=0.02),
+        push_codec=CodecConfig.parse("topk:0.05", error_feedback=False),
+        pull_codec=CodecConfig.parse("bf16"),
+        lossless="zstd", heartbeat_timeout_s=2.5, num_servers=4, slice_bytes=1 << 20,
+        small_tensor_bytes=512, version=7)
+    fields.update(kw)
+    return JobSpec(**fields)
+
+
+@pytest.mark.parametrize("spec", [
+    _full_spec(),
+    _full_spec(mode="sync", staleness=0, push_codec=CodecConfig.parse("int8:64"), lossless="auto"),
+    JobSpec(),
+], ids=["ssp-topk", "sync-int8", "defaults"])
+def test_job_spec_proto_round_trip(spec):
+    wire = job_pb2.JobSpec.FromString(spec.to_proto().SerializeToString())
+    assert JobSpec.from_proto(wire) == spec
+
+
+def test_ssp_staleness_travels_in_the_proto():
+    assert _full_spec(staleness=5).to_proto().staleness == 5
+
+
+@pytest.mark.parametrize("fields, named", [
+    (dict(mode="bsp"), "'bsp'"),
+    (dict(mode="ssp", staleness=0), "staleness"),
+    (dict(mode="sync", staleness=-1), "staleness -1"),
+    (dict(pull_codec=CodecConfig.parse("int8")), "pull codec int8"),
+    (dict(pull_codec=CodecConfig.parse("topk:0.1")), "pull codec topk"),
+    (dict(heartbeat_timeout_s=0.0), "heartbeat_timeout_s"),
+    (dict(heartbeat_timeout_s=-1.0), "heartbeat_timeout_s"),
+    (dict(heartbeat_timeout_s=float("inf")), "heartbeat_timeout_s"),
+    (dict(lossless="brotli"), "'brotli'"),
+    (dict(num_servers=0), "num_servers 0"),
+    (dict(slice_bytes=512), "slice_bytes 512"),
+    (dict(small_tensor_bytes=-1), "small_tensor_bytes -1"),
+])
+def test_job_spec_validation_names_the_bad_value(fields, named):
+    with pytest.raises(InvalidArgument) as exc:
+        JobSpec(**fields)
+    assert named in str(exc.value)
+
+
+def test_job_spec_from_proto_refuses_unspecified_mode():
+    with pytest.raises(InvalidArgument, match="unknown enum value 0"):
+        JobSpec.from_proto(job_pb2.JobSpec())
+
+
+def test_describe_shows_codecs_as_text():
+    d = _full_spec().describe()
+    assert (d["mode"], d["staleness"], d["push_codec"], d["pull_codec"]) == ("ssp", 3, "topk:0.05", "bf16")
