@@ -27,6 +27,10 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     # each target gets its own TCP connection rather than sharing a global subchannel
     ("grpc.use_local_subchannel_pool", 1),
+    # reconnect quickly after an outage (gRPC's default backoff grows to 120 s, longer than a
+    # lease): a restarted scheduler or shard is found within about two seconds
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -39,14 +39,17 @@ def setup_logging(level: str = "INFO") -> None:
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
-def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 4 << 30) -> bool:
+def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 4 << 30, arena_max: int = 2) -> bool:
     """Stop glibc from mmap/munmap-ing every multi-MB buffer gRPC allocates.
 
     Same effect as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ in the environment, but set
     by the process itself so every way of starting a daemon gets it (docs/benchmarks.md has
-    the measurement). Returns False where there is no glibc.
+    the measurement). Without mmap, freed buffers stay in per-thread arenas; capping the
+    arenas keeps gRPC's many threads from each holding their own copy (peak RSS). Returns
+    False where there is no glibc.
     """
     import ctypes
     import ctypes.util
@@ -61,7 +64,8 @@ def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 4 << 30) ->
         return False
     ok_mmap = mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(min(mmap_threshold, 2**31 - 1)))
     ok_trim = mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(min(trim_threshold, 2**31 - 1)))
-    return bool(ok_mmap and ok_trim)
+    ok_arena = mallopt(_M_ARENA_MAX, ctypes.c_int(arena_max))
+    return bool(ok_mmap and ok_trim and ok_arena)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +85,14 @@ class DaemonOptions:
 class Telemetry:
     """A daemon's Prometheus registry, RPC interceptor and /metrics endpoint."""
 
-    def __init__(self, opts: DaemonOptions, role: str):
+    def __init__(self, opts: DaemonOptions, role: str, serves_rpc: bool = True):
         from prometheus_client import CollectorRegistry
 
         from pscommon.metrics import RpcMetrics
         self.opts = opts
         self.registry = CollectorRegistry()
-        self.interceptors = (RpcMetrics(self.registry, role),) if opts.metrics_port is not None else ()
+        on = opts.metrics_port is not None and serves_rpc
+        self.interceptors = (RpcMetrics(self.registry, role),) if on else ()
         self.port: int | None = None
         self._server = None
 
@@ -104,3 +109,4 @@ class Telemetry:
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
+            self._server.server_close()  # release the port: a restart in-process can bind it again

@@ -1,7 +1,7 @@
 """Tensors on the wire: dtype table, chunking of payloads, reassembly with validation.
 
 A tensor travels as TensorMeta (name, dtype, shape, codec, payload size) plus a payload cut
-into chunks of about CHUNK_BYTES: protobuf framing is cheapest around 0.5-2 MiB a message
+into chunks of CHUNK_BYTES: protobuf framing is cheapest around 0.5-2 MiB a message
 and gRPC's default receive limit is 4 MiB (see ../shared/bench/peers/README.md).
 """
 from __future__ import annotations
@@ -13,7 +13,9 @@ import numpy as np
 from pscommon.errors import InvalidArgument, ResourceExhausted
 from pscommon.wire.v1 import tensor_pb2
 
-CHUNK_BYTES = 1 << 20
+# 2 MiB: whole tensors of up to 2 MiB travel as one message and are decoded without a copy
+# (measured in docs/benchmarks.md); framing cost is still small at this size
+CHUNK_BYTES = 2 << 20
 MAX_DIMS = 8
 
 # bfloat16 has no numpy dtype: its payload is carried as the raw uint16 bit patterns.

@@ -69,16 +69,23 @@ def collect_status(address: str, timeout: float, security: Security = NO_SECURIT
                          staleness=histogram_dict(ss.staleness),
                          pull_wait_s=histogram_dict(ss.pull_wait_s),
                          push_traffic=traffic_dict(ss.push_traffic),
-                         pull_traffic=traffic_dict(ss.pull_traffic))
+                         pull_traffic=traffic_dict(ss.pull_traffic),
+                         checkpoint_age_s=round(ss.checkpoint_age_s, 2),
+                         checkpoint_version=ss.checkpoint_version)
         elif ss is not None:
             entry["error"] = str(ss)
         servers.append(entry)
     workers = [{"id": w.worker_id, "incarnation": w.incarnation, "state": STATE[w.state],
                 "clock": w.clock, "lease_age_s": round(w.lease_age_s, 2), "name": w.name}
                for w in st.workers]
+    d = st.data
+    data = {"epoch": d.epoch, "max_epochs": d.max_epochs, "partitions": d.partitions, "done": d.done,
+            "leased": d.leased, "queued": d.queued, "finished": d.finished,
+            "history": {str(r.epoch): {str(p): w for p, w in sorted(r.completed_by.items())}
+                        for r in d.history}}
     return {"epoch": st.epoch, "mode": job.mode, "job": job.describe(),
             "model_fingerprint": st.model_fingerprint, "keys": st.keys,
-            "uptime_s": round(st.uptime_s, 2), "workers": workers, "servers": servers}
+            "uptime_s": round(st.uptime_s, 2), "workers": workers, "servers": servers, "data": data}
 
 
 def _fmt_bytes(n: int) -> str:
@@ -99,6 +106,10 @@ def render_status(s: dict) -> str:
     for w in s["workers"]:
         lines.append(f"  {w['id']:>3} {w['incarnation']:>4} {w['state']:<6} {w['clock']:>7} "
                      f"{w['lease_age_s']:>8.1f}s  {w['name']}")
+    d = s["data"]
+    if d["partitions"]:
+        lines += ["", f"data: epoch {d['epoch']}/{d['max_epochs']}  partitions {d['done']} done, "
+                  f"{d['leased']} leased, {d['queued']} queued" + ("  (finished)" if d["finished"] else "")]
     lines += ["", "servers:", f"  {'shard':>5} {'state':<6} {'address':<21} {'keys':>5} {'bytes':>10} "
               f"{'version':>8} {'upd/s':>7} {'stale':>6} {'wire':>6}"]
     for v in s["servers"]:

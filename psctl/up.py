@@ -125,17 +125,22 @@ class Cluster:
         return self.spawn(f"worker-{index}", args)
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM everything still running (they drain), then SIGKILL what is left."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """SIGTERM what is still running, workers first (they leave while the servers and the
+        scheduler can still answer), then servers (final checkpoints), then the scheduler;
+        SIGKILL whatever does not drain within the grace period."""
+        tiers = [[p for n, p in self.procs.items() if n.startswith(prefix)]
+                 for prefix in ("worker", "server", "scheduler")]
+        for tier in tiers:
+            for proc in tier:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            for proc in tier:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def last_record(path: pathlib.Path) -> dict:

@@ -28,6 +28,7 @@ log = logging.getLogger("shardps.checkpoint")
 FORMAT = "shardps-shard-checkpoint/1"
 KEEP = 3
 STATE_SEP = "::"   # "<key>::<optimizer state name>" in the tensors file
+PENDING = "__pending"  # "<key>::__pending": sync mode's gradient sum of the step in progress
 
 
 @dataclasses.dataclass
@@ -119,6 +120,8 @@ class CheckpointStore:
             meta = json.loads(json_path.read_text())
         except (OSError, ValueError) as exc:
             raise FailedPrecondition(f"checkpoint {json_path} is unreadable: {exc}") from None
+        if not isinstance(meta, dict):
+            raise FailedPrecondition(f"checkpoint {json_path} is not a JSON object")
         if meta.get("format") != FORMAT:
             raise FailedPrecondition(f"checkpoint {json_path}: unknown format {meta.get('format')!r}")
         if meta.get("shard") != self.shard:
@@ -137,7 +140,7 @@ class CheckpointStore:
             return Snapshot(meta["shard"], meta["fingerprint"], meta["job"], meta["keys"],
                             {k: int(v) for k, v in meta["versions"].items()}, int(meta["shard_version"]),
                             meta["ledger"], meta["gate"], tensors)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise FailedPrecondition(f"checkpoint {json_path} is missing a field: {exc}") from None
 
     def latest(self) -> Snapshot | None:

@@ -42,6 +42,13 @@ class ServerConfig:
             raise InvalidArgument(f"checkpoint interval {self.checkpoint_every_s} must be > 0 seconds")
 
 
+def checkpoint_job(job) -> dict:
+    """The job-spec fields a checkpoint must agree on: what defines the parameters and the
+    optimizer state (not timeouts or codecs, which may change across a restart)."""
+    full = json_format.MessageToDict(job)
+    return {k: full[k] for k in ("mode", "staleness", "optimizer", "numServers", "sliceBytes") if k in full}
+
+
 class ServerProcess:
     """The running server: gRPC server + shard + background threads."""
 
@@ -77,6 +84,7 @@ class ServerProcess:
             ParameterServerServicer(self.shard, self.cfg.limits, self.checkpointer), self.grpc_server)
         if self.cfg.options.reflection:
             grpcutil.enable_reflection(self.grpc_server, [SERVICE])
+        self._initial_view()  # sync gates must know the live workers before the first push
         self.grpc_server.start()
         self.telemetry.start(ShardCollector(self.shard, self.checkpointer))
         grpcutil.set_serving(self.health, SERVICE, True)
@@ -89,8 +97,7 @@ class ServerProcess:
 
     def _restore(self, reply) -> None:
         """Adopt this shard's newest good checkpoint, if any; refuse one from another job."""
-        job_json = json_format.MessageToDict(reply.job)
-        job_json.pop("version", None)
+        job_json = checkpoint_job(reply.job)
         store = CheckpointStore(self.cfg.checkpoint_dir, reply.shard)
         self.checkpointer = Checkpointer(self.shard, store, job_json)
         snap = store.latest()
@@ -130,6 +137,21 @@ class ServerProcess:
             except PSError as exc:  # scheduler away: keep serving on the last view
                 log.debug("heartbeat failed: %s", exc)
 
+    def _adopt(self, view) -> None:
+        self.shard.set_view(view.epoch, [
+            Member(w.worker_id, w.incarnation, w.state == scheduler_pb2.MEMBER_STATE_ALIVE, w.clock)
+            for w in view.workers])
+
+    def _initial_view(self) -> None:
+        stream = self.sched.WatchMembership(scheduler_pb2.WatchMembershipRequest(after_epoch=0),
+                                            timeout=grpcutil.CONTROL_TIMEOUT_S)
+        try:
+            self._adopt(next(iter(stream)))
+        except (grpc.RpcError, StopIteration) as exc:
+            log.warning("no membership view before serving (%s); the watch stream will bring it", exc)
+        finally:
+            stream.cancel()
+
     def _watch_loop(self) -> None:
         backoff, attempt = grpcutil.Backoff(cap_s=2.0), 0
         while not self.stop.is_set():
@@ -138,9 +160,7 @@ class ServerProcess:
                     scheduler_pb2.WatchMembershipRequest(after_epoch=0), timeout=3600)
                 for view in stream:
                     attempt = 0
-                    self.shard.set_view(view.epoch, [
-                        Member(w.worker_id, w.incarnation, w.state == scheduler_pb2.MEMBER_STATE_ALIVE,
-                               w.clock) for w in view.workers])
+                    self._adopt(view)
                     if self.stop.is_set():
                         stream.cancel()
                         return

@@ -216,6 +216,8 @@ class Shard:
                 tensors[key] = e.value
                 for name, arr in e.state.items():
                     tensors[f"{key}{checkpoint.STATE_SEP}{name}"] = arr
+            for key, arr in self.gate.pending_sum.items():  # sync: the step in progress
+                tensors[f"{key}{checkpoint.STATE_SEP}{checkpoint.PENDING}"] = arr
             checkpoint.save_tensors(tensors, path)
             return checkpoint.Snapshot(
                 shard=self.shard_id, fingerprint=self.fingerprint, job=job_json,
@@ -223,7 +225,8 @@ class Shard:
                 versions={k: e.version for k, e in self.entries.items()}, shard_version=self.version,
                 ledger=ledger.to_json(self.ledger),
                 gate={"completed_step": self.gate.completed_step,
-                      "clocks": {str(w): c for w, c in self.gate.clocks.items()}},
+                      "clocks": {str(w): c for w, c in self.gate.clocks.items()},
+                      "pending_from": sorted(self.gate.pending_from)},
                 tensors={})
 
     def restore(self, snap: checkpoint.Snapshot) -> None:
@@ -250,6 +253,10 @@ class Shard:
             self.ledger = ledger.from_json(snap.ledger)
             self.gate.completed_step = int(snap.gate.get("completed_step", 0))
             self.gate.clocks = {int(w): int(c) for w, c in snap.gate.get("clocks", {}).items()}
+            self.gate.pending_from = {int(w) for w in snap.gate.get("pending_from", [])}
+            suffix = f"{checkpoint.STATE_SEP}{checkpoint.PENDING}"
+            self.gate.pending_sum = {name[:-len(suffix)]: np.array(arr, dtype=np.float32)
+                                     for name, arr in snap.tensors.items() if name.endswith(suffix)}
 
     # -- accounting ----------------------------------------------------------------------
     def count_traffic(self, table: dict[str, Traffic], key: str, logical: int, wire: int) -> None:

@@ -92,6 +92,8 @@ class SchedulerCore:
     def join_worker(self, name: str, rejoin_id: int | None) -> mb.Member:
         with self.cond:
             ms, member = mb.join_worker(self.members, self.now(), self.ttl, name, rejoin_id)
+            if rejoin_id is not None:  # the old incarnation's unfinished partitions are orphans
+                self.data = leases.release(self.data, rejoin_id)
             self._commit(ms)
             return member
 
@@ -100,9 +102,9 @@ class SchedulerCore:
             self._commit(mb.renew(self.members, member_id, incarnation, self.now(), self.ttl, clock))
             return self.members.epoch
 
-    def leave(self, member_id: int, incarnation: int) -> int:
+    def leave(self, member_id: int, incarnation: int, clock: int | None = None) -> int:
         with self.cond:
-            self._commit(mb.leave(self.members, member_id, incarnation))
+            self._commit(mb.leave(self.members, member_id, incarnation, clock))
             return self.members.epoch
 
     def reap(self) -> list[mb.Member]:

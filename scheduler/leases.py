@@ -75,6 +75,8 @@ def acquire(state: DataState, worker: int, incarnation: int) -> tuple[DataState,
 
 def complete(state: DataState, worker: int, incarnation: int, epoch: int, partition: int) -> DataState:
     """Record a finished partition; the last one of an epoch starts the next epoch."""
+    if epoch < state.epoch and state.history.get(epoch, {}).get(partition) == worker:
+        return state  # a retried completion of a finished epoch's partition (reply lost)
     if epoch != state.epoch:
         raise FailedPrecondition(f"partition {partition} of data epoch {epoch} reported during epoch {state.epoch}")
     if state.done.get(partition) == worker and partition not in state.leased:

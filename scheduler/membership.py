@@ -128,10 +128,11 @@ def renew(ms: Membership, member_id: int, incarnation: int, now: float, ttl: flo
     return _with(ms, dataclasses.replace(m, **changes), bump=False)
 
 
-def leave(ms: Membership, member_id: int, incarnation: int) -> Membership:
+def leave(ms: Membership, member_id: int, incarnation: int, clock: int | None = None) -> Membership:
     """An explicit leave: immediate, bumps the epoch."""
     m = _current(ms, member_id, incarnation)
-    return _with(ms, dataclasses.replace(m, state=LEFT), bump=True)
+    final_clock = max(m.clock, clock) if clock is not None and m.role == WORKER else m.clock
+    return _with(ms, dataclasses.replace(m, state=LEFT, clock=final_clock), bump=True)
 
 
 def expired(ms: Membership, now: float) -> list[Member]:

@@ -76,7 +76,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @servicer_errors
     def Leave(self, request, context):
-        return pb.LeaveReply(epoch=self.core.leave(request.member_id, request.incarnation))
+        clock = request.clock if request.role == pb.ROLE_WORKER else None
+        return pb.LeaveReply(epoch=self.core.leave(request.member_id, request.incarnation, clock))
 
     @servicer_errors
     def GetJob(self, request, context):

@@ -103,7 +103,7 @@ class PSClient:
 
     def _fetch(self) -> None:
         if self.client.expired:
-            self.client.rejoin()
+            self.client.rejoin(self.client.expired_incarnation)
         if self._h2d_done is not None:
             self._h2d_done.synchronize()  # the device still reads the buffers we overwrite
         self.client.pull(self.weights.arrays)
@@ -119,6 +119,7 @@ class PSClient:
                     self._add_grad(stream, n, p.grad)
         for n in stream.missing():  # parameters that took no part in this step's graph
             stream.add(n, np.zeros(self.params[n].numel(), np.float32))
+        incarnation = self.client.incarnation
         try:
             stream.finish()
         except Aborted as exc:
@@ -129,7 +130,7 @@ class PSClient:
                 raise
             # declared dead (a pause longer than the lease): come back as a new incarnation
             log.warning("push refused: %s", exc)
-            self.client.rejoin()
+            self.client.rejoin(incarnation)
             return False
         if self.prefetch_enabled:
             self._prefetch = self._pool.submit(self._fetch)

@@ -67,8 +67,10 @@ class ShardClient:
         self._stop = threading.Event()
         self._expired = threading.Event()
         self._hb_thread: threading.Thread | None = None
+        self.expired_incarnation = 0
         self.observer = False
         self.compressor = ErrorFeedback()
+        self._rejoin_lock = threading.Lock()
 
     # -- membership ----------------------------------------------------------------------
     def join(self) -> None:
@@ -93,12 +95,20 @@ class ShardClient:
                            if s.state == scheduler_pb2.MEMBER_STATE_ALIVE})
         return self.shard_map
 
-    def rejoin(self) -> None:
-        """Join again under the same id and a new incarnation (after being declared dead)."""
-        req = scheduler_pb2.JoinWorkerRequest(name=self.cfg.name, worker_id=self.worker_id)
-        reply = grpcutil.retry(lambda: grpcutil.call(self.sched.JoinWorker, req, self.cfg.control_timeout_s),
-                               self.cfg.connect_timeout_s)
-        self._adopt_lease(reply)
+    def rejoin(self, stale_incarnation: int | None = None) -> None:
+        """Join again under the same id and a new incarnation (after being declared dead).
+
+        With `stale_incarnation`, only if that is still ours: the heartbeat thread and a
+        refused push may both notice the same expiry, and one rejoin is enough.
+        """
+        with self._rejoin_lock:
+            if stale_incarnation is not None and stale_incarnation != self.incarnation:
+                return
+            req = scheduler_pb2.JoinWorkerRequest(name=self.cfg.name, worker_id=self.worker_id)
+            reply = grpcutil.retry(
+                lambda: grpcutil.call(self.sched.JoinWorker, req, self.cfg.control_timeout_s),
+                self.cfg.connect_timeout_s)
+            self._adopt_lease(reply)
         log.warning("worker %d rejoined as incarnation %d at clock %d", self.worker_id,
                     self.incarnation, self.clock)
 
@@ -112,7 +122,8 @@ class ShardClient:
             self._expired.clear()
 
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.job.heartbeat_timeout_s / 3):
+        # at least once a second: the scheduler's view of clocks (status, joiners) stays fresh
+        while not self._stop.wait(min(1.0, self.job.heartbeat_timeout_s / 3)):
             req = scheduler_pb2.HeartbeatRequest(role=scheduler_pb2.ROLE_WORKER, member_id=self.worker_id,
                                                  incarnation=self.incarnation, clock=self.clock)
             try:
@@ -120,6 +131,7 @@ class ShardClient:
             except FailedPrecondition as exc:
                 log.warning("heartbeat refused: %s", exc)
                 self._expired.set()
+                self.expired_incarnation = req.incarnation
             except PSError as exc:  # the scheduler is away: keep training on the last view
                 log.debug("heartbeat failed: %s", exc)
 
@@ -131,7 +143,7 @@ class ShardClient:
         self._stop.set()
         if self.worker_id >= 0:
             req = scheduler_pb2.LeaveRequest(role=scheduler_pb2.ROLE_WORKER, member_id=self.worker_id,
-                                             incarnation=self.incarnation)
+                                             incarnation=self.incarnation, clock=self.clock)
             try:
                 grpcutil.call(self.sched.Leave, req, self.cfg.control_timeout_s)
             except PSError as exc:
@@ -241,7 +253,10 @@ class ShardClient:
         """Fill `into` (flat float32 arrays by parameter name) with current values."""
         results = self._fan_out(lambda shard: self._pull_shard(shard, into))
         with self.lock:
-            self.clock = max([self.clock] + [next_step for _, next_step in results.values()])
+            # the smallest step any shard is on: shards learn of a joiner at slightly different
+            # times, and one may still wait for our push of a step the others finished
+            # without us (they answer that push with ABORTED, and we pull again)
+            self.clock = max(self.clock, min(next_step for _, next_step in results.values()))
             for shard, (version, _) in results.items():
                 self.shard_versions[shard] = version
 

@@ -16,8 +16,9 @@ def load_callable(spec: str, what: str):
         raise InvalidArgument(f"{what} {spec!r} is neither a built-in name nor module:function")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise InvalidArgument(f"{what} {spec!r}: cannot import module {module_name!r} ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - user code may raise anything while importing
+        raise InvalidArgument(f"{what} {spec!r}: cannot import module {module_name!r} "
+                              f"({type(exc).__name__}: {exc})") from None
     fn = getattr(module, func_name, None)
     if fn is None:
         raise InvalidArgument(f"{what} {spec!r}: module {module_name!r} has no {func_name!r}")

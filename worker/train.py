@@ -176,7 +176,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
     split = entry.dataset()
     metrics = MetricsWriter(cfg.metrics_out)
     name = cfg.name or f"{os.uname().nodename}:{os.getpid()}"
-    telemetry = Telemetry(cfg.options, "worker")
+    telemetry = Telemetry(cfg.options, "worker", serves_rpc=False)
     with PSClient.connect(cfg.scheduler, model, name=name, push_codec=cfg.push_codec,
                           error_feedback=cfg.error_feedback,
                           overlap=cfg.overlap, security=cfg.options.security) as ps:

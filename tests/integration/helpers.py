@@ -1,9 +1,10 @@
 """Helpers for the integration tier: real `psctl` processes (fresh interpreters, never forks
 of pytest).
 
-`Procs` (the `procs` fixture in conftest.py) starts daemons and CLI commands as subprocesses with their logs under
-tmp_path, waits for ready files with a deadline, and at teardown SIGTERMs then SIGKILLs every
-process group it started (a `psctl up` takes its own children with it), pass or fail.
+`Procs` (the `procs` fixture in conftest.py) starts daemons and CLI commands as subprocesses,
+each in its own session with its log under tmp_path, waits for ready files with a deadline,
+and at teardown SIGTERMs then SIGKILLs every process group it started (so a `psctl up` takes
+its own children with it), pass or fail.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import sys
 import time
 
 import pytest
-
 
 READY_TIMEOUT_S = 120.0   # a daemon imports grpc (and a worker torch) on a busy 2-core box
 CLI_TIMEOUT_S = 120.0     # one short CLI call (status, inspect)

@@ -50,7 +50,8 @@ def test_sync_barrier_releases_after_kill(procs):
         st = status_json(sched.address)
         states = {m["id"]: m for m in st["workers"]}
         return st if states[victim_member["id"]]["state"] == "dead" else None
-    dead = poll(victim_dead, HEARTBEAT_S + RELEASE_SLACK_S, interval_s=0.5, what="the killed worker to be dead")
+    dead = poll(victim_dead, HEARTBEAT_S + RELEASE_SLACK_S, interval_s=0.5,
+                what="the killed worker to be dead")
     assert dead["epoch"] > before["epoch"]
     at_death = {m["id"]: m["clock"] for m in dead["workers"] if m["id"] != victim_member["id"]}
 

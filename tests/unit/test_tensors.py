@@ -54,9 +54,10 @@ def test_bfloat16_bit_patterns_survive_including_nan_and_inf():
 def test_tensor_above_four_mib_travels_in_several_ordered_chunks():
     array = _sample(tensor_pb2.DTYPE_FLOAT32, (5 << 18) + 3)  # just over 5 MiB
     chunks, meta, out = _round_trip("big", array, tensor_pb2.DTYPE_FLOAT32)
-    assert len(chunks) == 6
+    n = -(-array.nbytes // CHUNK_BYTES)  # ceil: every chunk full but the last
+    assert n >= 3 and len(chunks) == n
     assert chunks[0].HasField("meta") and not any(c.HasField("meta") for c in chunks[1:])
-    assert [c.offset for c in chunks] == [i * CHUNK_BYTES for i in range(6)]
+    assert [c.offset for c in chunks] == [i * CHUNK_BYTES for i in range(n)]
     assert meta.payload_size == array.nbytes
     np.testing.assert_array_equal(out, array)
 

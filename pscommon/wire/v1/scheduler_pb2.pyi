@@ -110,14 +110,16 @@ class HeartbeatReply(_message.Message):
     def __init__(self, epoch: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("role", "member_id", "incarnation")
+    __slots__ = ("role", "member_id", "incarnation", "clock")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
     role: Role
     member_id: int
     incarnation: int
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., member_id: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
+    clock: int
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., member_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ...) -> None: ...
 
 class LeaveReply(_message.Message):
     __slots__ = ("epoch",)

@@ -1,0 +1,362 @@
+"""psserver.checkpoint: shard checkpoints written to and read from real files in tmp_path,
+through a real psserver.shard.Shard (no network). Corruption is made by editing the files
+the way a crash or a bad disk would."""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import numpy as np
+import pytest
+from google.protobuf import json_format
+from safetensors.numpy import load_file
+
+from pscommon import sharding
+from pscommon.config import JobSpec, OptimizerConfig
+from pscommon.errors import FailedPrecondition
+from pscommon.wire.v1 import tensor_pb2
+from psserver import checkpoint
+from psserver.checkpoint import KEEP, Checkpointer, CheckpointStore
+from psserver.shard import Member, Shard
+
+F32 = tensor_pb2.DTYPE_FLOAT32
+SHAPES = {"layer.weight": (40, 25), "layer.bias": (25,), "head.weight": (25, 3)}
+WORKERS = (1, 2)
+INCARNATION = 4
+
+
+def _job(mode: str = "async") -> JobSpec:
+    # slice_bytes at its minimum, so layer.weight (4000 bytes) is cut into several keys
+    return JobSpec(mode=mode, optimizer=OptimizerConfig(kind="adam", lr=0.01), slice_bytes=1024)
+
+
+def _job_json(job: JobSpec) -> dict:
+    data = json_format.MessageToDict(job.to_proto())
+    data.pop("version", None)
+    return data
+
+
+def _smap(job: JobSpec) -> sharding.ShardMap:
+    return sharding.build([sharding.Param(n, F32, s) for n, s in SHAPES.items()], 1, job.slice_bytes)
+
+
+def _fresh(job: JobSpec) -> Shard:
+    shard = Shard(0, job)
+    shard.set_view(1, [Member(w, INCARNATION, True, 0) for w in WORKERS])
+    return shard
+
+
+def _declared(job: JobSpec) -> tuple[Shard, sharding.ShardMap]:
+    smap = _smap(job)
+    assert len(smap.keys_of_param("layer.weight")) > 1
+    rng = np.random.default_rng(0)
+    shard = _fresh(job)
+    shard.declare(smap.fingerprint, smap.keys_of(0),
+                  {k.key: rng.standard_normal(k.length).astype(np.float32) for k in smap.keys_of(0)})
+    return shard, smap
+
+
+def _grads(smap: sharding.ShardMap, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k.key: rng.standard_normal(k.length).astype(np.float32) for k in smap.keys_of(0)}
+
+
+def _train(shard: Shard, smap: sharding.ShardMap, steps: range) -> None:
+    """Every worker pushes each step (sync completes one step per round; async applies each)."""
+    for step in steps:
+        for w in WORKERS:
+            _, dup, _ = shard.push(w, INCARNATION, step, shard.version, _grads(smap, step * 10 + w))
+            assert not dup
+
+
+def _state(shard: Shard) -> dict:
+    """Everything a checkpoint must bring back, in comparable form."""
+    return {
+        "fingerprint": shard.fingerprint,
+        "specs": {k: e.spec for k, e in shard.entries.items()},
+        "values": {k: e.value.tobytes() for k, e in shard.entries.items()},
+        "optimizer": {k: {n: a.tobytes() for n, a in e.state.items()} for k, e in shard.entries.items()},
+        "versions": {k: e.version for k, e in shard.entries.items()},
+        "shard_version": shard.version,
+        "ledger": dict(shard.ledger),
+        "completed_step": shard.gate.completed_step,
+        "clocks": dict(shard.gate.clocks),
+    }
+
+
+def _store_and_writer(tmp_path, shard: Shard, job: JobSpec, now=None):
+    store = CheckpointStore(tmp_path, 0)
+    kwargs = {"now": now} if now else {}
+    return store, Checkpointer(shard, store, _job_json(job), **kwargs)
+
+
+# -- the round trip --------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_write_latest_restore_round_trip(tmp_path, mode):
+    job = _job(mode)
+    shard, smap = _declared(job)
+    _train(shard, smap, range(3))
+    before = _state(shard)
+    assert before["shard_version"] == (3 if mode == "sync" else 6)
+    assert any(np.any(a != 0) for e in shard.entries.values() for a in e.state.values())  # adam moved
+    if mode == "sync":
+        assert before["completed_step"] == 3
+
+    clock = [100.0]
+    store, writer = _store_and_writer(tmp_path, shard, job, now=lambda: clock[0])
+    assert writer.age_s() == -1.0 and writer.due()
+    path = writer.write()
+    assert path.name == "ckpt-00000001.json" and path.exists()
+    assert writer.last_version == shard.version and not writer.due()
+    clock[0] += 5.0
+    assert writer.age_s() == 5.0
+
+    snap = store.latest()
+    assert snap is not None and snap.shard == 0 and snap.job == _job_json(job)
+    restored = _fresh(job)
+    restored.restore(snap)
+    assert _state(restored) == before
+
+    # the ledger came back: a retried push of the last step is a duplicate, not applied again
+    version, dup, _ = restored.push(1, INCARNATION, 2, restored.version, _grads(smap, 999))
+    assert dup and version == before["shard_version"] and _state(restored)["values"] == before["values"]
+    # ... and an older incarnation of a known worker is refused
+    with pytest.raises(FailedPrecondition):
+        restored.push(1, INCARNATION - 1, 3, restored.version, _grads(smap, 999))
+
+    # the restored shard continues exactly as the original would (same adam state and steps)
+    _train(shard, smap, range(3, 5))
+    _train(restored, smap, range(3, 5))
+    assert _state(restored) == _state(shard)
+    assert writer.due()
+
+
+def test_restore_refuses_another_shards_checkpoint(tmp_path):
+    job = _job()
+    shard, smap = _declared(job)
+    _train(shard, smap, range(1))
+    store, writer = _store_and_writer(tmp_path, shard, job)
+    writer.write()
+    other = Shard(1, job)
+    with pytest.raises(FailedPrecondition, match="shard 0"):
+        other.restore(store.latest())
+    # the files of shard 0 are not even visible to shard 1's store
+    assert CheckpointStore(tmp_path, 1).latest() is None
+
+
+def test_sync_checkpoint_in_the_middle_of_a_step_keeps_the_pending_pushes(tmp_path):
+    job = _job("sync")
+    shard, smap = _declared(job)
+    _train(shard, smap, range(2))
+    shard.push(1, INCARNATION, 2, shard.version, _grads(smap, 21))   # worker 2 has not pushed yet
+    store, writer = _store_and_writer(tmp_path, shard, job)
+    writer.write()
+    restored = _fresh(job)
+    restored.restore(store.latest())
+    # worker 1 retries (its reply was lost): acknowledged as a duplicate
+    assert restored.push(1, INCARNATION, 2, restored.version, _grads(smap, 21))[1]
+    # worker 2 pushes: step 2 completes with both contributions, as on the original shard
+    shard.push(2, INCARNATION, 2, shard.version, _grads(smap, 22))
+    restored.push(2, INCARNATION, 2, restored.version, _grads(smap, 22))
+    assert restored.gate.completed_step == shard.gate.completed_step == 3
+    assert _state(restored) == _state(shard)
+
+
+# -- corruption ------------------------------------------------------------------------------
+def _two_checkpoints(tmp_path):
+    """Checkpoint 1 at one version, checkpoint 2 at a later one; returns (store, v1, state1)."""
+    job = _job()
+    shard, smap = _declared(job)
+    _train(shard, smap, range(2))
+    store, writer = _store_and_writer(tmp_path, shard, job)
+    writer.write()
+    first = _state(shard)
+    _train(shard, smap, range(2, 4))
+    writer.write()
+    assert store.load(2).shard_version == shard.version > first["shard_version"]
+    return store, job, first
+
+
+def _meta(store, seq):
+    return json.loads((store.dir / f"ckpt-{seq:08d}.json").read_text())
+
+
+def _set_meta(store, seq, meta):
+    (store.dir / f"ckpt-{seq:08d}.json").write_text(json.dumps(meta))
+
+
+def _truncate(store):
+    p = store.dir / "ckpt-00000002.safetensors"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _flip_byte(store):
+    p = store.dir / "ckpt-00000002.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-7] ^= 0x01                       # one bit of one parameter value
+    p.write_bytes(bytes(data))
+
+
+def _delete_tensors(store):
+    (store.dir / "ckpt-00000002.safetensors").unlink()
+
+
+def _garbage_json(store):
+    (store.dir / "ckpt-00000002.json").write_bytes(b"\x00\x13{not json at all")
+
+
+def _truncated_json(store):
+    p = store.dir / "ckpt-00000002.json"
+    p.write_text(p.read_text()[:-40])
+
+
+def _wrong_format(store):
+    _set_meta(store, 2, {**_meta(store, 2), "format": "someone-elses-checkpoint/9"})
+
+
+def _wrong_shard(store):
+    _set_meta(store, 2, {**_meta(store, 2), "shard": 3})
+
+
+def _missing_field(store):
+    meta = _meta(store, 2)
+    del meta["ledger"]
+    _set_meta(store, 2, meta)
+
+
+def _not_safetensors(store):
+    # a tensors file whose hash matches the sidecar but whose content is not safetensors
+    p = store.dir / "ckpt-00000002.safetensors"
+    p.write_bytes(b"\xff" * 64)
+    _set_meta(store, 2, {**_meta(store, 2), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()})
+
+
+CORRUPTIONS = [
+    (_truncate, r"ckpt-00000002\.safetensors is corrupt \(sha256 mismatch\)"),
+    (_flip_byte, r"ckpt-00000002\.safetensors is corrupt \(sha256 mismatch\)"),
+    (_delete_tensors, r"tensors file ckpt-00000002\.safetensors is missing"),
+    (_garbage_json, r"ckpt-00000002\.json is unreadable"),
+    (_truncated_json, r"ckpt-00000002\.json is unreadable"),
+    (_wrong_format, r"unknown format 'someone-elses-checkpoint/9'"),
+    (_wrong_shard, r"is of shard 3, not 0"),
+    (_missing_field, r"ckpt-00000002\.json is missing a field: 'ledger'"),
+    (_not_safetensors, r"ckpt-00000002\.safetensors cannot be parsed"),
+]
+
+
+@pytest.mark.parametrize("corrupt, message", CORRUPTIONS, ids=[c.__name__.strip("_") for c, _ in CORRUPTIONS])
+def test_a_corrupt_newest_checkpoint_is_refused_and_the_previous_one_used(tmp_path, corrupt, message, caplog):
+    store, job, first = _two_checkpoints(tmp_path)
+    corrupt(store)
+    with pytest.raises(FailedPrecondition, match=message):
+        store.load(2)
+    snap = store.latest()
+    assert snap is not None and snap.shard_version == first["shard_version"]
+    restored = _fresh(job)
+    restored.restore(snap)
+    assert _state(restored) == first
+    assert any("ckpt-00000002" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
+@pytest.mark.parametrize("body", ["[1, 2, 3]", "42"])
+def test_a_sidecar_that_is_json_but_not_an_object_is_refused(tmp_path, body):
+    store, _, first = _two_checkpoints(tmp_path)
+    (store.dir / "ckpt-00000002.json").write_text(body)
+    with pytest.raises(FailedPrecondition):
+        store.load(2)
+    assert store.latest().shard_version == first["shard_version"]
+
+
+def test_when_every_checkpoint_is_corrupt_latest_is_none(tmp_path):
+    store, _, _ = _two_checkpoints(tmp_path)
+    _truncate(store)
+    (store.dir / "ckpt-00000001.json").write_text("{")
+    assert store.latest() is None
+
+
+def test_writing_after_a_corrupt_checkpoint_moves_on(tmp_path):
+    store, job, _ = _two_checkpoints(tmp_path)
+    _flip_byte(store)
+    shard, smap = _declared(job)
+    _train(shard, smap, range(5))
+    path = Checkpointer(shard, store, _job_json(job)).write()
+    assert path.name == "ckpt-00000003.json"
+    assert store.latest().shard_version == shard.version
+
+
+def test_leftovers_of_a_crash_mid_write_are_never_loaded(tmp_path):
+    job = _job()
+    shard, smap = _declared(job)
+    _train(shard, smap, range(1))
+    store, writer = _store_and_writer(tmp_path, shard, job)
+    writer.write()
+    good = _state(shard)
+    good_tensors = (store.dir / "ckpt-00000001.safetensors").read_bytes()
+    # a crash while writing checkpoint 9's tensors: only the temporary file exists
+    (store.dir / ".ckpt-00000009.safetensors.tmp").write_bytes(good_tensors[:100])
+    # a crash after the tensors were renamed but before the JSON was: no commit marker
+    (store.dir / "ckpt-00000008.safetensors").write_bytes(good_tensors)
+    # a crash while writing checkpoint 10's JSON
+    (store.dir / ".ckpt-00000010.json.tmp").write_text(json.dumps(_meta(store, 1))[:50])
+    snap = store.latest()
+    assert snap is not None and snap.shard_version == good["shard_version"]
+    restored = _fresh(job)
+    restored.restore(snap)
+    assert _state(restored) == good
+    # the next checkpoint is numbered after the last committed one
+    _train(shard, smap, range(1, 2))
+    assert writer.write().name == "ckpt-00000002.json"
+    assert store.latest().shard_version == shard.version
+
+
+def test_only_keep_checkpoints_are_kept(tmp_path):
+    job = _job()
+    shard, smap = _declared(job)
+    store, writer = _store_and_writer(tmp_path, shard, job)
+    versions = []
+    for step in range(KEEP + 3):
+        _train(shard, smap, range(step, step + 1))
+        writer.write()
+        versions.append(shard.version)
+    newest = list(range(4, KEEP + 4))
+    assert sorted(p.name for p in store.dir.glob("ckpt-*.json")) == [f"ckpt-{s:08d}.json" for s in newest]
+    assert sorted(p.name for p in store.dir.glob("ckpt-*.safetensors")) == \
+        [f"ckpt-{s:08d}.safetensors" for s in newest]
+    assert [store.load(s).shard_version for s in newest] == versions[-KEEP:]
+    assert store.latest().shard_version == versions[-1]
+
+
+def test_the_tensors_file_is_plain_safetensors_without_pickle(tmp_path):
+    job = _job()
+    shard, smap = _declared(job)
+    _train(shard, smap, range(2))
+    store, writer = _store_and_writer(tmp_path, shard, job)
+    json_path = writer.write()
+    meta = json.loads(json_path.read_text())
+    assert meta["format"] == checkpoint.FORMAT
+    tensors_path = store.dir / meta["tensors_file"]
+    raw = tensors_path.read_bytes()
+    assert meta["sha256"] == hashlib.sha256(raw).hexdigest()
+
+    # safetensors layout: u64 header length, a JSON header, then nothing but raw tensor bytes
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + header_len])
+    header.pop("__metadata__", None)
+    assert all(h["dtype"] == "F32" for h in header.values())
+    data_bytes = sum(h["data_offsets"][1] - h["data_offsets"][0] for h in header.values())
+    assert len(raw) == 8 + header_len + data_bytes
+    assert b"\x80\x04\x95" not in raw[:8 + header_len] and b"numpy.core" not in raw
+
+    loaded = load_file(str(tensors_path))
+    expected = {}
+    for key, e in shard.entries.items():
+        expected[key] = e.value
+        for name, arr in e.state.items():
+            expected[f"{key}{checkpoint.STATE_SEP}{name}"] = arr
+    assert set(loaded) == set(expected)
+    assert {n.split(checkpoint.STATE_SEP)[1] for n in loaded if checkpoint.STATE_SEP in n} == \
+        {"exp_avg", "exp_avg_sq"}
+    for name, arr in expected.items():
+        assert loaded[name].dtype == np.float32
+        np.testing.assert_array_equal(loaded[name], arr)
