@@ -50,10 +50,58 @@ def channel(address: str, security: Security = NO_SECURITY) -> grpc.Channel:
     return secure_channel(address, security, CHANNEL_OPTIONS)
 
 
+class _Undecodable:
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class MalformedRequests(grpc.ServerInterceptor):
+    """Request bytes that do not parse as the method's message get INVALID_ARGUMENT (gRPC
+    itself would answer INTERNAL): the parse error travels to the handler as a value, and
+    the handler's wrapper aborts with it."""
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def lenient(data):
+            try:
+                return parse(data)
+            except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+                return _Undecodable(exc)
+
+        def check(request, context):
+            if isinstance(request, _Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"malformed {details.method} request: {request.error}")
+            return request
+
+        def checked(requests, context):
+            for r in requests:
+                yield check(r, context)
+
+        if handler.unary_unary or handler.unary_stream:
+            fn = handler.unary_unary or handler.unary_stream
+            make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
+                    else grpc.unary_stream_rpc_method_handler)
+            wrapped = lambda req, ctx: fn(check(req, ctx), ctx)  # noqa: E731
+        else:
+            fn = handler.stream_unary or handler.stream_stream
+            make = (grpc.stream_unary_rpc_method_handler if handler.stream_unary
+                    else grpc.stream_stream_rpc_method_handler)
+            wrapped = lambda reqs, ctx: fn(checked(reqs, ctx), ctx)  # noqa: E731
+        return make(wrapped, request_deserializer=lenient, response_serializer=handler.response_serializer)
+
+
 def make_server(max_workers: int = 16, security: Security = NO_SECURITY,
                 interceptors: tuple = ()) -> grpc.Server:
-    """A gRPC server; authentication runs before every other interceptor."""
-    chain = server_interceptors(security) + list(interceptors)
+    """A gRPC server; authentication runs before every other interceptor, then requests that
+    do not parse are refused."""
+    chain = server_interceptors(security) + [MalformedRequests()] + list(interceptors)
     return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
                        options=SERVER_OPTIONS, maximum_concurrent_rpcs=256, interceptors=chain)
 

@@ -127,6 +127,8 @@ def build_parser() -> Parser:
     p.add_argument("--model", default="digits-mlp", help="digits-mlp, digits-cnn, ctr, or module:function")
     p.add_argument("--data", default=None, help="module:function returning the data of a custom --model")
     p.add_argument("--overlap", action="store_true", help="push gradients during backward, prefetch pulls")
+    p.add_argument("--min-workers", type=int, default=0, help="wait until this many workers are alive "
+                   "before the first step")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -225,7 +227,8 @@ def _run_worker(a) -> int:
                       push_codec=a.push_codec and str(CodecConfig.parse(a.push_codec)),
                       error_feedback=not a.no_error_feedback,
                       step_delay_s=a.step_delay, progress=False if a.no_progress else None,
-                      epochs=a.epochs, partitions=a.partitions, options=options_from_args(a))
+                      epochs=a.epochs, partitions=a.partitions, options=options_from_args(a),
+                      min_workers=a.min_workers)
     train(cfg, stop)
     return 0
 

@@ -114,12 +114,14 @@ class Cluster:
                           "--shard-id", str(shard), "--ready-file", str(ready)])
         return self.wait_ready(name, ready)
 
-    def start_worker(self, index: int, cfg: UpConfig) -> subprocess.Popen:
+    def start_worker(self, index: int, cfg: UpConfig, min_workers: int = 0) -> subprocess.Popen:
         args = ["worker", "--scheduler", self.scheduler_address, "--model", cfg.model,
                 "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed),
                 "--metrics-out", str(self.run_dir / f"worker-{index}.jsonl"), "--no-progress"]
         if cfg.epochs:
             args += ["--epochs", str(cfg.epochs)]
+        if min_workers:
+            args += ["--min-workers", str(min_workers)]
         if index == 0 and cfg.straggler_delay_s:
             args += ["--step-delay", str(cfg.straggler_delay_s)]
         return self.spawn(f"worker-{index}", args)
@@ -212,7 +214,8 @@ def run(cfg: UpConfig) -> int:
         say(f"scheduler  {address}  (logs in {run_dir})")
         for shard in range(cfg.job.num_servers):
             say(f"server {shard}   {cluster.start_server(shard)}")
-        workers = [cluster.start_worker(i, cfg) for i in range(cfg.workers)]
+        # the first workers start together: a sync job's early steps then average them all
+        workers = [cluster.start_worker(i, cfg, min_workers=cfg.workers) for i in range(cfg.workers)]
         say(f"{cfg.workers} workers training {cfg.model} for "
             f"{f'{cfg.epochs} epochs' if cfg.epochs else f'{cfg.steps} steps'}, mode {cfg.job.mode}")
         killed = churn_and_wait(cluster, workers, cfg, say)

@@ -14,7 +14,7 @@ from pscommon.errors import FailedPrecondition, InvalidArgument, servicer_errors
 from pscommon.grpcutil import DATA_TIMEOUT_S
 from pscommon.sharding import Key
 from pscommon.codecs.bf16 import from_bf16_bits
-from pscommon.tensors import ChunkAssembler, check_shape, chunk_payload, numel
+from pscommon.tensors import FLOAT_DTYPES, ChunkAssembler, check_shape, chunk_payload, numel
 from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 from psserver.shard import Shard
 
@@ -34,6 +34,9 @@ class Limits:
 
 def _as_float32(meta: tensor_pb2.TensorMeta, value: np.ndarray) -> np.ndarray:
     """Values and gradients are floating: bf16 arrives as bit patterns, integers are refused."""
+    if meta.dtype not in FLOAT_DTYPES:
+        raise InvalidArgument(f"tensor {meta.name!r}: dtype {tensor_pb2.DType.Name(meta.dtype)} is not "
+                              "floating; parameters and gradients are float tensors")
     if meta.dtype == tensor_pb2.DTYPE_BFLOAT16 and value.dtype == np.uint16:
         return from_bf16_bits(value)
     if value.dtype.kind != "f":
@@ -59,6 +62,10 @@ def _first_header(requests, kind: str):
     if first.WhichOneof("body") != "header":
         raise InvalidArgument(f"{kind} stream must start with a header, got {first.WhichOneof('body')}")
     return first.header
+
+
+# pulls of at most this many parameter bytes are copied under one lock acquisition
+SNAPSHOT_BYTES = 8 << 20
 
 
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
@@ -132,14 +139,25 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         version, next_step, waited = self.shard.wait_pull(
             request.caller.worker_id, request.caller.incarnation, request.step, wait_budget,
             observer=request.caller.observer)
-        yield ps_pb2.PullResponse(header=ps_pb2.PullHeader(
-            shard_version=version, wait_s=waited, next_step=next_step))
         small, lossless = self.shard.job.small_tensor_bytes, self.shard.job.lossless
-        for key in keys:
-            def encode(value, key=key):
-                meta, payload = codecs.encode(key, value, tensor_pb2.DTYPE_FLOAT32, cfg, small, lossless)
-                return list(chunk_payload(meta, payload))
-            chunks = self.shard.read(key, encode)
+
+        def encode(key, value):
+            meta, payload = codecs.encode(key, value, tensor_pb2.DTYPE_FLOAT32, cfg, small, lossless)
+            return list(chunk_payload(meta, payload))
+
+        if self.shard.nbytes_of(keys) <= SNAPSHOT_BYTES:
+            # small reads are one consistent snapshot: every key and the header's version
+            # from the same moment (so staleness is measured exactly)
+            version, encoded = self.shard.read_many(keys, encode)
+            yield ps_pb2.PullResponse(header=ps_pb2.PullHeader(
+                shard_version=version, wait_s=waited, next_step=next_step))
+        else:
+            # large reads go key by key, bounding memory to one key's copy; async readers of a
+            # busy shard may see keys from neighbouring versions (as in any Hogwild-style PS)
+            yield ps_pb2.PullResponse(header=ps_pb2.PullHeader(
+                shard_version=version, wait_s=waited, next_step=next_step))
+            encoded = ((key, self.shard.read(key, lambda value, key=key: encode(key, value))) for key in keys)
+        for key, chunks in encoded:
             self.shard.count_traffic(self.shard.pull_traffic, key,
                                      self.shard.entries[key].value.nbytes, chunks[0].meta.payload_size)
             for chunk in chunks:

@@ -161,6 +161,14 @@ class Shard:
             raise NotFound(f"keys not on shard {self.shard_id}: {missing[:5]}")
         return list(names)
 
+    def nbytes_of(self, keys: list[str]) -> int:
+        return sum(self.entries[k].value.nbytes for k in keys)
+
+    def read_many(self, keys: list[str], encode: Callable[[str, np.ndarray], object]):
+        """(shard_version, [(key, encode(key, value))]) all under one lock acquisition."""
+        with self.cond:
+            return self.version, [(k, encode(k, self.entries[k].value)) for k in keys]
+
     def read(self, key: str, encode: Callable[[np.ndarray], object]):
         """Run `encode` on a key's current value under the lock (a consistent slice)."""
         with self.cond:

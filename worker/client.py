@@ -17,8 +17,8 @@ import numpy as np
 
 from pscommon import codecs, grpcutil
 from pscommon.config import CodecConfig, JobSpec
-from pscommon.errors import (Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument, PSError,
-                             Unavailable, from_rpc_error)
+from pscommon.errors import (Aborted, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
+                             PSError, Unavailable, from_rpc_error)
 from pscommon.security import NO_SECURITY, Security
 from pscommon.sharding import Param, ShardMap
 from pscommon.tensors import ChunkAssembler, chunk_payload
@@ -38,6 +38,7 @@ class ClientConfig:
     connect_timeout_s: float = 120.0          # waiting for the scheduler and all servers
     retry_deadline_s: float = 120.0           # retrying one pull/push on a retryable error
     max_tensor_bytes: int = 64 << 20
+    pull_streams: int = 2                     # concurrent Pull streams per shard
     security: Security = NO_SECURITY
 
 
@@ -179,6 +180,16 @@ class ShardClient:
             self._set_servers(alive)
         grpcutil.retry(ready, self.cfg.connect_timeout_s, backoff=grpcutil.Backoff(0.05, 0.5))
 
+    def wait_for_workers(self, n: int) -> None:
+        """Block until at least `n` workers are alive (a start gate, so a sync job's first
+        steps are not taken by whoever connected first)."""
+        def ready():
+            st = grpcutil.call(self.sched.Status, scheduler_pb2.StatusRequest(), self.cfg.control_timeout_s)
+            alive = sum(1 for w in st.workers if w.state == scheduler_pb2.MEMBER_STATE_ALIVE)
+            if alive < n:
+                raise Unavailable(f"{alive} of {n} workers alive")
+        grpcutil.retry(ready, self.cfg.connect_timeout_s, backoff=grpcutil.Backoff(0.05, 0.5))
+
     def _set_servers(self, addresses: dict[int, str]) -> None:
         with self.lock:
             for shard, address in addresses.items():
@@ -250,25 +261,46 @@ class ShardClient:
         return {s: f.result() for s, f in futs.items()}
 
     def pull(self, into: dict[str, np.ndarray]) -> None:
-        """Fill `into` (flat float32 arrays by parameter name) with current values."""
-        results = self._fan_out(lambda shard: self._pull_shard(shard, into))
+        """Fill `into` (flat float32 arrays by parameter name) with current values.
+
+        Each shard's keys are read over up to `pull_streams` concurrent streams: reads are
+        idempotent, and several streams keep the server's threads and the TCP connection busy
+        where one stream would serialize encode, send and decode.
+        """
+        tasks = [(shard, group) for shard in range(self.job.num_servers)
+                 for group in self._pull_groups(shard)]
+        futs = [self._pool.submit(self._pull_keys, shard, group, into) for shard, group in tasks]
+        results: dict[int, list[tuple[int, int]]] = {}
+        for (shard, _), fut in zip(tasks, futs):
+            results.setdefault(shard, []).append(fut.result())
         with self.lock:
             # the smallest step any shard is on: shards learn of a joiner at slightly different
             # times, and one may still wait for our push of a step the others finished
             # without us (they answer that push with ABORTED, and we pull again)
-            self.clock = max(self.clock, min(next_step for _, next_step in results.values()))
-            for shard, (version, _) in results.items():
-                self.shard_versions[shard] = version
+            self.clock = max(self.clock, min(step for rs in results.values() for _, step in rs))
+            for shard, rs in results.items():
+                self.shard_versions[shard] = min(version for version, _ in rs)
 
-    def _pull_shard(self, shard: int, into: dict[str, np.ndarray]) -> tuple[int, int]:
-        keys = {k.key: k for k in self.shard_map.keys_of(shard)}
-        req = ps_pb2.PullRequest(caller=self._caller(), shard=shard, step=self.clock,
+    def _pull_groups(self, shard: int) -> list[list]:
+        """The shard's keys in at most `pull_streams` groups of about equal bytes."""
+        keys = sorted(self.shard_map.keys_of(shard), key=lambda k: (-k.nbytes, k.key))
+        n = max(1, min(self.cfg.pull_streams, len(keys)))
+        groups, loads = [[] for _ in range(n)], [0] * n
+        for k in keys:
+            i = loads.index(min(loads))
+            groups[i].append(k)
+            loads[i] += k.nbytes
+        return groups
+
+    def _pull_keys(self, shard: int, group: list, into: dict[str, np.ndarray]) -> tuple[int, int]:
+        keys = {k.key: k for k in group}
+        req = ps_pb2.PullRequest(caller=self._caller(), shard=shard, step=self.clock, keys=list(keys),
                                  codec=self.job.pull_codec.to_proto(),
                                  model_fingerprint=self.shard_map.fingerprint)
 
         def once(stub):
             asm = ChunkAssembler(self.cfg.max_tensor_bytes, 1 << 62)
-            header, logical, wire = None, 0, 0
+            header, logical, wire, seen = None, 0, 0, set()
             for resp in stub.Pull(req, timeout=self.cfg.data_timeout_s):
                 if resp.WhichOneof("body") == "header":
                     header = resp.header
@@ -277,12 +309,17 @@ class ShardClient:
                 if done is None:
                     continue
                 meta, payload = done
-                k = keys[meta.name]
+                k = keys.get(meta.name)
+                if k is None or meta.name in seen:
+                    raise Internal(f"shard {shard} sent key {meta.name!r} unasked or twice")
                 value = codecs.decode(meta, payload, k.length)
                 into[k.param][k.offset:k.offset + k.length] = value.reshape(-1)
+                seen.add(meta.name)
                 logical += k.length * 4
                 wire += len(payload)
             asm.finish()
+            if header is None or len(seen) != len(keys):
+                raise Internal(f"shard {shard} answered a pull with {len(seen)} of {len(keys)} keys")
             with self.lock:
                 self.traffic.logical_received += logical
                 self.traffic.wire_received += wire

@@ -41,6 +41,7 @@ class TrainConfig:
     partitions: int = 16
     options: DaemonOptions = DaemonOptions()
     overlap: bool = False           # stream gradients from autograd hooks, prefetch pulls
+    min_workers: int = 0            # wait until this many workers are alive before step 0
 
     def __post_init__(self):
         if self.model not in models.BUILTIN and ":" not in self.model:
@@ -166,6 +167,24 @@ def partition_batches(n: int, partitions: int, epoch: int, partition: int, batch
     return list(torch.split(part, batch_size))
 
 
+def check_fits(model, split: data.Split, device, cfg: TrainConfig) -> None:
+    """One forward and loss on two samples: a model that cannot train on the data is a
+    usage error, reported in one line before anything joins the job."""
+    idx = torch.arange(min(2, len(split.x_train)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            F.cross_entropy(model(split.x_train[idx].to(device)), split.y_train[idx].to(device))
+    except Exception as exc:  # noqa: BLE001 - user model/data: one line, not a traceback
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise InvalidArgument(f"--model {cfg.model!r} cannot train on "
+                              f"{'--data ' + repr(cfg.data) if cfg.data else 'its data'}: "
+                              f"{type(exc).__name__}: {first}") from None
+    finally:
+        model.train(was_training)
+
+
 def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
     """Train until `cfg.steps` steps are pushed (or `stop` is set); returns a summary."""
     stop = stop or threading.Event()
@@ -174,6 +193,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
     entry = models.entry(cfg.model, cfg.data)
     model = models.build(cfg.model, cfg.seed, cfg.data).to(device)
     split = entry.dataset()
+    check_fits(model, split, device, cfg)  # before joining: a mismatch must not fix the job's model
     metrics = MetricsWriter(cfg.metrics_out)
     name = cfg.name or f"{os.uname().nodename}:{os.getpid()}"
     telemetry = Telemetry(cfg.options, "worker", serves_rpc=False)
@@ -181,6 +201,9 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
                           error_feedback=cfg.error_feedback,
                           overlap=cfg.overlap, security=cfg.options.security) as ps:
         telemetry.start(WorkerCollector(ps.client))
+        if cfg.min_workers > 1:
+            ps.client.wait_for_workers(cfg.min_workers)
+            ps.pull()  # the others may have declared first: start from the common weights
         loop = Loop(cfg, ps, model, device, split, metrics, stop)
         t0 = time.time()
         if cfg.epochs:
@@ -189,7 +212,8 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
             loop.run_steps()
         if loop.bar:
             loop.bar.close()
-        ps.pull()
+        if not stop.is_set():  # when stopping, the servers may be gone: evaluate what we have
+            ps.pull()
         acc = data.accuracy(model, split.x_test, split.y_test)
         done, skipped, loss = loop.done, loop.skipped, loop.loss
         summary = dict(worker=ps.worker_id, steps=done, skipped=skipped, final_loss=round(loss, 5),

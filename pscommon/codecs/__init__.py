@@ -81,8 +81,10 @@ def decode(meta: tensor_pb2.TensorMeta, payload, max_elements: int) -> np.ndarra
     except InvalidArgument:
         raise InvalidArgument(f"tensor {meta.name!r}: unsupported dtype {meta.dtype}") from None
     shape = check_shape(meta.name, meta.shape)
-    if numel(shape) > max_elements:
-        raise InvalidArgument(f"tensor {meta.name!r}: {numel(shape)} elements exceed the cap of {max_elements}")
+    # zero dimensions count as 1: an empty tensor shaped [0, 2**62] is no less absurd
+    if numel(max(d, 1) for d in shape) > max_elements:
+        raise InvalidArgument(f"tensor {meta.name!r}: shape {list(shape)} ({numel(shape)} elements) "
+                              f"exceeds the cap of {max_elements} elements")
     codec = get(meta.codec, meta.name)
     expected = codec.payload_size(meta)
     payload = _lossless.undo(meta, payload, expected, max_elements * MAX_BYTES_PER_ELEMENT)

@@ -86,3 +86,12 @@ def test_module_failing_at_import_exits_2(tmp_path, monkeypatch):
     r = run_psctl("worker", "--scheduler", "127.0.0.1:1", "--steps", "5", "--no-progress",
                   "--model", "shardps_broken_user_module:build", "--data", f"{FIX}:load", timeout=60)
     assert_one_line_exit_2(r, "shardps_broken_user_module", "CUDA_VISIBLE_DEVICES")
+
+
+def test_model_data_mismatch_exits_2_before_joining(daemons):
+    # digits-cnn wants 1x8x8 images; the fixture's data are 16 features
+    r = run_psctl("worker", "--scheduler", daemons.address, "--steps", "5", "--no-progress",
+                  "--model", "digits-cnn", "--data", f"{FIX}:load", timeout=120)
+    assert_one_line_exit_2(r, "digits-cnn")
+    st = status_json(daemons.address)
+    assert st["workers"] == [] and not st.get("keys"), "the worker joined (and declared) before failing"

@@ -33,8 +33,8 @@ FIX = "tests.fixtures.byo_models"
 
 # -- helpers ---------------------------------------------------------------------------------
 def scheduler_status(address: str) -> spb.StatusReply:
-    stub = scheduler_pb2_grpc.SchedulerStub(grpcutil.channel(address))
-    return stub.Status(spb.StatusRequest(), timeout=TIMEOUT_S)
+    with grpcutil.channel(address) as ch:
+        return scheduler_pb2_grpc.SchedulerStub(ch).Status(spb.StatusRequest(), timeout=TIMEOUT_S)
 
 
 def worker_state(address: str, worker_id: int) -> int | None:
@@ -155,7 +155,9 @@ def run_workers(job: JobSpec, cluster, n_workers: int, overlap: bool):
     params = server_params(c)
     # the observer read over the wire agrees with the shards' memory
     served = attached_params(c.address)
-    smap = ShardClient(ClientConfig(scheduler=c.address)).attach()
+    reader = ShardClient(ClientConfig(scheduler=c.address))
+    smap = reader.attach()
+    reader.leave()
     for k in smap.keys:
         np.testing.assert_array_equal(params[k.key], served[k.param][k.offset:k.offset + k.length])
     return params, smap
@@ -393,9 +395,6 @@ def test_byo_model_trains_through_train(cluster, tmp_path, torch_threads):
     assert sum(srv.shard.version for srv in c.servers) == 2 * 60
 
 
-@pytest.mark.xfail(strict=True, reason="worker.train connects (joins, declares the model) before the model "
-                   "ever sees the data: a model/data mismatch fails at the first forward with a raw "
-                   "RuntimeError, after it has fixed the job's parameter set")
 def test_model_data_mismatch_fails_before_joining(cluster, torch_threads):
     from worker.train import TrainConfig, train
     c = cluster(JobSpec())
