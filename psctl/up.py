@@ -193,8 +193,8 @@ def churn_and_wait(cluster: Cluster, workers: list, cfg: UpConfig, say) -> set[i
             elif action == "add":
                 workers.append(cluster.start_worker(len(workers), cfg))
                 say(f"churn: started worker {len(workers) - 1} at {now - start:.1f}s")
-        if not any(w.poll() is None for w in workers) and pending:
-            break  # everyone finished before the remaining events
+        if not any(w.poll() is None for w in workers) and not any(a == "add" for a, _ in pending):
+            break  # everyone finished (or was killed) and nothing is left to start
         time.sleep(0.05)
     for w in workers:
         w.wait()

@@ -106,7 +106,16 @@ class PSClient:
             self.client.rejoin(self.client.expired_incarnation)
         if self._h2d_done is not None:
             self._h2d_done.synchronize()  # the device still reads the buffers we overwrite
-        self.client.pull(self.weights.arrays)
+        incarnation = self.client.incarnation
+        try:
+            self.client.pull(self.weights.arrays)
+        except FailedPrecondition as exc:
+            if "rejoin" not in str(exc):
+                raise
+            # declared dead while waiting at the gate (a pause past the lease): rejoin, read again
+            log.warning("pull refused: %s", exc)
+            self.client.rejoin(incarnation)
+            self.client.pull(self.weights.arrays)
 
     def push(self) -> bool:
         """Push the gradients of model.parameters(); False when the step did not count (sync

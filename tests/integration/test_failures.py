@@ -123,7 +123,8 @@ def test_scheduler_killed_and_restarted(procs):
     def trained_on():
         check_running(workers)
         return all(step_count(w) >= at_crash[w.name] + 10 for w in workers)
-    poll(trained_on, 60, interval_s=0.2, what=f"10 more steps per worker while the scheduler is down ({at_crash})")
+    poll(trained_on, 60, interval_s=0.2,
+         what=f"10 more steps per worker while the scheduler is down ({at_crash})")
     assert all(w.running() for w in workers), "a worker finished while the scheduler was down"
 
     # the same address, the same state

@@ -68,8 +68,10 @@ class Worker:
     them), on numpy parameters."""
 
     def __init__(self, scheduler: str, name: str, push_codec: CodecConfig | None = None):
+        # one Pull stream per shard, so the server's per-RPC pull counters equal the pulls made
         self.client = ShardClient(ClientConfig(scheduler=scheduler, name=name, push_codec=push_codec,
-                                               retry_deadline_s=TIMEOUT_S, connect_timeout_s=TIMEOUT_S))
+                                               retry_deadline_s=TIMEOUT_S, connect_timeout_s=TIMEOUT_S,
+                                               pull_streams=1))
         self.client.join()
         self.client.wait_for_servers()
         rng = np.random.default_rng(0)
