@@ -6,7 +6,8 @@ and gRPC's default receive limit is 4 MiB (see ../shared/bench/peers/README.md).
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+import dataclasses
+from typing import Iterable, Iterator, Union
 
 import numpy as np
 
@@ -89,6 +90,23 @@ def chunk_payload(meta: tensor_pb2.TensorMeta, payload, chunk_bytes: int = CHUNK
             yield tensor_pb2.TensorChunk(offset=offset, data=piece)
 
 
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """What a TensorChunk carries, with `data` a view of the received message rather than
+    protobuf's copy of it (see pscommon.framing). `meta` is None after a tensor's first chunk."""
+
+    meta: tensor_pb2.TensorMeta | None
+    offset: int
+    data: bytes | memoryview
+
+    @classmethod
+    def of(cls, chunk: tensor_pb2.TensorChunk) -> "Frame":
+        return cls(chunk.meta if chunk.HasField("meta") else None, chunk.offset, chunk.data)
+
+
+Chunk = Union[Frame, tensor_pb2.TensorChunk]
+
+
 class ChunkAssembler:
     """Reassembles a stream of TensorChunks into (meta, payload) pairs, refusing bad order.
 
@@ -104,9 +122,11 @@ class ChunkAssembler:
         self._buf: bytearray | None = None
         self._filled = 0
 
-    def add(self, chunk: tensor_pb2.TensorChunk):
+    def add(self, chunk: Chunk):
         """Feed one chunk; returns (meta, payload) when it completes a tensor, else None."""
-        if chunk.HasField("meta"):
+        if not isinstance(chunk, Frame):
+            chunk = Frame.of(chunk)
+        if chunk.meta is not None:
             return self._start(chunk)
         if self._meta is None:
             raise InvalidArgument("chunk without tensor metadata: a tensor's first chunk must carry meta")
@@ -167,7 +187,7 @@ class ChunkAssembler:
                 f"{self._meta.payload_size} bytes")
 
 
-def assemble(chunks: Iterable[tensor_pb2.TensorChunk], max_tensor_bytes: int,
+def assemble(chunks: Iterable[Chunk], max_tensor_bytes: int,
              max_total_bytes: int) -> Iterator[tuple[tensor_pb2.TensorMeta, bytes]]:
     asm = ChunkAssembler(max_tensor_bytes, max_total_bytes)
     for chunk in chunks:

@@ -6,7 +6,6 @@ A bad flag or an unreachable address is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import threading

@@ -9,11 +9,11 @@ import threading
 import grpc
 from google.protobuf import json_format
 
-from pscommon import grpcutil
+from pscommon import framing, grpcutil
 from pscommon.config import JobSpec
 from pscommon.errors import FailedPrecondition, InvalidArgument, PSError, from_rpc_error
 from pscommon.lifecycle import DaemonOptions, Telemetry, write_ready_file
-from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from pscommon.wire.v1 import ps_pb2, scheduler_pb2, scheduler_pb2_grpc
 from psserver.checkpoint import Checkpointer, CheckpointStore
 from psserver.metrics import ShardCollector
 from psserver.servicer import Limits, ParameterServerServicer
@@ -80,7 +80,7 @@ class ServerProcess:
         self.shard = Shard(reply.shard, job)
         if self.cfg.checkpoint_dir:
             self._restore(reply)
-        ps_pb2_grpc.add_ParameterServerServicer_to_server(
+        framing.add_parameter_server(
             ParameterServerServicer(self.shard, self.cfg.limits, self.checkpointer), self.grpc_server)
         if self.cfg.options.reflection:
             grpcutil.enable_reflection(self.grpc_server, [SERVICE])

@@ -14,7 +14,8 @@ from pscommon.errors import FailedPrecondition, InvalidArgument, servicer_errors
 from pscommon.grpcutil import DATA_TIMEOUT_S
 from pscommon.sharding import Key
 from pscommon.codecs.bf16 import from_bf16_bits
-from pscommon.tensors import FLOAT_DTYPES, ChunkAssembler, check_shape, chunk_payload, numel
+from pscommon.framing import body_of, chunk_frames, chunk_of
+from pscommon.tensors import FLOAT_DTYPES, ChunkAssembler, check_shape, numel
 from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 from psserver.shard import Shard
 
@@ -59,8 +60,8 @@ def _first_header(requests, kind: str):
         first = next(requests)
     except StopIteration:
         raise InvalidArgument(f"empty {kind} stream: the first message must be a header") from None
-    if first.WhichOneof("body") != "header":
-        raise InvalidArgument(f"{kind} stream must start with a header, got {first.WhichOneof('body')}")
+    if body_of(first) != "header":
+        raise InvalidArgument(f"{kind} stream must start with a header, got {body_of(first)}")
     return first.header
 
 
@@ -75,15 +76,21 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.checkpointer = checkpointer
 
     # -- helpers -------------------------------------------------------------------------
-    def _tensors(self, requests, kind: str):
-        """Decode the chunk messages after a header into {name: array}, all validated."""
+    def _tensors(self, requests, kind: str, own: bool = False):
+        """Decode the chunk messages after a header into {name: array}, all validated.
+
+        own=True copies each array as it arrives, so its received bytes are freed at once
+        rather than held beside the copies until the stream ends (a Declare's values become
+        the shard's storage; a Push's gradients are only read).
+        """
         asm = ChunkAssembler(self.limits.max_tensor_bytes, self.limits.max_transfer_bytes)
         out: dict[str, np.ndarray] = {}
         wire: dict[str, int] = {}
         for req in requests:
-            if req.WhichOneof("body") != "chunk":
+            chunk = chunk_of(req)
+            if chunk is None:
                 raise InvalidArgument(f"{kind} stream: a second header after the first")
-            done = asm.add(req.chunk)
+            done = asm.add(chunk)
             if done is None:
                 continue
             meta, payload = done
@@ -91,7 +98,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 raise InvalidArgument(f"tensor {meta.name!r} sent twice in one {kind}")
             if len(out) >= self.limits.max_keys_per_call:
                 raise InvalidArgument(f"more than {self.limits.max_keys_per_call} tensors in one {kind}")
-            out[meta.name] = _as_float32(meta, codecs.decode(meta, payload, self.limits.max_elements))
+            value = _as_float32(meta, codecs.decode(meta, payload, self.limits.max_elements))
+            out[meta.name] = np.array(value, dtype=np.float32) if own else value
             wire[meta.name] = len(payload)
         asm.finish()
         return out, wire
@@ -120,7 +128,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             _check_key_spec(k)
         if len({k.key for k in keys}) != len(keys):
             raise InvalidArgument("Declare header lists a key twice")
-        values, _ = self._tensors(request_iterator, "Declare")
+        values, _ = self._tensors(request_iterator, "Declare", own=True)
         created, existing = self.shard.declare(header.model_fingerprint, keys, values)
         return ps_pb2.DeclareReply(created=created, existing=existing)
 
@@ -142,8 +150,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         small, lossless = self.shard.job.small_tensor_bytes, self.shard.job.lossless
 
         def encode(key, value):
+            # the frames copy the value: taken under the shard's lock, they are a consistent read
             meta, payload = codecs.encode(key, value, tensor_pb2.DTYPE_FLOAT32, cfg, small, lossless)
-            return list(chunk_payload(meta, payload))
+            return meta, list(chunk_frames(meta, payload))
 
         if self.shard.nbytes_of(keys) <= SNAPSHOT_BYTES:
             # small reads are one consistent snapshot: every key and the header's version
@@ -157,11 +166,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             yield ps_pb2.PullResponse(header=ps_pb2.PullHeader(
                 shard_version=version, wait_s=waited, next_step=next_step))
             encoded = ((key, self.shard.read(key, lambda value, key=key: encode(key, value))) for key in keys)
-        for key, chunks in encoded:
+        for key, (meta, frames) in encoded:
             self.shard.count_traffic(self.shard.pull_traffic, key,
-                                     self.shard.entries[key].value.nbytes, chunks[0].meta.payload_size)
-            for chunk in chunks:
-                yield ps_pb2.PullResponse(chunk=chunk)
+                                     self.shard.entries[key].value.nbytes, meta.payload_size)
+            yield from frames
 
     @servicer_errors
     def Push(self, request_iterator, context):

@@ -66,7 +66,11 @@ class Shard:
 
     # -- declaration -------------------------------------------------------------------
     def declare(self, fingerprint: str, keys: list[Key], values: dict[str, np.ndarray]) -> tuple[int, int]:
-        """Create missing keys with their initial values; existing ones keep theirs."""
+        """Create missing keys with their initial values; existing ones keep theirs.
+
+        The shard takes `values` over: arrays that own writable float32 data become its
+        storage without a copy, so the caller must not use them afterwards.
+        """
         for k in keys:
             if k.shard != self.shard_id:
                 raise InvalidArgument(f"key {k.key!r} belongs to shard {k.shard}, this is shard {self.shard_id}")
@@ -89,7 +93,8 @@ class Shard:
             created = 0
             for k in keys:
                 if k.key not in self.entries:
-                    value = np.array(values[k.key], dtype=np.float32, copy=True).reshape(-1)
+                    # an array that owns writable float32 data is adopted, not copied again
+                    value = np.require(values[k.key], np.float32, ["C", "W", "O"]).reshape(-1)
                     self.entries[k.key] = Entry(k, value, self.optimizer.init_state(k.length))
                     created += 1
             self.fingerprint = fingerprint

@@ -6,7 +6,7 @@ import time
 import grpc
 import pytest
 
-from pscommon import grpcutil
+from pscommon import framing, grpcutil
 from pscommon.config import JobSpec
 from pscommon.wire.v1 import ps_pb2_grpc
 from psserver.servicer import Limits, ParameterServerServicer
@@ -31,8 +31,7 @@ class ShardServer:
     def __init__(self, job: JobSpec, shard_id: int = 0, limits: Limits = Limits()):
         self.shard = Shard(shard_id, job)
         self.server = grpcutil.make_server()
-        ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(self.shard, limits),
-                                                          self.server)
+        framing.add_parameter_server(ParameterServerServicer(self.shard, limits), self.server)
         self.address = grpcutil.bind(self.server, "127.0.0.1:0")
         self.server.start()
         self.channel = grpcutil.channel(self.address)

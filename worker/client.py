@@ -21,7 +21,8 @@ from pscommon.errors import (Aborted, DeadlineExceeded, FailedPrecondition, Inte
                              PSError, Unavailable, from_rpc_error)
 from pscommon.security import NO_SECURITY, Security
 from pscommon.sharding import Param, ShardMap
-from pscommon.tensors import ChunkAssembler, chunk_payload
+from pscommon.framing import chunk_frames, chunk_of, parameter_server_stub
+from pscommon.tensors import ChunkAssembler
 from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tensor_pb2
 from worker.compression import ErrorFeedback
 
@@ -195,8 +196,8 @@ class ShardClient:
             for shard, address in addresses.items():
                 current = self._stubs.get(shard)
                 if current is None or current[0] != address:
-                    self._stubs[shard] = (address, ps_pb2_grpc.ParameterServerStub(
-                    grpcutil.channel(address, self.cfg.security)))
+                    self._stubs[shard] = (address, parameter_server_stub(
+                        grpcutil.channel(address, self.cfg.security)))
 
     def _refresh_servers(self) -> None:
         try:
@@ -232,8 +233,7 @@ class ShardClient:
             for k in keys:
                 value = flat[k.param][k.offset:k.offset + k.length]
                 meta, payload = codecs.encode(k.key, value, tensor_pb2.DTYPE_FLOAT32)
-                for chunk in chunk_payload(meta, payload):
-                    yield ps_pb2.DeclareRequest(chunk=chunk)
+                yield from chunk_frames(meta, payload)
         self._with_retry(shard, lambda stub: stub.Declare(requests(), timeout=self.cfg.data_timeout_s))
 
     # -- data path -------------------------------------------------------------------------
@@ -302,10 +302,11 @@ class ShardClient:
             asm = ChunkAssembler(self.cfg.max_tensor_bytes, 1 << 62)
             header, logical, wire, seen = None, 0, 0, set()
             for resp in stub.Pull(req, timeout=self.cfg.data_timeout_s):
-                if resp.WhichOneof("body") == "header":
+                chunk = chunk_of(resp)
+                if chunk is None:
                     header = resp.header
                     continue
-                done = asm.add(resp.chunk)
+                done = asm.add(chunk)
                 if done is None:
                     continue
                 meta, payload = done
@@ -361,9 +362,8 @@ class ShardClient:
                         lossless=self.job.lossless)
                 meta, payload = encoded[k.key]
                 sizes["logical"] += g.nbytes
-                for chunk in chunk_payload(meta, payload):
-                    sizes["wire"] += len(chunk.data)
-                    yield ps_pb2.PushRequest(chunk=chunk)
+                sizes["wire"] += memoryview(payload).nbytes
+                yield from chunk_frames(meta, payload)
 
         reply = self._with_retry(shard, lambda stub: stub.Push(requests(), timeout=self.cfg.data_timeout_s))
         with self.lock:

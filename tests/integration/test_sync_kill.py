@@ -2,7 +2,6 @@
 barrier stops waiting for it and the other two workers finish their steps."""
 from __future__ import annotations
 
-import os
 
 import pytest
 

@@ -15,13 +15,6 @@ SERVERS = 2
 UP_TIMEOUT_S = 90       # psctl up gives up (exit != 0) after this; the test waits a bit longer
 WAIT_S = 280            # below pytest-timeout's 300 s, so a hang is reported with its logs
 
-SYNC_JOIN_BUG = (
-    "bug: sync deadlocks when a worker joins while others train on 2+ shards. The shards learn "
-    "of the joiner at slightly different times, so one completes step t without it while another "
-    "waits for its push of step t; the joiner's first pull sets its clock to the MAX next_step "
-    "over shards (t+1, worker/client.py ShardClient.pull) and its pull for t+1 then waits on the "
-    "shard that waits for it. A race: about half the runs hang (fix: take the MIN)")
-
 # mode, extra flags, steps per worker: the fewest steps that clear the bar with a margin
 # (sync averages the three workers' gradients into one update per step, so it needs more steps)
 MODES = [

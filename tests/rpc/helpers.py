@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from pscommon import codecs, grpcutil, sharding
+from pscommon import codecs, framing, grpcutil, sharding
 from pscommon.config import JobSpec
 from pscommon.tensors import ChunkAssembler, chunk_payload
 from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
@@ -172,8 +172,7 @@ class LocalShard:
     def __init__(self, job: JobSpec, shard_id: int = 0, limits: Limits = Limits()):
         self.shard = Shard(shard_id, job)
         self.server = grpcutil.make_server()
-        ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(self.shard, limits),
-                                                          self.server)
+        framing.add_parameter_server(ParameterServerServicer(self.shard, limits), self.server)
         self.address = grpcutil.bind(self.server, "127.0.0.1:0")
         self.server.start()
         self.channel = grpcutil.channel(self.address)

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from pscommon import codecs, grpcutil
+from pscommon import codecs, framing, grpcutil
 from pscommon.config import JobSpec, OptimizerConfig
 from pscommon.errors import InvalidArgument
 from pscommon.faults import FaultCounts, FaultInjector, FaultPlan
@@ -34,7 +34,7 @@ class FaultyShard:
         self.faults = FaultInjector(plan)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="rpc"),
                                   interceptors=[self.faults], options=grpcutil.SERVER_OPTIONS)
-        ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(self.shard), self.server)
+        framing.add_parameter_server(ParameterServerServicer(self.shard), self.server)
         self.address = grpcutil.bind(self.server, "127.0.0.1:0")
         self.server.start()
         self.channel = grpcutil.channel(self.address)

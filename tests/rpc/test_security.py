@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pscommon import codecs, grpcutil
+from pscommon import codecs, framing, grpcutil
 from pscommon.config import JobSpec
 from pscommon.errors import InvalidArgument
 from pscommon.security import (Security, TLSConfig, TOKEN_METADATA_KEY, TokenAuthInterceptor,
@@ -114,7 +114,7 @@ class SecureShard:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="rpc"),
                                   interceptors=server_interceptors(security),
                                   options=grpcutil.SERVER_OPTIONS)
-        ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterServerServicer(self.shard), self.server)
+        framing.add_parameter_server(ParameterServerServicer(self.shard), self.server)
         grpcutil.set_serving(grpcutil.add_health(self.server), "pscommon.wire.v1.ParameterServer", True)
         self.address = f"127.0.0.1:{add_port(self.server, '127.0.0.1:0', security)}"
         self.server.start()
