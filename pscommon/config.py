@@ -59,6 +59,10 @@ class OptimizerConfig:
     def __post_init__(self):
         if self.kind not in OPTIMIZERS:
             raise InvalidArgument(f"optimizer {self.kind!r} is not one of {sorted(OPTIMIZERS)}")
+        if self.kind == "momentum" and self.momentum == 0.0:
+            # "momentum" is SGD with momentum: a zero would make it plain SGD, so it means the
+            # usual 0.9, set here so that status and checks see the value that is applied
+            object.__setattr__(self, "momentum", 0.9)
         _finite_nonneg("lr", self.lr, positive=True)
         for field in ("weight_decay", "momentum", "dampening", "eps", "lr_decay",
                       "initial_accumulator_value"):

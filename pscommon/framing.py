@@ -34,6 +34,7 @@ def _field_number(message, name: str) -> int:
 def _chunk_field() -> int:
     numbers = {_field_number(m, "chunk") for m in (ps_pb2.PushRequest, ps_pb2.PullResponse,
                                                    ps_pb2.DeclareRequest)}
+    numbers |= {_field_number(m, "chunks") for m in (ps_pb2.PushBatchRequest, ps_pb2.PullBatchReply)}
     if len(numbers) != 1:  # the .proto changed: frames would no longer parse as all three
         raise RuntimeError(f"the data-plane envelopes disagree on the chunk field: {numbers}")
     return numbers.pop()
@@ -53,6 +54,8 @@ _META_KEY = _field_number(tensor_pb2.TensorChunk, "meta") << 3 | _LEN
 _OFFSET_KEY = _field_number(tensor_pb2.TensorChunk, "offset") << 3  # a varint
 _DATA_KEY = _field_number(tensor_pb2.TensorChunk, "data") << 3 | _LEN
 _CHUNK_TAG = _varint(_chunk_field() << 3 | _LEN)
+# Transfers up to this size go as one PullBatch/PushBatch message; larger ones stream frames.
+BATCH_BYTES = 1 << 20
 _DATA_TAG = _varint(_DATA_KEY)
 
 
@@ -80,6 +83,12 @@ def chunk_frames(meta: tensor_pb2.TensorMeta, payload, chunk_bytes: int = CHUNK_
         yield frame(None, offset, view[offset:offset + chunk_bytes])
 
 
+def batch(envelope, frames: list[bytes]) -> bytes:
+    """A serialized PushBatchRequest or PullBatchReply: `envelope` (holding the header), then
+    the frames, which encode its repeated `chunks` as they encode an envelope's `chunk`."""
+    return b"".join([envelope.SerializeToString(), *frames])
+
+
 def serialize(message) -> bytes:
     """gRPC serializer for the data-plane methods: frames as they are, messages serialized."""
     if isinstance(message, bytes):
@@ -88,13 +97,16 @@ def serialize(message) -> bytes:
 
 
 def parameter_server_stub(channel):
-    """A ParameterServer stub whose uploads (Declare, Push) take frames as well as messages
-    and whose Pull yields Frames for chunks; the other methods are the generated stub's."""
+    """A ParameterServer stub whose uploads (Declare, Push, PushBatch) take frames and
+    batches as well as messages and whose Pull yields Frames for chunks; the other methods
+    are the generated stub's."""
     stub = ps_pb2_grpc.ParameterServerStub(channel)
     path = f"/{_SERVICE.full_name}/"
     for name, reply in (("Declare", ps_pb2.DeclareReply), ("Push", ps_pb2.PushReply)):
         setattr(stub, name, channel.stream_unary(path + name, request_serializer=serialize,
                                                  response_deserializer=reply.FromString))
+    stub.PushBatch = channel.unary_unary(path + "PushBatch", request_serializer=serialize,
+                                         response_deserializer=ps_pb2.PushReply.FromString)
     stub.Pull = channel.unary_stream(path + "Pull", request_serializer=serialize,
                                      response_deserializer=deserializer(ps_pb2.PullResponse))
     return stub

@@ -40,9 +40,12 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--staleness", type=int, default=None, help="ssp bound in clocks (default 2 for ssp)")
     g.add_argument("--optimizer", choices=["sgd", "momentum", "adam", "adagrad"], default="sgd")
     g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--momentum", type=float, default=0.0)
-    g.add_argument("--nesterov", action="store_true")
+    g.add_argument("--momentum", type=float, default=0.0, help="sgd/momentum (momentum: 0 means 0.9)")
+    g.add_argument("--dampening", type=float, default=0.0, help="sgd/momentum")
+    g.add_argument("--nesterov", action="store_true", help="sgd/momentum")
     g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--lr-decay", type=float, default=0.0, help="adagrad")
+    g.add_argument("--initial-accumulator", type=float, default=0.0, help="adagrad")
     g.add_argument("--beta1", type=float, default=0.9)
     g.add_argument("--beta2", type=float, default=0.999)
     g.add_argument("--eps", type=float, default=None, help="default 1e-8 (adam), 1e-10 (adagrad)")
@@ -60,8 +63,9 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
 def job_from_args(a) -> JobSpec:
     staleness = a.staleness if a.staleness is not None else (2 if a.mode == "ssp" else 0)
     eps = a.eps if a.eps is not None else (1e-10 if a.optimizer == "adagrad" else 1e-8)
-    opt = OptimizerConfig(kind=a.optimizer, lr=a.lr, momentum=a.momentum, nesterov=a.nesterov,
-                          weight_decay=a.weight_decay, beta1=a.beta1, beta2=a.beta2, eps=eps)
+    opt = OptimizerConfig(kind=a.optimizer, lr=a.lr, momentum=a.momentum, dampening=a.dampening,
+                          nesterov=a.nesterov, weight_decay=a.weight_decay, beta1=a.beta1, beta2=a.beta2,
+                          eps=eps, lr_decay=a.lr_decay, initial_accumulator_value=a.initial_accumulator)
     return JobSpec(mode=a.mode, staleness=staleness, optimizer=opt, lossless=a.lossless,
                    push_codec=CodecConfig.parse(a.push_codec, error_feedback=not a.no_error_feedback),
                    pull_codec=CodecConfig.parse(a.pull_codec),
@@ -157,6 +161,8 @@ def build_parser() -> Parser:
                    "or start a new one at these times after the workers start")
     p.add_argument("--epochs", type=int, default=0, help="train on leased data partitions instead of --steps")
     p.add_argument("--plot", default=None, help="write the training curves to this PNG at the end")
+    p.add_argument("--min-accuracy", type=float, default=0.0,
+                   help="exit 1 if the served model's held-out accuracy ends below this")
 
     for name, help_ in (("status", "cluster state"), ("inspect", "tensors held by each shard")):
         p = sub.add_parser(name, help=help_)
@@ -237,7 +243,8 @@ def _run_up(a) -> int:
     return run(UpConfig(job=job_from_args(a), workers=a.workers, model=a.model, steps=a.steps,
                         batch_size=a.batch_size, seed=a.seed, run_dir=a.run_dir,
                         straggler_delay_s=a.step_delay, timeout_s=a.timeout, as_json=a.json,
-                        churn=parse_churn(a.churn), epochs=a.epochs, plot=a.plot))
+                        churn=parse_churn(a.churn), epochs=a.epochs, plot=a.plot,
+                        min_accuracy=a.min_accuracy))
 
 
 def _run_status(a) -> int:
@@ -273,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `psctl status | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # a file it cannot write or read (--metrics-out, --checkpoint-dir, ...)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"psctl: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class UpConfig:
     churn: tuple[tuple[str, float], ...] = ()   # (("kill"|"add", seconds after start), ...)
     epochs: int = 0
     plot: str | None = None                      # PNG of the training curves
+    min_accuracy: float = 0.0                    # exit 1 when the served model ends below it
 
 
 def parse_churn(text: str) -> tuple[tuple[str, float], ...]:
@@ -58,8 +59,10 @@ def job_flags(job: JobSpec) -> list[str]:
     """The scheduler flags that reproduce `job`."""
     o = job.optimizer
     flags = ["--mode", job.mode, "--staleness", str(job.staleness), "--optimizer", o.kind,
-             "--lr", repr(o.lr), "--momentum", repr(o.momentum), "--weight-decay", repr(o.weight_decay),
-             "--beta1", repr(o.beta1), "--beta2", repr(o.beta2), "--eps", repr(o.eps),
+             "--lr", repr(o.lr), "--momentum", repr(o.momentum), "--dampening", repr(o.dampening),
+             "--weight-decay", repr(o.weight_decay), "--beta1", repr(o.beta1), "--beta2", repr(o.beta2),
+             "--eps", repr(o.eps), "--lr-decay", repr(o.lr_decay),
+             "--initial-accumulator", repr(o.initial_accumulator_value),
              "--push-codec", str(job.push_codec), "--pull-codec", str(job.pull_codec),
              "--lossless", job.lossless,
              "--heartbeat-timeout", repr(job.heartbeat_timeout_s), "--servers", str(job.num_servers),
@@ -249,6 +252,10 @@ def run(cfg: UpConfig) -> int:
         if cfg.plot:
             from psctl import plot
             plot.run(sorted(str(p) for p in run_dir.glob("worker-*.jsonl")), cfg.plot)
+        if summary["final_accuracy"] < cfg.min_accuracy:
+            print(f"psctl up: final accuracy {summary['final_accuracy']:.4f} is below --min-accuracy "
+                  f"{cfg.min_accuracy}", file=sys.stderr)
+            return 1
         return 1 if failed else 0
     except KeyboardInterrupt:
         print("interrupted: stopping the cluster", file=sys.stderr)

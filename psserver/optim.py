@@ -90,8 +90,7 @@ class Adagrad(Optimizer):
 
 
 def build(cfg: OptimizerConfig) -> Optimizer:
-    """The optimizer for a job; `momentum` is SGD whose momentum defaults to 0.9."""
+    """The optimizer for a job; `momentum` is SGD with momentum (0.9 unless set)."""
     if cfg.kind == "momentum":
-        import dataclasses
-        return SGD(dataclasses.replace(cfg, kind="sgd", momentum=cfg.momentum or 0.9))
+        return SGD(cfg)
     return {"sgd": SGD, "adam": Adam, "adagrad": Adagrad}[cfg.kind](cfg)

@@ -10,11 +10,11 @@ import numpy as np
 
 from pscommon import codecs
 from pscommon.config import CodecConfig
-from pscommon.errors import FailedPrecondition, InvalidArgument, servicer_errors
+from pscommon.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, servicer_errors
 from pscommon.grpcutil import DATA_TIMEOUT_S
 from pscommon.sharding import Key
 from pscommon.codecs.bf16 import from_bf16_bits
-from pscommon.framing import body_of, chunk_frames, chunk_of
+from pscommon.framing import BATCH_BYTES, batch, body_of, chunk_frames, chunk_of
 from pscommon.tensors import FLOAT_DTYPES, ChunkAssembler, check_shape, numel
 from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 from psserver.shard import Shard
@@ -67,6 +67,9 @@ def _first_header(requests, kind: str):
 
 # pulls of at most this many parameter bytes are copied under one lock acquisition
 SNAPSHOT_BYTES = 8 << 20
+# a bound on one key's meta and framing in a PullBatchReply, besides its name (shapes have
+# at most 8 dimensions)
+BATCH_KEY_OVERHEAD = 160
 
 
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
@@ -76,8 +79,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.checkpointer = checkpointer
 
     # -- helpers -------------------------------------------------------------------------
-    def _tensors(self, requests, kind: str, own: bool = False):
-        """Decode the chunk messages after a header into {name: array}, all validated.
+    def _tensors(self, chunks, kind: str, own: bool = False):
+        """Decode chunks (Frames or TensorChunks) into {name: array}, all validated.
 
         own=True copies each array as it arrives, so its received bytes are freed at once
         rather than held beside the copies until the stream ends (a Declare's values become
@@ -86,10 +89,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         asm = ChunkAssembler(self.limits.max_tensor_bytes, self.limits.max_transfer_bytes)
         out: dict[str, np.ndarray] = {}
         wire: dict[str, int] = {}
-        for req in requests:
-            chunk = chunk_of(req)
-            if chunk is None:
-                raise InvalidArgument(f"{kind} stream: a second header after the first")
+        for chunk in chunks:
             done = asm.add(chunk)
             if done is None:
                 continue
@@ -103,6 +103,15 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             wire[meta.name] = len(payload)
         asm.finish()
         return out, wire
+
+    @staticmethod
+    def _stream_chunks(requests, kind: str):
+        """The chunks of a Declare or Push stream after its header."""
+        for req in requests:
+            chunk = chunk_of(req)
+            if chunk is None:
+                raise InvalidArgument(f"{kind} stream: a second header after the first")
+            yield chunk
 
     def _check_shard(self, shard: int):
         if shard != self.shard.shard_id:
@@ -128,12 +137,25 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             _check_key_spec(k)
         if len({k.key for k in keys}) != len(keys):
             raise InvalidArgument("Declare header lists a key twice")
-        values, _ = self._tensors(request_iterator, "Declare", own=True)
+        values, _ = self._tensors(self._stream_chunks(request_iterator, "Declare"), "Declare", own=True)
         created, existing = self.shard.declare(header.model_fingerprint, keys, values)
         return ps_pb2.DeclareReply(created=created, existing=existing)
 
     @servicer_errors
     def Pull(self, request, context):
+        header, frames = self._pull(request, context)
+        yield ps_pb2.PullResponse(header=header)
+        yield from frames
+
+    @servicer_errors
+    def PullBatch(self, request, context):
+        header, frames = self._pull(request, context, max_bytes=BATCH_BYTES)
+        return batch(ps_pb2.PullBatchReply(header=header), list(frames))
+
+    def _pull(self, request, context, max_bytes: int | None = None):
+        """Admit a pull through the gate; returns its header and a generator of its frames.
+
+        With max_bytes, a pull whose reply could exceed it is refused before anything else."""
         self._check_shard(request.shard)
         self._check_model(request.model_fingerprint)
         if len(request.keys) > self.limits.max_keys_per_call:
@@ -142,6 +164,12 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         if cfg.name not in ("fp32", "raw", "fp16", "bf16"):
             raise InvalidArgument(f"pull codec {cfg} is not one of fp32, fp16, bf16")
         keys = self.shard.keys_for_pull(list(request.keys))
+        if max_bytes is not None:
+            # every pull codec is at most raw size; each key adds its meta and framing
+            size = self.shard.nbytes_of(keys) + sum(BATCH_KEY_OVERHEAD + 2 * len(k) for k in keys)
+            if size > max_bytes:
+                raise ResourceExhausted(f"a one-message pull of {len(keys)} keys may need {size} bytes, "
+                                        f"more than {max_bytes}; use Pull")
         remaining = context.time_remaining()
         wait_budget = (remaining if remaining is not None else DATA_TIMEOUT_S) * 0.8
         version, next_step, waited = self.shard.wait_pull(
@@ -158,25 +186,33 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             # small reads are one consistent snapshot: every key and the header's version
             # from the same moment (so staleness is measured exactly)
             version, encoded = self.shard.read_many(keys, encode)
-            yield ps_pb2.PullResponse(header=ps_pb2.PullHeader(
-                shard_version=version, wait_s=waited, next_step=next_step))
         else:
             # large reads go key by key, bounding memory to one key's copy; async readers of a
             # busy shard may see keys from neighbouring versions (as in any Hogwild-style PS)
-            yield ps_pb2.PullResponse(header=ps_pb2.PullHeader(
-                shard_version=version, wait_s=waited, next_step=next_step))
             encoded = ((key, self.shard.read(key, lambda value, key=key: encode(key, value))) for key in keys)
-        for key, (meta, frames) in encoded:
-            self.shard.count_traffic(self.shard.pull_traffic, key,
-                                     self.shard.entries[key].value.nbytes, meta.payload_size)
-            yield from frames
+
+        def frames():
+            for key, (meta, key_frames) in encoded:
+                self.shard.count_traffic(self.shard.pull_traffic, key,
+                                         self.shard.entries[key].value.nbytes, meta.payload_size)
+                yield from key_frames
+        return ps_pb2.PullHeader(shard_version=version, wait_s=waited, next_step=next_step), frames()
 
     @servicer_errors
     def Push(self, request_iterator, context):
         header = _first_header(request_iterator, "Push")
+        return self._push(header, self._stream_chunks(request_iterator, "Push"))
+
+    @servicer_errors
+    def PushBatch(self, request, context):
+        if not request.HasField("header"):
+            raise InvalidArgument("PushBatch without a header")
+        return self._push(request.header, request.chunks)
+
+    def _push(self, header, chunks):
         self._check_shard(header.shard)
         self._check_model(header.model_fingerprint)
-        grads, wire = self._tensors(request_iterator, "Push")
+        grads, wire = self._tensors(chunks, "Push")
         version, duplicate, staleness = self.shard.push(
             header.caller.worker_id, header.caller.incarnation, header.step, header.base_version, grads)
         if not duplicate:

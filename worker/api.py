@@ -122,7 +122,7 @@ class PSClient:
         mode completed it without us, or we had to rejoin) and the next pull catches up."""
         stream, self._stream = self._stream, None
         if stream is None:
-            stream = self.client.start_push()
+            stream = self.client.start_push(eager=False)
             for n, p in self.params.items():
                 if p.grad is not None:
                     self._add_grad(stream, n, p.grad)

@@ -7,6 +7,7 @@ level up (worker.api); this module moves flat float32 arrays keyed by parameter 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from pscommon.errors import (Aborted, DeadlineExceeded, FailedPrecondition, Inte
                              PSError, Unavailable, from_rpc_error)
 from pscommon.security import NO_SECURITY, Security
 from pscommon.sharding import Param, ShardMap
-from pscommon.framing import chunk_frames, chunk_of, parameter_server_stub
+from pscommon.framing import BATCH_BYTES, batch, chunk_frames, chunk_of, parameter_server_stub
 from pscommon.tensors import ChunkAssembler
 from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tensor_pb2
 from worker.compression import ErrorFeedback
@@ -265,14 +266,18 @@ class ShardClient:
 
         Each shard's keys are read over up to `pull_streams` concurrent streams: reads are
         idempotent, and several streams keep the server's threads and the TCP connection busy
-        where one stream would serialize encode, send and decode.
+        where one stream would serialize encode, send and decode. A shard's keys of at most
+        BATCH_BYTES come in one PullBatch call instead.
         """
         tasks = [(shard, group) for shard in range(self.job.num_servers)
                  for group in self._pull_groups(shard)]
-        futs = [self._pool.submit(self._pull_keys, shard, group, into) for shard, group in tasks]
         results: dict[int, list[tuple[int, int]]] = {}
-        for (shard, _), fut in zip(tasks, futs):
-            results.setdefault(shard, []).append(fut.result())
+        if len(tasks) == 1:  # one call: no hand-off to a pool thread and back
+            results[tasks[0][0]] = [self._pull_keys(*tasks[0], into)]
+        else:
+            futs = [self._pool.submit(self._pull_keys, shard, group, into) for shard, group in tasks]
+            for (shard, _), fut in zip(tasks, futs):
+                results.setdefault(shard, []).append(fut.result())
         with self.lock:
             # the smallest step any shard is on: shards learn of a joiner at slightly different
             # times, and one may still wait for our push of a step the others finished
@@ -282,9 +287,11 @@ class ShardClient:
                 self.shard_versions[shard] = min(version for version, _ in rs)
 
     def _pull_groups(self, shard: int) -> list[list]:
-        """The shard's keys in at most `pull_streams` groups of about equal bytes."""
+        """The shard's keys in at most `pull_streams` groups of about equal bytes (one group
+        when they fit in one PullBatch)."""
         keys = sorted(self.shard_map.keys_of(shard), key=lambda k: (-k.nbytes, k.key))
-        n = max(1, min(self.cfg.pull_streams, len(keys)))
+        small = sum(k.nbytes for k in keys) <= BATCH_BYTES
+        n = 1 if small else max(1, min(self.cfg.pull_streams, len(keys)))
         groups, loads = [[] for _ in range(n)], [0] * n
         for k in keys:
             i = loads.index(min(loads))
@@ -298,14 +305,27 @@ class ShardClient:
                                  codec=self.job.pull_codec.to_proto(),
                                  model_fingerprint=self.shard_map.fingerprint)
 
+        batched = sum(k.nbytes for k in group) <= BATCH_BYTES
+
+        def read(stub):
+            """(header, chunks) of one pull call."""
+            if batched:
+                reply = stub.PullBatch(req, timeout=self.cfg.data_timeout_s)
+                return (reply.header if reply.HasField("header") else None), reply.chunks
+            responses = stub.Pull(req, timeout=self.cfg.data_timeout_s)
+            first = next(responses, None)
+            return (None if first is None or chunk_of(first) is not None else first.header,
+                    (chunk_of(r) for r in responses))
+
         def once(stub):
             asm = ChunkAssembler(self.cfg.max_tensor_bytes, 1 << 62)
-            header, logical, wire, seen = None, 0, 0, set()
-            for resp in stub.Pull(req, timeout=self.cfg.data_timeout_s):
-                chunk = chunk_of(resp)
+            logical, wire, seen = 0, 0, set()
+            header, chunks = read(stub)
+            if header is None:
+                raise Internal(f"shard {shard} answered a pull without a header first")
+            for chunk in chunks:
                 if chunk is None:
-                    header = resp.header
-                    continue
+                    raise Internal(f"shard {shard} sent a second pull header")
                 done = asm.add(chunk)
                 if done is None:
                     continue
@@ -319,7 +339,7 @@ class ShardClient:
                 logical += k.length * 4
                 wire += len(payload)
             asm.finish()
-            if header is None or len(seen) != len(keys):
+            if len(seen) != len(keys):
                 raise Internal(f"shard {shard} answered a pull with {len(seen)} of {len(keys)} keys")
             with self.lock:
                 self.traffic.logical_received += logical
@@ -332,15 +352,16 @@ class ShardClient:
 
         Raises Aborted in sync mode when the step completed without this worker: pull again.
         """
-        stream = self.start_push()
+        stream = self.start_push(eager=False)
         for name, g in grads.items():
             stream.add(name, g)
         return stream.finish()
 
-    def start_push(self) -> "StreamingPush":
-        """A push for the current clock whose gradients arrive one parameter at a time (from
-        autograd hooks): each shard's stream starts with its first gradient."""
-        return StreamingPush(self, self.clock)
+    def start_push(self, eager: bool = True) -> "StreamingPush":
+        """A push for the current clock whose gradients arrive one parameter at a time. eager:
+        each shard's call starts with its first gradient (for autograd hooks: sending overlaps
+        the rest of backward); otherwise every call starts in finish()."""
+        return StreamingPush(self, self.clock, eager)
 
     def _push_shard(self, shard: int, step: int, feed: "_Feed") -> ps_pb2.PushReply:
         codec = self.cfg.push_codec or self.job.push_codec
@@ -352,9 +373,8 @@ class ShardClient:
         # error-feedback residual is never taken twice
         encoded: dict[str, tuple] = {}
 
-        def requests():
+        def frames():
             sizes["logical"] = sizes["wire"] = 0  # a retry sends everything again
-            yield ps_pb2.PushRequest(header=header)
             for k, g in feed:
                 if k.key not in encoded:
                     encoded[k.key] = self.compressor.compress(
@@ -365,7 +385,13 @@ class ShardClient:
                 sizes["wire"] += memoryview(payload).nbytes
                 yield from chunk_frames(meta, payload)
 
-        reply = self._with_retry(shard, lambda stub: stub.Push(requests(), timeout=self.cfg.data_timeout_s))
+        if sum(k.nbytes for k in self.shard_map.keys_of(shard)) <= BATCH_BYTES:
+            message = batch(ps_pb2.PushBatchRequest(header=header), list(frames()))
+            call = lambda stub: stub.PushBatch(message, timeout=self.cfg.data_timeout_s)  # noqa: E731
+        else:
+            call = lambda stub: stub.Push(  # noqa: E731
+                itertools.chain([ps_pb2.PushRequest(header=header)], frames()), timeout=self.cfg.data_timeout_s)
+        reply = self._with_retry(shard, call)
         with self.lock:
             self.traffic.logical_sent += sizes["logical"]
             self.traffic.wire_sent += sizes["wire"]
@@ -408,9 +434,10 @@ class StreamingPush:
     """One step's push, fed parameter by parameter; each shard's Push stream starts as soon
     as its first gradient arrives, so sending overlaps the rest of the backward pass."""
 
-    def __init__(self, client: ShardClient, step: int):
+    def __init__(self, client: ShardClient, step: int, eager: bool = True):
         self.client = client
         self.step = step
+        self.eager = eager
         smap = client.shard_map
         self.feeds = {s: _Feed(len(smap.keys_of(s)), client.cfg.data_timeout_s)
                       for s in range(client.job.num_servers)}
@@ -427,9 +454,12 @@ class StreamingPush:
             self.seen.add(name)
             for k in self.client.shard_map.keys_of_param(name):
                 self.feeds[k.shard].put(k, grad[k.offset:k.offset + k.length])
-                if k.shard not in self.futures:
-                    self.futures[k.shard] = self.client._pool.submit(
-                        self.client._push_shard, k.shard, self.step, self.feeds[k.shard])
+                if self.eager and k.shard not in self.futures:
+                    self._start(k.shard)
+
+    def _start(self, shard: int) -> None:
+        self.futures[shard] = self.client._pool.submit(self.client._push_shard, shard, self.step,
+                                                       self.feeds[shard])
 
     def missing(self) -> list[str]:
         return [p.name for p in self.client.shard_map.params if p.name not in self.seen]
@@ -439,7 +469,14 @@ class StreamingPush:
         missing = self.missing()
         if missing:
             raise InvalidArgument(f"no gradient for parameters {missing[:5]} in step {self.step}")
-        replies = [f.result() for _, f in sorted(self.futures.items())]
+        shards = [s for s, feed in self.feeds.items() if feed.expected]  # a shard may hold no keys
+        if not self.eager and len(shards) == 1:  # one call: no hand-off to a pool thread
+            replies = [self.client._push_shard(shards[0], self.step, self.feeds[shards[0]])]
+        else:
+            for shard in shards:
+                if shard not in self.futures:
+                    self._start(shard)
+            replies = [f.result() for _, f in sorted(self.futures.items())]
         with self.client.lock:
             self.client.clock = self.step + 1
         return replies

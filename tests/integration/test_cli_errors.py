@@ -14,6 +14,10 @@ CASES = {
     "scheduler-bogus-mode": (["scheduler", "--mode", "bogus"], "bogus"),
     "up-negative-staleness": (["up", "--mode", "ssp", "--staleness", "-1"], "staleness"),
     "status-unreachable": (["status", "--scheduler", "127.0.0.1:1", "--timeout", "2"], "127.0.0.1:1"),
+    "inspect-unreachable": (["inspect", "--scheduler", "127.0.0.1:1", "--timeout", "2"], "127.0.0.1:1"),
+    "worker-unwritable-metrics": (["worker", "--scheduler", "127.0.0.1:1", "--steps", "1",
+                                   "--metrics-out", "/nonexistent-dir/m.jsonl"], "/nonexistent-dir/m.jsonl"),
+    "scheduler-nesterov-without-momentum": (["scheduler", "--nesterov"], "nesterov"),
 }
 
 

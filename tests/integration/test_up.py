@@ -81,3 +81,17 @@ def test_up_trains_to_accuracy(procs, mode, extra, steps):
         else:
             # async and ssp apply every push once (exactly-once: no loss, no duplicates)
             assert t["version"] == WORKERS * steps, t
+
+
+@pytest.mark.slow
+def test_up_fails_when_the_model_ends_below_min_accuracy(procs):
+    """Two steps cannot train digits-mlp to 99%: --min-accuracy turns that into exit 1 (what
+    `make demo` relies on to fail loudly), after the summary is printed."""
+    run_dir = procs.root / "up-min"
+    p = procs.spawn("up-min", "up", "--servers", "1", "--workers", "1", "--steps", "2",
+                    "--timeout", str(UP_TIMEOUT_S), "--run-dir", str(run_dir), "--min-accuracy", "0.99")
+    rc = p.popen.wait(timeout=WAIT_S)
+    log = p.log_text()
+    assert rc == 1, f"exit {rc}\n{log[-2000:]}"
+    assert "final held-out accuracy of the served parameters" in log
+    assert "is below --min-accuracy 0.99" in log

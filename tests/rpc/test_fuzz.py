@@ -100,6 +100,8 @@ RAW_METHODS = {  # method -> (request type, kind of call)
     "Declare": (ps_pb2.DeclareRequest, "stream-unary"),
     "Push": (ps_pb2.PushRequest, "stream-unary"),
     "Pull": (ps_pb2.PullRequest, "unary-stream"),
+    "PullBatch": (ps_pb2.PullRequest, "unary-unary"),
+    "PushBatch": (ps_pb2.PushBatchRequest, "unary-unary"),
     "Inspect": (ps_pb2.InspectRequest, "unary-unary"),
     "ShardStatus": (ps_pb2.ShardStatusRequest, "unary-unary"),
     "Checkpoint": (ps_pb2.CheckpointRequest, "unary-unary"),
@@ -169,8 +171,16 @@ class Live:
         return "OK"
 
     def push(self, label: str, items, may_succeed: bool = False) -> str:
+        """The push as a stream, and again as one PushBatch message where the items are one
+        header and then chunks only (the shapes a batch can carry); both must be refused alike."""
         msgs = to_requests(items, ps_pb2.PushRequest)
-        return self.outcome(label, lambda: self.stub.Push(iter(msgs), timeout=DEADLINE_S), may_succeed)
+        got = self.outcome(label, lambda: self.stub.Push(iter(msgs), timeout=DEADLINE_S), may_succeed)
+        if items and items[0][0] == "h" and all(tag == "c" for tag, _ in items[1:]):
+            batch = ps_pb2.PushBatchRequest(header=items[0][1], chunks=[c for _, c in items[1:]])
+            as_batch = self.outcome(f"batch {label}", lambda: self.stub.PushBatch(batch, timeout=DEADLINE_S),
+                                    may_succeed)
+            assert as_batch == got, f"{label}: Push answered {got}, PushBatch {as_batch}"
+        return got
 
     def declare(self, label: str, items, may_succeed: bool = False) -> str:
         msgs = to_requests(items, ps_pb2.DeclareRequest)
@@ -767,14 +777,21 @@ def test_declare_faults(live):
 
 
 # -- pull ------------------------------------------------------------------------------------------
-def read_pull(stub, req: ps_pb2.PullRequest) -> dict[str, list[np.ndarray]]:
+def read_pull(stub, req: ps_pb2.PullRequest, batch: bool = False) -> dict[str, list[np.ndarray]]:
     asm, out, header = ChunkAssembler(1 << 26, 1 << 30), collections.defaultdict(list), None
-    for resp in stub.Pull(req, timeout=DEADLINE_S):
-        if resp.WhichOneof("body") == "header":
-            assert header is None
-            header = resp.header
-            continue
-        done = asm.add(resp.chunk)
+    if batch:
+        reply = stub.PullBatch(req, timeout=DEADLINE_S)
+        header, chunks = reply.header, list(reply.chunks)
+    else:
+        chunks = []
+        for resp in stub.Pull(req, timeout=DEADLINE_S):
+            if resp.WhichOneof("body") == "header":
+                assert header is None
+                header = resp.header
+            else:
+                chunks.append(resp.chunk)
+    for chunk in chunks:
+        done = asm.add(chunk)
         if done is not None:
             meta, payload = done
             out[meta.name].append(np.array(codecs.decode(meta, payload, 1 << 20), np.float32).reshape(-1))
@@ -832,13 +849,13 @@ def pull_cases(draw):
 
 def test_pull_faults(live):
     @fuzz(400)
-    @given(pull_cases())
-    def run(case):
+    @given(pull_cases(), st.booleans())
+    def run(case, batch):
         kind, req = case
         got = {}
 
         def call():
-            got.update(read_pull(live.stub, req))
+            got.update(read_pull(live.stub, req, batch))
         got_code = live.outcome(f"pull:{kind}", call, may_succeed=kind == "valid")
         if kind != "valid":
             return
@@ -906,7 +923,10 @@ def valid_serialized(method: str) -> list[bytes]:
         name = "zz" if method == "Push" else "w"
         return [kind(header=head).SerializeToString()] + [kind(chunk=c).SerializeToString()
                                                         for c in good_chunks(name, GRAD["w"], step=16)]
-    if method == "Pull":
+    if method == "PushBatch":
+        head = ps_pb2.PushHeader(caller=ps_pb2.Caller(worker_id=DEAD_WORKER, incarnation=1), model_fingerprint=FP)
+        return [ps_pb2.PushBatchRequest(header=head, chunks=good_chunks("zz", GRAD["w"], step=16)).SerializeToString()]
+    if method in ("Pull", "PullBatch"):
         return [ps_pb2.PullRequest(caller=ps_pb2.Caller(worker_id=3, incarnation=1, observer=True),
                                    keys=["w"], model_fingerprint=FP).SerializeToString()]
     if method == "Inspect":
@@ -984,7 +1004,8 @@ def test_raw_bytes_to_every_method(live):
         # harmless when they decode: ShardStatus ignores unknown fields; Inspect and Pull read (a mutated
         # real pull may still be valid); a Declare can at most repeat the existing declaration
         result = live.outcome(f"{method} decodable={ok_decode}", call,
-                              may_succeed=ok_decode and method in ("ShardStatus", "Inspect", "Pull", "Declare"))
+                              may_succeed=ok_decode and method in ("ShardStatus", "Inspect", "Pull", "PullBatch",
+                                                                  "Declare"))
         if result == "undecodable-request-is-INTERNAL":
             assert not ok_decode, f"{method}: a decodable request got the deserialization error"
     run()

@@ -229,12 +229,13 @@ def test_server_metrics_follow_an_async_run(metered):
     assert sample(m, "shardps_server_pull_bytes", shard="0", kind="logical") == pulls * ELEMENTS * 4
     assert sample(m, "shardps_server_pull_bytes", shard="0", kind="wire") == pulls * ELEMENTS * 4
 
-    # RPC latency histogram: one observation per call, by method
-    assert rpc_count(m, "server", "Push") == pushes
-    assert rpc_count(m, "server", "Pull") == pulls
+    # RPC latency histogram: one observation per call, by method; a model this small moves in
+    # one message each way (PullBatch, PushBatch), never as a stream
+    assert rpc_count(m, "server", "PushBatch") == pushes and rpc_count(m, "server", "Push") == 0
+    assert rpc_count(m, "server", "PullBatch") == pulls and rpc_count(m, "server", "Pull") == 0
     assert rpc_count(m, "server", "Declare") == 2
     assert sample(m, "shardps_rpc_duration_seconds", "shardps_rpc_duration_seconds_sum",
-                  role="server", method="Push", code="OK") > 0
+                  role="server", method="PushBatch", code="OK") > 0
 
     assert sample(m, "shardps_server_parameter_bytes", shard="0") == ELEMENTS * 4
     assert sample(m, "shardps_server_optimizer_state_bytes", shard="0") == 0      # plain sgd

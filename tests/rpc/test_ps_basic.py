@@ -1,11 +1,13 @@
 """Declare / Pull / Push / Inspect / ShardStatus on one real shard over real gRPC."""
+import grpc
 import numpy as np
 import pytest
 
 from pscommon.config import JobSpec, OptimizerConfig
 from pscommon.wire.v1 import job_pb2, ps_pb2, tensor_pb2
 
-from .helpers import (declare, initial_values, inspect, pull, push, shard_map, status, tensor_chunks,
+from .helpers import (declare, initial_values, inspect, pull, push, push_requests, shard_map, status,
+                      tensor_chunks,
                       values)
 
 SHAPES = {"w": (4, 3), "b": (5,), "emb": (7, 2, 2)}
@@ -150,3 +152,65 @@ def test_tensor_above_grpc_message_limit_round_trips_in_chunks(srv):
     push(srv.stub, smap.fingerprint, {"big": g})
     _, got, _ = pull(srv.stub, smap.fingerprint, keys=["big"])
     np.testing.assert_array_equal(got["big"], init["big"] - np.float32(LR) * g)
+
+
+# -- the one-message forms: PullBatch and PushBatch ---------------------------------------------
+def batch_push(stub, fingerprint: str, grads: dict, step: int, worker: int = 0) -> ps_pb2.PushReply:
+    msgs = list(push_requests(fingerprint, grads, worker=worker, step=step, base_version=step))
+    return stub.PushBatch(ps_pb2.PushBatchRequest(header=msgs[0].header, chunks=[m.chunk for m in msgs[1:]]),
+                          timeout=10)
+
+
+def batch_pull(stub, fingerprint: str, step: int = 0) -> tuple[ps_pb2.PullHeader, dict]:
+    reply = stub.PullBatch(ps_pb2.PullRequest(caller=ps_pb2.Caller(worker_id=0, incarnation=1), step=step,
+                                              model_fingerprint=fingerprint), timeout=10)
+    out = {}
+    for chunk in reply.chunks:
+        out[chunk.meta.name] = np.frombuffer(chunk.data, np.float32).copy()
+    return reply.header, out
+
+
+def test_batch_methods_match_the_streams_and_apply_exactly_once(srv):
+    smap = shard_map(SHAPES)
+    init = initial_values(smap, seed=4)
+    declare(srv.stub, smap, init)
+    g = {k: np.full(v.size, 0.5, np.float32) for k, v in init.items()}
+    assert not batch_push(srv.stub, smap.fingerprint, g, step=0).duplicate
+    again = batch_push(srv.stub, smap.fingerprint, g, step=0)   # a retry: acknowledged, not applied
+    assert again.duplicate and again.shard_version == 1
+    stream = push(srv.stub, smap.fingerprint, g, step=0)       # the same push as a stream: a duplicate too
+    assert stream.duplicate
+
+    header, got = batch_pull(srv.stub, smap.fingerprint, step=1)
+    streamed_header, streamed, _ = pull(srv.stub, smap.fingerprint, step=1)
+    assert header.shard_version == streamed_header.shard_version == 1
+    for k, v in init.items():
+        expected = v - np.float32(LR) * g[k]
+        np.testing.assert_array_equal(got[k], expected)
+        assert got[k].tobytes() == streamed[k].tobytes()
+    st = status(srv.stub)
+    assert (st.pushes, st.duplicates) == (1, 2)
+
+
+def test_pull_batch_too_big_for_one_message_is_refused_before_the_gate(shard_server):
+    from pscommon.framing import BATCH_BYTES
+    srv = shard_server(JobSpec(mode="sync"))   # a gated pull would wait: the refusal comes first
+    smap = shard_map({"big": (BATCH_BYTES // 4 + 1,)})
+    declare(srv.stub, smap, initial_values(smap))
+    with pytest.raises(grpc.RpcError) as err:
+        srv.stub.PullBatch(ps_pb2.PullRequest(caller=ps_pb2.Caller(worker_id=0, incarnation=1), step=5,
+                                              model_fingerprint=smap.fingerprint), timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "use Pull" in err.value.details()
+    assert status(srv.stub).pulls == 0
+    _, got, chunks = pull(srv.stub, smap.fingerprint, observer=True)   # the stream carries it
+    assert got["big"].size == BATCH_BYTES // 4 + 1 and chunks == 1
+
+
+def test_push_batch_without_a_header_is_invalid_argument(srv):
+    smap = shard_map(SHAPES)
+    declare(srv.stub, smap, initial_values(smap))
+    with pytest.raises(grpc.RpcError) as err:
+        srv.stub.PushBatch(ps_pb2.PushBatchRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "header" in err.value.details()
+    assert status(srv.stub).pushes == 0

@@ -107,3 +107,40 @@ def test_job_spec_from_proto_refuses_unspecified_mode():
 def test_describe_shows_codecs_as_text():
     d = _full_spec().describe()
     assert (d["mode"], d["staleness"], d["push_codec"], d["pull_codec"]) == ("ssp", 3, "topk:0.05", "bf16")
+
+
+# -- the scheduler's optimizer flags, parsed as psctl parses them --------------------------------
+def optimizer_from_flags(*flags: str) -> OptimizerConfig:
+    from psctl.cli import build_parser, job_from_args
+    return job_from_args(build_parser().parse_args(["scheduler", *flags])).optimizer
+
+
+def test_momentum_optimizer_means_0_9_and_takes_nesterov():
+    opt = optimizer_from_flags("--optimizer", "momentum", "--nesterov")
+    assert (opt.kind, opt.momentum, opt.nesterov) == ("momentum", 0.9, True)
+    assert OptimizerConfig.from_proto(opt.to_proto()) == opt   # what status shows is what is applied
+
+
+def test_every_optimizer_hyper_parameter_has_a_flag():
+    opt = optimizer_from_flags("--optimizer", "sgd", "--momentum", "0.5", "--dampening", "0.1",
+                               "--weight-decay", "0.01", "--lr-decay", "0.2", "--initial-accumulator", "0.3",
+                               "--beta1", "0.8", "--beta2", "0.99", "--eps", "1e-6", "--lr", "0.05")
+    assert opt == OptimizerConfig(kind="sgd", lr=0.05, momentum=0.5, dampening=0.1, weight_decay=0.01,
+                                  lr_decay=0.2, initial_accumulator_value=0.3, beta1=0.8, beta2=0.99, eps=1e-6)
+
+
+def test_nesterov_without_momentum_is_refused_naming_it():
+    with pytest.raises(InvalidArgument, match="nesterov"):
+        optimizer_from_flags("--optimizer", "sgd", "--nesterov")
+
+
+def test_up_passes_the_whole_job_to_its_scheduler():
+    """psctl up starts its scheduler with job_flags(job): every field must survive the trip."""
+    from psctl.cli import build_parser, job_from_args
+    from psctl.up import job_flags
+    job = JobSpec(mode="ssp", staleness=3, num_servers=2, lossless="zstd", heartbeat_timeout_s=4.0,
+                  optimizer=OptimizerConfig(kind="adagrad", lr=0.2, weight_decay=0.01, lr_decay=0.1,
+                                            initial_accumulator_value=0.5, eps=1e-9),
+                  push_codec=CodecConfig.parse("topk:0.05", error_feedback=False),
+                  pull_codec=CodecConfig.parse("bf16"))
+    assert job_from_args(build_parser().parse_args(["scheduler", *job_flags(job)])) == job

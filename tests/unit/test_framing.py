@@ -144,3 +144,15 @@ def test_fields_in_any_order_are_read_as_protobuf_reads_them(order, keep, offset
     message = b"\x12" + varint(len(inner)) + inner
     assert framing.parse_frame(message) is not None
     agrees_with_protobuf(message)
+
+
+@pytest.mark.parametrize("batch_type,header", [
+    (ps_pb2.PushBatchRequest, ps_pb2.PushHeader(step=4, model_fingerprint="fp")),
+    (ps_pb2.PullBatchReply, ps_pb2.PullHeader(shard_version=9, next_step=2)),
+], ids=["push", "pull"])
+def test_a_batch_is_its_header_then_the_frames(batch_type, header):
+    tensors = {"a": np.arange(5, dtype=np.float32), "b": np.zeros(0, np.float32), "c": np.ones(300, np.float32)}
+    frames = [f for name, t in tensors.items() for f in framing.chunk_frames(meta(t.size), t.data, CHUNK)]
+    got = framing.batch(batch_type(header=header), frames)
+    chunks = [c for t in tensors.values() for c in chunk_payload(meta(t.size), t.data, CHUNK)]
+    assert got == batch_type(header=header, chunks=chunks).SerializeToString()

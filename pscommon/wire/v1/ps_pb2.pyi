@@ -134,6 +134,22 @@ class PushRequest(_message.Message):
     chunk: _tensor_pb2.TensorChunk
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
+class PullBatchReply(_message.Message):
+    __slots__ = ("header", "chunks")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    header: PullHeader
+    chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorChunk]
+    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ...) -> None: ...
+
+class PushBatchRequest(_message.Message):
+    __slots__ = ("header", "chunks")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    header: PushHeader
+    chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorChunk]
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ...) -> None: ...
+
 class PushReply(_message.Message):
     __slots__ = ("shard_version", "duplicate", "staleness")
     SHARD_VERSION_FIELD_NUMBER: _ClassVar[int]
