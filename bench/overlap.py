@@ -133,6 +133,16 @@ def run_variant(scheduler: str, wl: Workload, overlap: bool, steps: int, warmup:
     return rec
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def median_ms(xs: list[float]) -> float:
     return round(1e3 * statistics.median(xs), 3) if xs else float("nan")
 
@@ -148,6 +158,7 @@ def bench_workload(name: str, a, device, run_dir: pathlib.Path) -> dict:
     wdir.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(wdir)
     merged = {v: {"step": [], "pull": [], "compute": [], "push": []} for v in ("plain", "overlap")}
+    busy = {v: [0.0, 0.0] for v in merged}  # CPU seconds of worker + daemons, wall seconds
     traffic = {}
     try:
         job = JobSpec(mode="async", optimizer=OptimizerConfig(kind="sgd", lr=LR[name]), num_servers=1,
@@ -157,8 +168,12 @@ def bench_workload(name: str, a, device, run_dir: pathlib.Path) -> dict:
         for rep in range(a.reps):
             # alternate, and swap who goes first each repetition, so drift spreads over both
             order = ("plain", "overlap") if rep % 2 == 0 else ("overlap", "plain")
+            pids = [os.getpid()] + [p.pid for p in cluster.procs.values()]
             for variant in order:
+                cpu0, wall0 = cpu_seconds(pids), time.perf_counter()
                 rec = run_variant(scheduler, wl, variant == "overlap", steps, warmup, device)
+                busy[variant][0] += cpu_seconds(pids) - cpu0
+                busy[variant][1] += time.perf_counter() - wall0
                 for k in merged[variant]:
                     merged[variant][k].extend(rec[k])
                 traffic[variant] = (rec["bytes_sent_per_step"], rec["bytes_received_per_step"])
@@ -181,6 +196,10 @@ def bench_workload(name: str, a, device, run_dir: pathlib.Path) -> dict:
         overlap_pull_wait_ms=median_ms(over["pull"]), overlap_push_wait_ms=median_ms(over["push"]),
         overlap_compute_ms=median_ms(over["compute"]),
         hidden_fraction=round((plain_step - over_step) / comm, 3) if comm > 0 else None,
+        # how busy the machine's cores were (worker + scheduler + server CPU over wall x cores,
+        # connect and warm-up included): overlap can only hide communication on idle cores
+        plain_cpu_util=round(busy["plain"][0] / busy["plain"][1] / os.cpu_count(), 3),
+        overlap_cpu_util=round(busy["overlap"][0] / busy["overlap"][1] / os.cpu_count(), 3),
         speedup=round(plain_step / over_step, 3) if over_step > 0 else None,
         bytes_sent_per_step=round(traffic["plain"][0]), bytes_received_per_step=round(traffic["plain"][1]),
         torch_threads=torch.get_num_threads(), cpus=os.cpu_count(), host=platform.node(),
@@ -190,12 +209,13 @@ def bench_workload(name: str, a, device, run_dir: pathlib.Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = ("| workload | params | tensors | plain step ms | overlap step ms | plain comm ms (pull+push) "
-            "| plain compute ms | hidden | speedup |")
-    out = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| plain compute ms | hidden | speedup | CPU busy plain / overlap |")
+    out = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         label = r["workload"] + (f" (work {r['work']})" if r.get("work") else "")
         out.append(f"| {label} | {r['params']:,} | {r['tensors']} | {r['plain_step_ms']} | {r['overlap_step_ms']} "
-                   f"| {r['plain_comm_ms']} | {r['plain_compute_ms']} | {r['hidden_fraction']} | {r['speedup']} |")
+                   f"| {r['plain_comm_ms']} | {r['plain_compute_ms']} | {r['hidden_fraction']} | {r['speedup']} "
+                   f"| {r['plain_cpu_util']:.0%} / {r['overlap_cpu_util']:.0%} |")
     return "\n".join(out)
 
 

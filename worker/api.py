@@ -142,6 +142,8 @@ class PSClient:
             self.client.rejoin(incarnation)
             return False
         if self.prefetch_enabled:
+            # after the acknowledgement, so the prefetched weights include this push: overlap
+            # then changes when bytes move, never what a step computes on
             self._prefetch = self._pool.submit(self._fetch)
         return True
 

@@ -363,10 +363,9 @@ class ShardClient:
         the rest of backward); otherwise every call starts in finish()."""
         return StreamingPush(self, self.clock, eager)
 
-    def _push_shard(self, shard: int, step: int, feed: "_Feed") -> ps_pb2.PushReply:
+    def _push_shard(self, shard: int, step: int, base_version: int, feed: "_Feed") -> ps_pb2.PushReply:
         codec = self.cfg.push_codec or self.job.push_codec
-        header = ps_pb2.PushHeader(caller=self._caller(), shard=shard, step=step,
-                                   base_version=self.shard_versions.get(shard, 0),
+        header = ps_pb2.PushHeader(caller=self._caller(), shard=shard, step=step, base_version=base_version,
                                    model_fingerprint=self.shard_map.fingerprint)
         sizes = {"logical": 0, "wire": 0}
         # each gradient is compressed once per step: a retry resends the same bytes, so the
@@ -385,7 +384,7 @@ class ShardClient:
                 sizes["wire"] += memoryview(payload).nbytes
                 yield from chunk_frames(meta, payload)
 
-        if sum(k.nbytes for k in self.shard_map.keys_of(shard)) <= BATCH_BYTES:
+        if self.fits_batch(shard):
             message = batch(ps_pb2.PushBatchRequest(header=header), list(frames()))
             call = lambda stub: stub.PushBatch(message, timeout=self.cfg.data_timeout_s)  # noqa: E731
         else:
@@ -396,6 +395,10 @@ class ShardClient:
             self.traffic.logical_sent += sizes["logical"]
             self.traffic.wire_sent += sizes["wire"]
         return reply
+
+    def fits_batch(self, shard: int) -> bool:
+        """Whether a push of every key of `shard` goes as one PushBatch message."""
+        return sum(k.nbytes for k in self.shard_map.keys_of(shard)) <= BATCH_BYTES
 
     def _caller(self) -> ps_pb2.Caller:
         return ps_pb2.Caller(worker_id=max(self.worker_id, 0), incarnation=self.incarnation,
@@ -438,6 +441,10 @@ class StreamingPush:
         self.client = client
         self.step = step
         self.eager = eager
+        with client.lock:
+            # the versions the gradients are computed on: a prefetched pull may move them on
+            # before every shard's call has started
+            self.base_versions = dict(client.shard_versions)
         smap = client.shard_map
         self.feeds = {s: _Feed(len(smap.keys_of(s)), client.cfg.data_timeout_s)
                       for s in range(client.job.num_servers)}
@@ -454,12 +461,13 @@ class StreamingPush:
             self.seen.add(name)
             for k in self.client.shard_map.keys_of_param(name):
                 self.feeds[k.shard].put(k, grad[k.offset:k.offset + k.length])
-                if self.eager and k.shard not in self.futures:
+                # a batched shard's call waits for all its gradients anyway: start it in finish()
+                if self.eager and k.shard not in self.futures and not self.client.fits_batch(k.shard):
                     self._start(k.shard)
 
     def _start(self, shard: int) -> None:
         self.futures[shard] = self.client._pool.submit(self.client._push_shard, shard, self.step,
-                                                       self.feeds[shard])
+                                                       self.base_versions.get(shard, 0), self.feeds[shard])
 
     def missing(self) -> list[str]:
         return [p.name for p in self.client.shard_map.params if p.name not in self.seen]
@@ -471,7 +479,8 @@ class StreamingPush:
             raise InvalidArgument(f"no gradient for parameters {missing[:5]} in step {self.step}")
         shards = [s for s, feed in self.feeds.items() if feed.expected]  # a shard may hold no keys
         if not self.eager and len(shards) == 1:  # one call: no hand-off to a pool thread
-            replies = [self.client._push_shard(shards[0], self.step, self.feeds[shards[0]])]
+            replies = [self.client._push_shard(shards[0], self.step, self.base_versions.get(shards[0], 0),
+                                               self.feeds[shards[0]])]
         else:
             for shard in shards:
                 if shard not in self.futures:
