@@ -54,6 +54,7 @@ class PSClient:
         self._stream: StreamingPush | None = None
         self._prefetch: futures.Future | None = None
         self._h2d_done = None           # CUDA event: weights copied out of the host buffers
+        self._handoffs: list[futures.Future] = []   # gradients on their way into this step's push
         self._pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="psclient")
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook(n))
                        for n, p in self.params.items()] if overlap else []
@@ -126,6 +127,11 @@ class PSClient:
             for n, p in self.params.items():
                 if p.grad is not None:
                     self._add_grad(stream, n, p.grad)
+        try:
+            self._settle_handoffs()
+        except BaseException:
+            stream.abandon()
+            raise
         for n in stream.missing():  # parameters that took no part in this step's graph
             stream.add(n, np.zeros(self.params[n].numel(), np.float32))
         incarnation = self.client.incarnation
@@ -166,7 +172,18 @@ class PSClient:
             buf.copy_(grad.detach().reshape(-1), non_blocking=True)
             done = self.copy_stream.record_event()
         # wait for the copy off the backward thread, then hand the host bytes over
-        self._pool.submit(lambda: (done.synchronize(), stream.add(name, self.grads.arrays[name])))
+        self._defer(lambda: (done.synchronize(), stream.add(name, self.grads.arrays[name])))
+
+    def _defer(self, handoff) -> None:
+        self._handoffs.append(self._pool.submit(handoff))
+
+    def _settle_handoffs(self) -> None:
+        """Wait for every deferred hand-off of this step: until then a gradient may look
+        missing (and be pushed as zeros), and a hand-off's error would be lost."""
+        pending, self._handoffs = self._handoffs, []
+        errors = [e for e in (f.exception() for f in pending) if e is not None]
+        if errors:
+            raise errors[0]
 
     def leave(self) -> None:
         for h in self._hooks:

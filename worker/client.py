@@ -414,6 +414,7 @@ class _Feed:
         self.items: list = []
         self.expected = expected
         self.timeout_s = timeout_s
+        self.abandoned = False
         self.cond = threading.Condition()
 
     def put(self, key, grad: np.ndarray) -> None:
@@ -421,13 +422,21 @@ class _Feed:
             self.items.append((key, grad))
             self.cond.notify_all()
 
+    def abandon(self) -> None:
+        with self.cond:
+            self.abandoned = True
+            self.cond.notify_all()
+
     def __iter__(self):
         i = 0
         while i < self.expected:
             with self.cond:
-                if not self.cond.wait_for(lambda: i < len(self.items), timeout=self.timeout_s):
+                if not self.cond.wait_for(lambda: i < len(self.items) or self.abandoned,
+                                          timeout=self.timeout_s):
                     raise DeadlineExceeded(f"gradients stopped arriving: {len(self.items)} of "
                                            f"{self.expected} after {self.timeout_s:.0f}s")
+                if i >= len(self.items):
+                    raise Aborted(f"push abandoned after {i} of {self.expected} gradients")
                 item = self.items[i]
             i += 1
             yield item
@@ -468,6 +477,12 @@ class StreamingPush:
     def _start(self, shard: int) -> None:
         self.futures[shard] = self.client._pool.submit(self.client._push_shard, shard, self.step,
                                                        self.base_versions.get(shard, 0), self.feeds[shard])
+
+    def abandon(self) -> None:
+        """Give up this step's push: streams already started end at once instead of waiting
+        out the deadline for gradients that will not come (the server applies nothing)."""
+        for feed in self.feeds.values():
+            feed.abandon()
 
     def missing(self) -> list[str]:
         return [p.name for p in self.client.shard_map.params if p.name not in self.seen]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -182,6 +183,62 @@ def test_overlap_matches_plain_path(cluster, mode, n_workers):
     moved = [k.key for k in smap.keys
              if np.abs(plain[k.key] - initial[k.param][k.offset:k.offset + k.length]).max() > 1e-4]
     assert len(moved) > len(smap.keys) // 2, f"only {len(moved)} of {len(smap.keys)} keys moved"
+
+
+# -- (b2) gradients handed over later (the CUDA path's copy-then-add on a pool thread) ----------
+class DeferredHandoff(PSClient):
+    """Hands every gradient to the push from a pool thread after a delay, the way the CUDA path
+    does once its device-to-host copy is done; here on CPU, so the suite covers the ordering."""
+    delay_s = 0.05
+    duplicate: str | None = None   # a parameter whose gradient is (wrongly) handed over twice
+
+    def _add_grad(self, stream, name, grad):
+        arr = grad.detach().reshape(-1).numpy().copy()
+        for _ in range(2 if name == self.duplicate else 1):
+            self._defer(lambda: (time.sleep(self.delay_s), stream.add(name, arr)))
+
+
+def one_step_grads(model, split, gen) -> dict[str, np.ndarray]:
+    idx = torch.randint(len(split.x_train), (32,), generator=gen)
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(split.x_train[idx]), split.y_train[idx]).backward()
+    return {n: p.grad.detach().numpy().reshape(-1).copy() for n, p in model.named_parameters()}
+
+
+def test_push_waits_for_deferred_handoffs(cluster):
+    lr = 0.1
+    c = cluster(JobSpec(num_servers=2, optimizer=OptimizerConfig(kind="sgd", lr=lr)))
+    split, gen = data.digits(), torch.Generator().manual_seed(0)
+    model = models.build("digits-mlp", seed=0)
+    with DeferredHandoff.connect(c.address, model) as ps:
+        before = attached_params(c.address)
+        grads = one_step_grads(model, split, gen)
+        assert ps.push()
+        after = attached_params(c.address)
+    # every gradient arrived in the push: none went as the zeros sent for a missing parameter
+    for name, g in grads.items():
+        assert np.abs(g).max() > 0, name
+        np.testing.assert_allclose(after[name], before[name] - lr * g, rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_failed_handoff_fails_the_push_and_applies_nothing(cluster):
+    c = cluster(JobSpec(num_servers=2))
+    split, gen = data.digits(), torch.Generator().manual_seed(0)
+    model = models.build("digits-mlp", seed=0)
+    first = next(n for n, _ in model.named_parameters())
+    with DeferredHandoff.connect(c.address, model) as ps:
+        ps.duplicate = first
+        one_step_grads(model, split, gen)
+        with pytest.raises(InvalidArgument, match=f"gradient for '{first}' added twice"):
+            ps.push()
+        assert [srv.shard.version for srv in c.servers] == [0, 0]
+        assert ps.clock == 0
+        # the same step, handed over correctly, goes through
+        ps.duplicate = None
+        one_step_grads(model, split, gen)
+        assert ps.push()
+        assert ps.clock == 1
+        assert [srv.shard.version for srv in c.servers] == [1, 1]
 
 
 # -- (c) leaving on an exception ----------------------------------------------------------------
