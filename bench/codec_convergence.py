@@ -137,7 +137,7 @@ def render_table(runs: list[dict]) -> str:
         out.append(f"\nError-feedback ablation (top-k): median final accuracy {median(with_ef):.3f} with error feedback, "
                    f"{median(no_ef):.3f} without; drop per seed (with - without): "
                    + ", ".join(f"{d:+.3f}" for d in drops) + ".")
-    out.append("\nNotes: tensors of at most 4096 bytes (the two biases) are sent as bf16 whatever the push codec "
+    out.append("\nNotes: tensors of at most 4096 bytes (the two biases) are sent as raw fp32 whatever the lossy push codec "
                "(the job's small_tensor_bytes), which caps top-k's ratio; int8 is blockwise with stochastic rounding; "
                "top-k at 1% keeps 82 of the 8192 first-layer and 13 of the 1280 second-layer weights per push, "
                "with their indices. psctl up starts each worker as soon as it has connected, so with W >= 2 the "

@@ -86,13 +86,16 @@ class OptimizerConfig:
         return cls(**fields)
 
 
+INT8_BLOCK_SIZE = 256  # elements per int8 scale unless the codec text says otherwise
+
+
 @dataclasses.dataclass(frozen=True)
 class CodecConfig:
     """A codec choice such as `fp32`, `bf16`, `int8`, `topk:0.01`."""
 
     name: str = "fp32"
     topk_density: float = 0.01
-    int8_block_size: int = 256
+    int8_block_size: int = INT8_BLOCK_SIZE
     error_feedback: bool = True
 
     def __post_init__(self):
@@ -126,8 +129,11 @@ class CodecConfig:
         return CODECS[self.name]
 
     def __str__(self) -> str:
+        # the text parse() reads back to this codec: `psctl up` hands it on to the daemons
         if self.name == "topk":
-            return f"topk:{self.topk_density:g}"
+            return f"topk:{self.topk_density!r}"
+        if self.name == "int8" and self.int8_block_size != INT8_BLOCK_SIZE:
+            return f"int8:{self.int8_block_size}"
         return self.name
 
     def to_proto(self) -> job_pb2.CodecSpec:
@@ -141,7 +147,7 @@ class CodecConfig:
             return cls()
         name = "fp32" if msg.codec == tensor_pb2.CODEC_RAW else _name_of(CODECS, msg.codec)
         return cls(name=name, topk_density=msg.topk_density or 0.01,
-                   int8_block_size=msg.int8_block_size or 256,
+                   int8_block_size=msg.int8_block_size or INT8_BLOCK_SIZE,
                    error_feedback=msg.error_feedback)
 
 

@@ -115,7 +115,9 @@ def bind(server: grpc.Server, listen: str, security: Security = NO_SECURITY) -> 
 def enable_reflection(server: grpc.Server, service_names: list[str]) -> None:
     """gRPC server reflection (for grpcurl), behind the daemons' --reflection flag."""
     from grpc_reflection.v1alpha import reflection
-    reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME], server)
+    # the health service too: probes and operators call it through grpcurl
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection([*service_names, health_name, reflection.SERVICE_NAME], server)
 
 
 def add_health(server: grpc.Server) -> health.HealthServicer:

@@ -230,7 +230,8 @@ def figure(series: list[Series]):
     return fig
 
 
-def run(paths: list[str], out: str) -> int:
+def run(paths: list[str], out: str, report=None) -> int:
+    """Write the PNG; one line about it on `report` (default stdout)."""
     series, skipped = load(paths)
     for path, bad in skipped.items():
         if bad:
@@ -245,5 +246,6 @@ def run(paths: list[str], out: str) -> int:
         fig.savefig(target, format="png")  # PNG whatever the name's extension says
     except OSError as exc:
         raise InvalidArgument(f"cannot write {out}: {exc.strerror or exc}") from None
-    print(f"{target}: {len(series)} series from {len({s.source for s in series})} file(s)", flush=True)
+    print(f"{target}: {len(series)} series from {len({s.source for s in series})} file(s)",
+          file=report or sys.stdout, flush=True)
     return 0

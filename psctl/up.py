@@ -234,6 +234,12 @@ def run(cfg: UpConfig) -> int:
                    "final_accuracy": round(evaluate_live(address, cfg.model), 4),
                    "status": ops.collect_status(address, 10.0),
                    "inspect": ops.collect_inspect(address, 10.0, None, 4)}
+        if cfg.plot:
+            from psctl import plot
+            # with --json, stdout carries the JSON document alone
+            plot.run(sorted(str(p) for p in run_dir.glob("worker-*.jsonl")), cfg.plot,
+                     report=sys.stderr if cfg.as_json else sys.stdout)
+            summary["plot"] = cfg.plot
         if cfg.as_json:
             print(json.dumps(summary, indent=2))
         else:
@@ -249,9 +255,6 @@ def run(cfg: UpConfig) -> int:
                       f"held-out accuracy {r['eval_accuracy']}")
             print(f"final held-out accuracy of the served parameters: {summary['final_accuracy']:.4f} "
                   f"({summary['wall_s']:.1f}s)")
-        if cfg.plot:
-            from psctl import plot
-            plot.run(sorted(str(p) for p in run_dir.glob("worker-*.jsonl")), cfg.plot)
         if summary["final_accuracy"] < cfg.min_accuracy:
             print(f"psctl up: final accuracy {summary['final_accuracy']:.4f} is below --min-accuracy "
                   f"{cfg.min_accuracy}", file=sys.stderr)

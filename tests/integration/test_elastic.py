@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import signal
 import subprocess
 import time
@@ -311,7 +312,10 @@ def test_ssp_paused_worker_rejoins(procs):
 
     wait_ok(victim)
     log = victim.log_text()
-    assert "refused" in log, log[-3000:]
+    # a call under the old incarnation was refused (heartbeat, pull or push: whichever came first)
+    refusal = re.compile(rf"(heartbeat|pull|push) refused: .*worker {victim_id} incarnation {old_inc} "
+                         r"(is not current|was declared dead or left); rejoin")
+    assert refusal.search(log), log[-3000:]
     assert f"worker {victim_id} rejoined as incarnation" in log, log[-3000:]
     final_v = assert_worker_metrics(victim.metrics, SSP_SLOW_STEPS)
     assert final_v["worker"] == victim_id

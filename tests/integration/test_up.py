@@ -27,9 +27,10 @@ MODES = [
 def run_up(procs, mode: str, extra: list[str], steps: int) -> tuple[int, dict, str]:
     run_dir = procs.root / f"up-{mode}"
     out = procs.root / f"up-{mode}.json"
+    plot = ["--plot", str(procs.root / f"up-{mode}.png")] if mode == "async" else []
     with open(out, "wb") as f:
         p = procs.spawn(f"up-{mode}", "up", "--servers", str(SERVERS), "--workers", str(WORKERS),
-                        "--mode", mode, *extra, "--model", "digits-mlp", "--steps", str(steps),
+                        "--mode", mode, *extra, *plot, "--model", "digits-mlp", "--steps", str(steps),
                         "--timeout", str(UP_TIMEOUT_S), "--json", "--run-dir", str(run_dir), stdout=f)
     try:
         rc = p.popen.wait(timeout=WAIT_S)
@@ -47,6 +48,14 @@ def test_up_trains_to_accuracy(procs, mode, extra, steps):
     _, summary, logs = run_up(procs, mode, extra, steps)
 
     assert summary["mode"] == mode
+    if mode == "async":
+        # --plot beside --json: the PNG is written and named in the summary, and stdout held
+        # the JSON document alone (run_up parsed all of it)
+        png = procs.root / "up-async.png"
+        assert summary["plot"] == str(png)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "plot" not in summary
     assert summary["final_accuracy"] >= 0.95, f"{mode}: accuracy {summary['final_accuracy']}\n{logs}"
     assert [w["worker"] for w in summary["workers"]] == list(range(WORKERS))
     for w in summary["workers"]:

@@ -33,6 +33,14 @@ def test_parse_topk_density():
     assert str(cfg) == "topk:0.01"
 
 
+@pytest.mark.parametrize("text", ["fp32", "fp16", "bf16", "int8", "int8:64", "int8:256", "topk",
+                                  "topk:0.05", "topk:0.0012345678", "topk:1"])
+def test_codec_text_reads_back_to_the_same_codec(text):
+    # psctl up hands str(codec) to the daemons it starts: nothing may be lost on the way
+    cfg = CodecConfig.parse(text)
+    assert CodecConfig.parse(str(cfg)) == cfg
+
+
 @pytest.mark.parametrize("text, named", [
     ("gzip", "'gzip'"),
     ("", "''"),
