@@ -142,12 +142,21 @@ class Loop:
             if status == pb.LEASE_STATUS_WAIT:
                 self.stop.wait(0.05)  # others hold the last leases of this epoch
                 continue
+            leased_as = client.incarnation
             for idx in partition_batches(len(self.split.x_train), self.cfg.partitions, epoch, partition,
                                          self.cfg.batch_size, self.cfg.seed):
                 if self.stop.is_set():
                     return
+                if client.incarnation != leased_as:
+                    break
                 while not self.step(idx) and not self.stop.is_set():
                     pass  # sync skipped the step: the same batch on the current parameters
+            if client.incarnation != leased_as:
+                # declared dead and rejoined mid-partition: the scheduler gave the partition
+                # back to the queue, so someone else trains the rest of it, not us as well
+                log.warning("partition %d of epoch %d dropped: its lease lapsed when we rejoined",
+                            partition, epoch)
+                continue
             try:
                 client.complete_partition(epoch, partition)
             except FailedPrecondition as exc:

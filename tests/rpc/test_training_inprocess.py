@@ -1,10 +1,14 @@
 """A whole training run through an in-process cluster (fast; the process-level run is in
 tests/integration)."""
+import json
+import threading
+
 import numpy as np
 import torch
 
 from pscommon.config import JobSpec
 from worker import PSClient, data, models
+from worker.train import Loop, MetricsWriter, TrainConfig, partition_batches
 
 
 def test_inprocess_cluster_trains_digits(cluster):
@@ -27,3 +31,40 @@ def test_inprocess_cluster_trains_digits(cluster):
     shards = c.servers
     assert sum(s.shard.version for s in shards) == 2 * 400
     assert all(np.isfinite(e.value).all() for s in shards for e in s.shard.entries.values())
+
+
+class RejoinMidPartition(Loop):
+    """Comes back under a new incarnation after the first step of its first partition, as a
+    worker declared dead (a long pause) does: the scheduler has given that partition back."""
+
+    rejoined = False
+
+    def step(self, idx):
+        ok = super().step(idx)
+        if not self.rejoined:
+            self.rejoined = True
+            self.ps.client.rejoin(self.ps.client.incarnation)
+        return ok
+
+
+def test_partition_of_a_lapsed_lease_is_dropped_not_trained_twice(cluster, tmp_path):
+    parts, batch = 4, 32
+    c = cluster(JobSpec(num_servers=2))
+    split = data.digits()
+    model = models.build("digits-mlp", seed=0)
+    metrics = tmp_path / "m.jsonl"
+    cfg = TrainConfig(scheduler=c.address, epochs=1, partitions=parts, batch_size=batch)
+    with PSClient.connect(c.address, model) as ps:
+        first_inc = ps.client.incarnation
+        loop = RejoinMidPartition(cfg, ps, model, torch.device("cpu"), split,
+                                  MetricsWriter(str(metrics)), threading.Event())
+        loop.run_epochs()
+        loop.metrics.close()
+        assert ps.client.incarnation > first_inc
+    done = [json.loads(line) for line in metrics.read_text().splitlines()]
+    finished = sorted(r["partition"] for r in done if r.get("event") == "partition_done")
+    assert finished == list(range(parts)), finished
+    batches = sum(len(partition_batches(len(split.x_train), parts, 0, p, batch, cfg.seed)) for p in range(parts))
+    # every batch once, plus the one step taken before the lease lapsed: the rest of that
+    # partition was trained once, after it was leased again
+    assert loop.done == batches + 1, (loop.done, batches)
