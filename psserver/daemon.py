@@ -11,7 +11,7 @@ from google.protobuf import json_format
 
 from pscommon import framing, grpcutil
 from pscommon.config import JobSpec
-from pscommon.errors import FailedPrecondition, InvalidArgument, PSError, from_rpc_error
+from pscommon.errors import FailedPrecondition, InvalidArgument, NotFound, PSError, from_rpc_error
 from pscommon.lifecycle import DaemonOptions, Telemetry, write_ready_file
 from pscommon.wire.v1 import ps_pb2, scheduler_pb2, scheduler_pb2_grpc
 from psserver.checkpoint import Checkpointer, CheckpointStore
@@ -49,12 +49,28 @@ def checkpoint_job(job) -> dict:
     return {k: full[k] for k in ("mode", "staleness", "optimizer", "numServers", "sliceBytes") if k in full}
 
 
+EXIT_REPLACED = 3  # another server took this shard over while we were away
+
+
+def successor(servers, shard: int, incarnation: int):
+    """The live server that took `shard` over from our `incarnation`, or None. Registering
+    again is right when we were only declared dead (a pause past the lease, a scheduler that
+    lost us): we still hold the shard's state. It is wrong once a newer server serves the
+    shard: that one restored or rebuilt it and has taken updates since, and two servers
+    re-registering in turn would pass the shard back and forth."""
+    for s in servers:
+        if s.shard == shard and s.state == scheduler_pb2.MEMBER_STATE_ALIVE and s.incarnation > incarnation:
+            return s
+    return None
+
+
 class ServerProcess:
     """The running server: gRPC server + shard + background threads."""
 
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
         self.stop = threading.Event()
+        self.stepped_down = threading.Event()   # replaced by a newer server for our shard
         self.telemetry = Telemetry(cfg.options, "server")
         self.grpc_server = grpcutil.make_server(security=cfg.options.security,
                                                 interceptors=self.telemetry.interceptors)
@@ -128,14 +144,33 @@ class ServerProcess:
                                                  incarnation=self.lease.incarnation)
             try:
                 grpcutil.call(self.sched.Heartbeat, req, grpcutil.CONTROL_TIMEOUT_S)
-            except FailedPrecondition:
-                log.warning("scheduler no longer knows this server's lease; registering again")
+            except (FailedPrecondition, NotFound) as exc:
+                if self._replaced(req.incarnation):
+                    return
+                log.warning("scheduler no longer holds this server's lease (%s); registering again", exc)
                 try:
                     self.lease = self._register().lease
                 except PSError as exc:
                     log.warning("re-registration failed: %s", exc)
             except PSError as exc:  # scheduler away: keep serving on the last view
                 log.debug("heartbeat failed: %s", exc)
+
+    def _replaced(self, incarnation: int) -> bool:
+        try:
+            st = grpcutil.call(self.sched.Status, scheduler_pb2.StatusRequest(), grpcutil.CONTROL_TIMEOUT_S)
+        except PSError as exc:
+            log.warning("cannot tell whether this shard was taken over (%s); trying again", exc)
+            return False
+        new = successor(st.servers, self.shard.shard_id, incarnation)
+        if new is None:
+            return False
+        log.error("shard %d was taken over by the server at %s (incarnation %d); stepping down "
+                  "without a checkpoint: this process's copy is stale", self.shard.shard_id,
+                  new.address, new.incarnation)
+        self.stepped_down.set()
+        self.stop.set()       # no more checkpoints either: they would hide the successor's
+        grpcutil.set_serving(self.health, SERVICE, False)
+        return True
 
     def _adopt(self, view) -> None:
         self.shard.set_view(view.epoch, [
@@ -176,6 +211,9 @@ class ServerProcess:
         self.stop.set()
         grpcutil.set_serving(self.health, SERVICE, False)
         self.grpc_server.stop(self.cfg.drain_grace_s).wait()
+        if self.stepped_down.is_set():
+            self.telemetry.stop()      # our lease and our copy of the shard are someone else's now
+            return
         if self.checkpointer is not None:
             self.checkpointer.write()  # the final checkpoint: nothing applied is lost
         self._leave()
@@ -196,6 +234,7 @@ class ServerProcess:
 def run(cfg: ServerConfig, stop: threading.Event) -> int:
     proc = ServerProcess(cfg)
     proc.start()
-    stop.wait()
+    while not stop.wait(0.5) and not proc.stepped_down.is_set():
+        pass
     proc.drain()
-    return 0
+    return EXIT_REPLACED if proc.stepped_down.is_set() else 0

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pscommon.errors import FailedPrecondition, InvalidArgument, NotFound
+from pscommon.wire.v1 import scheduler_pb2
+from psserver.daemon import successor
 from scheduler import membership as mb
 from scheduler.membership import Membership
 
@@ -289,3 +291,21 @@ class MembershipMachine(RuleBasedStateMachine):
 
 MembershipMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 test_membership_transitions = MembershipMachine.TestCase
+
+
+# -- a server that finds its lease refused: register again, or step down? --------------------
+def _server(shard, incarnation, state):
+    return scheduler_pb2.ServerInfo(shard=shard, address=f"10.0.0.{incarnation}:1", incarnation=incarnation,
+                          state=getattr(scheduler_pb2, f"MEMBER_STATE_{state}"))
+
+
+def test_successor_is_a_newer_live_server_for_the_same_shard():
+    new = _server(0, 7, "ALIVE")
+    assert successor([_server(1, 9, "ALIVE"), new], shard=0, incarnation=3) == new
+
+
+def test_no_successor_when_we_were_only_declared_dead():
+    assert successor([_server(0, 3, "DEAD"), _server(1, 9, "ALIVE")], shard=0, incarnation=3) is None
+    assert successor([], shard=0, incarnation=3) is None            # scheduler lost us
+    assert successor([_server(0, 7, "DEAD")], shard=0, incarnation=3) is None   # the successor died too
+    assert successor([_server(0, 2, "ALIVE")], shard=0, incarnation=3) is None  # an older one: not ours to yield to
