@@ -3,6 +3,8 @@ while they train, `psctl status` and `psctl inspect` describe the live cluster; 
 worker's metrics file holds its step records and a final evaluation."""
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from .helpers import MLP_PARAMS, assert_worker_metrics, inspect_json, poll, status_json, tensors_by_name
@@ -64,3 +66,23 @@ def test_daemons_by_hand(procs):
     # async applies every push exactly once
     for t in tensors_by_name(inspect_json(sched.address)).values():
         assert t["version"] == 2 * STEPS, t
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_worker_signal_leaves_at_once_and_exits_0(procs, sig):
+    """A worker stopped by SIGTERM (Kubernetes, systemd) or Ctrl-C leaves the membership
+    itself: the scheduler shows it left, long before its 60 s lease could have expired."""
+    sched = procs.scheduler("--mode", "async", "--heartbeat-timeout", "60")
+    procs.server(sched.address, 0)
+    w = procs.worker(sched.address, 0, 100_000, "--step-delay", STEP_DELAY)
+
+    def training():
+        assert w.running(), f"worker exited {w.popen.returncode}:\n{w.log_text()[-3000:]}"
+        return any(m["clock"] > 0 and m["state"] == "alive" for m in status_json(sched.address)["workers"])
+    poll(training, 180, interval_s=0.5, what="the worker to report progress")
+    w.popen.send_signal(sig)
+    assert w.popen.wait(timeout=30) == 0, w.log_text()[-3000:]
+    (member,) = status_json(sched.address)["workers"]
+    assert member["state"] == "left", member
+    assert 0 < member["clock"] < 100_000
