@@ -3,12 +3,14 @@
 # side stream, gradients streamed from autograd hooks) on a machine with a GPU.
 #
 # Starts a local `psctl scheduler` and one `psctl server` (background, ready files, cleaned up
-# on exit), then runs a digits-cnn `psctl worker --device cuda` twice on that cluster, without
-# and with --overlap, each with --metrics-out. Prints one summary JSON: per variant the step
-# time (median / mean of the gaps between consecutive step records of the metrics file, after
-# WARMUP steps), host<->device bytes per step (H2D: the fp32 weights of each pull; D2H: the fp32
-# gradients of each push; from the worker's final summary), wire bytes, held-out accuracy and
-# torch.cuda memory statistics; then the overlap/plain step-time ratio. Well under 3 minutes.
+# on exit), then runs a digits-cnn `psctl worker --device cuda` three times on that cluster:
+# plain, --overlap, and --overlap with bf16 pushes cast on the device, each with --metrics-out.
+# Prints one summary JSON: per variant the step time (median / mean of the gaps between
+# consecutive step records of the metrics file, after WARMUP steps), host<->device bytes per
+# step (H2D: the fp32 weights of each pull; D2H: the gradients of each push, fp32 or cast to
+# bf16 on the device; from the worker's final summary), wire bytes, held-out accuracy and
+# torch.cuda memory statistics; then the overlap/plain step-time and cast/fp32 D2H ratios.
+# Well under 3 minutes.
 #
 #   bash bench/gpu_check.sh                # exits 0 with a message where CUDA is unavailable
 #   STEPS=500 bash bench/gpu_check.sh
@@ -118,6 +120,9 @@ EOF
 status=0
 worker plain || { echo "gpu_check: plain worker failed:" >&2; tail -20 "$run/plain.log" >&2; status=1; }
 worker overlap --overlap || { echo "gpu_check: overlap worker failed:" >&2; tail -20 "$run/overlap.log" >&2; status=1; }
+# bf16 pushes, cast on the device (--device-compression on, so DEVICE=cpu runs the same path)
+worker cast --overlap --push-codec bf16 --device-compression on || {
+  echo "gpu_check: cast worker failed:" >&2; tail -20 "$run/cast.log" >&2; status=1; }
 
 "$PY" - "$run" "$STEPS" "$WARMUP" "$DEVICE" "${OUT:-}" <<'EOF'
 import json, pathlib, statistics, sys
@@ -139,8 +144,9 @@ def variant(name):
         n = max(final["steps"], 1)
         pulls = n + 2   # connect's pull, one per step, the final pull before evaluation
         r.update(steps=final["steps"], eval_accuracy=final["eval_accuracy"], wall_s=final["wall_s"],
-                 h2d_bytes_per_pull=final["logical_received"] // pulls,
-                 d2h_bytes_per_step=final["logical_sent"] // n,
+                 h2d_bytes_per_pull=final["weight_host_bytes"] // pulls,
+                 d2h_bytes_per_step=final["grad_host_bytes"] // n,
+                 device_cast=final["device_cast"],
                  wire_received_per_pull=final["bytes_received"] // pulls,
                  wire_sent_per_step=final["bytes_sent"] // n)
     try:
@@ -150,12 +156,14 @@ def variant(name):
     r["ok"] = bool(final) and r.get("rc") == 0 and final["steps"] == steps and final["eval_accuracy"] >= 0.7  # chance is 0.1
     return r
 
-plain, overlap = variant("plain"), variant("overlap")
+plain, overlap, cast = variant("plain"), variant("overlap"), variant("cast")
 summary = {"check": "gpu", "device": device, "model": "digits-cnn", "steps": steps, "warmup": warmup,
-           "plain": plain, "overlap": overlap,
+           "plain": plain, "overlap": overlap, "cast": cast,
+           "cast_d2h_over_overlap": (round(cast["d2h_bytes_per_step"] / overlap["d2h_bytes_per_step"], 3)
+                                     if cast.get("d2h_bytes_per_step") and overlap.get("d2h_bytes_per_step") else None),
            "overlap_over_plain_step": (round(overlap["step_ms_median"] / plain["step_ms_median"], 3)
                                        if plain.get("step_ms_median") and overlap.get("step_ms_median") else None),
-           "ok": plain["ok"] and overlap["ok"]}
+           "ok": plain["ok"] and overlap["ok"] and cast["ok"]}
 text = json.dumps(summary, indent=2)
 print(text)
 if out:

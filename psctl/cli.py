@@ -136,6 +136,9 @@ def build_parser() -> Parser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device-compression", choices=["auto", "on", "off"], default="auto",
+                   help="cast fp16/bf16 pushes on the device before the copy to the host "
+                        "(auto: on CUDA with such a codec)")
     p.add_argument("--metrics-out", default=None, help="append JSON-lines metrics here")
     p.add_argument("--push-codec", default=None, help="override the job's push codec")
     p.add_argument("--no-error-feedback", action="store_true", help="with --push-codec: no residual")
@@ -233,7 +236,8 @@ def _run_worker(a) -> int:
                       error_feedback=not a.no_error_feedback,
                       step_delay_s=a.step_delay, progress=False if a.no_progress else None,
                       epochs=a.epochs, partitions=a.partitions, options=options_from_args(a),
-                      min_workers=a.min_workers)
+                      min_workers=a.min_workers,
+                      device_compression={"auto": None, "on": True, "off": False}[a.device_compression])
     train(cfg, stop)
     return 0
 

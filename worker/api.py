@@ -24,23 +24,26 @@ from torch import nn
 
 from pscommon.config import CodecConfig
 from pscommon.errors import Aborted, FailedPrecondition, InvalidArgument
+from worker import device_codec
 from worker.client import ClientConfig, ShardClient, StreamingPush
 
 log = logging.getLogger("shardps.worker")
 
 
 class HostBuffers:
-    """One flat float32 host buffer per parameter (pinned when the model is on CUDA), seen by
-    numpy for the wire and by torch for device copies."""
+    """One flat host buffer per parameter (pinned when the model is on CUDA), seen by numpy
+    for the wire and by torch for device copies: float32, or a 16-bit cast's words."""
 
-    def __init__(self, params: dict[str, nn.Parameter], pinned: bool):
-        self.tensors = {n: torch.empty(p.numel(), dtype=torch.float32, pin_memory=pinned)
+    def __init__(self, params: dict[str, nn.Parameter], pinned: bool, dtype: torch.dtype = torch.float32):
+        self.tensors = {n: torch.empty(p.numel(), dtype=dtype, pin_memory=pinned)
                         for n, p in params.items()}
-        self.arrays = {n: t.numpy() for n, t in self.tensors.items()}
+        self.arrays = {n: (t.numpy() if dtype == torch.float32 else device_codec.wire_bits(t))
+                       for n, t in self.tensors.items()}
 
 
 class PSClient:
-    def __init__(self, client: ShardClient, model: nn.Module, overlap: bool = False):
+    def __init__(self, client: ShardClient, model: nn.Module, overlap: bool = False,
+                 device_compression: bool | None = None):
         self.client = client
         self.model = model
         self.params = dict(model.named_parameters())
@@ -49,6 +52,12 @@ class PSClient:
         self.weights = HostBuffers(self.params, self.cuda)    # pulls land here
         self.grads = HostBuffers(self.params, self.cuda) if self.cuda else None
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.device_cast, self.cast_params = self._device_cast(device_compression)
+        self.words = (HostBuffers({n: self.params[n] for n in self.cast_params}, self.cuda,
+                                  self.device_cast.dtype) if self.device_cast else None)
+        self.grad_host_bytes = 0    # gradient bytes handed from the model to the push (D2H on CUDA)
+        self.weight_host_bytes = 0  # weight bytes copied into the model by pulls (H2D on CUDA)
+        self._count = threading.Lock()
         self.overlap = overlap
         self.prefetch_enabled = overlap and client.job.mode in ("async", "ssp")
         self._stream: StreamingPush | None = None
@@ -59,9 +68,27 @@ class PSClient:
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook(n))
                        for n, p in self.params.items()] if overlap else []
 
+    def _device_cast(self, wanted: bool | None):
+        """The device-side cast and the parameters it serves. None: on where it saves
+        PCIe bytes (CUDA and an fp16/bf16 push codec); True forces it (on the CPU too, where
+        it runs the same torch code: that is how the tests cover it)."""
+        codec = self.client.cfg.push_codec or self.client.job.push_codec
+        if wanted is None:
+            wanted = self.cuda and device_codec.supports(codec)
+        if not wanted:
+            return None, frozenset()
+        cast = device_codec.DeviceCast(codec)
+        # parameters with a key small enough to go raw stay on the host path, which sends
+        # those keys as fp32 (the job's small_tensor_bytes rule)
+        small = self.client.job.small_tensor_bytes
+        smap = self.client.shard_map
+        return cast, frozenset(n for n in self.params
+                               if all(k.nbytes > small for k in smap.keys_of_param(n)))
+
     @classmethod
     def connect(cls, scheduler: str, model: nn.Module, *, name: str = "", push_codec: str | None = None,
-                error_feedback: bool = True, overlap: bool = False, **client_options) -> "PSClient":
+                error_feedback: bool = True, overlap: bool = False,
+                device_compression: bool | None = None, **client_options) -> "PSClient":
         """Join the job, wait for its servers, declare the model (idempotent) and pull."""
         if not isinstance(model, nn.Module):
             raise InvalidArgument(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -75,7 +102,7 @@ class PSClient:
             client.wait_for_servers()
             client.declare({n: p.detach().to("cpu", torch.float32).numpy()
                             for n, p in model.named_parameters()})
-            ps = cls(client, model, overlap=overlap)
+            ps = cls(client, model, overlap=overlap, device_compression=device_compression)
             ps.pull()
             return ps
         except BaseException:
@@ -101,6 +128,7 @@ class PSClient:
             else:
                 for n, p in self.params.items():
                     p.copy_(self.weights.tensors[n].view(p.shape))
+        self.weight_host_bytes += sum(4 * p.numel() for p in self.params.values())
 
     def _fetch(self) -> None:
         if self.client.expired:
@@ -161,18 +189,27 @@ class PSClient:
         return hook
 
     def _add_grad(self, stream: StreamingPush, name: str, grad: torch.Tensor) -> None:
+        cast = self.device_cast if name in self.cast_params else None
+        wire = cast.wire if cast else None
+        with self._count:
+            self.grad_host_bytes += grad.numel() * (2 if cast else 4)
         if not self.cuda:
-            # the grad tensor itself: nothing writes it until the next zero_grad/backward,
-            # and push() returns only after every byte has been sent
-            stream.add(name, grad.detach().reshape(-1).to(torch.float32).numpy())
+            if cast:
+                stream.add(name, device_codec.wire_bits(cast.encode(name, grad)), wire)
+            else:
+                # the grad tensor itself: nothing writes it until the next zero_grad/backward,
+                # and push() returns only after every byte has been sent
+                stream.add(name, grad.detach().reshape(-1).to(torch.float32).numpy())
             return
-        buf = self.grads.tensors[name]
+        bufs = self.words if cast else self.grads
         self.copy_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.copy_stream):
-            buf.copy_(grad.detach().reshape(-1), non_blocking=True)
+            # the cast runs on the device, so only its 16-bit words cross to the host
+            src = cast.encode(name, grad) if cast else grad.detach().reshape(-1)
+            bufs.tensors[name].copy_(src, non_blocking=True)
             done = self.copy_stream.record_event()
         # wait for the copy off the backward thread, then hand the host bytes over
-        self._defer(lambda: (done.synchronize(), stream.add(name, self.grads.arrays[name])))
+        self._defer(lambda: (done.synchronize(), stream.add(name, bufs.arrays[name], wire)))
 
     def _defer(self, handoff) -> None:
         self._handoffs.append(self._pool.submit(handoff))

@@ -374,13 +374,14 @@ class ShardClient:
 
         def frames():
             sizes["logical"] = sizes["wire"] = 0  # a retry sends everything again
-            for k, g in feed:
+            for k, g, wire in feed:
                 if k.key not in encoded:
-                    encoded[k.key] = self.compressor.compress(
-                        k.key, g, codec, small_tensor_bytes=self.job.small_tensor_bytes,
-                        lossless=self.job.lossless)
+                    encoded[k.key] = (
+                        self.compressor.compress(k.key, g, codec, small_tensor_bytes=self.job.small_tensor_bytes,
+                                                 lossless=self.job.lossless) if wire is None else
+                        self.compressor.encoded(k.key, g, wire, lossless=self.job.lossless))
                 meta, payload = encoded[k.key]
-                sizes["logical"] += g.nbytes
+                sizes["logical"] += k.nbytes
                 sizes["wire"] += memoryview(payload).nbytes
                 yield from chunk_frames(meta, payload)
 
@@ -417,9 +418,9 @@ class _Feed:
         self.abandoned = False
         self.cond = threading.Condition()
 
-    def put(self, key, grad: np.ndarray) -> None:
+    def put(self, key, grad: np.ndarray, wire: int | None) -> None:
         with self.cond:
-            self.items.append((key, grad))
+            self.items.append((key, grad, wire))
             self.cond.notify_all()
 
     def abandon(self) -> None:
@@ -461,15 +462,16 @@ class StreamingPush:
         self.seen: set[str] = set()
         self.lock = threading.Lock()
 
-    def add(self, name: str, grad: np.ndarray) -> None:
+    def add(self, name: str, grad: np.ndarray, wire: int | None = None) -> None:
         """Hand over parameter `name`'s flat float32 gradient (kept, not copied: don't reuse it
-        before finish() returns)."""
+        before finish() returns). With `wire` (a Codec), `grad` is already encoded in that
+        codec's element-wise 16-bit form (uint16 words, cast on the device) and is sent as is."""
         with self.lock:
             if name in self.seen:
                 raise InvalidArgument(f"gradient for {name!r} added twice in step {self.step}")
             self.seen.add(name)
             for k in self.client.shard_map.keys_of_param(name):
-                self.feeds[k.shard].put(k, grad[k.offset:k.offset + k.length])
+                self.feeds[k.shard].put(k, grad[k.offset:k.offset + k.length], wire)
                 # a batched shard's call waits for all its gradients anyway: start it in finish()
                 if self.eager and k.shard not in self.futures and not self.client.fits_batch(k.shard):
                     self._start(k.shard)

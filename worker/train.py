@@ -42,6 +42,7 @@ class TrainConfig:
     options: DaemonOptions = DaemonOptions()
     overlap: bool = False           # stream gradients from autograd hooks, prefetch pulls
     min_workers: int = 0            # wait until this many workers are alive before step 0
+    device_compression: bool | None = None   # None: fp16/bf16 pushes cast on CUDA devices
 
     def __post_init__(self):
         if self.model not in models.BUILTIN and ":" not in self.model:
@@ -208,7 +209,8 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
     telemetry = Telemetry(cfg.options, "worker", serves_rpc=False)
     with PSClient.connect(cfg.scheduler, model, name=name, push_codec=cfg.push_codec,
                           error_feedback=cfg.error_feedback,
-                          overlap=cfg.overlap, security=cfg.options.security) as ps:
+                          overlap=cfg.overlap, device_compression=cfg.device_compression,
+                          security=cfg.options.security) as ps:
         telemetry.start(WorkerCollector(ps.client))
         if cfg.min_workers > 1:
             ps.client.wait_for_workers(cfg.min_workers)
@@ -230,6 +232,8 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
                        bytes_sent=ps.bytes_sent, bytes_received=ps.bytes_received,
                        logical_sent=ps.client.traffic.logical_sent,
                        logical_received=ps.client.traffic.logical_received,
+                       grad_host_bytes=ps.grad_host_bytes, weight_host_bytes=ps.weight_host_bytes,
+                       device_cast=sorted(ps.cast_params),
                        stopped=stop.is_set(),
                        compression={k: {"codec": v.codec, "logical_bytes": v.total_logical_bytes,
                                         "wire_bytes": v.total_wire_bytes + v.total_header_bytes,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pscommon import grpcutil
-from pscommon.config import JobSpec, OptimizerConfig
+from pscommon.config import CodecConfig, JobSpec, OptimizerConfig
 from pscommon.errors import InvalidArgument
 from pscommon.wire.v1 import scheduler_pb2 as spb, scheduler_pb2_grpc
 from worker import PSClient, data, loading, models
@@ -239,6 +239,46 @@ def test_failed_handoff_fails_the_push_and_applies_nothing(cluster):
         assert ps.push()
         assert ps.clock == 1
         assert [srv.shard.version for srv in c.servers] == [1, 1]
+
+
+# -- (b3) the 16-bit cast on the device sends what the host codec sends ------------------------
+def train_cast(cluster, codec: str, device_compression: bool, overlap: bool, steps: int = 12):
+    c = cluster(JobSpec(num_servers=2, push_codec=CodecConfig.parse(codec),
+                        optimizer=OptimizerConfig(kind="sgd", lr=0.1)))
+    split, gen = data.digits(), torch.Generator().manual_seed(0)
+    model = models.build("digits-mlp", seed=0)
+    with PSClient.connect(c.address, model, overlap=overlap, device_compression=device_compression) as ps:
+        for _ in range(steps):
+            assert sgd_step(model, ps, split, gen)
+        sent = ps.bytes_sent
+        handed, cast = ps.grad_host_bytes, ps.cast_params
+    return server_params(c), sent, handed, cast
+
+
+@pytest.mark.parametrize("codec", ["bf16", "fp16"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_device_side_cast_matches_the_host_codec(cluster, codec, overlap):
+    host, host_sent, host_handed, none = train_cast(cluster, codec, device_compression=False, overlap=overlap)
+    dev, dev_sent, dev_handed, cast = train_cast(cluster, codec, device_compression=True, overlap=overlap)
+    assert none == frozenset()
+    # the two weight matrices are cast; the biases (<= small_tensor_bytes) stay on the host path
+    assert cast == {"0.weight", "2.weight"}
+    assert set(dev) == set(host)
+    for key in host:
+        np.testing.assert_array_equal(dev[key], host[key], err_msg=key)
+    assert dev_sent == host_sent                       # the same payloads on the wire
+    weights, biases = 128 * 64 + 10 * 128, 128 + 10
+    assert host_handed == 12 * 4 * (weights + biases)
+    assert dev_handed == 12 * (2 * weights + 4 * biases)   # half the bytes leave the model's device
+
+
+def test_device_compression_needs_a_cast_codec(cluster):
+    c = cluster(JobSpec(push_codec=CodecConfig.parse("topk:0.01")))
+    with pytest.raises(InvalidArgument, match="no device-side form"):
+        PSClient.connect(c.address, models.build("digits-mlp", seed=0), device_compression=True)
+    # and the failed connect left: the job has no live worker
+    poll(lambda: all(w.state != spb.MEMBER_STATE_ALIVE for w in scheduler_status(c.address).workers),
+         5.0, what="the refused worker to leave")
 
 
 # -- (c) leaving on an exception ----------------------------------------------------------------
