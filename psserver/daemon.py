@@ -36,6 +36,7 @@ class ServerConfig:
     checkpoint_dir: str | None = None
     checkpoint_every_s: float = 30.0
     options: DaemonOptions = DaemonOptions()
+    interceptors: tuple = ()       # extra grpc.ServerInterceptors, after the built-in ones (tests: faults)
 
     def __post_init__(self):
         if self.checkpoint_every_s <= 0:
@@ -73,7 +74,7 @@ class ServerProcess:
         self.stepped_down = threading.Event()   # replaced by a newer server for our shard
         self.telemetry = Telemetry(cfg.options, "server")
         self.grpc_server = grpcutil.make_server(security=cfg.options.security,
-                                                interceptors=self.telemetry.interceptors)
+                                                interceptors=self.telemetry.interceptors + tuple(cfg.interceptors))
         self.health = grpcutil.add_health(self.grpc_server)
         self.address = grpcutil.bind(self.grpc_server, cfg.listen, cfg.options.security)
         self.sched = scheduler_pb2_grpc.SchedulerStub(grpcutil.channel(cfg.scheduler, cfg.options.security))
