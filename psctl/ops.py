@@ -45,7 +45,9 @@ def traffic_dict(entries) -> dict:
     wire = sum(t.wire_bytes for t in entries)
     return {"logical_bytes": logical, "wire_bytes": wire,
             "ratio": round(logical / wire, 3) if wire else None,
-            "tensors": {t.key: {"logical_bytes": t.logical_bytes, "wire_bytes": t.wire_bytes}
+            "codec_s": round(sum(t.codec_seconds for t in entries), 6),
+            "tensors": {t.key: {"logical_bytes": t.logical_bytes, "wire_bytes": t.wire_bytes,
+                                "codec_s": round(t.codec_seconds, 6)}
                         for t in entries}}
 
 

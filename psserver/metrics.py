@@ -16,8 +16,7 @@ class ShardCollector:
         label = {"shard": str(s.shard_id)}
         with s.cond:
             pushes, pulls, dups, version = s.pushes, s.pulls, s.duplicates, s.version
-            push = (sum(t.logical for t in s.push_traffic.values()), sum(t.wire for t in s.push_traffic.values()))
-            pull = (sum(t.logical for t in s.pull_traffic.values()), sum(t.wire for t in s.pull_traffic.values()))
+            push, pull = _totals(s.push_traffic), _totals(s.pull_traffic)
             staleness = histogram_family("shardps_server_staleness", "Staleness of applied pushes, in "
                                          "shard updates (async/ssp).", s.staleness, label)
             wait = histogram_family("shardps_server_pull_wait_seconds", "Time pulls waited at the "
@@ -30,12 +29,17 @@ class ShardCollector:
                        label, dups)
         yield _counter("shardps_server_updates_applied_total", "Optimizer updates applied to the shard.",
                        label, version)
-        for name, (logical, wire) in (("push", push), ("pull", pull)):
+        for name, (logical, wire, _) in (("push", push), ("pull", pull)):
             fam = CounterMetricFamily(f"shardps_server_{name}_bytes", f"Tensor bytes {name}ed, "
                                       "logical (fp32) and on the wire.", labels=["shard", "kind"])
             fam.add_metric([label["shard"], "logical"], logical)
             fam.add_metric([label["shard"], "wire"], wire)
             yield fam
+        codec = CounterMetricFamily("shardps_server_codec_seconds", "Seconds spent decoding pushes "
+                                    "and encoding pulls.", labels=["shard", "direction"])
+        codec.add_metric([label["shard"], "push"], push[2])
+        codec.add_metric([label["shard"], "pull"], pull[2])
+        yield codec
         yield staleness
         yield wait
         yield _gauge("shardps_server_live_workers", "Live workers in the shard's membership view.", label, live)
@@ -45,6 +49,11 @@ class ShardCollector:
         age = self.checkpointer.age_s() if self.checkpointer else -1.0
         yield _gauge("shardps_server_checkpoint_age_seconds", "Seconds since the last checkpoint (-1: none).",
                      label, age)
+
+
+def _totals(table) -> tuple[int, int, float]:
+    return (sum(t.logical for t in table.values()), sum(t.wire for t in table.values()),
+            sum(t.codec_s for t in table.values()))
 
 
 def _counter(name, doc, labels, value):

@@ -5,6 +5,7 @@ No decisions live here; errors raised below become status codes through pscommon
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 
@@ -88,7 +89,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         """
         asm = ChunkAssembler(self.limits.max_tensor_bytes, self.limits.max_transfer_bytes)
         out: dict[str, np.ndarray] = {}
-        wire: dict[str, int] = {}
+        wire: dict[str, tuple[int, float]] = {}   # name -> (payload bytes, decode seconds)
         for chunk in chunks:
             done = asm.add(chunk)
             if done is None:
@@ -98,9 +99,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 raise InvalidArgument(f"tensor {meta.name!r} sent twice in one {kind}")
             if len(out) >= self.limits.max_keys_per_call:
                 raise InvalidArgument(f"more than {self.limits.max_keys_per_call} tensors in one {kind}")
+            start = time.perf_counter()
             value = _as_float32(meta, codecs.decode(meta, payload, self.limits.max_elements))
             out[meta.name] = np.array(value, dtype=np.float32) if own else value
-            wire[meta.name] = len(payload)
+            wire[meta.name] = (len(payload), time.perf_counter() - start)
         asm.finish()
         return out, wire
 
@@ -179,8 +181,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
         def encode(key, value):
             # the frames copy the value: taken under the shard's lock, they are a consistent read
+            start = time.perf_counter()
             meta, payload = codecs.encode(key, value, tensor_pb2.DTYPE_FLOAT32, cfg, small, lossless)
-            return meta, list(chunk_frames(meta, payload))
+            return meta, list(chunk_frames(meta, payload)), time.perf_counter() - start
 
         if self.shard.nbytes_of(keys) <= SNAPSHOT_BYTES:
             # small reads are one consistent snapshot: every key and the header's version
@@ -192,9 +195,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             encoded = ((key, self.shard.read(key, lambda value, key=key: encode(key, value))) for key in keys)
 
         def frames():
-            for key, (meta, key_frames) in encoded:
+            for key, (meta, key_frames, encode_s) in encoded:
                 self.shard.count_traffic(self.shard.pull_traffic, key,
-                                         self.shard.entries[key].value.nbytes, meta.payload_size)
+                                         self.shard.entries[key].value.nbytes, meta.payload_size, encode_s)
                 yield from key_frames
         return ps_pb2.PullHeader(shard_version=version, wait_s=waited, next_step=next_step), frames()
 
@@ -217,7 +220,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             header.caller.worker_id, header.caller.incarnation, header.step, header.base_version, grads)
         if not duplicate:
             for name, g in grads.items():
-                self.shard.count_traffic(self.shard.push_traffic, name, g.size * 4, wire[name])
+                self.shard.count_traffic(self.shard.push_traffic, name, g.size * 4, *wire[name])
         return ps_pb2.PushReply(shard_version=version, duplicate=duplicate, staleness=staleness)
 
     @servicer_errors
@@ -244,9 +247,11 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 optimizer_bytes=s.optimizer_bytes(), shard_version=s.version, pushes=s.pushes,
                 pulls=s.pulls, duplicates=s.duplicates, uptime_s=s.now() - s.started,
                 staleness=s.staleness.to_proto(), pull_wait_s=s.pull_wait.to_proto(),
-                push_traffic=[ps_pb2.TensorTraffic(key=k, logical_bytes=t.logical, wire_bytes=t.wire)
+                push_traffic=[ps_pb2.TensorTraffic(key=k, logical_bytes=t.logical, wire_bytes=t.wire,
+                                                   codec_seconds=t.codec_s)
                               for k, t in sorted(s.push_traffic.items())],
-                pull_traffic=[ps_pb2.TensorTraffic(key=k, logical_bytes=t.logical, wire_bytes=t.wire)
+                pull_traffic=[ps_pb2.TensorTraffic(key=k, logical_bytes=t.logical, wire_bytes=t.wire,
+                                                   codec_seconds=t.codec_s)
                               for k, t in sorted(s.pull_traffic.items())],
                 clocks=dict(s.gate.clocks), completed_step=s.gate.completed_step,
                 membership_epoch=s.epoch, mode=s.job.to_proto().mode,

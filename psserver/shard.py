@@ -40,6 +40,7 @@ class Member:
 class Traffic:
     logical: int = 0
     wire: int = 0
+    codec_s: float = 0.0   # decoding (pushes) or encoding (pulls) on this server
 
 
 class Shard:
@@ -272,11 +273,13 @@ class Shard:
                                      for name, arr in snap.tensors.items() if name.endswith(suffix)}
 
     # -- accounting ----------------------------------------------------------------------
-    def count_traffic(self, table: dict[str, Traffic], key: str, logical: int, wire: int) -> None:
+    def count_traffic(self, table: dict[str, Traffic], key: str, logical: int, wire: int,
+                      codec_s: float = 0.0) -> None:
         with self.cond:
             t = table.setdefault(key, Traffic())
             t.logical += logical
             t.wire += wire
+            t.codec_s += codec_s
 
     def param_bytes(self) -> int:
         return sum(e.value.nbytes for e in self.entries.values())

@@ -161,6 +161,7 @@ SERVER_FAMILIES = {
     "shardps_server_updates_applied": "counter",
     "shardps_server_push_bytes": "counter",
     "shardps_server_pull_bytes": "counter",
+    "shardps_server_codec_seconds": "counter",
     "shardps_server_staleness": "histogram",
     "shardps_server_pull_wait_seconds": "histogram",
     "shardps_server_live_workers": "gauge",
@@ -193,6 +194,7 @@ def test_server_metrics_follow_an_async_run(metered):
     assert sample(before, "shardps_server_updates_applied", shard="0") == 0
     assert sample(before, "shardps_server_checkpoint_age_seconds", shard="0") == -1
     assert hist_count(before, "shardps_server_staleness", shard="0") == 0
+    assert sample(before, "shardps_server_codec_seconds", shard="0", direction="push") == 0
 
     bf16 = CodecConfig("bf16")
     a, b = c.worker("a", push_codec=bf16), c.worker("b", push_codec=bf16)
@@ -220,6 +222,9 @@ def test_server_metrics_follow_an_async_run(metered):
     # w goes as bf16 (2 bytes an element); b is at most small_tensor_bytes and goes raw
     assert wire == pushes * (SHAPES["w"][0] * SHAPES["w"][1] * 2 + SHAPES["b"][0] * 4)
     assert 0 < wire < logical
+    # decoding those pushes and encoding the pulls took measurable time on the server
+    assert sample(m, "shardps_server_codec_seconds", shard="0", direction="push") > 0
+    assert sample(m, "shardps_server_codec_seconds", shard="0", direction="pull") > 0
     wa, wb = scrape(a.telemetry.port), scrape(b.telemetry.port)
     assert logical == sum(sample(x, "shardps_worker_bytes", direction="sent", kind="logical") for x in (wa, wb))
     assert wire == sum(sample(x, "shardps_worker_bytes", direction="sent", kind="wire") for x in (wa, wb))

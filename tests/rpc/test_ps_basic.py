@@ -129,6 +129,7 @@ def test_shard_status_counters(srv):
     for k, v in init.items():
         # two applied pushes of raw fp32: logical == wire == 2 * nbytes
         assert traffic[k].logical_bytes == traffic[k].wire_bytes == 2 * v.nbytes
+        assert traffic[k].codec_seconds > 0        # decode time of the two applied pushes
     pulled = {t.key: t.logical_bytes for t in st.pull_traffic}
     assert pulled == {k: 2 * v.nbytes for k, v in init.items()}
     assert st.uptime_s >= 0

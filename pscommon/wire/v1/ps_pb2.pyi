@@ -207,14 +207,16 @@ class Histogram(_message.Message):
     def __init__(self, bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., total: _Optional[int] = ..., sum: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
 
 class TensorTraffic(_message.Message):
-    __slots__ = ("key", "logical_bytes", "wire_bytes")
+    __slots__ = ("key", "logical_bytes", "wire_bytes", "codec_seconds")
     KEY_FIELD_NUMBER: _ClassVar[int]
     LOGICAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CODEC_SECONDS_FIELD_NUMBER: _ClassVar[int]
     key: str
     logical_bytes: int
     wire_bytes: int
-    def __init__(self, key: _Optional[str] = ..., logical_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ...) -> None: ...
+    codec_seconds: float
+    def __init__(self, key: _Optional[str] = ..., logical_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., codec_seconds: _Optional[float] = ...) -> None: ...
 
 class ShardStatusReply(_message.Message):
     __slots__ = ("shard", "keys", "bytes", "optimizer_bytes", "shard_version", "pushes", "pulls", "duplicates", "uptime_s", "staleness", "pull_wait_s", "push_traffic", "pull_traffic", "clocks", "completed_step", "membership_epoch", "mode", "checkpoint_age_s", "checkpoint_version")
