@@ -204,6 +204,11 @@ def churn_and_wait(cluster: Cluster, workers: list, cfg: UpConfig, say) -> set[i
     return killed
 
 
+def plot_curves(run_dir: pathlib.Path, out: str, report) -> None:
+    from psctl import plot
+    plot.run(sorted(str(p) for p in run_dir.glob("worker-*.jsonl")), out, report=report)
+
+
 def run(cfg: UpConfig) -> int:
     from psctl import ops
 
@@ -234,13 +239,10 @@ def run(cfg: UpConfig) -> int:
                    "final_accuracy": round(evaluate_live(address, cfg.model), 4),
                    "status": ops.collect_status(address, 10.0),
                    "inspect": ops.collect_inspect(address, 10.0, None, 4)}
-        if cfg.plot:
-            from psctl import plot
-            # with --json, stdout carries the JSON document alone
-            plot.run(sorted(str(p) for p in run_dir.glob("worker-*.jsonl")), cfg.plot,
-                     report=sys.stderr if cfg.as_json else sys.stdout)
-            summary["plot"] = cfg.plot
         if cfg.as_json:
+            if cfg.plot:  # before the document, which it names; its line goes to stderr
+                plot_curves(run_dir, cfg.plot, sys.stderr)
+                summary["plot"] = cfg.plot
             print(json.dumps(summary, indent=2))
         else:
             print()
@@ -255,6 +257,8 @@ def run(cfg: UpConfig) -> int:
                       f"held-out accuracy {r['eval_accuracy']}")
             print(f"final held-out accuracy of the served parameters: {summary['final_accuracy']:.4f} "
                   f"({summary['wall_s']:.1f}s)")
+            if cfg.plot:  # last: `make demo` ends with the curve's path
+                plot_curves(run_dir, cfg.plot, sys.stdout)
         if summary["final_accuracy"] < cfg.min_accuracy:
             print(f"psctl up: final accuracy {summary['final_accuracy']:.4f} is below --min-accuracy "
                   f"{cfg.min_accuracy}", file=sys.stderr)

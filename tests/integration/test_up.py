@@ -97,10 +97,16 @@ def test_up_fails_when_the_model_ends_below_min_accuracy(procs):
     """Two steps cannot train digits-mlp to 99%: --min-accuracy turns that into exit 1 (what
     `make demo` relies on to fail loudly), after the summary is printed."""
     run_dir = procs.root / "up-min"
+    png = procs.root / "up-min.png"
     p = procs.spawn("up-min", "up", "--servers", "1", "--workers", "1", "--steps", "2",
-                    "--timeout", str(UP_TIMEOUT_S), "--run-dir", str(run_dir), "--min-accuracy", "0.99")
+                    "--timeout", str(UP_TIMEOUT_S), "--run-dir", str(run_dir), "--min-accuracy", "0.99",
+                    "--plot", str(png))
     rc = p.popen.wait(timeout=WAIT_S)
     log = p.log_text()
     assert rc == 1, f"exit {rc}\n{log[-2000:]}"
-    assert "final held-out accuracy of the served parameters" in log
-    assert "is below --min-accuracy 0.99" in log
+    lines = log.splitlines()
+    final = next(i for i, line in enumerate(lines) if "final held-out accuracy of the served parameters" in line)
+    # the text summary ends with the curve's path (what `make demo` prints last), then the verdict
+    assert lines[final + 1].startswith(f"{png}: "), lines[final:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "is below --min-accuracy 0.99" in lines[-1]
