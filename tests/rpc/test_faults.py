@@ -96,6 +96,25 @@ def grad_for(worker: int, step: int) -> np.ndarray:
     return (scale * (1 + np.arange(N) % 4)).astype(np.float32)
 
 
+def run_in_threads(fn, n: int, timeout_s: float) -> None:
+    """fn(0) .. fn(n-1) in threads; fails on a thread still running at the deadline or on the
+    first exception one raised."""
+    errors: list[BaseException] = []
+
+    def body(i):
+        try:
+            fn(i)
+        except BaseException as exc:  # surfaced in the calling thread below
+            errors.append(exc)
+    threads = [threading.Thread(target=body, args=(i,), name=f"worker-{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_s)
+    assert not any(t.is_alive() for t in threads), "workers did not finish"
+    assert not errors, errors
+
+
 # -- the plan ------------------------------------------------------------------------------
 def test_fault_plan_validates():
     with pytest.raises(InvalidArgument, match="unavailable_rate"):
@@ -185,36 +204,25 @@ def test_async_pushes_apply_exactly_once_when_replies_are_lost(faulty_shard):
     w0 = (np.arange(N) / 8).astype(np.float32)
     declare(s.stub, w0)
     stats = {w: {"attempts": 0, "retried_steps": 0, "duplicate_replies": 0} for w in range(workers)}
-    errors: list[BaseException] = []
 
     def worker(w: int):
-        try:
-            stub = ps_pb2_grpc.ParameterServerStub(s.channel)
-            for step in range(steps):
-                msgs = push_messages(w, step, grad_for(w, step))
-                tries = [0]
+        stub = ps_pb2_grpc.ParameterServerStub(s.channel)
+        for step in range(steps):
+            msgs = push_messages(w, step, grad_for(w, step))
+            tries = [0]
 
-                def attempt():
-                    tries[0] += 1
-                    return grpcutil.call(stub.Push, iter(msgs), CALL_TIMEOUT_S)
-                # Retries re-send the same (worker, incarnation, step): the shard's ledger
-                # must turn every retry of an applied push into an acknowledged duplicate.
-                reply = grpcutil.retry(attempt, deadline_s=120.0,
-                                       backoff=grpcutil.Backoff(base_s=0.001, cap_s=0.01))
-                stats[w]["attempts"] += tries[0]
-                stats[w]["retried_steps"] += tries[0] > 1
-                stats[w]["duplicate_replies"] += reply.duplicate
-                assert reply.duplicate == (tries[0] > 1)
-        except BaseException as exc:  # surfaced in the main thread below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(w,), name=f"worker-{w}") for w in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads), "workers did not finish"
-    assert not errors, errors
+            def attempt():
+                tries[0] += 1
+                return grpcutil.call(stub.Push, iter(msgs), CALL_TIMEOUT_S)
+            # Retries re-send the same (worker, incarnation, step): the shard's ledger
+            # must turn every retry of an applied push into an acknowledged duplicate.
+            reply = grpcutil.retry(attempt, deadline_s=120.0,
+                                   backoff=grpcutil.Backoff(base_s=0.001, cap_s=0.01))
+            stats[w]["attempts"] += tries[0]
+            stats[w]["retried_steps"] += tries[0] > 1
+            stats[w]["duplicate_replies"] += reply.duplicate
+            assert reply.duplicate == (tries[0] > 1)
+    run_in_threads(worker, workers, timeout_s=300)
 
     st = status(s.stub)
     faults = s.faults.counts()
@@ -267,21 +275,10 @@ def test_shard_client_retries_lost_replies_exactly_once_over_push_and_push_batch
         (big_key,), (small_key,) = smap.keys_of_param("big"), smap.keys_of_param("small")
         assert {big_key.shard, small_key.shard} == {0, 1}
         assert not clients[0].fits_batch(big_key.shard) and clients[0].fits_batch(small_key.shard)
-        errors: list[BaseException] = []
-
         def run(w):
-            try:
-                for step in range(steps):
-                    clients[w].push(grads(w, step))
-            except BaseException as exc:  # surfaced below
-                errors.append(exc)
-        threads = [threading.Thread(target=run, args=(w,)) for w in range(workers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=240)
-        assert not any(t.is_alive() for t in threads), "pushes did not finish"
-        assert not errors, errors
+            for step in range(steps):
+                clients[w].push(grads(w, step))
+        run_in_threads(run, workers, timeout_s=240)
 
         for srv, inj in zip(servers, injectors):
             counts = inj.counts()
