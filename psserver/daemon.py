@@ -72,6 +72,7 @@ class ServerProcess:
         self.cfg = cfg
         self.stop = threading.Event()
         self.stepped_down = threading.Event()   # replaced by a newer server for our shard
+        self.skipped_checkpoints = 0            # refused lease: a successor may own the directory
         self.telemetry = Telemetry(cfg.options, "server")
         self.grpc_server = grpcutil.make_server(security=cfg.options.security,
                                                 interceptors=self.telemetry.interceptors + tuple(cfg.interceptors))
@@ -131,18 +132,35 @@ class ServerProcess:
 
     def _checkpoint_loop(self) -> None:
         while not self.stop.wait(self.cfg.checkpoint_every_s):
-            if self.checkpointer.due():
+            if self.checkpointer.due() and self._lease_holds():
                 try:
                     self.checkpointer.write()
                 except OSError as exc:  # a full disk must not take the shard down
                     log.error("checkpoint failed: %s", exc)
 
+    def _heartbeat_request(self) -> scheduler_pb2.HeartbeatRequest:
+        return scheduler_pb2.HeartbeatRequest(role=scheduler_pb2.ROLE_SERVER, member_id=self.lease.member_id,
+                                              incarnation=self.lease.incarnation)
+
+    def _lease_holds(self) -> bool:
+        """False when the scheduler refuses our lease: after a pause a successor may own the
+        shard (and this directory), and a checkpoint of our stale copy would become the newest
+        one there. The heartbeat loop decides between registering again and stepping down. A
+        scheduler that cannot be reached does not stop checkpoints."""
+        try:
+            grpcutil.call(self.sched.Heartbeat, self._heartbeat_request(), grpcutil.CONTROL_TIMEOUT_S)
+        except (FailedPrecondition, NotFound) as exc:
+            log.warning("checkpoint skipped: %s", exc)
+            self.skipped_checkpoints += 1
+            return False
+        except PSError:
+            pass
+        return True
+
     def _heartbeat_loop(self) -> None:
         interval = self.shard.job.heartbeat_timeout_s / 3
         while not self.stop.wait(interval):
-            req = scheduler_pb2.HeartbeatRequest(role=scheduler_pb2.ROLE_SERVER,
-                                                 member_id=self.lease.member_id,
-                                                 incarnation=self.lease.incarnation)
+            req = self._heartbeat_request()
             try:
                 grpcutil.call(self.sched.Heartbeat, req, grpcutil.CONTROL_TIMEOUT_S)
             except (FailedPrecondition, NotFound) as exc:
@@ -215,7 +233,7 @@ class ServerProcess:
         if self.stepped_down.is_set():
             self.telemetry.stop()      # our lease and our copy of the shard are someone else's now
             return
-        if self.checkpointer is not None:
+        if self.checkpointer is not None and self._lease_holds():
             self.checkpointer.write()  # the final checkpoint: nothing applied is lost
         self._leave()
         self.telemetry.stop()

@@ -49,3 +49,37 @@ def test_replaced_server_steps_down_and_training_goes_on(cluster):
     client.leave()
     assert second.shard.version == 1 and first.shard.version == 0
     assert (out["w"] != 0).all()
+
+
+def test_replaced_server_writes_no_checkpoint_over_its_successors(cluster, tmp_path):
+    """The replaced server has not heard yet (heartbeats 10 s apart) and still takes pushes on
+    the old route, so it has changes to checkpoint: it must not write them into the directory
+    its successor restored from, neither on its timer nor when drained."""
+    ckpt = tmp_path / "ckpt"
+    c = cluster(JobSpec(num_servers=1, heartbeat_timeout_s=30))
+    c.servers[0].drain()   # the cluster's own server has no checkpoint dir: replace it
+    first = ServerProcess(ServerConfig(scheduler=c.address, shard_id=0, checkpoint_dir=str(ckpt),
+                                       checkpoint_every_s=0.1))
+    first.start()
+    c.servers[0] = first
+    client = ShardClient(ClientConfig(scheduler=c.address, name="w"))
+    client.join()
+    client.wait_for_servers()
+    client.declare({"w": np.zeros(8, np.float32)})
+    client.push({"w": np.ones(8, np.float32)})
+    poll(lambda: first.checkpointer.last_version == 1, TIMEOUT_S, what="the first checkpoint")
+
+    second = ServerProcess(ServerConfig(scheduler=c.address, shard_id=0, checkpoint_dir=str(ckpt),
+                                        checkpoint_every_s=3600))
+    second.start()                      # restores version 1 from the shared directory
+    c.servers.append(second)
+    assert second.shard.version == 1
+    files = sorted(p.name for p in (ckpt / "shard-0").iterdir())
+    # a worker still on the old route: the stale copy moves on
+    client.push({"w": np.ones(8, np.float32)})
+    assert first.shard.version == 2 and second.shard.version == 1
+    poll(lambda: first.skipped_checkpoints > 0, TIMEOUT_S, what="the stale server to skip a checkpoint")
+    first.drain()
+    assert not first.stepped_down.is_set()          # it never heard; the directory is safe anyway
+    assert sorted(p.name for p in (ckpt / "shard-0").iterdir()) == files
+    client.leave()
