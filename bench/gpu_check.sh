@@ -3,13 +3,14 @@
 # side stream, gradients streamed from autograd hooks) on a machine with a GPU.
 #
 # Starts a local `psctl scheduler` and one `psctl server` (background, ready files, cleaned up
-# on exit), then runs a digits-cnn `psctl worker --device cuda` three times on that cluster:
-# plain, --overlap, and --overlap with bf16 pushes cast on the device, each with --metrics-out.
+# on exit), then runs a digits-cnn `psctl worker --device cuda` four times on that cluster:
+# plain, --overlap, and --overlap with bf16 and with top-k 5% pushes encoded on the device,
+# each with --metrics-out.
 # Prints one summary JSON: per variant the step time (median / mean of the gaps between
 # consecutive step records of the metrics file, after WARMUP steps), host<->device bytes per
-# step (H2D: the fp32 weights of each pull; D2H: the gradients of each push, fp32 or cast to
-# bf16 on the device; from the worker's final summary), wire bytes, held-out accuracy and
-# torch.cuda memory statistics; then the overlap/plain step-time and cast/fp32 D2H ratios.
+# step (H2D: the fp32 weights of each pull; D2H: the gradients of each push, fp32 or encoded
+# on the device; from the worker's final summary), wire bytes, held-out accuracy and
+# torch.cuda memory statistics; then the overlap/plain step-time and encoded/fp32 D2H ratios.
 # Well under 3 minutes.
 #
 #   bash bench/gpu_check.sh                # exits 0 with a message where CUDA is unavailable
@@ -123,6 +124,9 @@ worker overlap --overlap || { echo "gpu_check: overlap worker failed:" >&2; tail
 # bf16 pushes, cast on the device (--device-compression on, so DEVICE=cpu runs the same path)
 worker cast --overlap --push-codec bf16 --device-compression on || {
   echo "gpu_check: cast worker failed:" >&2; tail -20 "$run/cast.log" >&2; status=1; }
+# top-k pushes (5%), selected on the device
+worker topk --overlap --push-codec topk:0.05 --device-compression on || {
+  echo "gpu_check: topk worker failed:" >&2; tail -20 "$run/topk.log" >&2; status=1; }
 
 "$PY" - "$run" "$STEPS" "$WARMUP" "$DEVICE" "${OUT:-}" <<'EOF'
 import json, pathlib, statistics, sys
@@ -146,7 +150,7 @@ def variant(name):
         r.update(steps=final["steps"], eval_accuracy=final["eval_accuracy"], wall_s=final["wall_s"],
                  h2d_bytes_per_pull=final["weight_host_bytes"] // pulls,
                  d2h_bytes_per_step=final["grad_host_bytes"] // n,
-                 device_cast=final["device_cast"],
+                 device_encoded=final["device_encoded"],
                  wire_received_per_pull=final["bytes_received"] // pulls,
                  wire_sent_per_step=final["bytes_sent"] // n)
     try:
@@ -156,14 +160,19 @@ def variant(name):
     r["ok"] = bool(final) and r.get("rc") == 0 and final["steps"] == steps and final["eval_accuracy"] >= 0.7  # chance is 0.1
     return r
 
-plain, overlap, cast = variant("plain"), variant("overlap"), variant("cast")
+plain, overlap, cast, topk = variant("plain"), variant("overlap"), variant("cast"), variant("topk")
+
+def d2h_ratio(v):
+    if v.get("d2h_bytes_per_step") and overlap.get("d2h_bytes_per_step"):
+        return round(v["d2h_bytes_per_step"] / overlap["d2h_bytes_per_step"], 3)
+    return None
+
 summary = {"check": "gpu", "device": device, "model": "digits-cnn", "steps": steps, "warmup": warmup,
-           "plain": plain, "overlap": overlap, "cast": cast,
-           "cast_d2h_over_overlap": (round(cast["d2h_bytes_per_step"] / overlap["d2h_bytes_per_step"], 3)
-                                     if cast.get("d2h_bytes_per_step") and overlap.get("d2h_bytes_per_step") else None),
+           "plain": plain, "overlap": overlap, "cast": cast, "topk": topk,
+           "cast_d2h_over_overlap": d2h_ratio(cast), "topk_d2h_over_overlap": d2h_ratio(topk),
            "overlap_over_plain_step": (round(overlap["step_ms_median"] / plain["step_ms_median"], 3)
                                        if plain.get("step_ms_median") and overlap.get("step_ms_median") else None),
-           "ok": plain["ok"] and overlap["ok"] and cast["ok"]}
+           "ok": all(v["ok"] for v in (plain, overlap, cast, topk))}
 text = json.dumps(summary, indent=2)
 print(text)
 if out:

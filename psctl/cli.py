@@ -137,7 +137,7 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--device-compression", choices=["auto", "on", "off"], default="auto",
-                   help="cast fp16/bf16 pushes on the device before the copy to the host "
+                   help="encode fp16/bf16/topk pushes on the device before the copy to the host "
                         "(auto: on CUDA with such a codec)")
     p.add_argument("--metrics-out", default=None, help="append JSON-lines metrics here")
     p.add_argument("--push-codec", default=None, help="override the job's push codec")

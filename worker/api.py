@@ -32,13 +32,19 @@ log = logging.getLogger("shardps.worker")
 
 class HostBuffers:
     """One flat host buffer per parameter (pinned when the model is on CUDA), seen by numpy
-    for the wire and by torch for device copies: float32, or a 16-bit cast's words."""
+    for the wire and by torch for device copies: float32 values, or (bytes_per_element=2)
+    room for a device-encoded payload."""
 
-    def __init__(self, params: dict[str, nn.Parameter], pinned: bool, dtype: torch.dtype = torch.float32):
-        self.tensors = {n: torch.empty(p.numel(), dtype=dtype, pin_memory=pinned)
+    def __init__(self, params: dict[str, nn.Parameter], pinned: bool, bytes_per_element: int = 0):
+        self.tensors = {n: (torch.empty(p.numel(), dtype=torch.float32, pin_memory=pinned) if not bytes_per_element
+                            else torch.empty(bytes_per_element * p.numel(), dtype=torch.uint8, pin_memory=pinned))
                         for n, p in params.items()}
-        self.arrays = {n: (t.numpy() if dtype == torch.float32 else device_codec.wire_bits(t))
-                       for n, t in self.tensors.items()}
+        self.arrays = {n: t.numpy() for n, t in self.tensors.items()}
+
+
+def _refuse_nan(name: str, has_nan: bool) -> None:
+    if has_nan:
+        raise InvalidArgument(f"tensor {name!r}: top-k cannot encode NaN values")
 
 
 class PSClient:
@@ -52,9 +58,11 @@ class PSClient:
         self.weights = HostBuffers(self.params, self.cuda)    # pulls land here
         self.grads = HostBuffers(self.params, self.cuda) if self.cuda else None
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
-        self.device_cast, self.cast_params = self._device_cast(device_compression)
-        self.words = (HostBuffers({n: self.params[n] for n in self.cast_params}, self.cuda,
-                                  self.device_cast.dtype) if self.device_cast else None)
+        self.encoder, self.encoded_params = self._device_encoder(device_compression)
+        self.payloads = (HostBuffers({n: self.params[n] for n in self.encoded_params}, self.cuda,
+                                     bytes_per_element=2) if self.encoder else None)
+        self.nan_flags = ({n: torch.zeros((), dtype=torch.bool, pin_memory=True) for n in self.encoded_params}
+                          if self.encoder and self.cuda else {})
         self.grad_host_bytes = 0    # gradient bytes handed from the model to the push (D2H on CUDA)
         self.weight_host_bytes = 0  # weight bytes copied into the model by pulls (H2D on CUDA)
         self._count = threading.Lock()
@@ -68,22 +76,22 @@ class PSClient:
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook(n))
                        for n, p in self.params.items()] if overlap else []
 
-    def _device_cast(self, wanted: bool | None):
-        """The device-side cast and the parameters it serves. None: on where it saves
-        PCIe bytes (CUDA and an fp16/bf16 push codec); True forces it (on the CPU too, where
-        it runs the same torch code: that is how the tests cover it)."""
+    def _device_encoder(self, wanted: bool | None):
+        """The device-side push codec and the parameters it serves. None: on where it saves
+        PCIe bytes (CUDA and an fp16, bf16 or topk push codec); True forces it (on the CPU
+        too, where it runs the same torch code: that is how the tests cover it)."""
         codec = self.client.cfg.push_codec or self.client.job.push_codec
         if wanted is None:
             wanted = self.cuda and device_codec.supports(codec)
         if not wanted:
             return None, frozenset()
-        cast = device_codec.DeviceCast(codec)
         # parameters with a key small enough to go raw stay on the host path, which sends
         # those keys as fp32 (the job's small_tensor_bytes rule)
         small = self.client.job.small_tensor_bytes
         smap = self.client.shard_map
-        return cast, frozenset(n for n in self.params
-                               if all(k.nbytes > small for k in smap.keys_of_param(n)))
+        served = frozenset(n for n in self.params if all(k.nbytes > small for k in smap.keys_of_param(n)))
+        keys = {n: [(k.key, k.offset, k.length) for k in smap.keys_of_param(n)] for n in served}
+        return device_codec.DeviceEncoder(codec, keys), served
 
     @classmethod
     def connect(cls, scheduler: str, model: nn.Module, *, name: str = "", push_codec: str | None = None,
@@ -189,27 +197,50 @@ class PSClient:
         return hook
 
     def _add_grad(self, stream: StreamingPush, name: str, grad: torch.Tensor) -> None:
-        cast = self.device_cast if name in self.cast_params else None
-        wire = cast.wire if cast else None
-        with self._count:
-            self.grad_host_bytes += grad.numel() * (2 if cast else 4)
-        if not self.cuda:
-            if cast:
-                stream.add(name, device_codec.wire_bits(cast.encode(name, grad)), wire)
-            else:
-                # the grad tensor itself: nothing writes it until the next zero_grad/backward,
-                # and push() returns only after every byte has been sent
-                stream.add(name, grad.detach().reshape(-1).to(torch.float32).numpy())
+        if name in self.encoded_params:
+            self._add_encoded(stream, name, grad)
             return
-        bufs = self.words if cast else self.grads
+        with self._count:
+            self.grad_host_bytes += 4 * grad.numel()
+        if not self.cuda:
+            # the grad tensor itself: nothing writes it until the next zero_grad/backward,
+            # and push() returns only after every byte has been sent
+            stream.add(name, grad.detach().reshape(-1).to(torch.float32).numpy())
+            return
         self.copy_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.copy_stream):
-            # the cast runs on the device, so only its 16-bit words cross to the host
-            src = cast.encode(name, grad) if cast else grad.detach().reshape(-1)
-            bufs.tensors[name].copy_(src, non_blocking=True)
+            self.grads.tensors[name].copy_(grad.detach().reshape(-1), non_blocking=True)
             done = self.copy_stream.record_event()
         # wait for the copy off the backward thread, then hand the host bytes over
-        self._defer(lambda: (done.synchronize(), stream.add(name, bufs.arrays[name], wire)))
+        self._defer(lambda: (done.synchronize(), stream.add(name, self.grads.arrays[name])))
+
+    def _add_encoded(self, stream: StreamingPush, name: str, grad: torch.Tensor) -> None:
+        """Encode on the model's device; only the payload bytes cross to the host."""
+        if not self.cuda:
+            payload, parts, nan = self.encoder.encode(name, grad)
+            self._count_payload(payload.numel())
+            _refuse_nan(name, bool(nan))
+            stream.add_encoded(name, parts, payload.numpy())
+            return
+        buf, flag = self.payloads.tensors[name], self.nan_flags[name]
+        self.copy_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.copy_stream):
+            payload, parts, nan = self.encoder.encode(name, grad)
+            buf[:payload.numel()].copy_(payload, non_blocking=True)
+            flag.copy_(nan, non_blocking=True)
+            done = self.copy_stream.record_event()
+        size = payload.numel()
+        self._count_payload(size)
+
+        def hand_off():
+            done.synchronize()
+            _refuse_nan(name, bool(flag))
+            stream.add_encoded(name, parts, self.payloads.arrays[name][:size])
+        self._defer(hand_off)
+
+    def _count_payload(self, nbytes: int) -> None:
+        with self._count:
+            self.grad_host_bytes += nbytes
 
     def _defer(self, handoff) -> None:
         self._handoffs.append(self._pool.submit(handoff))

@@ -374,12 +374,12 @@ class ShardClient:
 
         def frames():
             sizes["logical"] = sizes["wire"] = 0  # a retry sends everything again
-            for k, g, wire in feed:
+            for k, g, pre in feed:
                 if k.key not in encoded:
                     encoded[k.key] = (
                         self.compressor.compress(k.key, g, codec, small_tensor_bytes=self.job.small_tensor_bytes,
-                                                 lossless=self.job.lossless) if wire is None else
-                        self.compressor.encoded(k.key, g, wire, lossless=self.job.lossless))
+                                                 lossless=self.job.lossless) if pre is None else
+                        self.compressor.encoded(*pre, lossless=self.job.lossless))
                 meta, payload = encoded[k.key]
                 sizes["logical"] += k.nbytes
                 sizes["wire"] += memoryview(payload).nbytes
@@ -418,9 +418,9 @@ class _Feed:
         self.abandoned = False
         self.cond = threading.Condition()
 
-    def put(self, key, grad: np.ndarray, wire: int | None) -> None:
+    def put(self, key, grad: np.ndarray | None, encoded: tuple | None = None) -> None:
         with self.cond:
-            self.items.append((key, grad, wire))
+            self.items.append((key, grad, encoded))
             self.cond.notify_all()
 
     def abandon(self) -> None:
@@ -462,16 +462,34 @@ class StreamingPush:
         self.seen: set[str] = set()
         self.lock = threading.Lock()
 
-    def add(self, name: str, grad: np.ndarray, wire: int | None = None) -> None:
+    def add(self, name: str, grad: np.ndarray) -> None:
         """Hand over parameter `name`'s flat float32 gradient (kept, not copied: don't reuse it
-        before finish() returns). With `wire` (a Codec), `grad` is already encoded in that
-        codec's element-wise 16-bit form (uint16 words, cast on the device) and is sent as is."""
+        before finish() returns)."""
+        self._add(name, lambda k: (grad[k.offset:k.offset + k.length], None))
+
+    def add_encoded(self, name: str, parts, payload: np.ndarray) -> None:
+        """Hand over parameter `name`'s gradient already encoded key by key (on the device:
+        worker/device_codec.py): `parts` say where each key's bytes lie in `payload`, which
+        is kept, not copied, until finish() returns."""
+        by_key = {p.key: p for p in parts}
+        keys = {k.key for k in self.client.shard_map.keys_of_param(name)}
+        if set(by_key) != keys:
+            raise InvalidArgument(f"encoded gradient for {name!r} covers keys {sorted(by_key)[:5]}, "
+                                  f"its parameter has {sorted(keys)[:5]}")
+        view = memoryview(payload).cast("B")
+
+        def part(k):
+            p = by_key[k.key]
+            return None, (p.meta(), view[p.start:p.start + p.size])
+        self._add(name, part)
+
+    def _add(self, name: str, item) -> None:
         with self.lock:
             if name in self.seen:
                 raise InvalidArgument(f"gradient for {name!r} added twice in step {self.step}")
             self.seen.add(name)
             for k in self.client.shard_map.keys_of_param(name):
-                self.feeds[k.shard].put(k, grad[k.offset:k.offset + k.length], wire)
+                self.feeds[k.shard].put(k, *item(k))
                 # a batched shard's call waits for all its gradients anyway: start it in finish()
                 if self.eager and k.shard not in self.futures and not self.client.fits_batch(k.shard):
                     self._start(k.shard)

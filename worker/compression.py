@@ -75,17 +75,18 @@ class ErrorFeedback:
         self._record(name, meta, logical, len(payload), time.perf_counter() - start)
         return meta, payload
 
-    def encoded(self, name: str, words: np.ndarray, wire: int, *, lossless: str = "off"):
-        """(meta, payload) for a gradient already in codec `wire`'s 16-bit form (cast on the
-        device, error feedback applied there): only the lossless layer and the stats are left."""
-        if wire not in (tensor_pb2.CODEC_FP16, tensor_pb2.CODEC_BF16) or words.dtype.itemsize != 2:
-            raise InvalidArgument(f"tensor {name!r}: a pre-encoded gradient must be 16-bit fp16 or "
-                                  f"bf16, got codec {wire} and dtype {words.dtype}")
+    def encoded(self, meta: tensor_pb2.TensorMeta, payload, *, lossless: str = "off"):
+        """(meta, payload) for a gradient already encoded by its codec (on the device, error
+        feedback applied there: worker/device_codec.py): the lossless layer and the stats
+        are what is left."""
+        expected = codecs.get(meta.codec, meta.name).payload_size(meta)
+        if len(payload) != expected:
+            raise InvalidArgument(f"tensor {meta.name!r}: encoded payload of {len(payload)} bytes, "
+                                  f"its codec needs {expected}")
         start = time.perf_counter()
-        meta = tensor_pb2.TensorMeta(name=name, dtype=tensor_pb2.DTYPE_FLOAT32, shape=[words.size], codec=wire)
-        payload = np.ascontiguousarray(words).view(np.uint8).data
         payload = codecs.apply_lossless(meta, payload, lossless)
-        self._record(name, meta, words.size * 4, len(payload), time.perf_counter() - start)
+        logical = int(np.prod(meta.shape, dtype=np.int64)) * 4
+        self._record(meta.name, meta, logical, len(payload), time.perf_counter() - start)
         return meta, payload
 
     def _encode_with_feedback(self, name, grad, cfg, wire_dtype, small_tensor_bytes, rng):

@@ -1,62 +1,123 @@
-"""Push compression on the device: the fp16/bf16 cast runs where the gradient is.
+"""Push compression on the device: casts and top-k run where the gradient is.
 
-On a GPU a gradient's bytes cross PCIe before any host codec sees them. Casting to the push
-codec's 16-bit form on the device first halves those bytes, and the error-feedback residual
-stays on the device with the gradient (fp32, per parameter). The servers receive the same bits
-the host path (pscommon.codecs + worker.compression.ErrorFeedback) would send:
-tests/unit/test_device_codec.py runs this module's torch code on CPU tensors against it.
+On a GPU a gradient's bytes cross PCIe before any host codec sees them. Encoding on the
+device first moves only what goes on the wire: half the bytes for fp16/bf16, about 6 bytes
+per kept element for top-k. The error-feedback residual stays on the device with the
+gradient (fp32, per parameter). The payloads are exactly the host codecs' (pscommon.codecs
+with worker.compression.ErrorFeedback): same layout, same bits, same residual;
+tests/unit/test_device_codec.py runs this module's torch code on CPU tensors against them.
 
-Only the casts run here. Top-k and int8 still go through the host codecs on fp32 gradients:
-their selection and scales would need device kernels of their own to match the host bits.
+int8 stays on the host: its stochastic rounding draws from the host's generator.
 """
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
+
 import torch
 
+from pscommon.codecs.topk import k_for
 from pscommon.config import CodecConfig
 from pscommon.errors import InvalidArgument
 from pscommon.wire.v1 import tensor_pb2
 
 CASTS = {tensor_pb2.CODEC_FP16: torch.float16, tensor_pb2.CODEC_BF16: torch.bfloat16}
+DEVICE_CODECS = frozenset(CASTS) | {tensor_pb2.CODEC_TOPK}
 
 
 def supports(cfg: CodecConfig) -> bool:
-    return cfg.codec in CASTS
+    return cfg.codec in DEVICE_CODECS
 
 
-def wire_bits(t: torch.Tensor) -> np.ndarray:
-    """A 16-bit host tensor as the uint16 words the wire carries (numpy has no bfloat16)."""
-    return t.view(torch.int16).numpy().view(np.uint16)
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One key's encoded slice: its payload is bytes [start, start + size) of the parameter's."""
+
+    key: str
+    codec: int
+    numel: int
+    k: int      # top-k only
+    start: int
+    size: int
+
+    def meta(self) -> tensor_pb2.TensorMeta:
+        meta = tensor_pb2.TensorMeta(name=self.key, dtype=tensor_pb2.DTYPE_FLOAT32, shape=[self.numel],
+                                     codec=self.codec)
+        if self.codec == tensor_pb2.CODEC_TOPK:
+            meta.topk.k = self.k
+        return meta
 
 
-class DeviceCast:
-    """One worker's device-side cast with error feedback, one residual per parameter."""
+def max_payload_bytes(numel: int) -> int:
+    """Room for any parameter's payload: a cast is 2 bytes an element, and top-k is sent only
+    where its 6 bytes per kept element come to less than that."""
+    return 2 * numel
 
-    def __init__(self, cfg: CodecConfig):
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+class DeviceEncoder:
+    """One worker's device-side push codec, one error-feedback residual per parameter.
+
+    `keys` maps each parameter to its keys as (key name, offset, length): the host codecs
+    encode key by key (top-k picks k per key), and so does this.
+    """
+
+    def __init__(self, cfg: CodecConfig, keys: dict[str, list[tuple[str, int, int]]]):
         if not supports(cfg):
-            raise InvalidArgument(f"codec {cfg} has no device-side form (only fp16 and bf16)")
-        self.wire = cfg.codec
-        self.dtype = CASTS[cfg.codec]
-        self.feedback = cfg.error_feedback
+            raise InvalidArgument(f"codec {cfg} has no device-side form (fp16, bf16 and topk have)")
+        self.cfg = cfg
+        self.keys = keys
         self._residual: dict[str, torch.Tensor] = {}
 
-    def encode(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        """The flat 16-bit gradient to send, on grad's device (and stream)."""
+    def encode(self, name: str, grad: torch.Tensor) -> tuple[torch.Tensor, list[Part], torch.Tensor]:
+        """(payload bytes on grad's device, the keys' parts, a device flag: NaN where top-k
+        cannot encode). The flag is a tensor, not a bool, so a GPU never waits for it here."""
+        corrected = self._corrected(name, grad)
+        sent = torch.zeros_like(corrected) if self.cfg.error_feedback else None
+        chunks, parts, start = [], [], 0
+        nan = torch.zeros((), dtype=torch.bool, device=corrected.device)
+        for key, offset, length in self.keys[name]:
+            seg = corrected[offset:offset + length]
+            codec, k, payload = self._encode_key(seg, sent, offset, length)
+            if codec == tensor_pb2.CODEC_TOPK:
+                nan = nan | torch.isnan(seg).any()
+            chunks.append(payload)
+            parts.append(Part(key, codec, length, k, start, payload.numel()))
+            start += payload.numel()
+        if sent is not None:
+            corrected -= sent
+            # as on the host: an element sent as inf (fp16 overflow) leaves no finite
+            # remainder, and a NaN residual would poison every later push of the tensor
+            self._residual[name] = torch.nan_to_num_(corrected, nan=0.0, posinf=0.0, neginf=0.0)
+        return torch.cat(chunks) if chunks else corrected.new_empty(0, dtype=torch.uint8), parts, nan
+
+    def _corrected(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         flat = grad.detach().reshape(-1).to(torch.float32)
-        if not self.feedback:
-            return flat.to(self.dtype)
-        residual = self._residual.get(name)
-        if residual is not None and residual.numel() != flat.numel():
+        residual = self._residual.get(name) if self.cfg.error_feedback else None
+        if residual is None:
+            return flat.clone()
+        if residual.numel() != flat.numel():
             raise InvalidArgument(f"tensor {name!r}: gradient of {flat.numel()} elements but its "
                                   f"residual has {residual.numel()}; call reset() after re-sharding")
-        corrected = flat + residual if residual is not None else flat.clone()
-        sent = corrected.to(self.dtype)
-        corrected -= sent.to(torch.float32)
-        # as on the host: an element sent as inf (fp16 overflow) leaves no finite remainder,
-        # and a NaN residual would poison every later push of the tensor
-        self._residual[name] = torch.nan_to_num_(corrected, nan=0.0, posinf=0.0, neginf=0.0)
-        return sent
+        return flat + residual
+
+    def _encode_key(self, seg, sent, offset, length):
+        codec = self.cfg.codec
+        if codec == tensor_pb2.CODEC_TOPK:
+            k = k_for(length, self.cfg.topk_density)
+            if 6 * k < 2 * length:
+                idx = torch.topk(seg.abs(), k, sorted=False).indices.sort().values
+                values = seg[idx].to(torch.bfloat16)
+                if sent is not None:
+                    sent[offset + idx] = values.to(torch.float32)
+                return codec, k, torch.cat([_bytes(values), _bytes(idx.to(torch.int32))])
+            codec = tensor_pb2.CODEC_BF16  # the sparse form would be no smaller: dense bf16
+        values = seg.to(CASTS[codec])
+        if sent is not None:
+            sent[offset:offset + length] = values.to(torch.float32)
+        return codec, 0, _bytes(values)
 
     def residual(self, name: str) -> torch.Tensor | None:
         r = self._residual.get(name)

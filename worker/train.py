@@ -42,7 +42,7 @@ class TrainConfig:
     options: DaemonOptions = DaemonOptions()
     overlap: bool = False           # stream gradients from autograd hooks, prefetch pulls
     min_workers: int = 0            # wait until this many workers are alive before step 0
-    device_compression: bool | None = None   # None: fp16/bf16 pushes cast on CUDA devices
+    device_compression: bool | None = None   # None: fp16/bf16/topk pushes encoded on CUDA devices
 
     def __post_init__(self):
         if self.model not in models.BUILTIN and ":" not in self.model:
@@ -233,7 +233,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
                        logical_sent=ps.client.traffic.logical_sent,
                        logical_received=ps.client.traffic.logical_received,
                        grad_host_bytes=ps.grad_host_bytes, weight_host_bytes=ps.weight_host_bytes,
-                       device_cast=sorted(ps.cast_params),
+                       device_encoded=sorted(ps.encoded_params),
                        stopped=stop.is_set(),
                        compression={k: {"codec": v.codec, "logical_bytes": v.total_logical_bytes,
                                         "wire_bytes": v.total_wire_bytes + v.total_header_bytes,

@@ -251,29 +251,33 @@ def train_cast(cluster, codec: str, device_compression: bool, overlap: bool, ste
         for _ in range(steps):
             assert sgd_step(model, ps, split, gen)
         sent = ps.bytes_sent
-        handed, cast = ps.grad_host_bytes, ps.cast_params
+        handed, cast = ps.grad_host_bytes, ps.encoded_params
     return server_params(c), sent, handed, cast
 
 
-@pytest.mark.parametrize("codec", ["bf16", "fp16"])
+WEIGHTS, BIASES = 128 * 64 + 10 * 128, 128 + 10
+# bytes per step leaving the model for the two weight matrices, encoded on the device
+DEVICE_BYTES = {"bf16": 2 * WEIGHTS, "fp16": 2 * WEIGHTS, "topk:0.02": 6 * (round(0.02 * 8192) + round(0.02 * 1280))}
+
+
+@pytest.mark.parametrize("codec", sorted(DEVICE_BYTES))
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
-def test_device_side_cast_matches_the_host_codec(cluster, codec, overlap):
+def test_device_side_encoding_matches_the_host_codec(cluster, codec, overlap):
     host, host_sent, host_handed, none = train_cast(cluster, codec, device_compression=False, overlap=overlap)
-    dev, dev_sent, dev_handed, cast = train_cast(cluster, codec, device_compression=True, overlap=overlap)
+    dev, dev_sent, dev_handed, encoded = train_cast(cluster, codec, device_compression=True, overlap=overlap)
     assert none == frozenset()
-    # the two weight matrices are cast; the biases (<= small_tensor_bytes) stay on the host path
-    assert cast == {"0.weight", "2.weight"}
+    # the two weight matrices are encoded there; the biases (<= small_tensor_bytes) stay on the host path
+    assert encoded == {"0.weight", "2.weight"}
     assert set(dev) == set(host)
     for key in host:
         np.testing.assert_array_equal(dev[key], host[key], err_msg=key)
     assert dev_sent == host_sent                       # the same payloads on the wire
-    weights, biases = 128 * 64 + 10 * 128, 128 + 10
-    assert host_handed == 12 * 4 * (weights + biases)
-    assert dev_handed == 12 * (2 * weights + 4 * biases)   # half the bytes leave the model's device
+    assert host_handed == 12 * 4 * (WEIGHTS + BIASES)
+    assert dev_handed == 12 * (DEVICE_BYTES[codec] + 4 * BIASES)   # what leaves the model's device
 
 
-def test_device_compression_needs_a_cast_codec(cluster):
-    c = cluster(JobSpec(push_codec=CodecConfig.parse("topk:0.01")))
+def test_device_compression_needs_a_codec_with_a_device_form(cluster):
+    c = cluster(JobSpec(push_codec=CodecConfig.parse("int8")))
     with pytest.raises(InvalidArgument, match="no device-side form"):
         PSClient.connect(c.address, models.build("digits-mlp", seed=0), device_compression=True)
     # and the failed connect left: the job has no live worker
