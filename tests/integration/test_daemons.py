@@ -9,7 +9,7 @@ import pytest
 
 from .helpers import MLP_PARAMS, assert_worker_metrics, inspect_json, poll, status_json, tensors_by_name
 
-STEPS = 1000          # with --step-delay, long enough to watch a few heartbeats go by
+STEPS = 600           # with --step-delay, long enough to watch a few heartbeats go by
 STEP_DELAY = "0.02"
 HEARTBEAT = "3"       # workers report their clock every heartbeat_timeout / 3 = 1 s
 
@@ -59,7 +59,7 @@ def test_daemons_by_hand(procs):
     finals = [assert_worker_metrics(w.metrics, STEPS) for w in workers]
     assert sorted(f["worker"] for f in finals) == sorted(first)
     for f in finals:
-        assert f["eval_accuracy"] >= 0.9, f   # 2000 async updates of digits-mlp
+        assert f["eval_accuracy"] >= 0.9, f   # 1200 async updates of digits-mlp
 
     st = status_json(sched.address)
     assert {w["id"]: w["state"] for w in st["workers"]} == {i: "left" for i in first}
@@ -69,20 +69,24 @@ def test_daemons_by_hand(procs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_worker_signal_leaves_at_once_and_exits_0(procs, sig):
-    """A worker stopped by SIGTERM (Kubernetes, systemd) or Ctrl-C leaves the membership
-    itself: the scheduler shows it left, long before its 60 s lease could have expired."""
+def test_worker_signals_leave_at_once_and_exit_0(procs):
+    """A worker stopped by SIGTERM (Kubernetes, systemd) or by Ctrl-C (SIGINT) leaves the
+    membership itself: the scheduler shows it left, long before its 60 s lease could expire."""
     sched = procs.scheduler("--mode", "async", "--heartbeat-timeout", "60")
     procs.server(sched.address, 0)
-    w = procs.worker(sched.address, 0, 100_000, "--step-delay", STEP_DELAY)
+    sigs = [signal.SIGTERM, signal.SIGINT]
+    workers = [procs.worker(sched.address, i, 100_000, "--step-delay", STEP_DELAY) for i in range(len(sigs))]
 
     def training():
-        assert w.running(), f"worker exited {w.popen.returncode}:\n{w.log_text()[-3000:]}"
-        return any(m["clock"] > 0 and m["state"] == "alive" for m in status_json(sched.address)["workers"])
-    poll(training, 180, interval_s=0.5, what="the worker to report progress")
-    w.popen.send_signal(sig)
-    assert w.popen.wait(timeout=30) == 0, w.log_text()[-3000:]
-    (member,) = status_json(sched.address)["workers"]
-    assert member["state"] == "left", member
-    assert 0 < member["clock"] < 100_000
+        for w in workers:
+            assert w.running(), f"{w.name} exited {w.popen.returncode}:\n{w.log_text()[-3000:]}"
+        members = status_json(sched.address)["workers"]
+        return len(members) == len(workers) and all(m["clock"] > 0 and m["state"] == "alive" for m in members)
+    poll(training, 180, interval_s=0.5, what="both workers to report progress")
+    for w, sig in zip(workers, sigs):
+        w.popen.send_signal(sig)
+        assert w.popen.wait(timeout=30) == 0, f"{sig.name}: {w.log_text()[-3000:]}"
+        states = {m["name"].rsplit(":", 1)[1]: m for m in status_json(sched.address)["workers"]}
+        member = states[str(w.pid)]
+        assert member["state"] == "left", (sig.name, member)
+        assert 0 < member["clock"] < 100_000

@@ -10,7 +10,7 @@ import pytest
 from .helpers import assert_worker_metrics, poll, status_json
 
 HEARTBEAT_S = 3.0
-STEPS = 150            # at ~0.2 s a step, each worker trains for 30 s or more
+STEPS = 90             # at ~0.2 s a step, each worker trains for 18 s or more
 STEP_DELAY = "0.2"
 KILL_AT_CLOCK = 20
 # kill -> the survivors step again: the lease (3 s), then the reaper (0.2 s), the watch stream,
