@@ -50,6 +50,7 @@ class Traffic:
     wire_sent: int = 0
     logical_received: int = 0
     wire_received: int = 0
+    decode_s: float = 0.0      # decoding pulled tensors into the caller's arrays
 
 
 class ShardClient:
@@ -319,7 +320,7 @@ class ShardClient:
 
         def once(stub):
             asm = ChunkAssembler(self.cfg.max_tensor_bytes, 1 << 62)
-            logical, wire, seen = 0, 0, set()
+            logical, wire, decode_s, seen = 0, 0, 0.0, set()
             header, chunks = read(stub)
             if header is None:
                 raise Internal(f"shard {shard} answered a pull without a header first")
@@ -333,8 +334,10 @@ class ShardClient:
                 k = keys.get(meta.name)
                 if k is None or meta.name in seen:
                     raise Internal(f"shard {shard} sent key {meta.name!r} unasked or twice")
+                start = time.perf_counter()
                 value = codecs.decode(meta, payload, k.length)
                 into[k.param][k.offset:k.offset + k.length] = value.reshape(-1)
+                decode_s += time.perf_counter() - start
                 seen.add(meta.name)
                 logical += k.length * 4
                 wire += len(payload)
@@ -344,6 +347,7 @@ class ShardClient:
             with self.lock:
                 self.traffic.logical_received += logical
                 self.traffic.wire_received += wire
+                self.traffic.decode_s += decode_s
             return header.shard_version, header.next_step
         return self._with_retry(shard, once)
 

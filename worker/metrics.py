@@ -21,6 +21,9 @@ class WorkerCollector:
         enc = CounterMetricFamily("shardps_worker_encode_seconds", "Time spent compressing pushes.")
         enc.add_metric([], c.compressor.totals().total_encode_s)
         yield enc
+        dec = CounterMetricFamily("shardps_worker_decode_seconds", "Time spent decoding pulls.")
+        dec.add_metric([], t.decode_s)
+        yield dec
         clock = GaugeMetricFamily("shardps_worker_clock", "Steps pushed (the worker's clock).")
         clock.add_metric([], c.clock)
         yield clock

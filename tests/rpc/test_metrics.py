@@ -180,6 +180,7 @@ SCHEDULER_FAMILIES = {
 WORKER_FAMILIES = {
     "shardps_worker_bytes": "counter",
     "shardps_worker_encode_seconds": "counter",
+    "shardps_worker_decode_seconds": "counter",
     "shardps_worker_clock": "gauge",
     "shardps_worker_membership_epoch": "gauge",
 }
@@ -351,6 +352,7 @@ def test_worker_metrics_follow_its_steps(metered):
     assert sample(m, "shardps_worker_bytes", direction="received", kind="logical") == w.pulls * ELEMENTS * 4
     assert sample(m, "shardps_worker_bytes", direction="received", kind="wire") == w.pulls * ELEMENTS * 4
     assert sample(m, "shardps_worker_encode_seconds") > 0
+    assert sample(m, "shardps_worker_decode_seconds") > 0
     assert sample(m, "shardps_worker_membership_epoch") >= 1
 
 
