@@ -72,6 +72,7 @@ class ServerProcess:
         self.cfg = cfg
         self.stop = threading.Event()
         self.stepped_down = threading.Event()   # replaced by a newer server for our shard
+        self.on_step_down = lambda: None        # run() wakes its wait with this
         self.skipped_checkpoints = 0            # refused lease: a successor may own the directory
         self.telemetry = Telemetry(cfg.options, "server")
         self.grpc_server = grpcutil.make_server(security=cfg.options.security,
@@ -138,41 +139,43 @@ class ServerProcess:
                 except OSError as exc:  # a full disk must not take the shard down
                     log.error("checkpoint failed: %s", exc)
 
-    def _heartbeat_request(self) -> scheduler_pb2.HeartbeatRequest:
-        return scheduler_pb2.HeartbeatRequest(role=scheduler_pb2.ROLE_SERVER, member_id=self.lease.member_id,
-                                              incarnation=self.lease.incarnation)
+    def _heartbeat(self, incarnation: int) -> PSError | None:
+        """One heartbeat: the scheduler's refusal of our lease, or None (also when it cannot
+        be reached: then we keep serving on the last view)."""
+        req = scheduler_pb2.HeartbeatRequest(role=scheduler_pb2.ROLE_SERVER, member_id=self.lease.member_id,
+                                             incarnation=incarnation)
+        try:
+            grpcutil.call(self.sched.Heartbeat, req, grpcutil.CONTROL_TIMEOUT_S)
+        except (FailedPrecondition, NotFound) as exc:
+            return exc
+        except PSError as exc:
+            log.debug("heartbeat failed: %s", exc)
+        return None
 
     def _lease_holds(self) -> bool:
         """False when the scheduler refuses our lease: after a pause a successor may own the
         shard (and this directory), and a checkpoint of our stale copy would become the newest
-        one there. The heartbeat loop decides between registering again and stepping down. A
-        scheduler that cannot be reached does not stop checkpoints."""
-        try:
-            grpcutil.call(self.sched.Heartbeat, self._heartbeat_request(), grpcutil.CONTROL_TIMEOUT_S)
-        except (FailedPrecondition, NotFound) as exc:
-            log.warning("checkpoint skipped: %s", exc)
+        one there. The heartbeat loop decides between registering again and stepping down."""
+        refused = self._heartbeat(self.lease.incarnation)
+        if refused is not None:
+            log.warning("checkpoint skipped: %s", refused)
             self.skipped_checkpoints += 1
-            return False
-        except PSError:
-            pass
-        return True
+        return refused is None
 
     def _heartbeat_loop(self) -> None:
         interval = self.shard.job.heartbeat_timeout_s / 3
         while not self.stop.wait(interval):
-            req = self._heartbeat_request()
+            incarnation = self.lease.incarnation
+            refused = self._heartbeat(incarnation)
+            if refused is None:
+                continue
+            if self._replaced(incarnation):
+                return
+            log.warning("scheduler no longer holds this server's lease (%s); registering again", refused)
             try:
-                grpcutil.call(self.sched.Heartbeat, req, grpcutil.CONTROL_TIMEOUT_S)
-            except (FailedPrecondition, NotFound) as exc:
-                if self._replaced(req.incarnation):
-                    return
-                log.warning("scheduler no longer holds this server's lease (%s); registering again", exc)
-                try:
-                    self.lease = self._register().lease
-                except PSError as exc:
-                    log.warning("re-registration failed: %s", exc)
-            except PSError as exc:  # scheduler away: keep serving on the last view
-                log.debug("heartbeat failed: %s", exc)
+                self.lease = self._register().lease
+            except PSError as exc:
+                log.warning("re-registration failed: %s", exc)
 
     def _replaced(self, incarnation: int) -> bool:
         try:
@@ -189,6 +192,7 @@ class ServerProcess:
         self.stepped_down.set()
         self.stop.set()       # no more checkpoints either: they would hide the successor's
         grpcutil.set_serving(self.health, SERVICE, False)
+        self.on_step_down()
         return True
 
     def _adopt(self, view) -> None:
@@ -252,8 +256,8 @@ class ServerProcess:
 
 def run(cfg: ServerConfig, stop: threading.Event) -> int:
     proc = ServerProcess(cfg)
+    proc.on_step_down = stop.set
     proc.start()
-    while not stop.wait(0.5) and not proc.stepped_down.is_set():
-        pass
+    stop.wait()
     proc.drain()
     return EXIT_REPLACED if proc.stepped_down.is_set() else 0

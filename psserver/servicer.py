@@ -89,7 +89,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         """
         asm = ChunkAssembler(self.limits.max_tensor_bytes, self.limits.max_transfer_bytes)
         out: dict[str, np.ndarray] = {}
-        wire: dict[str, tuple[int, float]] = {}   # name -> (payload bytes, decode seconds)
+        received: dict[str, tuple[int, float]] = {}   # name -> (payload bytes, decode seconds)
         for chunk in chunks:
             done = asm.add(chunk)
             if done is None:
@@ -102,9 +102,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             start = time.perf_counter()
             value = _as_float32(meta, codecs.decode(meta, payload, self.limits.max_elements))
             out[meta.name] = np.array(value, dtype=np.float32) if own else value
-            wire[meta.name] = (len(payload), time.perf_counter() - start)
+            received[meta.name] = (len(payload), time.perf_counter() - start)
         asm.finish()
-        return out, wire
+        return out, received
 
     @staticmethod
     def _stream_chunks(requests, kind: str):
@@ -215,12 +215,12 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def _push(self, header, chunks):
         self._check_shard(header.shard)
         self._check_model(header.model_fingerprint)
-        grads, wire = self._tensors(chunks, "Push")
+        grads, received = self._tensors(chunks, "Push")
         version, duplicate, staleness = self.shard.push(
             header.caller.worker_id, header.caller.incarnation, header.step, header.base_version, grads)
         if not duplicate:
             for name, g in grads.items():
-                self.shard.count_traffic(self.shard.push_traffic, name, g.size * 4, *wire[name])
+                self.shard.count_traffic(self.shard.push_traffic, name, g.size * 4, *received[name])
         return ps_pb2.PushReply(shard_version=version, duplicate=duplicate, staleness=staleness)
 
     @servicer_errors

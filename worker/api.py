@@ -32,19 +32,12 @@ log = logging.getLogger("shardps.worker")
 
 class HostBuffers:
     """One flat host buffer per parameter (pinned when the model is on CUDA), seen by numpy
-    for the wire and by torch for device copies: float32 values, or (bytes_per_element=2)
-    room for a device-encoded payload."""
+    for the wire and by torch for device copies: float32 values by default, or the bytes of
+    a device-encoded payload."""
 
-    def __init__(self, params: dict[str, nn.Parameter], pinned: bool, bytes_per_element: int = 0):
-        self.tensors = {n: (torch.empty(p.numel(), dtype=torch.float32, pin_memory=pinned) if not bytes_per_element
-                            else torch.empty(bytes_per_element * p.numel(), dtype=torch.uint8, pin_memory=pinned))
-                        for n, p in params.items()}
+    def __init__(self, sizes: dict[str, int], pinned: bool, dtype: torch.dtype = torch.float32):
+        self.tensors = {n: torch.empty(size, dtype=dtype, pin_memory=pinned) for n, size in sizes.items()}
         self.arrays = {n: t.numpy() for n, t in self.tensors.items()}
-
-
-def _refuse_nan(name: str, has_nan: bool) -> None:
-    if has_nan:
-        raise InvalidArgument(f"tensor {name!r}: top-k cannot encode NaN values")
 
 
 class PSClient:
@@ -55,16 +48,18 @@ class PSClient:
         self.params = dict(model.named_parameters())
         device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
         self.cuda = device.type == "cuda"
-        self.weights = HostBuffers(self.params, self.cuda)    # pulls land here
-        self.grads = HostBuffers(self.params, self.cuda) if self.cuda else None
+        numels = {n: p.numel() for n, p in self.params.items()}
+        self.weights = HostBuffers(numels, self.cuda)    # pulls land here
+        self.grads = HostBuffers(numels, self.cuda) if self.cuda else None
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.encoder, self.encoded_params = self._device_encoder(device_compression)
-        self.payloads = (HostBuffers({n: self.params[n] for n in self.encoded_params}, self.cuda,
-                                     bytes_per_element=2) if self.encoder else None)
+        self.payloads = (HostBuffers({n: device_codec.max_payload_bytes(numels[n]) for n in self.encoded_params},
+                                     self.cuda, torch.uint8) if self.encoder else None)
         self.nan_flags = ({n: torch.zeros((), dtype=torch.bool, pin_memory=True) for n in self.encoded_params}
                           if self.encoder and self.cuda else {})
         self.grad_host_bytes = 0    # gradient bytes handed from the model to the push (D2H on CUDA)
         self.weight_host_bytes = 0  # weight bytes copied into the model by pulls (H2D on CUDA)
+        self._model_bytes = 4 * sum(numels.values())
         self._count = threading.Lock()
         self.overlap = overlap
         self.prefetch_enabled = overlap and client.job.mode in ("async", "ssp")
@@ -136,7 +131,7 @@ class PSClient:
             else:
                 for n, p in self.params.items():
                     p.copy_(self.weights.tensors[n].view(p.shape))
-        self.weight_host_bytes += sum(4 * p.numel() for p in self.params.values())
+        self.weight_host_bytes += self._model_bytes
 
     def _fetch(self) -> None:
         if self.client.expired:
@@ -200,8 +195,7 @@ class PSClient:
         if name in self.encoded_params:
             self._add_encoded(stream, name, grad)
             return
-        with self._count:
-            self.grad_host_bytes += 4 * grad.numel()
+        self._count_grad_bytes(4 * grad.numel())
         if not self.cuda:
             # the grad tensor itself: nothing writes it until the next zero_grad/backward,
             # and push() returns only after every byte has been sent
@@ -218,8 +212,8 @@ class PSClient:
         """Encode on the model's device; only the payload bytes cross to the host."""
         if not self.cuda:
             payload, parts, nan = self.encoder.encode(name, grad)
-            self._count_payload(payload.numel())
-            _refuse_nan(name, bool(nan))
+            self._count_grad_bytes(payload.numel())
+            device_codec.refuse_nan(name, bool(nan))
             stream.add_encoded(name, parts, payload.numpy())
             return
         buf, flag = self.payloads.tensors[name], self.nan_flags[name]
@@ -230,15 +224,15 @@ class PSClient:
             flag.copy_(nan, non_blocking=True)
             done = self.copy_stream.record_event()
         size = payload.numel()
-        self._count_payload(size)
+        self._count_grad_bytes(size)
 
         def hand_off():
             done.synchronize()
-            _refuse_nan(name, bool(flag))
+            device_codec.refuse_nan(name, bool(flag))
             stream.add_encoded(name, parts, self.payloads.arrays[name][:size])
         self._defer(hand_off)
 
-    def _count_payload(self, nbytes: int) -> None:
+    def _count_grad_bytes(self, nbytes: int) -> None:
         with self._count:
             self.grad_host_bytes += nbytes
 

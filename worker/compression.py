@@ -19,7 +19,7 @@ import numpy as np
 from pscommon import codecs
 from pscommon.config import CodecConfig
 from pscommon.errors import InvalidArgument
-from pscommon.tensors import numpy_dtype
+from pscommon.tensors import numel, numpy_dtype
 from pscommon.wire.v1 import tensor_pb2
 
 
@@ -85,7 +85,7 @@ class ErrorFeedback:
                                   f"its codec needs {expected}")
         start = time.perf_counter()
         payload = codecs.apply_lossless(meta, payload, lossless)
-        logical = int(np.prod(meta.shape, dtype=np.int64)) * 4
+        logical = numel(meta.shape) * 4
         self._record(meta.name, meta, logical, len(payload), time.perf_counter() - start)
         return meta, payload
 

@@ -53,6 +53,12 @@ def max_payload_bytes(numel: int) -> int:
     return 2 * numel
 
 
+def refuse_nan(name: str, has_nan: bool) -> None:
+    """What the host's top-k codec says of NaN, raised once the device's flag is on the host."""
+    if has_nan:
+        raise InvalidArgument(f"tensor {name!r}: top-k cannot encode NaN values")
+
+
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
 
