@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
-PROTOS := $(wildcard protos/pscommon/wire/v1/*.proto)
+PROTOS := $(wildcard protos/shardps/pscommon/wire/v1/*.proto)
 # glibc: stop mmap/munmap of every multi-MB gRPC buffer (measured in docs/benchmarks.md)
 export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
@@ -13,7 +13,8 @@ export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@# setuptools warns that any editable install with a package-dir map may be shadowed by cwd
+	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -33,8 +34,12 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# protoc writes by import path (shardps/pscommon/wire/v1/); the folder is pscommon/wire/v1/
 proto: $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	rm -rf build/proto && mkdir -p build/proto
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=build/proto --pyi_out=build/proto \
+		--grpc_python_out=build/proto $(PROTOS)
+	cp build/proto/shardps/pscommon/wire/v1/*_pb2*.py* pscommon/wire/v1/
 
 bench: $(STAMP)
 	$(PY) bench/ps_loop.py --preset small --servers 1 --workers 1 --json

@@ -64,7 +64,7 @@ def run_one(a, push: str, pull: str, ef: bool, seed: int, run_dir: pathlib.Path)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "psctl", "up", "--servers", "1", "--workers", str(a.workers),
+    cmd = [sys.executable, "-m", "shardps.psctl", "up", "--servers", "1", "--workers", str(a.workers),
            "--mode", "async", "--model", "digits-mlp", "--steps", str(a.steps), "--seed", str(seed),
            "--lr", repr(a.lr), "--push-codec", push, "--pull-codec", pull, "--json",
            "--run-dir", str(run_dir), "--timeout", str(a.timeout)]

@@ -26,10 +26,10 @@ import time
 
 import numpy as np
 
-from pscommon import codecs
-from pscommon.config import CodecConfig
-from pscommon.tensors import chunk_payload
-from pscommon.wire.v1 import tensor_pb2
+from shardps.pscommon import codecs
+from shardps.pscommon.config import CodecConfig
+from shardps.pscommon.tensors import chunk_payload
+from shardps.pscommon.wire.v1 import tensor_pb2
 
 DEFAULT_SIZES = [1 << 16, 1 << 20, 25_000_000]
 DEFAULT_CODECS = ["fp32", "fp16", "bf16", "int8", "topk:0.01", "topk:0.1", "bf16+zstd", "int8+zstd"]

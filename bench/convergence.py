@@ -88,9 +88,9 @@ def worker_main(i: int, spec: dict, scheduler: str, q, declared, barrier) -> Non
     ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the launcher
     import threading
     import torch
-    from worker import data, models
-    from worker.api import PSClient
-    from worker.train import Loop, MetricsWriter, TrainConfig
+    from shardps.worker import data, models
+    from shardps.worker.api import PSClient
+    from shardps.worker.train import Loop, MetricsWriter, TrainConfig
 
     try:
         cfg = TrainConfig(scheduler=scheduler, model=MODEL, steps=spec["steps"], batch_size=32,
@@ -133,9 +133,9 @@ class Evaluator:
     def __init__(self, scheduler: str, timeout: float):
         import numpy as np
         import torch
-        from worker import models
-        from worker.client import ClientConfig, ShardClient
-        from pscommon.errors import PSError
+        from shardps.worker import models
+        from shardps.worker.client import ClientConfig, ShardClient
+        from shardps.pscommon.errors import PSError
 
         torch.set_num_threads(1)
         self.model = models.build(MODEL)
@@ -157,7 +157,7 @@ class Evaluator:
     def __call__(self) -> tuple[int, float]:
         """(server version, accuracy) now. With several shards, the version is the smallest."""
         import torch
-        from worker import data
+        from shardps.worker import data
         self.client.pull(self.flat)
         with torch.no_grad():
             for n, p in self.model.named_parameters():
@@ -173,9 +173,9 @@ class Evaluator:
 def run_one(a, mode: str, seed: int, delay: float, run_dir: pathlib.Path, steps: int | None = None) -> dict:
     """One cluster, W workers, `steps` steps each; the live accuracy curve and server statistics."""
     import queue
-    from pscommon.config import CodecConfig, JobSpec, OptimizerConfig
-    from psctl import ops
-    from psctl.up import Cluster
+    from shardps.pscommon.config import CodecConfig, JobSpec, OptimizerConfig
+    from shardps.psctl import ops
+    from shardps.psctl.up import Cluster
 
     steps = steps or a.steps
     W = a.workers

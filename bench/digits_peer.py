@@ -98,8 +98,8 @@ def trainer_main(r: int, a, scheduler: str, q, declared, barrier, stop, t0) -> N
     ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the launcher
     import torch
     import torch.nn.functional as F
-    from worker import data, models
-    from worker.client import ClientConfig, ShardClient
+    from shardps.worker import data, models
+    from shardps.worker.client import ClientConfig, ShardClient
 
     torch.set_num_threads(1)  # as every peer process: 2 cores shared by 1 + W processes
     split = data.digits()
@@ -190,9 +190,9 @@ def gather(q, kind: str, n: int, deadline: float, procs, cluster) -> list:
 
 def run(a) -> dict:
     import torch
-    from pscommon.config import CodecConfig, JobSpec, OptimizerConfig
-    from psctl import ops
-    from psctl.up import Cluster
+    from shardps.pscommon.config import CodecConfig, JobSpec, OptimizerConfig
+    from shardps.psctl import ops
+    from shardps.psctl.up import Cluster
 
     W = a.workers
     deadline = time.monotonic() + a.timeout

@@ -75,11 +75,11 @@ wait_ready() {
   return 1
 }
 
-"$PY" -m psctl scheduler --listen 127.0.0.1:0 --ready-file "$run/scheduler.addr" --mode async \
+"$PY" -m shardps.psctl scheduler --listen 127.0.0.1:0 --ready-file "$run/scheduler.addr" --mode async \
   --optimizer sgd --lr 0.2 --heartbeat-timeout 30 >"$run/scheduler.log" 2>&1 &
 pids+=($!)
 sched=$(wait_ready "$run/scheduler.addr" "$!" scheduler)
-"$PY" -m psctl server --scheduler "$sched" --listen 127.0.0.1:0 --shard-id 0 \
+"$PY" -m shardps.psctl server --scheduler "$sched" --listen 127.0.0.1:0 --shard-id 0 \
   --ready-file "$run/server.addr" >"$run/server.log" 2>&1 &
 pids+=($!)
 wait_ready "$run/server.addr" "$!" server >/dev/null

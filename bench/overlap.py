@@ -86,7 +86,7 @@ class Workload:
             x = (torch.rand(width, generator=gen) * 2 - 1).to(device)
             self.loss = lambda: self.model(x).sum()
         elif name == "cnn":
-            from worker import data, models
+            from shardps.worker import data, models
             self.model = models.build("digits-cnn", seed=0).to(device)
             split = data.digits(image=True)
             gen = torch.Generator().manual_seed(0)
@@ -105,7 +105,7 @@ class Workload:
 def run_variant(scheduler: str, wl: Workload, overlap: bool, steps: int, warmup: int, device) -> dict:
     """Connect, warm up, time `steps` steps, leave. Per-step phase times in seconds."""
     import torch
-    from worker import PSClient
+    from shardps import PSClient
 
     cuda = device.type == "cuda"
     rec = {"step": [], "pull": [], "compute": [], "push": []}
@@ -148,8 +148,8 @@ def median_ms(xs: list[float]) -> float:
 
 
 def bench_workload(name: str, a, device, run_dir: pathlib.Path) -> dict:
-    from pscommon.config import JobSpec, OptimizerConfig
-    from psctl.up import Cluster
+    from shardps.pscommon.config import JobSpec, OptimizerConfig
+    from shardps.psctl.up import Cluster
 
     steps = a.steps or DEFAULT_STEPS[name]
     warmup = a.warmup if a.warmup is not None else DEFAULT_WARMUP[name]
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` sends TERM: run the cleanup
     a = parse(argv)
     if os.environ.get("SHARDPS_MALLOC_TUNING", "1") != "0":
-        from pscommon.lifecycle import tune_malloc
+        from shardps.pscommon.lifecycle import tune_malloc
         tune_malloc()  # what `psctl worker` does at start-up (the daemons tune themselves)
     import torch
     torch.set_num_threads(a.threads)

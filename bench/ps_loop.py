@@ -96,10 +96,10 @@ def worker_main(w: int, a, scheduler: str, q, declared, go, barrier) -> None:
     import ctypes
     ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the launcher
     if os.environ.get("SHARDPS_MALLOC_TUNING", "1") != "0":
-        from pscommon.lifecycle import tune_malloc
+        from shardps.pscommon.lifecycle import tune_malloc
         tune_malloc()  # what `psctl worker` does at start-up, so workers match the daemons
-    from pscommon.config import CodecConfig
-    from worker.client import ClientConfig, ShardClient
+    from shardps.pscommon.config import CodecConfig
+    from shardps.worker.client import ClientConfig, ShardClient
     import_rss = current_rss_mb()  # what the imports alone cost (worker/__init__ pulls in torch)
 
     client = ShardClient(ClientConfig(scheduler=scheduler, name=f"ps-loop-{w}",
@@ -188,8 +188,8 @@ def final_param_sum(scheduler: str) -> float:
     """Sum of every served parameter, read fp32 whatever the job's pull codec (a bf16 read
     would round away the ~1e-3 decrease the check looks for)."""
     import dataclasses
-    from pscommon.config import CodecConfig
-    from worker.client import ClientConfig, ShardClient
+    from shardps.pscommon.config import CodecConfig
+    from shardps.worker.client import ClientConfig, ShardClient
 
     reader = ShardClient(ClientConfig(scheduler=scheduler, name="ps-loop-reader"))
     smap = reader.attach()
@@ -202,9 +202,9 @@ def final_param_sum(scheduler: str) -> float:
 
 
 def run(a) -> dict:
-    from pscommon.config import CodecConfig, JobSpec, OptimizerConfig
-    from psctl import ops
-    from psctl.up import Cluster
+    from shardps.pscommon.config import CodecConfig, JobSpec, OptimizerConfig
+    from shardps.psctl import ops
+    from shardps.psctl.up import Cluster
 
     P, T = PRESETS[a.preset]
     S, W, N = a.servers, a.workers, a.steps

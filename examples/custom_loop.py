@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker import PSClient, data
+from shardps import PSClient
+from shardps.worker import data
 
 
 def build_model() -> nn.Module:

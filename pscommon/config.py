@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from pscommon.errors import InvalidArgument
-from pscommon.wire.v1 import job_pb2, tensor_pb2
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.wire.v1 import job_pb2, tensor_pb2
 
 MODES = {"async": job_pb2.MODE_ASYNC, "sync": job_pb2.MODE_SYNC, "ssp": job_pb2.MODE_SSP}
 OPTIMIZERS = {

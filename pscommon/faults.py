@@ -17,7 +17,7 @@ import time
 
 import grpc
 
-from pscommon.errors import InvalidArgument
+from shardps.pscommon.errors import InvalidArgument
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,8 +20,8 @@ from typing import Iterator
 
 import grpc
 
-from pscommon.tensors import CHUNK_BYTES, Chunk, Frame
-from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
+from shardps.pscommon.tensors import CHUNK_BYTES, Chunk, Frame
+from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 
 _LEN = 2  # protobuf wire type of length-delimited fields
 _SERVICE = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"]

@@ -11,8 +11,8 @@ from typing import Callable, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from pscommon.errors import PSError, from_rpc_error
-from pscommon.security import NO_SECURITY, Security, add_port, secure_channel, server_interceptors
+from shardps.pscommon.errors import PSError, from_rpc_error
+from shardps.pscommon.security import NO_SECURITY, Security, add_port, secure_channel, server_interceptors
 
 log = logging.getLogger(__name__)
 

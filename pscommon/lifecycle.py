@@ -8,8 +8,8 @@ import pathlib
 import signal
 import threading
 
-from pscommon.errors import InvalidArgument
-from pscommon.security import NO_SECURITY, Security
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.security import NO_SECURITY, Security
 
 
 def install_stop_handlers(stop: threading.Event) -> None:
@@ -88,7 +88,7 @@ class Telemetry:
     def __init__(self, opts: DaemonOptions, role: str, serves_rpc: bool = True):
         from prometheus_client import CollectorRegistry
 
-        from pscommon.metrics import RpcMetrics
+        from shardps.pscommon.metrics import RpcMetrics
         self.opts = opts
         self.registry = CollectorRegistry()
         on = opts.metrics_port is not None and serves_rpc
@@ -99,7 +99,7 @@ class Telemetry:
     def start(self, *collectors) -> None:
         if self.opts.metrics_port is None:
             return
-        from pscommon.metrics import serve
+        from shardps.pscommon.metrics import serve
         for c in collectors:
             self.registry.register(c)
         self._server, _ = serve(self.opts.metrics_port, self.registry, self.opts.metrics_host)

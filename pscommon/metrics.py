@@ -12,7 +12,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import HistogramMetricFamily
 
-from pscommon.stats import Histogram as PSHistogram
+from shardps.pscommon.stats import Histogram as PSHistogram
 
 RPC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 

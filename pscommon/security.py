@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import grpc
 
-from pscommon.errors import InvalidArgument, Unavailable
+from shardps.pscommon.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 

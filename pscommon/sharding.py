@@ -9,9 +9,9 @@ import dataclasses
 import hashlib
 import heapq
 
-from pscommon.errors import InvalidArgument
-from pscommon.tensors import check_shape, numel, numpy_dtype
-from pscommon.wire.v1 import ps_pb2, scheduler_pb2, tensor_pb2
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.tensors import check_shape, numel, numpy_dtype
+from shardps.pscommon.wire.v1 import ps_pb2, scheduler_pb2, tensor_pb2
 
 MAX_PARAMS = 100_000
 MAX_NAME = 512

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import bisect
 
-from pscommon.wire.v1 import ps_pb2
+from shardps.pscommon.wire.v1 import ps_pb2
 
 STALENESS_BOUNDS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
 WAIT_BOUNDS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)

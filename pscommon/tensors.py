@@ -11,8 +11,8 @@ from typing import Iterable, Iterator, Union
 
 import numpy as np
 
-from pscommon.errors import InvalidArgument, ResourceExhausted
-from pscommon.wire.v1 import tensor_pb2
+from shardps.pscommon.errors import InvalidArgument, ResourceExhausted
+from shardps.pscommon.wire.v1 import tensor_pb2
 
 # 2 MiB: whole tensors of up to 2 MiB travel as one message and are decoded without a copy
 # (measured in docs/benchmarks.md); framing cost is still small at this size

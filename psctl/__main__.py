@@ -1,3 +1,3 @@
-from psctl.cli import main
+from shardps.psctl.cli import main
 
 raise SystemExit(main())

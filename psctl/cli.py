@@ -10,10 +10,10 @@ import os
 import sys
 import threading
 
-from pscommon.config import CodecConfig, JobSpec, OptimizerConfig
-from pscommon.errors import PSError
-from pscommon.lifecycle import DaemonOptions, install_stop_handlers, setup_logging, tune_malloc
-from pscommon.security import Security, TLSConfig, read_token
+from shardps.pscommon.config import CodecConfig, JobSpec, OptimizerConfig
+from shardps.pscommon.errors import PSError
+from shardps.pscommon.lifecycle import DaemonOptions, install_stop_handlers, setup_logging, tune_malloc
+from shardps.pscommon.security import Security, TLSConfig, read_token
 
 EXIT_USAGE = 2
 
@@ -195,22 +195,22 @@ def build_parser() -> Parser:
 
 
 def _run_export(a) -> int:
-    from psctl import export
+    from shardps.psctl import export
     return export.run(a.scheduler, a.out, a.timeout, security_from_args(a))
 
 
 def _run_checkpoint(a) -> int:
-    from psctl import ops
+    from shardps.psctl import ops
     return ops.checkpoint(a.scheduler, a.json, a.timeout, security_from_args(a))
 
 
 def _run_plot(a) -> int:
-    from psctl import plot
+    from shardps.psctl import plot
     return plot.run(a.metrics, a.out)
 
 
 def _run_scheduler(a) -> int:
-    from scheduler.daemon import SchedulerConfig, run
+    from shardps.scheduler.daemon import SchedulerConfig, run
     stop = threading.Event()
     install_stop_handlers(stop)
     return run(SchedulerConfig(job=job_from_args(a), listen=a.listen, state_dir=a.state_dir,
@@ -218,7 +218,7 @@ def _run_scheduler(a) -> int:
 
 
 def _run_server(a) -> int:
-    from psserver.daemon import ServerConfig, run
+    from shardps.psserver.daemon import ServerConfig, run
     stop = threading.Event()
     install_stop_handlers(stop)
     return run(ServerConfig(scheduler=a.scheduler, listen=a.listen, advertise=a.advertise or "",
@@ -227,7 +227,7 @@ def _run_server(a) -> int:
 
 
 def _run_worker(a) -> int:
-    from worker.train import TrainConfig, train
+    from shardps.worker.train import TrainConfig, train
     stop = threading.Event()
     install_stop_handlers(stop)
     cfg = TrainConfig(scheduler=a.scheduler, model=a.model, data=a.data, overlap=a.overlap, steps=a.steps,
@@ -243,7 +243,7 @@ def _run_worker(a) -> int:
 
 
 def _run_up(a) -> int:
-    from psctl.up import UpConfig, parse_churn, run
+    from shardps.psctl.up import UpConfig, parse_churn, run
     return run(UpConfig(job=job_from_args(a), workers=a.workers, model=a.model, steps=a.steps,
                         batch_size=a.batch_size, seed=a.seed, run_dir=a.run_dir,
                         straggler_delay_s=a.step_delay, timeout_s=a.timeout, as_json=a.json,
@@ -252,12 +252,12 @@ def _run_up(a) -> int:
 
 
 def _run_status(a) -> int:
-    from psctl import ops
+    from shardps.psctl import ops
     return ops.status(a.scheduler, a.json, a.timeout, security_from_args(a))
 
 
 def _run_inspect(a) -> int:
-    from psctl import ops
+    from shardps.psctl import ops
     return ops.inspect(a.scheduler, a.json, a.timeout, a.shard, a.sample, security_from_args(a))
 
 

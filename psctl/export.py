@@ -16,10 +16,10 @@ import threading
 
 import numpy as np
 
-from pscommon.config import CodecConfig
-from pscommon.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
-from pscommon.security import NO_SECURITY, Security
-from pscommon.sharding import ShardMap
+from shardps.pscommon.config import CodecConfig
+from shardps.pscommon.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from shardps.pscommon.security import NO_SECURITY, Security
+from shardps.pscommon.sharding import ShardMap
 
 # safetensors metadata is str -> str; "format": "pt" is what torch-side loaders expect.
 META_PREFIX = "shardps."
@@ -77,7 +77,7 @@ def _check_complete(shard_map: ShardMap, buffers: dict[str, _Recorded]) -> None:
 def gather(scheduler: str, timeout: float, security: Security = NO_SECURITY
            ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The served parameters by original name and shape (float32), and metadata (all str)."""
-    from worker.client import ClientConfig, ShardClient
+    from shardps.worker.client import ClientConfig, ShardClient
 
     client = ShardClient(ClientConfig(scheduler=scheduler, control_timeout_s=timeout,
                                       data_timeout_s=timeout, connect_timeout_s=timeout,

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 from concurrent import futures
 
-from pscommon import grpcutil
-from pscommon.config import JobSpec
-from pscommon.errors import PSError, Unavailable
-from pscommon.security import NO_SECURITY, Security
-from pscommon.stats import histogram_dict
-from pscommon.tensors import dtype_name
-from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from shardps.pscommon import grpcutil
+from shardps.pscommon.config import JobSpec
+from shardps.pscommon.errors import PSError, Unavailable
+from shardps.pscommon.security import NO_SECURITY, Security
+from shardps.pscommon.stats import histogram_dict
+from shardps.pscommon.tensors import dtype_name
+from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 STATE = {scheduler_pb2.MEMBER_STATE_ALIVE: "alive", scheduler_pb2.MEMBER_STATE_DEAD: "dead",
          scheduler_pb2.MEMBER_STATE_LEFT: "left", scheduler_pb2.MEMBER_STATE_UNSPECIFIED: "unknown"}

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from pscommon.errors import InvalidArgument
+from shardps.pscommon.errors import InvalidArgument
 
 SMOOTH_MAX = 50       # widest moving-average window, in steps
 FIGSIZE = (12, 8)     # inches; at DPI, a 1200x800 PNG

@@ -1,6 +1,6 @@
 """`psctl up`: a local cluster of real processes on free loopback ports.
 
-The scheduler, each server and each worker is its own interpreter (`python -m psctl ...`),
+The scheduler, each server and each worker is its own interpreter (`python -m shardps.psctl ...`),
 never a fork of this one. Ctrl-C or a worker failure tears everything down.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import sys
 import tempfile
 import time
 
-from pscommon.config import JobSpec
-from pscommon.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from shardps.pscommon.config import JobSpec
+from shardps.pscommon.errors import DeadlineExceeded, InvalidArgument, Unavailable
 
 READY_TIMEOUT_S = 60.0
 
@@ -85,7 +85,7 @@ class Cluster:
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.run_dir / f"{name}.log", "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen([sys.executable, "-m", "psctl", *args], stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, "-m", "shardps.psctl", *args], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env)
         log.close()
         self.procs[name] = proc
@@ -161,8 +161,8 @@ def evaluate_live(scheduler: str, model_name: str) -> float:
     import numpy as np
     import torch
 
-    from worker import data, models
-    from worker.client import ClientConfig, ShardClient
+    from shardps.worker import data, models
+    from shardps.worker.client import ClientConfig, ShardClient
 
     model = models.build(model_name)
     client = ShardClient(ClientConfig(scheduler=scheduler))
@@ -205,12 +205,12 @@ def churn_and_wait(cluster: Cluster, workers: list, cfg: UpConfig, say) -> set[i
 
 
 def plot_curves(run_dir: pathlib.Path, out: str, report) -> None:
-    from psctl import plot
+    from shardps.psctl import plot
     plot.run(sorted(str(p) for p in run_dir.glob("worker-*.jsonl")), out, report=report)
 
 
 def run(cfg: UpConfig) -> int:
-    from psctl import ops
+    from shardps.psctl import ops
 
     run_dir = pathlib.Path(cfg.run_dir or tempfile.mkdtemp(prefix="shardps-up-"))
     run_dir.mkdir(parents=True, exist_ok=True)

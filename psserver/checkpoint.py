@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from pscommon.errors import FailedPrecondition
+from shardps.pscommon.errors import FailedPrecondition
 
 log = logging.getLogger("shardps.checkpoint")
 FORMAT = "shardps-shard-checkpoint/1"

@@ -9,15 +9,15 @@ import threading
 import grpc
 from google.protobuf import json_format
 
-from pscommon import framing, grpcutil
-from pscommon.config import JobSpec
-from pscommon.errors import FailedPrecondition, InvalidArgument, NotFound, PSError, from_rpc_error
-from pscommon.lifecycle import DaemonOptions, Telemetry, write_ready_file
-from pscommon.wire.v1 import ps_pb2, scheduler_pb2, scheduler_pb2_grpc
-from psserver.checkpoint import Checkpointer, CheckpointStore
-from psserver.metrics import ShardCollector
-from psserver.servicer import Limits, ParameterServerServicer
-from psserver.shard import Member, Shard
+from shardps.pscommon import framing, grpcutil
+from shardps.pscommon.config import JobSpec
+from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, NotFound, PSError, from_rpc_error
+from shardps.pscommon.lifecycle import DaemonOptions, Telemetry, write_ready_file
+from shardps.pscommon.wire.v1 import ps_pb2, scheduler_pb2, scheduler_pb2_grpc
+from shardps.psserver.checkpoint import Checkpointer, CheckpointStore
+from shardps.psserver.metrics import ShardCollector
+from shardps.psserver.servicer import Limits, ParameterServerServicer
+from shardps.psserver.shard import Member, Shard
 
 log = logging.getLogger("shardps.server")
 SERVICE = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from pscommon.errors import FailedPrecondition
+from shardps.pscommon.errors import FailedPrecondition
 
 
 class Verdict(enum.Enum):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from pscommon.metrics import histogram_family
+from shardps.pscommon.metrics import histogram_family
 
 
 class ShardCollector:

@@ -9,7 +9,7 @@ import abc
 
 import numpy as np
 
-from pscommon.config import OptimizerConfig
+from shardps.pscommon.config import OptimizerConfig
 
 
 class Optimizer(abc.ABC):

@@ -9,16 +9,16 @@ import time
 
 import numpy as np
 
-from pscommon import codecs
-from pscommon.config import CodecConfig
-from pscommon.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, servicer_errors
-from pscommon.grpcutil import DATA_TIMEOUT_S
-from pscommon.sharding import Key
-from pscommon.codecs.bf16 import from_bf16_bits
-from pscommon.framing import BATCH_BYTES, batch, body_of, chunk_frames, chunk_of
-from pscommon.tensors import FLOAT_DTYPES, ChunkAssembler, check_shape, numel
-from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
-from psserver.shard import Shard
+from shardps.pscommon import codecs
+from shardps.pscommon.config import CodecConfig
+from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, servicer_errors
+from shardps.pscommon.grpcutil import DATA_TIMEOUT_S
+from shardps.pscommon.sharding import Key
+from shardps.pscommon.codecs.bf16 import from_bf16_bits
+from shardps.pscommon.framing import BATCH_BYTES, batch, body_of, chunk_frames, chunk_of
+from shardps.pscommon.tensors import FLOAT_DTYPES, ChunkAssembler, check_shape, numel
+from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
+from shardps.psserver.shard import Shard
 
 
 @dataclasses.dataclass(frozen=True)

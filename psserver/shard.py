@@ -13,11 +13,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from pscommon.config import JobSpec
-from pscommon.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
-from pscommon.sharding import Key
-from pscommon.stats import STALENESS_BOUNDS, WAIT_BOUNDS_S, Histogram
-from psserver import checkpoint, consistency, ledger, optim
+from shardps.pscommon.config import JobSpec
+from shardps.pscommon.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from shardps.pscommon.sharding import Key
+from shardps.pscommon.stats import STALENESS_BOUNDS, WAIT_BOUNDS_S, Histogram
+from shardps.psserver import checkpoint, consistency, ledger, optim
 
 
 @dataclasses.dataclass

@@ -10,13 +10,13 @@ from typing import Callable
 
 from google.protobuf import json_format
 
-from pscommon import sharding
-from pscommon.config import JobSpec
-from pscommon.errors import FailedPrecondition, InvalidArgument
-from pscommon.wire.v1 import job_pb2, scheduler_pb2
-from scheduler import leases
-from scheduler import membership as mb
-from scheduler.persist import read_json, write_json_atomic
+from shardps.pscommon import sharding
+from shardps.pscommon.config import JobSpec
+from shardps.pscommon.errors import FailedPrecondition, InvalidArgument
+from shardps.pscommon.wire.v1 import job_pb2, scheduler_pb2
+from shardps.scheduler import leases
+from shardps.scheduler import membership as mb
+from shardps.scheduler.persist import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 STATE_FILE = "scheduler-state.json"

@@ -5,13 +5,13 @@ import dataclasses
 import logging
 import threading
 
-from pscommon import grpcutil
-from pscommon.config import JobSpec
-from pscommon.lifecycle import DaemonOptions, Telemetry, write_ready_file
-from pscommon.wire.v1 import scheduler_pb2, scheduler_pb2_grpc
-from scheduler.core import SchedulerCore
-from scheduler.metrics import SchedulerCollector
-from scheduler.servicer import SchedulerServicer
+from shardps.pscommon import grpcutil
+from shardps.pscommon.config import JobSpec
+from shardps.pscommon.lifecycle import DaemonOptions, Telemetry, write_ready_file
+from shardps.pscommon.wire.v1 import scheduler_pb2, scheduler_pb2_grpc
+from shardps.scheduler.core import SchedulerCore
+from shardps.scheduler.metrics import SchedulerCollector
+from shardps.scheduler.servicer import SchedulerServicer
 
 log = logging.getLogger("shardps.scheduler")
 SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name

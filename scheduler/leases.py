@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from pscommon.errors import FailedPrecondition, InvalidArgument
+from shardps.pscommon.errors import FailedPrecondition, InvalidArgument
 
 LEASED, WAIT, DONE = "leased", "wait", "done"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from pscommon.errors import FailedPrecondition, InvalidArgument, NotFound
+from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, NotFound
 
 WORKER, SERVER = "worker", "server"
 ALIVE, DEAD, LEFT = "alive", "dead", "left"

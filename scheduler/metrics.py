@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prometheus_client.core import GaugeMetricFamily
 
-from scheduler import membership as mb
+from shardps.scheduler import membership as mb
 
 
 class SchedulerCollector:

@@ -5,7 +5,7 @@ import json
 import os
 import pathlib
 
-from pscommon.errors import FailedPrecondition
+from shardps.pscommon.errors import FailedPrecondition
 
 
 def write_json_atomic(path: pathlib.Path, data: dict) -> None:

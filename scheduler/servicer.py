@@ -1,13 +1,13 @@
 """The Scheduler gRPC servicer: a thin layer that applies membership transitions."""
 from __future__ import annotations
 
-from pscommon import sharding
-from pscommon.errors import InvalidArgument, servicer_errors
-from pscommon.wire.v1 import scheduler_pb2 as pb
-from pscommon.wire.v1 import scheduler_pb2_grpc
-from scheduler import leases
-from scheduler import membership as mb
-from scheduler.core import SchedulerCore
+from shardps.pscommon import sharding
+from shardps.pscommon.errors import InvalidArgument, servicer_errors
+from shardps.pscommon.wire.v1 import scheduler_pb2 as pb
+from shardps.pscommon.wire.v1 import scheduler_pb2_grpc
+from shardps.scheduler import leases
+from shardps.scheduler import membership as mb
+from shardps.scheduler.core import SchedulerCore
 
 _STATE = {mb.ALIVE: pb.MEMBER_STATE_ALIVE, mb.DEAD: pb.MEMBER_STATE_DEAD, mb.LEFT: pb.MEMBER_STATE_LEFT}
 WATCH_REFRESH_S = 2.0   # a watch stream re-sends the view this often (carries fresh clocks)

@@ -6,11 +6,11 @@ import time
 import grpc
 import pytest
 
-from pscommon import framing, grpcutil
-from pscommon.config import JobSpec
-from pscommon.wire.v1 import ps_pb2_grpc
-from psserver.servicer import Limits, ParameterServerServicer
-from psserver.shard import Shard
+from shardps.pscommon import framing, grpcutil
+from shardps.pscommon.config import JobSpec
+from shardps.pscommon.wire.v1 import ps_pb2_grpc
+from shardps.psserver.servicer import Limits, ParameterServerServicer
+from shardps.psserver.shard import Shard
 
 
 def poll(predicate, timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "condition"):
@@ -60,8 +60,8 @@ class InProcessCluster:
     """A scheduler and S servers in this process (real gRPC on port 0, real membership)."""
 
     def __init__(self, job: JobSpec, state_dir: str | None = None):
-        from psserver.daemon import ServerConfig, ServerProcess
-        from scheduler.daemon import SchedulerConfig, SchedulerProcess
+        from shardps.psserver.daemon import ServerConfig, ServerProcess
+        from shardps.scheduler.daemon import SchedulerConfig, SchedulerProcess
 
         self.scheduler = SchedulerProcess(SchedulerConfig(job=job, state_dir=state_dir))
         self.scheduler.start()

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pscommon.config import CodecConfig
-from pscommon.errors import Aborted, FailedPrecondition, InvalidArgument
-from worker import device_codec
-from worker.client import ClientConfig, ShardClient, StreamingPush
+from shardps.pscommon.config import CodecConfig
+from shardps.pscommon.errors import Aborted, FailedPrecondition, InvalidArgument
+from shardps.worker import device_codec
+from shardps.worker.client import ClientConfig, ShardClient, StreamingPush
 
 log = logging.getLogger("shardps.worker")
 

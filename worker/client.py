@@ -16,16 +16,16 @@ from concurrent import futures
 import grpc
 import numpy as np
 
-from pscommon import codecs, grpcutil
-from pscommon.config import CodecConfig, JobSpec
-from pscommon.errors import (Aborted, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
+from shardps.pscommon import codecs, grpcutil
+from shardps.pscommon.config import CodecConfig, JobSpec
+from shardps.pscommon.errors import (Aborted, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument,
                              PSError, Unavailable, from_rpc_error)
-from pscommon.security import NO_SECURITY, Security
-from pscommon.sharding import Param, ShardMap
-from pscommon.framing import BATCH_BYTES, batch, chunk_frames, chunk_of, parameter_server_stub
-from pscommon.tensors import ChunkAssembler
-from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tensor_pb2
-from worker.compression import ErrorFeedback
+from shardps.pscommon.security import NO_SECURITY, Security
+from shardps.pscommon.sharding import Param, ShardMap
+from shardps.pscommon.framing import BATCH_BYTES, batch, chunk_frames, chunk_of, parameter_server_stub
+from shardps.pscommon.tensors import ChunkAssembler
+from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tensor_pb2
+from shardps.worker.compression import ErrorFeedback
 
 log = logging.getLogger("shardps.worker")
 

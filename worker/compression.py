@@ -16,11 +16,11 @@ import time
 
 import numpy as np
 
-from pscommon import codecs
-from pscommon.config import CodecConfig
-from pscommon.errors import InvalidArgument
-from pscommon.tensors import numel, numpy_dtype
-from pscommon.wire.v1 import tensor_pb2
+from shardps.pscommon import codecs
+from shardps.pscommon.config import CodecConfig
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.tensors import numel, numpy_dtype
+from shardps.pscommon.wire.v1 import tensor_pb2
 
 
 @dataclasses.dataclass

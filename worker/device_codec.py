@@ -15,10 +15,10 @@ import dataclasses
 
 import torch
 
-from pscommon.codecs.topk import k_for
-from pscommon.config import CodecConfig
-from pscommon.errors import InvalidArgument
-from pscommon.wire.v1 import tensor_pb2
+from shardps.pscommon.codecs.topk import k_for
+from shardps.pscommon.config import CodecConfig
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.wire.v1 import tensor_pb2
 
 CASTS = {tensor_pb2.CODEC_FP16: torch.float16, tensor_pb2.CODEC_BF16: torch.bfloat16}
 DEVICE_CODECS = frozenset(CASTS) | {tensor_pb2.CODEC_TOPK}

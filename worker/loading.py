@@ -6,8 +6,8 @@ import importlib
 import torch
 from torch import nn
 
-from pscommon.errors import InvalidArgument
-from worker.data import Split
+from shardps.pscommon.errors import InvalidArgument
+from shardps.worker.data import Split
 
 
 def load_callable(spec: str, what: str):

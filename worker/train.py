@@ -12,12 +12,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pscommon.errors import FailedPrecondition, InvalidArgument
-from pscommon.lifecycle import DaemonOptions, Telemetry
-from pscommon.wire.v1 import scheduler_pb2 as pb
-from worker import data, models
-from worker.api import PSClient
-from worker.metrics import WorkerCollector
+from shardps.pscommon.errors import FailedPrecondition, InvalidArgument
+from shardps.pscommon.lifecycle import DaemonOptions, Telemetry
+from shardps.pscommon.wire.v1 import scheduler_pb2 as pb
+from shardps.worker import data, models
+from shardps.worker.api import PSClient
+from shardps.worker.metrics import WorkerCollector
 
 log = logging.getLogger("shardps.worker")
 

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from pscommon.codecs import lossless as _lossless
-from pscommon.codecs.base import Codec
-from pscommon.codecs.bf16 import Bf16Codec
-from pscommon.codecs.fp16 import Fp16Codec
-from pscommon.codecs.int8 import Int8Codec
-from pscommon.codecs.raw import RawCodec
-from pscommon.codecs.topk import TopKCodec
-from pscommon.config import CodecConfig
-from pscommon.errors import InvalidArgument
-from pscommon.tensors import check_shape, numel, numpy_dtype
-from pscommon.wire.v1 import tensor_pb2
+from shardps.pscommon.codecs import lossless as _lossless
+from shardps.pscommon.codecs.base import Codec
+from shardps.pscommon.codecs.bf16 import Bf16Codec
+from shardps.pscommon.codecs.fp16 import Fp16Codec
+from shardps.pscommon.codecs.int8 import Int8Codec
+from shardps.pscommon.codecs.raw import RawCodec
+from shardps.pscommon.codecs.topk import TopKCodec
+from shardps.pscommon.config import CodecConfig
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.tensors import check_shape, numel, numpy_dtype
+from shardps.pscommon.wire.v1 import tensor_pb2
 
 REGISTRY: dict[int, Codec] = {c.wire: c for c in (RawCodec(), Fp16Codec(), Bf16Codec(), Int8Codec(),
                                                   TopKCodec())}

@@ -6,10 +6,10 @@ import os
 
 import numpy as np
 
-from pscommon.config import CodecConfig
-from pscommon.errors import InvalidArgument
-from pscommon.tensors import numel
-from pscommon.wire.v1 import tensor_pb2
+from shardps.pscommon.config import CodecConfig
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.tensors import numel
+from shardps.pscommon.wire.v1 import tensor_pb2
 
 
 # Stochastic rounding and top-k threshold sampling only need unpredictability across steps,

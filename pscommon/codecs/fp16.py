@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pscommon.codecs.base import Codec, float32_input, meta_numel
-from pscommon.wire.v1 import tensor_pb2
+from shardps.pscommon.codecs.base import Codec, float32_input, meta_numel
+from shardps.pscommon.wire.v1 import tensor_pb2
 
 
 class Fp16Codec(Codec):

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pscommon.codecs.base import Codec, default_rng, as_bytes_view, float32_input, meta_numel
-from pscommon.errors import InvalidArgument
-from pscommon.wire.v1 import tensor_pb2
+from shardps.pscommon.codecs.base import Codec, default_rng, as_bytes_view, float32_input, meta_numel
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.wire.v1 import tensor_pb2
 
 QMAX = 127  # symmetric: -128 is never produced, so negating a block is exact
 

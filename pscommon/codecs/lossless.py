@@ -19,8 +19,8 @@ import lz4.frame
 import numpy as np
 import zstandard
 
-from pscommon.errors import InvalidArgument
-from pscommon.wire.v1 import tensor_pb2
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.wire.v1 import tensor_pb2
 
 POLICIES = ("off", "auto", "zstd", "lz4")
 MIN_SAVING = 0.10

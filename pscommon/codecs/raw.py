@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pscommon.codecs.base import Codec, meta_numel
-from pscommon.codecs.bf16 import to_bf16_bits
-from pscommon.errors import InvalidArgument
-from pscommon.tensors import numpy_dtype
-from pscommon.wire.v1 import tensor_pb2
+from shardps.pscommon.codecs.base import Codec, meta_numel
+from shardps.pscommon.codecs.bf16 import to_bf16_bits
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.tensors import numpy_dtype
+from shardps.pscommon.wire.v1 import tensor_pb2
 
 
 class RawCodec(Codec):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pscommon.codecs.base import Codec, default_rng, as_bytes_view, float32_input, meta_numel
-from pscommon.codecs.bf16 import Bf16Codec, from_bf16_bits, to_bf16_bits
-from pscommon.errors import InvalidArgument
-from pscommon.wire.v1 import tensor_pb2
+from shardps.pscommon.codecs.base import Codec, default_rng, as_bytes_view, float32_input, meta_numel
+from shardps.pscommon.codecs.bf16 import Bf16Codec, from_bf16_bits, to_bf16_bits
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.wire.v1 import tensor_pb2
 
 MAX_ELEMENTS = 1 << 32  # flat indices are uint32
 

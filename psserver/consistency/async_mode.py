@@ -1,7 +1,7 @@
 """async: every push applied on arrival; pulls never wait."""
 from __future__ import annotations
 
-from psserver.consistency.base import ConsistencyMode, PushOutcome
+from shardps.psserver.consistency.base import ConsistencyMode, PushOutcome
 
 
 class AsyncMode(ConsistencyMode):

@@ -2,7 +2,7 @@
 worker's clock is at least c - tau. Workers that leave drop out of the minimum."""
 from __future__ import annotations
 
-from psserver.consistency.base import ConsistencyMode, GateState, PushOutcome
+from shardps.psserver.consistency.base import ConsistencyMode, GateState, PushOutcome
 
 
 def slowest_clock(state: GateState) -> int | None:

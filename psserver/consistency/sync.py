@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pscommon.errors import Aborted, FailedPrecondition
-from psserver.consistency.base import ConsistencyMode, GateState, PushOutcome
+from shardps.pscommon.errors import Aborted, FailedPrecondition
+from shardps.psserver.consistency.base import ConsistencyMode, GateState, PushOutcome
 
 
 def step_complete(state: GateState) -> bool:

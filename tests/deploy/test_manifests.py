@@ -15,6 +15,7 @@ import fnmatch
 import json
 import re
 import shlex
+import tomllib
 import signal
 import socket
 import subprocess
@@ -26,9 +27,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from psctl.cli import UsageError, build_parser, job_from_args
-from psserver.daemon import ServerConfig
-from scheduler.daemon import SchedulerConfig
+from shardps.psctl.cli import UsageError, build_parser, job_from_args
+from shardps.psserver.daemon import ServerConfig
+from shardps.scheduler.daemon import SchedulerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -45,7 +46,7 @@ DOCS = ROOT / "docs" / "deploy.md"
 K8S_VERSION = "1.30.0"
 IMAGE = "shardps:0.1.0"
 RUN_AS = 10001
-HEALTH = {"scheduler": "pscommon.wire.v1.Scheduler", "server": "pscommon.wire.v1.ParameterServer"}
+HEALTH = {"scheduler": "shardps.pscommon.wire.v1.Scheduler", "server": "shardps.pscommon.wire.v1.ParameterServer"}
 ROLES = ("scheduler", "server", "worker")
 # The final checkpoint of a large shard to a network volume comes on top of the RPC drain.
 CHECKPOINT_MARGIN_S = 60
@@ -599,7 +600,7 @@ def override(argv: list[str], **values) -> list[str]:
 
 def start(argv: list[str], ready: Path, tmp_path: Path) -> tuple[subprocess.Popen, str]:
     log = open(tmp_path / f"{ready.name}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "psctl", *argv, f"--ready-file={ready}"],
+    proc = subprocess.Popen([sys.executable, "-m", "shardps.psctl", *argv, f"--ready-file={ready}"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     end = time.monotonic() + 60
     while not ready.exists():
@@ -620,7 +621,7 @@ def health_check(address: str, service: str) -> int:
 def test_compose_healthcheck_follows_the_serving_status():
     """A drain turns health NOT_SERVING before the port closes: the one-liner must fail then
     too, not only when nothing answers. Served here by the daemons' own health helpers."""
-    from pscommon import grpcutil
+    from shardps.pscommon import grpcutil
     services = compose_services()
     server = grpcutil.make_server(max_workers=2)
     health = grpcutil.add_health(server)
@@ -916,10 +917,9 @@ def copy_sources() -> list[str]:
 
 def test_dockerfile_copies_every_package_and_the_build_inputs():
     srcs = {s.rstrip("/") for s in copy_sources()}
-    text = (ROOT / "pyproject.toml").read_text()
-    include = re.search(r"include\s*=\s*\[([^\]]*)\]", text).group(1)
-    packages = {p.strip().strip('"').rstrip("*") for p in include.split(",") if p.strip()}
-    readme = re.search(r'^readme\s*=\s*"([^"]+)"', text, re.M).group(1)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = set(project["tool"]["setuptools"]["package-dir"].values())  # the folders
+    readme = project["project"]["readme"]
     assert packages | {"pyproject.toml", "constraints.txt", readme} <= srcs, (
         f"not copied into the image: {sorted(packages | {'pyproject.toml', readme} - srcs)}")
     for s in srcs:

@@ -39,7 +39,7 @@ def poll(predicate, timeout_s: float = 30.0, interval_s: float = 0.2, what: str 
 
 
 def psctl_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "psctl", *args]
+    return [sys.executable, "-m", "shardps.psctl", *args]
 
 
 def child_env() -> dict[str, str]:

@@ -75,7 +75,7 @@ def exported_accuracy(sched: str, out: pathlib.Path) -> float:
     """`psctl export` the served parameters, load them into a fresh digits-mlp, evaluate."""
     import safetensors.torch
 
-    from worker import data, models
+    from shardps.worker import data, models
     r = run_psctl("export", "--scheduler", sched, "--out", str(out))
     assert r.returncode == 0, f"psctl export failed ({r.returncode}): {r.stderr}"
     model = models.build("digits-mlp")

@@ -15,8 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pscommon.config import CodecConfig
-from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc
+from shardps.pscommon.config import CodecConfig
+from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc
 
 from .helpers import assert_worker_metrics, poll, read_metrics, run_psctl, status_json
 
@@ -88,7 +88,7 @@ def newest_checkpoint(ckpt_dir: pathlib.Path, shard: int) -> dict | None:
 def exported_accuracy(sched: str, out: pathlib.Path) -> float:
     import safetensors.torch
 
-    from worker import data, models
+    from shardps.worker import data, models
     r = run_psctl("export", "--scheduler", sched, "--out", str(out))
     assert r.returncode == 0, f"psctl export failed ({r.returncode}): {r.stderr}"
     model = models.build("digits-mlp")

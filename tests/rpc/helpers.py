@@ -12,12 +12,12 @@ import grpc
 import numpy as np
 import pytest
 
-from pscommon import codecs, framing, grpcutil, sharding
-from pscommon.config import JobSpec
-from pscommon.tensors import ChunkAssembler, chunk_payload
-from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
-from psserver.servicer import Limits, ParameterServerServicer
-from psserver.shard import Member, Shard
+from shardps.pscommon import codecs, framing, grpcutil, sharding
+from shardps.pscommon.config import JobSpec
+from shardps.pscommon.tensors import ChunkAssembler, chunk_payload
+from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
+from shardps.psserver.servicer import Limits, ParameterServerServicer
+from shardps.psserver.shard import Member, Shard
 
 F32 = tensor_pb2.DTYPE_FLOAT32
 TIMEOUT_S = 30.0  # generous: the machine is small and shared

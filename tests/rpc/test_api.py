@@ -18,13 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pscommon import grpcutil
-from pscommon.config import CodecConfig, JobSpec, OptimizerConfig
-from pscommon.errors import InvalidArgument
-from pscommon.wire.v1 import scheduler_pb2 as spb, scheduler_pb2_grpc
-from worker import PSClient, data, loading, models
-from worker.client import ClientConfig, ShardClient
-from worker.data import Split
+from shardps.pscommon import grpcutil
+from shardps.pscommon.config import CodecConfig, JobSpec, OptimizerConfig
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.wire.v1 import scheduler_pb2 as spb, scheduler_pb2_grpc
+from shardps import PSClient
+from shardps.worker import data, loading, models
+from shardps.worker.client import ClientConfig, ShardClient
+from shardps.worker.data import Split
 
 from .helpers import TIMEOUT_S, poll
 
@@ -476,7 +477,7 @@ def torch_threads():
 
 def test_bad_spec_fails_before_joining(cluster, torch_threads):
     """worker.train validates model and data before it connects: nothing joins the job."""
-    from worker.train import TrainConfig, train
+    from shardps.worker.train import TrainConfig, train
     c = cluster(JobSpec())
     for model, data_spec in [(f"{FIX}:build_raises", f"{FIX}:load"), (f"{FIX}:build", f"{FIX}:load_wrong_type"),
                              ("tests.fixtures.no_such_module:build", f"{FIX}:load")]:
@@ -488,7 +489,7 @@ def test_bad_spec_fails_before_joining(cluster, torch_threads):
 
 def test_byo_model_trains_through_train(cluster, tmp_path, torch_threads):
     """The fixture's good pair trains through worker.train (the loop behind `psctl worker`)."""
-    from worker.train import TrainConfig, train
+    from shardps.worker.train import TrainConfig, train
     c = cluster(JobSpec(num_servers=2))
     summary = train(TrainConfig(scheduler=c.address, model=f"{FIX}:build", data=f"{FIX}:load", steps=60,
                                 progress=False, device="cpu", metrics_out=str(tmp_path / "m.jsonl")))
@@ -497,7 +498,7 @@ def test_byo_model_trains_through_train(cluster, tmp_path, torch_threads):
 
 
 def test_model_data_mismatch_fails_before_joining(cluster, torch_threads):
-    from worker.train import TrainConfig, train
+    from shardps.worker.train import TrainConfig, train
     c = cluster(JobSpec())
     # digits-cnn wants 1x8x8 images; the fixture's data are 16 features
     with pytest.raises(InvalidArgument, match="digits-cnn"):

@@ -3,10 +3,10 @@ import grpc
 import numpy as np
 import pytest
 
-from pscommon import sharding
-from pscommon.config import JobSpec
-from pscommon.wire.v1 import scheduler_pb2, tensor_pb2
-from worker.client import ClientConfig, ShardClient
+from shardps.pscommon import sharding
+from shardps.pscommon.config import JobSpec
+from shardps.pscommon.wire.v1 import scheduler_pb2, tensor_pb2
+from shardps.worker.client import ClientConfig, ShardClient
 
 from .helpers import (F32, TIMEOUT_S, Background, declare, declare_requests, initial_values, push,
                       shard_map, snapshot, values)

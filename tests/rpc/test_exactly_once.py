@@ -4,7 +4,7 @@ import grpc
 import numpy as np
 import pytest
 
-from pscommon.config import JobSpec, OptimizerConfig
+from shardps.pscommon.config import JobSpec, OptimizerConfig
 
 from .helpers import Background, declare, members, pull, push, shard_map, status, values
 

@@ -10,10 +10,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pscommon.config import CodecConfig, JobSpec
-from pscommon.errors import FailedPrecondition, InvalidArgument
-from psctl import export
-from worker import PSClient, data, models
+from shardps.pscommon.config import CodecConfig, JobSpec
+from shardps.pscommon.errors import FailedPrecondition, InvalidArgument
+from shardps.psctl import export
+from shardps import PSClient
+from shardps.worker import data, models
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # Small slices so 0.weight (128x64 floats, 32 KiB) is cut into 8 keys spread over both shards.
@@ -49,7 +50,7 @@ def test_export_is_the_served_model_and_loads_strictly(cluster, tmp_path, capsys
     live_acc = data.accuracy(live, split.x_test, split.y_test)
     assert live_acc > before  # training moved the parameters, so the comparison below means something
 
-    from worker.client import ClientConfig, ShardClient
+    from shardps.worker.client import ClientConfig, ShardClient
     observer = ShardClient(ClientConfig(scheduler=c.address))
     shard_map = observer.attach()
     observer.leave()
@@ -96,7 +97,7 @@ def test_export_reads_fp32_master_weights_even_when_the_job_pulls_bf16(cluster, 
     with PSClient.connect(c.address, model):
         pass  # declares the model: the servers hold the fp32 initial values
 
-    from worker.client import ClientConfig, ShardClient
+    from shardps.worker.client import ClientConfig, ShardClient
     lossy = ShardClient(ClientConfig(scheduler=c.address))
     lossy.attach()
     pulled = {n: np.empty_like(v) for n, v in initial.items()}
@@ -119,7 +120,7 @@ def test_export_without_a_model_is_failed_precondition(cluster, tmp_path):
 
 
 def _psctl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "psctl", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "shardps.psctl", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
 
 

@@ -8,18 +8,18 @@ import grpc
 import numpy as np
 import pytest
 
-from pscommon import codecs, framing, grpcutil
-from pscommon.config import JobSpec, OptimizerConfig
-from pscommon.errors import InvalidArgument
-from pscommon.faults import FaultCounts, FaultInjector, FaultPlan
-from pscommon.sharding import Key
-from pscommon.tensors import chunk_payload
-from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
-from psserver.daemon import ServerConfig, ServerProcess
-from psserver.servicer import ParameterServerServicer
-from psserver.shard import Shard
-from scheduler.daemon import SchedulerConfig, SchedulerProcess
-from worker.client import ClientConfig, ShardClient
+from shardps.pscommon import codecs, framing, grpcutil
+from shardps.pscommon.config import JobSpec, OptimizerConfig
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.faults import FaultCounts, FaultInjector, FaultPlan
+from shardps.pscommon.sharding import Key
+from shardps.pscommon.tensors import chunk_payload
+from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
+from shardps.psserver.daemon import ServerConfig, ServerProcess
+from shardps.psserver.servicer import ParameterServerServicer
+from shardps.psserver.shard import Shard
+from shardps.scheduler.daemon import SchedulerConfig, SchedulerProcess
+from shardps.worker.client import ClientConfig, ShardClient
 
 FINGERPRINT = "fp-faults-test"
 N = 16
@@ -123,10 +123,10 @@ def test_fault_plan_validates():
         FaultPlan(delay_s=-1)
     with pytest.raises(InvalidArgument, match="methods"):
         FaultPlan(methods="Push")
-    plan = FaultPlan(methods=("Push", "/pscommon.wire.v1.ParameterServer/Pull"))
-    assert plan.matches("/pscommon.wire.v1.ParameterServer/Push")
-    assert plan.matches("/pscommon.wire.v1.ParameterServer/Pull")
-    assert not plan.matches("/pscommon.wire.v1.ParameterServer/ShardStatus")
+    plan = FaultPlan(methods=("Push", "/shardps.pscommon.wire.v1.ParameterServer/Pull"))
+    assert plan.matches("/shardps.pscommon.wire.v1.ParameterServer/Push")
+    assert plan.matches("/shardps.pscommon.wire.v1.ParameterServer/Pull")
+    assert not plan.matches("/shardps.pscommon.wire.v1.ParameterServer/ShardStatus")
 
 
 def test_same_seed_same_faults():

@@ -46,13 +46,13 @@ import zstandard
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from pscommon import codecs
-from pscommon.codecs.bf16 import to_bf16_bits
-from pscommon.config import CodecConfig, JobSpec
-from pscommon.tensors import ChunkAssembler, MAX_DIMS
-from pscommon.wire.v1 import job_pb2, ps_pb2, tensor_pb2
-from psserver.servicer import Limits
-from psserver.shard import Member
+from shardps.pscommon import codecs
+from shardps.pscommon.codecs.bf16 import to_bf16_bits
+from shardps.pscommon.config import CodecConfig, JobSpec
+from shardps.pscommon.tensors import ChunkAssembler, MAX_DIMS
+from shardps.pscommon.wire.v1 import job_pb2, ps_pb2, tensor_pb2
+from shardps.psserver.servicer import Limits
+from shardps.psserver.shard import Member
 
 from .helpers import declare, initial_values, inspect, members, push, shard_map, status, values
 
@@ -80,7 +80,7 @@ ITEMSIZE = {tensor_pb2.DTYPE_FLOAT32: 4, tensor_pb2.DTYPE_FLOAT16: 2, tensor_pb2
 
 # -- what a malformed request may get ------------------------------------------------------------
 DEADLINE_S = 10.0
-SERVICE = "/pscommon.wire.v1.ParameterServer/"
+SERVICE = "/shardps.pscommon.wire.v1.ParameterServer/"
 REFUSED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
                      grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND})
 # Bugs this fuzzer finds are tolerated only with exactly this (code, text in details), each pinned by

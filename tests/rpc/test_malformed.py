@@ -6,12 +6,12 @@ import grpc
 import numpy as np
 import pytest
 
-from pscommon import codecs, sharding
-from pscommon.codecs.bf16 import from_bf16_bits, to_bf16_bits
-from pscommon.config import CodecConfig, JobSpec
-from pscommon.tensors import chunk_payload
-from pscommon.wire.v1 import ps_pb2, tensor_pb2
-from psserver.servicer import Limits
+from shardps.pscommon import codecs, sharding
+from shardps.pscommon.codecs.bf16 import from_bf16_bits, to_bf16_bits
+from shardps.pscommon.config import CodecConfig, JobSpec
+from shardps.pscommon.tensors import chunk_payload
+from shardps.pscommon.wire.v1 import ps_pb2, tensor_pb2
+from shardps.psserver.servicer import Limits
 
 from .helpers import (F32, TIMEOUT_S, declare, declare_requests, initial_values, pull, push, push_header,
                       shard_map, snapshot, tensor_chunks)

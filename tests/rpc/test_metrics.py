@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pscommon import grpcutil
-from pscommon.config import CodecConfig, JobSpec
-from pscommon.lifecycle import DaemonOptions, Telemetry
-from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2 as pb, scheduler_pb2_grpc
-from psserver.daemon import ServerConfig, ServerProcess
-from scheduler.daemon import SchedulerConfig, SchedulerProcess
-from worker.client import ClientConfig, ShardClient
-from worker.metrics import WorkerCollector
+from shardps.pscommon import grpcutil
+from shardps.pscommon.config import CodecConfig, JobSpec
+from shardps.pscommon.lifecycle import DaemonOptions, Telemetry
+from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2 as pb, scheduler_pb2_grpc
+from shardps.psserver.daemon import ServerConfig, ServerProcess
+from shardps.scheduler.daemon import SchedulerConfig, SchedulerProcess
+from shardps.worker.client import ClientConfig, ShardClient
+from shardps.worker.metrics import WorkerCollector
 
 from .helpers import TIMEOUT_S, poll
 

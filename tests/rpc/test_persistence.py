@@ -17,15 +17,15 @@ import grpc
 import numpy as np
 import pytest
 
-from pscommon import grpcutil
-from pscommon.config import JobSpec, OptimizerConfig
-from pscommon.errors import FailedPrecondition, Unavailable
-from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2 as pb, scheduler_pb2_grpc, tensor_pb2
-from psserver.checkpoint import CheckpointStore
-from psserver.daemon import ServerConfig, ServerProcess
-from scheduler.core import STATE_FILE
-from scheduler.daemon import SchedulerConfig, SchedulerProcess
-from worker.client import ClientConfig, ShardClient
+from shardps.pscommon import grpcutil
+from shardps.pscommon.config import JobSpec, OptimizerConfig
+from shardps.pscommon.errors import FailedPrecondition, Unavailable
+from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2 as pb, scheduler_pb2_grpc, tensor_pb2
+from shardps.psserver.checkpoint import CheckpointStore
+from shardps.psserver.daemon import ServerConfig, ServerProcess
+from shardps.scheduler.core import STATE_FILE
+from shardps.scheduler.daemon import SchedulerConfig, SchedulerProcess
+from shardps.worker.client import ClientConfig, ShardClient
 
 from .helpers import TIMEOUT_S, Background, poll
 
@@ -346,12 +346,12 @@ def _crash(proc: ServerProcess) -> None:
 
 
 def _unavailable_retries(caplog) -> int:
-    return sum(1 for r in caplog.records if r.name == "pscommon.grpcutil" and r.args
+    return sum(1 for r in caplog.records if r.name == "shardps.pscommon.grpcutil" and r.args
                and isinstance(r.args[0], Unavailable))
 
 
 def test_server_restart_from_its_checkpoint_and_the_worker_carries_on(tmp_path, closing, caplog):
-    caplog.set_level(logging.DEBUG, logger="pscommon.grpcutil")
+    caplog.set_level(logging.DEBUG, logger="shardps.pscommon.grpcutil")
     c = ServerCluster(tmp_path)
     closing(c)
     old = c.servers[0]
@@ -396,7 +396,7 @@ def test_server_restart_from_its_checkpoint_and_the_worker_carries_on(tmp_path, 
 
 
 def test_a_drained_server_restarts_with_exactly_its_state(tmp_path, closing, caplog):
-    caplog.set_level(logging.DEBUG, logger="pscommon.grpcutil")
+    caplog.set_level(logging.DEBUG, logger="shardps.pscommon.grpcutil")
     c = ServerCluster(tmp_path)
     closing(c)
     old = c.servers[0]

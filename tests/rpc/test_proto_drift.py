@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PROTOS = sorted((ROOT / "protos" / "pscommon" / "wire" / "v1").glob("*.proto"))
+PROTOS = sorted((ROOT / "protos" / "shardps" / "pscommon" / "wire" / "v1").glob("*.proto"))
 CHECKED_IN = ROOT / "pscommon" / "wire" / "v1"
 SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
@@ -20,7 +20,7 @@ def test_generated_stubs_match_checked_in(tmp_path):
            *[str(p.relative_to(ROOT)) for p in PROTOS]]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    generated = tmp_path / "pscommon" / "wire" / "v1"
+    generated = tmp_path / "shardps" / "pscommon" / "wire" / "v1"
     expected = sorted(p.stem + s for p in PROTOS for s in SUFFIXES)
     assert sorted(f.name for f in generated.iterdir() if f.is_file()) == expected
     drifted = [name for name in expected

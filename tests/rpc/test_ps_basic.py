@@ -3,8 +3,8 @@ import grpc
 import numpy as np
 import pytest
 
-from pscommon.config import JobSpec, OptimizerConfig
-from pscommon.wire.v1 import job_pb2, ps_pb2, tensor_pb2
+from shardps.pscommon.config import JobSpec, OptimizerConfig
+from shardps.pscommon.wire.v1 import job_pb2, ps_pb2, tensor_pb2
 
 from .helpers import (declare, initial_values, inspect, pull, push, push_requests, shard_map, status,
                       tensor_chunks,
@@ -194,7 +194,7 @@ def test_batch_methods_match_the_streams_and_apply_exactly_once(srv):
 
 
 def test_pull_batch_too_big_for_one_message_is_refused_before_the_gate(shard_server):
-    from pscommon.framing import BATCH_BYTES
+    from shardps.pscommon.framing import BATCH_BYTES
     srv = shard_server(JobSpec(mode="sync"))   # a gated pull would wait: the refusal comes first
     smap = shard_map({"big": (BATCH_BYTES // 4 + 1,)})
     declare(srv.stub, smap, initial_values(smap))

@@ -8,16 +8,16 @@ import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from pscommon import grpcutil
-from pscommon.config import JobSpec
-from pscommon.lifecycle import DaemonOptions
-from psserver.daemon import ServerConfig, ServerProcess
-from scheduler.daemon import SchedulerConfig, SchedulerProcess
+from shardps.pscommon import grpcutil
+from shardps.pscommon.config import JobSpec
+from shardps.pscommon.lifecycle import DaemonOptions
+from shardps.psserver.daemon import ServerConfig, ServerProcess
+from shardps.scheduler.daemon import SchedulerConfig, SchedulerProcess
 
 HEALTH = "grpc.health.v1.Health"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
-SCHEDULER = "pscommon.wire.v1.Scheduler"
-PARAMETER_SERVER = "pscommon.wire.v1.ParameterServer"
+SCHEDULER = "shardps.pscommon.wire.v1.Scheduler"
+PARAMETER_SERVER = "shardps.pscommon.wire.v1.ParameterServer"
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ import time
 import grpc
 import pytest
 
-from pscommon import grpcutil
-from pscommon.config import JobSpec
-from pscommon.wire.v1 import job_pb2, ps_pb2, ps_pb2_grpc, scheduler_pb2 as pb, scheduler_pb2_grpc, tensor_pb2
-from scheduler.daemon import SchedulerConfig, SchedulerProcess
+from shardps.pscommon import grpcutil
+from shardps.pscommon.config import JobSpec
+from shardps.pscommon.wire.v1 import job_pb2, ps_pb2, ps_pb2_grpc, scheduler_pb2 as pb, scheduler_pb2_grpc, tensor_pb2
+from shardps.scheduler.daemon import SchedulerConfig, SchedulerProcess
 
 from .helpers import TIMEOUT_S, poll
 

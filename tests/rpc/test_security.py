@@ -21,17 +21,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pscommon import codecs, framing, grpcutil
-from pscommon.config import JobSpec
-from pscommon.errors import InvalidArgument
-from pscommon.security import (Security, TLSConfig, TOKEN_METADATA_KEY, TokenAuthInterceptor,
+from shardps.pscommon import codecs, framing, grpcutil
+from shardps.pscommon.config import JobSpec
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.security import (Security, TLSConfig, TOKEN_METADATA_KEY, TokenAuthInterceptor,
                                add_port, build_security, read_token, secure_channel,
                                server_interceptors)
-from pscommon.sharding import Key
-from pscommon.tensors import chunk_payload
-from pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
-from psserver.servicer import ParameterServerServicer
-from psserver.shard import Shard
+from shardps.pscommon.sharding import Key
+from shardps.pscommon.tensors import chunk_payload
+from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
+from shardps.psserver.servicer import ParameterServerServicer
+from shardps.psserver.shard import Shard
 
 TOKEN = "s3cret-token_0123456789"
 WRONG = "s3cret-token_9876543210"
@@ -115,7 +115,7 @@ class SecureShard:
                                   interceptors=server_interceptors(security),
                                   options=grpcutil.SERVER_OPTIONS)
         framing.add_parameter_server(ParameterServerServicer(self.shard), self.server)
-        grpcutil.set_serving(grpcutil.add_health(self.server), "pscommon.wire.v1.ParameterServer", True)
+        grpcutil.set_serving(grpcutil.add_health(self.server), "shardps.pscommon.wire.v1.ParameterServer", True)
         self.address = f"127.0.0.1:{add_port(self.server, '127.0.0.1:0', security)}"
         self.server.start()
         self.channels: list[grpc.Channel] = []

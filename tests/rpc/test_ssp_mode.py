@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pscommon.config import JobSpec, OptimizerConfig
-from psserver.shard import Member
+from shardps.pscommon.config import JobSpec, OptimizerConfig
+from shardps.psserver.shard import Member
 
 from .helpers import Background, LocalShard, declare, members, pull, push, shard_map, values
 

@@ -4,8 +4,8 @@ import grpc
 import numpy as np
 import pytest
 
-from pscommon.config import JobSpec, OptimizerConfig
-from psserver.shard import Member
+from shardps.pscommon.config import JobSpec, OptimizerConfig
+from shardps.psserver.shard import Member
 
 from .helpers import Background, declare, members, pull, push, shard_map, status, values
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pscommon import grpcutil
-from pscommon.config import JobSpec
-from pscommon.wire.v1 import scheduler_pb2 as spb
-from psserver.daemon import SERVICE, ServerConfig, ServerProcess
-from worker.client import ClientConfig, ShardClient
+from shardps.pscommon import grpcutil
+from shardps.pscommon.config import JobSpec
+from shardps.pscommon.wire.v1 import scheduler_pb2 as spb
+from shardps.psserver.daemon import SERVICE, ServerConfig, ServerProcess
+from shardps.worker.client import ClientConfig, ShardClient
 
 from .helpers import TIMEOUT_S, poll
 from .test_api import scheduler_status

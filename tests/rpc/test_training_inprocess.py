@@ -6,9 +6,10 @@ import threading
 import numpy as np
 import torch
 
-from pscommon.config import CodecConfig, JobSpec, OptimizerConfig
-from worker import PSClient, data, models
-from worker.train import Loop, MetricsWriter, TrainConfig, partition_batches
+from shardps.pscommon.config import CodecConfig, JobSpec, OptimizerConfig
+from shardps import PSClient
+from shardps.worker import data, models
+from shardps.worker.train import Loop, MetricsWriter, TrainConfig, partition_batches
 
 CTR_STEPS = 200
 

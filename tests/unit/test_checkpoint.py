@@ -12,13 +12,13 @@ import pytest
 from google.protobuf import json_format
 from safetensors.numpy import load_file
 
-from pscommon import sharding
-from pscommon.config import JobSpec, OptimizerConfig
-from pscommon.errors import FailedPrecondition
-from pscommon.wire.v1 import tensor_pb2
-from psserver import checkpoint
-from psserver.checkpoint import KEEP, Checkpointer, CheckpointStore
-from psserver.shard import Member, Shard
+from shardps.pscommon import sharding
+from shardps.pscommon.config import JobSpec, OptimizerConfig
+from shardps.pscommon.errors import FailedPrecondition
+from shardps.pscommon.wire.v1 import tensor_pb2
+from shardps.psserver import checkpoint
+from shardps.psserver.checkpoint import KEEP, Checkpointer, CheckpointStore
+from shardps.psserver.shard import Member, Shard
 
 F32 = tensor_pb2.DTYPE_FLOAT32
 SHAPES = {"layer.weight": (40, 25), "layer.bias": (25,), "head.weight": (25, 3)}

@@ -8,14 +8,14 @@ import pytest
 import zstandard
 import lz4.frame
 
-from pscommon import codecs
-from pscommon.codecs import lossless, topk
-from pscommon.codecs.bf16 import from_bf16_bits, to_bf16_bits
-from pscommon.config import CodecConfig
-from pscommon.errors import InvalidArgument
-from pscommon.tensors import wire_dtype
-from pscommon.wire.v1 import tensor_pb2
-from worker.compression import ErrorFeedback
+from shardps.pscommon import codecs
+from shardps.pscommon.codecs import lossless, topk
+from shardps.pscommon.codecs.bf16 import from_bf16_bits, to_bf16_bits
+from shardps.pscommon.config import CodecConfig
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.tensors import wire_dtype
+from shardps.pscommon.wire.v1 import tensor_pb2
+from shardps.worker.compression import ErrorFeedback
 
 F32 = tensor_pb2.DTYPE_FLOAT32
 BIG = 1 << 30

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pscommon import codecs
-from pscommon.config import CodecConfig
-from pscommon.errors import InvalidArgument
-from pscommon.wire.v1 import tensor_pb2
+from shardps.pscommon import codecs
+from shardps.pscommon.config import CodecConfig
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.wire.v1 import tensor_pb2
 
 F32 = tensor_pb2.DTYPE_FLOAT32
 BIG = 1 << 30

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from pscommon.config import CodecConfig, JobSpec, OptimizerConfig
-from pscommon.errors import InvalidArgument
-from pscommon.wire.v1 import job_pb2, tensor_pb2
+from shardps.pscommon.config import CodecConfig, JobSpec, OptimizerConfig
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.wire.v1 import job_pb2, tensor_pb2
 
 
 @pytest.mark.parametrize("text, name, codec", [
@@ -119,7 +119,7 @@ def test_describe_shows_codecs_as_text():
 
 # -- the scheduler's optimizer flags, parsed as psctl parses them --------------------------------
 def optimizer_from_flags(*flags: str) -> OptimizerConfig:
-    from psctl.cli import build_parser, job_from_args
+    from shardps.psctl.cli import build_parser, job_from_args
     return job_from_args(build_parser().parse_args(["scheduler", *flags])).optimizer
 
 
@@ -144,8 +144,8 @@ def test_nesterov_without_momentum_is_refused_naming_it():
 
 def test_up_passes_the_whole_job_to_its_scheduler():
     """psctl up starts its scheduler with job_flags(job): every field must survive the trip."""
-    from psctl.cli import build_parser, job_from_args
-    from psctl.up import job_flags
+    from shardps.psctl.cli import build_parser, job_from_args
+    from shardps.psctl.up import job_flags
     job = JobSpec(mode="ssp", staleness=3, num_servers=2, lossless="zstd", heartbeat_timeout_s=4.0,
                   optimizer=OptimizerConfig(kind="adagrad", lr=0.2, weight_decay=0.01, lr_decay=0.1,
                                             initial_accumulator_value=0.5, eps=1e-9),

@@ -6,13 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pscommon.errors import Aborted, FailedPrecondition
-from pscommon.wire.v1 import job_pb2
-from psserver import consistency, ledger
-from psserver.consistency import GateState
-from psserver.consistency.async_mode import AsyncMode
-from psserver.consistency.ssp import SSPMode
-from psserver.consistency.sync import SyncMode
+from shardps.pscommon.errors import Aborted, FailedPrecondition
+from shardps.pscommon.wire.v1 import job_pb2
+from shardps.psserver import consistency, ledger
+from shardps.psserver.consistency import GateState
+from shardps.psserver.consistency.async_mode import AsyncMode
+from shardps.psserver.consistency.ssp import SSPMode
+from shardps.psserver.consistency.sync import SyncMode
 
 
 def _state(*workers: int, **kw) -> GateState:

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from pscommon import codecs
-from pscommon.config import CodecConfig
-from pscommon.errors import InvalidArgument
-from pscommon.wire.v1 import tensor_pb2
-from worker.compression import ErrorFeedback
-from worker.device_codec import DeviceEncoder, max_payload_bytes, supports
+from shardps.pscommon import codecs
+from shardps.pscommon.config import CodecConfig
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.wire.v1 import tensor_pb2
+from shardps.worker.compression import ErrorFeedback
+from shardps.worker.device_codec import DeviceEncoder, max_payload_bytes, supports
 
 N = 3001
 # one parameter cut into keys of uneven sizes, as a shard map slices a large tensor

@@ -4,8 +4,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from pscommon import errors, grpcutil
-from pscommon.errors import PSError, from_rpc_error, servicer_errors
+from shardps.pscommon import errors, grpcutil
+from shardps.pscommon.errors import PSError, from_rpc_error, servicer_errors
 
 
 def _subclasses(cls):

@@ -12,9 +12,9 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pscommon import framing
-from pscommon.tensors import ChunkAssembler, Frame, chunk_payload
-from pscommon.wire.v1 import ps_pb2, tensor_pb2
+from shardps.pscommon import framing
+from shardps.pscommon.tensors import ChunkAssembler, Frame, chunk_payload
+from shardps.pscommon.wire.v1 import ps_pb2, tensor_pb2
 
 ENVELOPES = [ps_pb2.PushRequest, ps_pb2.PullResponse, ps_pb2.DeclareRequest]
 CHUNK = 1 << 10

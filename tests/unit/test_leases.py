@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pscommon.errors import FailedPrecondition, InvalidArgument
-from scheduler import leases
-from scheduler.leases import DONE, LEASED, WAIT, DataState
+from shardps.pscommon.errors import FailedPrecondition, InvalidArgument
+from shardps.scheduler import leases
+from shardps.scheduler.leases import DONE, LEASED, WAIT, DataState
 
 
 def _configured(partitions: int = 4, epochs: int = 2) -> DataState:

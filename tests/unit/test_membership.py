@@ -8,11 +8,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pscommon.errors import FailedPrecondition, InvalidArgument, NotFound
-from pscommon.wire.v1 import scheduler_pb2
-from psserver.daemon import successor
-from scheduler import membership as mb
-from scheduler.membership import Membership
+from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, NotFound
+from shardps.pscommon.wire.v1 import scheduler_pb2
+from shardps.psserver.daemon import successor
+from shardps.scheduler import membership as mb
+from shardps.scheduler.membership import Membership
 
 TTL = 10.0
 

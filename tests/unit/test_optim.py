@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from pscommon.config import OptimizerConfig
-from pscommon.errors import InvalidArgument
-from psserver import optim
+from shardps.pscommon.config import OptimizerConfig
+from shardps.pscommon.errors import InvalidArgument
+from shardps.psserver import optim
 
 N, STEPS = 1000, 10
 

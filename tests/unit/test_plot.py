@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from pscommon.errors import InvalidArgument
-from psctl import cli, plot
+from shardps.pscommon.errors import InvalidArgument
+from shardps.psctl import cli, plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

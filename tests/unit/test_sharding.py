@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pscommon import sharding
-from pscommon.errors import InvalidArgument
-from pscommon.sharding import Param, ShardMap, assign, build, slice_params, validate_params
-from pscommon.wire.v1 import scheduler_pb2, tensor_pb2
+from shardps.pscommon import sharding
+from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.sharding import Param, ShardMap, assign, build, slice_params, validate_params
+from shardps.pscommon.wire.v1 import scheduler_pb2, tensor_pb2
 
 F32 = tensor_pb2.DTYPE_FLOAT32
 

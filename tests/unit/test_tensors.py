@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pscommon import codecs
-from pscommon.errors import InvalidArgument, ResourceExhausted
-from pscommon.tensors import CHUNK_BYTES, ChunkAssembler, assemble, chunk_payload, numpy_dtype
-from pscommon.wire.v1 import tensor_pb2
+from shardps.pscommon import codecs
+from shardps.pscommon.errors import InvalidArgument, ResourceExhausted
+from shardps.pscommon.tensors import CHUNK_BYTES, ChunkAssembler, assemble, chunk_payload, numpy_dtype
+from shardps.pscommon.wire.v1 import tensor_pb2
 
 BIG = 1 << 30
 ALL_DTYPES = [v for v in tensor_pb2.DType.values() if v != tensor_pb2.DTYPE_UNSPECIFIED]

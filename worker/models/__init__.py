@@ -7,10 +7,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pscommon.errors import InvalidArgument
+from shardps.pscommon.errors import InvalidArgument
 
-from worker import data
-from worker.models.ctr import CTRModel, ctr_data
+from shardps.worker import data
+from shardps.worker.models.ctr import CTRModel, ctr_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,7 @@ BUILTIN = {
 
 def entry(model: str, data_spec: str | None = None) -> ModelEntry:
     """A built-in model by name, or `module:function` (with --data `module:function`)."""
-    from worker import loading
+    from shardps.worker import loading
     if model in BUILTIN and not data_spec:
         return BUILTIN[model]
     build_fn = BUILTIN[model].build if model in BUILTIN else (lambda: loading.build_model(model))

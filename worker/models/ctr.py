@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker.data import Split
+from shardps.worker.data import Split
 
 FIELDS = 4
 VOCAB = 100_000          # 100k x 16 float32 = 6.4 MB: sliced into keys spread over shards

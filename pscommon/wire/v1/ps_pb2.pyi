@@ -1,5 +1,5 @@
-from pscommon.wire.v1 import tensor_pb2 as _tensor_pb2
-from pscommon.wire.v1 import job_pb2 as _job_pb2
+from shardps.pscommon.wire.v1 import tensor_pb2 as _tensor_pb2
+from shardps.pscommon.wire.v1 import job_pb2 as _job_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from pscommon.wire.v1 import ps_pb2 as pscommon_dot_wire_dot_v1_dot_ps__pb2
+from shardps.pscommon.wire.v1 import ps_pb2 as shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in pscommon/wire/v1/ps_pb2_grpc.py depends on'
+        + ' but the generated code in shardps/pscommon/wire/v1/ps_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -35,44 +35,44 @@ class ParameterServerStub:
             channel: A grpc.Channel.
         """
         self.Declare = channel.stream_unary(
-                '/pscommon.wire.v1.ParameterServer/Declare',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.DeclareRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.DeclareReply.FromString,
+                '/shardps.pscommon.wire.v1.ParameterServer/Declare',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.DeclareRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.DeclareReply.FromString,
                 _registered_method=True)
         self.Pull = channel.unary_stream(
-                '/pscommon.wire.v1.ParameterServer/Pull',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.PullResponse.FromString,
+                '/shardps.pscommon.wire.v1.ParameterServer/Pull',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullResponse.FromString,
                 _registered_method=True)
         self.Push = channel.stream_unary(
-                '/pscommon.wire.v1.ParameterServer/Push',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.PushRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.PushReply.FromString,
+                '/shardps.pscommon.wire.v1.ParameterServer/Push',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushReply.FromString,
                 _registered_method=True)
         self.PullBatch = channel.unary_unary(
-                '/pscommon.wire.v1.ParameterServer/PullBatch',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.PullBatchReply.FromString,
+                '/shardps.pscommon.wire.v1.ParameterServer/PullBatch',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullBatchReply.FromString,
                 _registered_method=True)
         self.PushBatch = channel.unary_unary(
-                '/pscommon.wire.v1.ParameterServer/PushBatch',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.PushBatchRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.PushReply.FromString,
+                '/shardps.pscommon.wire.v1.ParameterServer/PushBatch',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushBatchRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushReply.FromString,
                 _registered_method=True)
         self.Inspect = channel.unary_unary(
-                '/pscommon.wire.v1.ParameterServer/Inspect',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.InspectRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.InspectReply.FromString,
+                '/shardps.pscommon.wire.v1.ParameterServer/Inspect',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.InspectRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.InspectReply.FromString,
                 _registered_method=True)
         self.ShardStatus = channel.unary_unary(
-                '/pscommon.wire.v1.ParameterServer/ShardStatus',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusReply.FromString,
+                '/shardps.pscommon.wire.v1.ParameterServer/ShardStatus',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusReply.FromString,
                 _registered_method=True)
         self.Checkpoint = channel.unary_unary(
-                '/pscommon.wire.v1.ParameterServer/Checkpoint',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointReply.FromString,
+                '/shardps.pscommon.wire.v1.ParameterServer/Checkpoint',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointReply.FromString,
                 _registered_method=True)
 
 
@@ -142,49 +142,49 @@ def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Declare': grpc.stream_unary_rpc_method_handler(
                     servicer.Declare,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.DeclareRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.DeclareReply.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.DeclareRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.DeclareReply.SerializeToString,
             ),
             'Pull': grpc.unary_stream_rpc_method_handler(
                     servicer.Pull,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.PullResponse.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullResponse.SerializeToString,
             ),
             'Push': grpc.stream_unary_rpc_method_handler(
                     servicer.Push,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.PushRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.PushReply.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushReply.SerializeToString,
             ),
             'PullBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.PullBatch,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.PullBatchReply.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullBatchReply.SerializeToString,
             ),
             'PushBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.PushBatch,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.PushBatchRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.PushReply.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushBatchRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushReply.SerializeToString,
             ),
             'Inspect': grpc.unary_unary_rpc_method_handler(
                     servicer.Inspect,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.InspectRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.InspectReply.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.InspectRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.InspectReply.SerializeToString,
             ),
             'ShardStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.ShardStatus,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusReply.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusReply.SerializeToString,
             ),
             'Checkpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.Checkpoint,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointReply.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'pscommon.wire.v1.ParameterServer', rpc_method_handlers)
+            'shardps.pscommon.wire.v1.ParameterServer', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('pscommon.wire.v1.ParameterServer', rpc_method_handlers)
+    server.add_registered_method_handlers('shardps.pscommon.wire.v1.ParameterServer', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -205,9 +205,9 @@ class ParameterServer:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/pscommon.wire.v1.ParameterServer/Declare',
-            pscommon_dot_wire_dot_v1_dot_ps__pb2.DeclareRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_ps__pb2.DeclareReply.FromString,
+            '/shardps.pscommon.wire.v1.ParameterServer/Declare',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.DeclareRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.DeclareReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -232,9 +232,9 @@ class ParameterServer:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/pscommon.wire.v1.ParameterServer/Pull',
-            pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_ps__pb2.PullResponse.FromString,
+            '/shardps.pscommon.wire.v1.ParameterServer/Pull',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -259,9 +259,9 @@ class ParameterServer:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/pscommon.wire.v1.ParameterServer/Push',
-            pscommon_dot_wire_dot_v1_dot_ps__pb2.PushRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_ps__pb2.PushReply.FromString,
+            '/shardps.pscommon.wire.v1.ParameterServer/Push',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -286,9 +286,9 @@ class ParameterServer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pscommon.wire.v1.ParameterServer/PullBatch',
-            pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_ps__pb2.PullBatchReply.FromString,
+            '/shardps.pscommon.wire.v1.ParameterServer/PullBatch',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullBatchReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -313,9 +313,9 @@ class ParameterServer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pscommon.wire.v1.ParameterServer/PushBatch',
-            pscommon_dot_wire_dot_v1_dot_ps__pb2.PushBatchRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_ps__pb2.PushReply.FromString,
+            '/shardps.pscommon.wire.v1.ParameterServer/PushBatch',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushBatchRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -340,9 +340,9 @@ class ParameterServer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pscommon.wire.v1.ParameterServer/Inspect',
-            pscommon_dot_wire_dot_v1_dot_ps__pb2.InspectRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_ps__pb2.InspectReply.FromString,
+            '/shardps.pscommon.wire.v1.ParameterServer/Inspect',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.InspectRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.InspectReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -367,9 +367,9 @@ class ParameterServer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pscommon.wire.v1.ParameterServer/ShardStatus',
-            pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusReply.FromString,
+            '/shardps.pscommon.wire.v1.ParameterServer/ShardStatus',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.ShardStatusReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -394,9 +394,9 @@ class ParameterServer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pscommon.wire.v1.ParameterServer/Checkpoint',
-            pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointReply.FromString,
+            '/shardps.pscommon.wire.v1.ParameterServer/Checkpoint',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointReply.FromString,
             options,
             channel_credentials,
             insecure,

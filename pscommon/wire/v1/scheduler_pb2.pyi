@@ -1,6 +1,6 @@
-from pscommon.wire.v1 import job_pb2 as _job_pb2
-from pscommon.wire.v1 import tensor_pb2 as _tensor_pb2
-from pscommon.wire.v1 import ps_pb2 as _ps_pb2
+from shardps.pscommon.wire.v1 import job_pb2 as _job_pb2
+from shardps.pscommon.wire.v1 import tensor_pb2 as _tensor_pb2
+from shardps.pscommon.wire.v1 import ps_pb2 as _ps_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor

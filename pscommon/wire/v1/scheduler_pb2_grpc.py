@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from pscommon.wire.v1 import scheduler_pb2 as pscommon_dot_wire_dot_v1_dot_scheduler__pb2
+from shardps.pscommon.wire.v1 import scheduler_pb2 as shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in pscommon/wire/v1/scheduler_pb2_grpc.py depends on'
+        + ' but the generated code in shardps/pscommon/wire/v1/scheduler_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -35,54 +35,54 @@ class SchedulerStub:
             channel: A grpc.Channel.
         """
         self.RegisterServer = channel.unary_unary(
-                '/pscommon.wire.v1.Scheduler/RegisterServer',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.RegisterServerRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.RegisterServerReply.FromString,
+                '/shardps.pscommon.wire.v1.Scheduler/RegisterServer',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.RegisterServerRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.RegisterServerReply.FromString,
                 _registered_method=True)
         self.JoinWorker = channel.unary_unary(
-                '/pscommon.wire.v1.Scheduler/JoinWorker',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JoinWorkerRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JoinWorkerReply.FromString,
+                '/shardps.pscommon.wire.v1.Scheduler/JoinWorker',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JoinWorkerRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JoinWorkerReply.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
-                '/pscommon.wire.v1.Scheduler/Heartbeat',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.HeartbeatReply.FromString,
+                '/shardps.pscommon.wire.v1.Scheduler/Heartbeat',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
         self.Leave = channel.unary_unary(
-                '/pscommon.wire.v1.Scheduler/Leave',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.LeaveRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.LeaveReply.FromString,
+                '/shardps.pscommon.wire.v1.Scheduler/Leave',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.LeaveReply.FromString,
                 _registered_method=True)
         self.GetJob = channel.unary_unary(
-                '/pscommon.wire.v1.Scheduler/GetJob',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.GetJobRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JobInfo.FromString,
+                '/shardps.pscommon.wire.v1.Scheduler/GetJob',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JobInfo.FromString,
                 _registered_method=True)
         self.DeclareModel = channel.unary_unary(
-                '/pscommon.wire.v1.Scheduler/DeclareModel',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.DeclareModelRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JobInfo.FromString,
+                '/shardps.pscommon.wire.v1.Scheduler/DeclareModel',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.DeclareModelRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JobInfo.FromString,
                 _registered_method=True)
         self.WatchMembership = channel.unary_stream(
-                '/pscommon.wire.v1.Scheduler/WatchMembership',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.WatchMembershipRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.MembershipView.FromString,
+                '/shardps.pscommon.wire.v1.Scheduler/WatchMembership',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.WatchMembershipRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.MembershipView.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
-                '/pscommon.wire.v1.Scheduler/Status',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusReply.FromString,
+                '/shardps.pscommon.wire.v1.Scheduler/Status',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusReply.FromString,
                 _registered_method=True)
         self.AcquirePartition = channel.unary_unary(
-                '/pscommon.wire.v1.Scheduler/AcquirePartition',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionReply.FromString,
+                '/shardps.pscommon.wire.v1.Scheduler/AcquirePartition',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionReply.FromString,
                 _registered_method=True)
         self.CompletePartition = channel.unary_unary(
-                '/pscommon.wire.v1.Scheduler/CompletePartition',
-                request_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionRequest.SerializeToString,
-                response_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionReply.FromString,
+                '/shardps.pscommon.wire.v1.Scheduler/CompletePartition',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionReply.FromString,
                 _registered_method=True)
 
 
@@ -158,59 +158,59 @@ def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RegisterServer': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterServer,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.RegisterServerRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.RegisterServerReply.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.RegisterServerRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.RegisterServerReply.SerializeToString,
             ),
             'JoinWorker': grpc.unary_unary_rpc_method_handler(
                     servicer.JoinWorker,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JoinWorkerRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JoinWorkerReply.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JoinWorkerRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JoinWorkerReply.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.HeartbeatRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.HeartbeatReply.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.HeartbeatRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.HeartbeatReply.SerializeToString,
             ),
             'Leave': grpc.unary_unary_rpc_method_handler(
                     servicer.Leave,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.LeaveRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.LeaveReply.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.LeaveRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.LeaveReply.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.GetJobRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JobInfo.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.GetJobRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JobInfo.SerializeToString,
             ),
             'DeclareModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DeclareModel,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.DeclareModelRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JobInfo.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.DeclareModelRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JobInfo.SerializeToString,
             ),
             'WatchMembership': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchMembership,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.WatchMembershipRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.MembershipView.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.WatchMembershipRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.MembershipView.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusReply.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusReply.SerializeToString,
             ),
             'AcquirePartition': grpc.unary_unary_rpc_method_handler(
                     servicer.AcquirePartition,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionReply.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionReply.SerializeToString,
             ),
             'CompletePartition': grpc.unary_unary_rpc_method_handler(
                     servicer.CompletePartition,
-                    request_deserializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionRequest.FromString,
-                    response_serializer=pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionReply.SerializeToString,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'pscommon.wire.v1.Scheduler', rpc_method_handlers)
+            'shardps.pscommon.wire.v1.Scheduler', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('pscommon.wire.v1.Scheduler', rpc_method_handlers)
+    server.add_registered_method_handlers('shardps.pscommon.wire.v1.Scheduler', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -231,9 +231,9 @@ class Scheduler:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pscommon.wire.v1.Scheduler/RegisterServer',
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.RegisterServerRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.RegisterServerReply.FromString,
+            '/shardps.pscommon.wire.v1.Scheduler/RegisterServer',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.RegisterServerRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.RegisterServerReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -258,9 +258,9 @@ class Scheduler:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pscommon.wire.v1.Scheduler/JoinWorker',
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JoinWorkerRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JoinWorkerReply.FromString,
+            '/shardps.pscommon.wire.v1.Scheduler/JoinWorker',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JoinWorkerRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JoinWorkerReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -285,9 +285,9 @@ class Scheduler:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pscommon.wire.v1.Scheduler/Heartbeat',
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.HeartbeatRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.HeartbeatReply.FromString,
+            '/shardps.pscommon.wire.v1.Scheduler/Heartbeat',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.HeartbeatRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.HeartbeatReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -312,9 +312,9 @@ class Scheduler:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pscommon.wire.v1.Scheduler/Leave',
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.LeaveRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.LeaveReply.FromString,
+            '/shardps.pscommon.wire.v1.Scheduler/Leave',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.LeaveRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.LeaveReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -339,9 +339,9 @@ class Scheduler:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pscommon.wire.v1.Scheduler/GetJob',
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.GetJobRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JobInfo.FromString,
+            '/shardps.pscommon.wire.v1.Scheduler/GetJob',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.GetJobRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JobInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -366,9 +366,9 @@ class Scheduler:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pscommon.wire.v1.Scheduler/DeclareModel',
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.DeclareModelRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JobInfo.FromString,
+            '/shardps.pscommon.wire.v1.Scheduler/DeclareModel',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.DeclareModelRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.JobInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -393,9 +393,9 @@ class Scheduler:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/pscommon.wire.v1.Scheduler/WatchMembership',
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.WatchMembershipRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.MembershipView.FromString,
+            '/shardps.pscommon.wire.v1.Scheduler/WatchMembership',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.WatchMembershipRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.MembershipView.FromString,
             options,
             channel_credentials,
             insecure,
@@ -420,9 +420,9 @@ class Scheduler:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pscommon.wire.v1.Scheduler/Status',
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusReply.FromString,
+            '/shardps.pscommon.wire.v1.Scheduler/Status',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.StatusReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -447,9 +447,9 @@ class Scheduler:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pscommon.wire.v1.Scheduler/AcquirePartition',
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionReply.FromString,
+            '/shardps.pscommon.wire.v1.Scheduler/AcquirePartition',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.AcquirePartitionReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -474,9 +474,9 @@ class Scheduler:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/pscommon.wire.v1.Scheduler/CompletePartition',
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionRequest.SerializeToString,
-            pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionReply.FromString,
+            '/shardps.pscommon.wire.v1.Scheduler/CompletePartition',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_scheduler__pb2.CompletePartitionReply.FromString,
             options,
             channel_credentials,
             insecure,
