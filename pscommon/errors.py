@@ -1,8 +1,13 @@
 """Typed errors and the one table that maps them to gRPC status codes.
 
 Code inside shardps raises these. Servicers convert them to a status at the boundary
-(`abort_with`), clients convert a status back (`from_rpc_error`), so a caller catches
+(`servicer_errors`), clients convert a status back (`from_rpc_error`), so a caller catches
 `FailedPrecondition` whether the check ran locally or on a server.
+
+The status carries the error's type, not only its code: a `google.rpc.ErrorInfo` detail
+(domain "shardps", reason = the class's `reason`) rides in the status trailer, and the client
+rebuilds the same class from it. Two errors that share a code (a stale incarnation and any
+other failed precondition) stay apart, and no caller ever decides by reading the message.
 """
 from __future__ import annotations
 
@@ -11,15 +16,31 @@ import inspect
 import logging
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "shardps"
 
 log = logging.getLogger(__name__)
 
 
 class PSError(Exception):
-    """Base of every shardps error; `code` is its gRPC status."""
+    """Base of every shardps error; `code` is its gRPC status, `reason` its ErrorInfo reason
+    (unique per class: the client maps it back), `metadata` facts a caller may act on."""
 
     code = grpc.StatusCode.INTERNAL
+    reason = "INTERNAL"
     retryable = False
+
+    def __init__(self, message: str = "", **metadata: object):
+        super().__init__(message)
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "reason" not in cls.__dict__:  # one reason per class, from its name unless given
+            cls.reason = "".join(f"_{c}" if c.isupper() else c.upper() for c in cls.__name__).lstrip("_")
 
 
 class InvalidArgument(PSError):
@@ -28,6 +49,11 @@ class InvalidArgument(PSError):
 
 class FailedPrecondition(PSError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class StaleIncarnation(FailedPrecondition):
+    """The caller's (member id, incarnation) is no longer current: it was declared dead, left,
+    or a newer incarnation exists. A worker recovers by joining again under its id."""
 
 
 class NotFound(PSError):
@@ -69,24 +95,51 @@ class Internal(PSError):
     code = grpc.StatusCode.INTERNAL
 
 
-_BY_CODE = {cls.code: cls for cls in (
-    InvalidArgument, FailedPrecondition, NotFound, Unauthenticated, ResourceExhausted,
-    Unavailable, DeadlineExceeded, Aborted, Cancelled, Internal)}
+_CLASSES = (InvalidArgument, FailedPrecondition, StaleIncarnation, NotFound, Unauthenticated,
+            ResourceExhausted, Unavailable, DeadlineExceeded, Aborted, Cancelled, Internal)
+# a status without our ErrorInfo (another server, grpc itself) is typed by its code alone
+_BY_CODE = {cls.code: cls for cls in _CLASSES if cls.__bases__ == (PSError,)}
+_BY_REASON = {cls.reason: cls for cls in _CLASSES}
+
+
+def to_status(exc: PSError) -> grpc.Status:
+    """The status a servicer aborts with: code, message and the ErrorInfo that names the type."""
+    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return rpc_status.to_status(status_pb2.Status(
+        code=code_pb2.Code.Value(exc.code.name), message=str(exc), details=[detail]))
+
+
+def _error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    try:
+        status = rpc_status.from_call(err) if hasattr(err, "trailing_metadata") else None
+    except ValueError:  # a trailer that disagrees with the call's code: trust the code
+        return None
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.domain == DOMAIN:
+            return info
+    return None
 
 
 def from_rpc_error(err: grpc.RpcError) -> PSError:
-    """The typed error for a failed call (UNKNOWN and unmapped codes become Internal)."""
+    """The typed error for a failed call: by its ErrorInfo reason where a shardps peer sent
+    one, else by code (UNKNOWN and unmapped codes become Internal)."""
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else str(err)
-    cls = _BY_CODE.get(code, Internal)
-    exc = cls(details or (code.name if code else "rpc failed"))
+    info = _error_info(err)
+    cls = _BY_REASON.get(info.reason) if info is not None else None
+    if cls is None or cls.code != code:
+        cls = _BY_CODE.get(code, Internal)
+    exc = cls(details or (code.name if code else "rpc failed"), **(dict(info.metadata) if info else {}))
     exc.__cause__ = err
     return exc
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception):
     if isinstance(exc, PSError):
-        context.abort(exc.code, str(exc))
+        context.abort_with_status(to_status(exc))
     log.exception("unexpected error in servicer")
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 

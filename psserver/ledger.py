@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from shardps.pscommon.errors import FailedPrecondition
+from shardps.pscommon.errors import StaleIncarnation
 
 
 class Verdict(enum.Enum):
@@ -28,8 +28,9 @@ def classify(ledger: dict[int, Entry], worker: int, incarnation: int, step: int)
     if entry is None or incarnation > entry.incarnation:
         return Verdict.APPLY
     if incarnation < entry.incarnation:
-        raise FailedPrecondition(
-            f"worker {worker} incarnation {incarnation} is stale (current {entry.incarnation}); rejoin")
+        raise StaleIncarnation(
+            f"worker {worker} incarnation {incarnation} is stale (current {entry.incarnation}); rejoin",
+            member=worker, incarnation=incarnation, current=entry.incarnation)
     return Verdict.DUPLICATE if step <= entry.last_step else Verdict.APPLY
 
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from shardps.pscommon.config import JobSpec
-from shardps.pscommon.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from shardps.pscommon.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, StaleIncarnation
 from shardps.pscommon.sharding import Key
 from shardps.pscommon.stats import STALENESS_BOUNDS, WAIT_BOUNDS_S, Histogram
 from shardps.psserver import checkpoint, consistency, ledger, optim
@@ -123,12 +123,14 @@ class Shard:
     def _check_caller(self, worker: int, incarnation: int) -> None:
         dead = self.dead.get(worker)
         if dead is not None and incarnation <= dead:
-            raise FailedPrecondition(
-                f"worker {worker} incarnation {incarnation} was declared dead or left; rejoin")
+            raise StaleIncarnation(
+                f"worker {worker} incarnation {incarnation} was declared dead or left; rejoin",
+                member=worker, incarnation=incarnation)
         live = self.gate.live.get(worker)
         if live is not None and incarnation < live:
-            raise FailedPrecondition(
-                f"worker {worker} incarnation {incarnation} is stale (current {live}); rejoin")
+            raise StaleIncarnation(
+                f"worker {worker} incarnation {incarnation} is stale (current {live}); rejoin",
+                member=worker, incarnation=incarnation, current=live)
 
     # -- pull ----------------------------------------------------------------------------
     def wait_pull(self, worker: int, incarnation: int, step: int, timeout_s: float,

@@ -12,7 +12,7 @@ from google.protobuf import json_format
 
 from shardps.pscommon import sharding
 from shardps.pscommon.config import JobSpec
-from shardps.pscommon.errors import FailedPrecondition, InvalidArgument
+from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, StaleIncarnation
 from shardps.pscommon.wire.v1 import job_pb2, scheduler_pb2
 from shardps.scheduler import leases
 from shardps.scheduler import membership as mb
@@ -136,7 +136,8 @@ class SchedulerCore:
         if m is None or m.role != mb.WORKER:
             raise FailedPrecondition(f"no worker {worker}; join first")
         if m.incarnation != incarnation or not m.alive:
-            raise FailedPrecondition(f"worker {worker} incarnation {incarnation} is not current; rejoin")
+            raise StaleIncarnation(f"worker {worker} incarnation {incarnation} is not current; rejoin",
+                                   member=worker, incarnation=incarnation)
 
     def acquire_partition(self, worker: int, incarnation: int, num_partitions: int,
                           max_epochs: int) -> tuple[str, int, int]:

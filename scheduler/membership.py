@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, NotFound
+from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, NotFound, StaleIncarnation
 
 WORKER, SERVER = "worker", "server"
 ALIVE, DEAD, LEFT = "alive", "dead", "left"
@@ -111,10 +111,12 @@ def _current(ms: Membership, member_id: int, incarnation: int) -> Member:
     if m is None:
         raise NotFound(f"no member {member_id}")
     if incarnation != m.incarnation:
-        raise FailedPrecondition(
-            f"member {member_id} incarnation {incarnation} is stale (current {m.incarnation}); rejoin")
+        raise StaleIncarnation(
+            f"member {member_id} incarnation {incarnation} is stale (current {m.incarnation}); rejoin",
+            member=member_id, incarnation=incarnation, current=m.incarnation)
     if not m.alive:
-        raise FailedPrecondition(f"member {member_id} incarnation {incarnation} is {m.state}; rejoin")
+        raise StaleIncarnation(f"member {member_id} incarnation {incarnation} is {m.state}; rejoin",
+                               member=member_id, incarnation=incarnation, state=m.state)
     return m
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from shardps.pscommon.config import CodecConfig
-from shardps.pscommon.errors import Aborted, FailedPrecondition, InvalidArgument
+from shardps.pscommon.errors import Aborted, InvalidArgument, StaleIncarnation
 from shardps.worker import device_codec
 from shardps.worker.client import ClientConfig, ShardClient, StreamingPush
 
@@ -141,9 +141,7 @@ class PSClient:
         incarnation = self.client.incarnation
         try:
             self.client.pull(self.weights.arrays)
-        except FailedPrecondition as exc:
-            if "rejoin" not in str(exc):
-                raise
+        except StaleIncarnation as exc:
             # declared dead while waiting at the gate (a pause past the lease): rejoin, read again
             log.warning("pull refused: %s", exc)
             self.client.rejoin(incarnation)
@@ -171,9 +169,7 @@ class PSClient:
         except Aborted as exc:
             log.info("step skipped: %s", exc)
             return False
-        except FailedPrecondition as exc:
-            if "rejoin" not in str(exc):
-                raise
+        except StaleIncarnation as exc:
             # declared dead (a pause longer than the lease): come back as a new incarnation
             log.warning("push refused: %s", exc)
             self.client.rejoin(incarnation)

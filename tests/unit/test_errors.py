@@ -15,6 +15,8 @@ def _subclasses(cls):
 
 
 ERROR_TYPES = sorted(set(_subclasses(PSError)), key=lambda c: c.__name__)
+# the types a bare status code names (a peer that sends no ErrorInfo): one per code
+CODE_TYPES = [c for c in ERROR_TYPES if c.__bases__ == (PSError,)]
 
 
 class FakeRpcError(grpc.RpcError):
@@ -31,8 +33,8 @@ class FakeRpcError(grpc.RpcError):
         return self._details
 
 
-@pytest.mark.parametrize("cls", ERROR_TYPES, ids=lambda c: c.__name__)
-def test_every_error_type_maps_to_its_code_and_back(cls):
+@pytest.mark.parametrize("cls", CODE_TYPES, ids=lambda c: c.__name__)
+def test_every_code_type_maps_to_its_code_and_back(cls):
     err = FakeRpcError(cls.code, "the details")
     back = from_rpc_error(err)
     assert type(back) is cls
@@ -40,9 +42,25 @@ def test_every_error_type_maps_to_its_code_and_back(cls):
     assert back.__cause__ is err
 
 
-def test_each_status_code_belongs_to_one_error_type():
-    codes = [cls.code for cls in ERROR_TYPES]
+def test_each_status_code_belongs_to_one_code_type():
+    codes = [cls.code for cls in CODE_TYPES]
     assert len(codes) == len(set(codes))
+
+
+def test_each_error_type_has_its_own_reason():
+    reasons = [cls.reason for cls in ERROR_TYPES]
+    assert len(reasons) == len(set(reasons)), reasons
+    assert errors.StaleIncarnation.reason == "STALE_INCARNATION"
+
+
+def test_a_refinement_keeps_its_parents_code_so_broad_handlers_still_catch_it():
+    assert errors.StaleIncarnation.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert issubclass(errors.StaleIncarnation, errors.FailedPrecondition)
+
+
+def test_a_status_without_error_info_is_typed_by_its_code_alone():
+    back = from_rpc_error(FakeRpcError(grpc.StatusCode.FAILED_PRECONDITION, "x"))
+    assert type(back) is errors.FailedPrecondition
 
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS,
@@ -66,6 +84,12 @@ SERVICE = "shardps.test.Errors"
 
 
 class _Servicer:
+    @servicer_errors
+    def Raise(self, request, context):
+        """Raise the PSError subclass named by the request, with a fixed message and metadata."""
+        cls = {c.__name__: c for c in ERROR_TYPES}[request.decode()]
+        raise cls(f"a {cls.__name__} with a message nobody parses", member=7, incarnation=3)
+
     @servicer_errors
     def Invalid(self, request, context):
         raise errors.InvalidArgument(f"tensor {request.decode()!r} is bad")
@@ -101,7 +125,7 @@ def _identity(b):
 def stub():
     svc = _Servicer()
     handlers = {name: grpc.unary_unary_rpc_method_handler(getattr(svc, name), _identity, _identity)
-                for name in ("Invalid", "Crash", "Ok", "Abort")}
+                for name in ("Raise", "Invalid", "Crash", "Ok", "Abort")}
     handlers.update({name: grpc.unary_stream_rpc_method_handler(getattr(svc, name), _identity, _identity)
                      for name in ("StreamThenFail", "StreamCrash")})
     server = grpcutil.make_server(max_workers=2)
@@ -124,6 +148,15 @@ def test_typed_error_becomes_its_status_with_the_message(stub):
         stub("Invalid", b"w")
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert exc.value.details() == "tensor 'w' is bad"
+
+
+@pytest.mark.parametrize("cls", ERROR_TYPES, ids=lambda c: c.__name__)
+def test_every_error_type_crosses_a_real_call_as_itself_with_its_metadata(stub, cls):
+    with pytest.raises(PSError) as exc:
+        grpcutil.call(lambda req, timeout: stub("Raise", req), cls.__name__.encode(), timeout=30)
+    assert type(exc.value) is cls
+    assert exc.value.metadata == {"member": "7", "incarnation": "3"}
+    assert str(exc.value) == f"a {cls.__name__} with a message nobody parses"
 
 
 def test_typed_error_comes_back_as_the_same_type_through_call(stub):
