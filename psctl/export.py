@@ -81,7 +81,10 @@ def gather(scheduler: str, timeout: float, security: Security = NO_SECURITY
 
     client = ShardClient(ClientConfig(scheduler=scheduler, control_timeout_s=timeout,
                                       data_timeout_s=timeout, connect_timeout_s=timeout,
-                                      retry_deadline_s=timeout, security=security))
+                                      retry_deadline_s=timeout, security=security,
+                                      # the float32 master weights, not the job's (possibly
+                                      # lossy, bf16/fp16) pull encoding
+                                      pull_codec=CodecConfig("fp32")))
     try:
         try:
             shard_map = client.attach()
@@ -92,16 +95,13 @@ def gather(scheduler: str, timeout: float, security: Security = NO_SECURITY
             raise type(exc)(f"cannot reach scheduler at {scheduler}: {_one_line(exc)}") from None
         # Waits (up to timeout) for a live server on every shard, else Unavailable naming the count.
         client.wait_for_servers()
-        # Export the float32 master weights, not the job's (possibly lossy, bf16/fp16) pull
-        # encoding; the override only affects this observer's requests.
         job = client.job  # the metadata describes the job as configured
-        client.job = dataclasses.replace(job, pull_codec=CodecConfig("fp32"))
         lock = threading.Lock()
         buffers = {p.name: _Recorded(p.numel, lock) for p in shard_map.params}
         client.pull(buffers)
         _check_complete(shard_map, buffers)
         tensors = {p.name: buffers[p.name].array.reshape(p.shape) for p in shard_map.params}
-        versions = dict(sorted(client.shard_versions.items()))
+        versions = dict(sorted(client.shard_versions().items()))
         metadata = {
             "format": "pt",
             META_PREFIX + "model_fingerprint": shard_map.fingerprint,

@@ -25,7 +25,8 @@ from torch import nn
 from shardps.pscommon.config import CodecConfig
 from shardps.pscommon.errors import Aborted, InvalidArgument, StaleIncarnation
 from shardps.worker import device_codec
-from shardps.worker.client import ClientConfig, ShardClient, StreamingPush
+from shardps.worker.client import ClientConfig, ShardClient
+from shardps.worker.push import StreamingPush
 
 log = logging.getLogger("shardps.worker")
 
@@ -134,8 +135,9 @@ class PSClient:
         self.weight_host_bytes += self._model_bytes
 
     def _fetch(self) -> None:
-        if self.client.expired:
-            self.client.rejoin(self.client.expired_incarnation)
+        refused = self.client.refused_incarnation
+        if refused is not None:  # the heartbeat learned we were declared dead
+            self.client.rejoin(refused)
         if self._h2d_done is not None:
             self._h2d_done.synchronize()  # the device still reads the buffers we overwrite
         incarnation = self.client.incarnation
@@ -257,8 +259,9 @@ class PSClient:
         return self.client.clock
 
     @property
-    def epoch(self) -> int:
-        return self.client.epoch
+    def view(self) -> int:
+        """The membership view last seen (it changes when a worker or server joins or leaves)."""
+        return self.client.view
 
     @property
     def worker_id(self) -> int:

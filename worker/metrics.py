@@ -19,7 +19,7 @@ class WorkerCollector:
         fam.add_metric(["received", "wire"], t.wire_received)
         yield fam
         enc = CounterMetricFamily("shardps_worker_encode_seconds", "Time spent compressing pushes.")
-        enc.add_metric([], c.compressor.totals().total_encode_s)
+        enc.add_metric([], c.encode_seconds())
         yield enc
         dec = CounterMetricFamily("shardps_worker_decode_seconds", "Time spent decoding pulls.")
         dec.add_metric([], t.decode_s)
@@ -27,6 +27,6 @@ class WorkerCollector:
         clock = GaugeMetricFamily("shardps_worker_clock", "Steps pushed (the worker's clock).")
         clock.add_metric([], c.clock)
         yield clock
-        epoch = GaugeMetricFamily("shardps_worker_membership_epoch", "Membership epoch last seen.")
-        epoch.add_metric([], c.epoch)
-        yield epoch
+        view = GaugeMetricFamily("shardps_worker_membership_epoch", "Membership view (epoch) last seen.")
+        view.add_metric([], c.view)
+        yield view

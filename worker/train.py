@@ -233,14 +233,14 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
                        logical_sent=ps.client.traffic.logical_sent,
                        logical_received=ps.client.traffic.logical_received,
                        grad_host_bytes=ps.grad_host_bytes, weight_host_bytes=ps.weight_host_bytes,
-                       encode_s=round(ps.client.compressor.totals().total_encode_s, 4),
+                       encode_s=round(ps.client.encode_seconds(), 4),
                        decode_s=round(ps.client.traffic.decode_s, 4),
                        device_encoded=sorted(ps.encoded_params),
                        stopped=stop.is_set(),
                        compression={k: {"codec": v.codec, "logical_bytes": v.total_logical_bytes,
                                         "wire_bytes": v.total_wire_bytes + v.total_header_bytes,
                                         "encode_s": round(v.total_encode_s, 4)}
-                                    for k, v in ps.client.compressor.stats().items()})
+                                    for k, v in ps.client.compression_stats().items()})
         metrics.write(**summary)
     metrics.close()
     telemetry.stop()

@@ -354,7 +354,7 @@ def test_custom_loop_example_runs(cluster, overlap):
 
 
 # -- (e) counters ------------------------------------------------------------------------------------
-def test_clock_epoch_and_byte_counters_move(cluster):
+def test_clock_view_and_byte_counters_move(cluster):
     c = cluster(JobSpec(num_servers=2, heartbeat_timeout_s=6.0))   # heartbeats every 2 s
     split = data.digits()
     gen = torch.Generator().manual_seed(0)
@@ -363,8 +363,8 @@ def test_clock_epoch_and_byte_counters_move(cluster):
     with PSClient.connect(c.address, model, name="first") as ps:
         assert ps.worker_id >= 0
         assert ps.clock == 0
-        epoch0 = ps.epoch
-        assert epoch0 >= 1
+        view0 = ps.view
+        assert view0 >= 1
         # connect pulled once: the whole model came back at fp32
         assert ps.bytes_received == logical and ps.bytes_sent == 0
         sent, received = [ps.bytes_sent], [ps.bytes_received]
@@ -381,8 +381,8 @@ def test_clock_epoch_and_byte_counters_move(cluster):
         # a second worker joins: the membership epoch moves, and the first worker sees it
         with PSClient.connect(c.address, models.build("digits-mlp", seed=0), name="second") as other:
             assert other.worker_id != ps.worker_id
-            assert other.epoch > epoch0
-            poll(lambda: ps.epoch >= other.epoch, 20.0, what="the first worker to see the new epoch")
+            assert other.view > view0
+            poll(lambda: ps.view >= other.view, 20.0, what="the first worker to see the new epoch")
         assert ps.client.traffic.logical_sent == 3 * logical
 
 

@@ -3,15 +3,20 @@ import grpc
 import numpy as np
 import pytest
 
-from shardps.pscommon import sharding
+from shardps.pscommon import grpcutil, sharding
 from shardps.pscommon.config import JobSpec
-from shardps.pscommon.wire.v1 import scheduler_pb2, tensor_pb2
+from shardps.pscommon.wire.v1 import scheduler_pb2, scheduler_pb2_grpc, tensor_pb2
 from shardps.worker.client import ClientConfig, ShardClient
 
 from .helpers import (F32, TIMEOUT_S, Background, declare, declare_requests, initial_values, push,
                       shard_map, snapshot, values)
 
 SHAPES = {"w": (4, 3), "b": (5,)}
+
+
+def scheduler_stub(address: str) -> scheduler_pb2_grpc.SchedulerStub:
+    """Raw calls to the scheduler, beside the client under test."""
+    return scheduler_pb2_grpc.SchedulerStub(grpcutil.channel(address))
 
 
 def trained_shard(shard_server):
@@ -135,7 +140,7 @@ def test_declare_model_through_scheduler(cluster):
         init = {"w": np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.ones(5, np.float32)}
         smap = client.declare(init)
         # the same set again: the same map, the same fingerprint
-        info = client.sched.DeclareModel(scheduler_pb2.DeclareModelRequest(params=_param_specs(
+        info = scheduler_stub(c.address).DeclareModel(scheduler_pb2.DeclareModelRequest(params=_param_specs(
             {"w": (4, 3), "b": (5,)})), timeout=TIMEOUT_S)
         assert info.shard_map.fingerprint == smap.fingerprint
         assert len(info.shard_map.keys) == 2 and {k.shard for k in info.shard_map.keys} == {0, 1}
@@ -143,10 +148,10 @@ def test_declare_model_through_scheduler(cluster):
         # a different parameter set is refused, and the job keeps its map
         for shapes in ({"w": (4, 3)}, {"w": (4, 3), "b": (6,)}, {"w": (4, 3), "b": (5,), "c": (1,)}):
             with pytest.raises(grpc.RpcError) as err:
-                client.sched.DeclareModel(scheduler_pb2.DeclareModelRequest(params=_param_specs(shapes)),
+                scheduler_stub(c.address).DeclareModel(scheduler_pb2.DeclareModelRequest(params=_param_specs(shapes)),
                                           timeout=TIMEOUT_S)
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, shapes
-        job = client.sched.GetJob(scheduler_pb2.GetJobRequest(), timeout=TIMEOUT_S)
+        job = scheduler_stub(c.address).GetJob(scheduler_pb2.GetJobRequest(), timeout=TIMEOUT_S)
         assert job.shard_map.fingerprint == smap.fingerprint
 
         # train one step; a second declarer with other initial values keeps the trained ones
@@ -183,7 +188,7 @@ def test_declare_model_with_invalid_params_is_invalid_argument(cluster):
     ]
     for params in bad_sets:
         with pytest.raises(grpc.RpcError) as err:
-            client.sched.DeclareModel(scheduler_pb2.DeclareModelRequest(params=params), timeout=TIMEOUT_S)
+            scheduler_stub(c.address).DeclareModel(scheduler_pb2.DeclareModelRequest(params=params), timeout=TIMEOUT_S)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, params
-    job = client.sched.GetJob(scheduler_pb2.GetJobRequest(), timeout=TIMEOUT_S)
+    job = scheduler_stub(c.address).GetJob(scheduler_pb2.GetJobRequest(), timeout=TIMEOUT_S)
     assert job.shard_map.fingerprint == ""  # nothing was fixed

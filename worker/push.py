@@ -1,0 +1,162 @@
+"""One step's push, fed parameter by parameter, and what sends it to one shard.
+
+A `StreamingPush` starts each shard's call as soon as that shard's first gradient arrives
+(eager), so sending overlaps the rest of the backward pass; a `_Feed` is the queue between
+the training thread handing gradients over and the call streaming them out.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from concurrent import futures
+from typing import Callable
+
+import numpy as np
+
+from shardps.pscommon.errors import Aborted, DeadlineExceeded, InvalidArgument
+from shardps.pscommon.framing import batch, chunk_frames
+from shardps.pscommon.wire.v1 import ps_pb2
+
+# (shard, step, base_version, feed) -> the shard's reply: ShardClient.send_push
+SendPush = Callable[[int, int, int, "_Feed"], ps_pb2.PushReply]
+
+
+class _Feed:
+    """One shard's gradients for one step, in arrival order. Iterating blocks until the next
+    one arrives (or the deadline passes); each iteration starts over, so a retried stream
+    sends everything again."""
+
+    def __init__(self, expected: int, timeout_s: float):
+        self.items: list = []
+        self.expected = expected
+        self.timeout_s = timeout_s
+        self.abandoned = False
+        self.cond = threading.Condition()
+
+    def put(self, key, grad: np.ndarray | None, encoded: tuple | None = None) -> None:
+        with self.cond:
+            self.items.append((key, grad, encoded))
+            self.cond.notify_all()
+
+    def abandon(self) -> None:
+        with self.cond:
+            self.abandoned = True
+            self.cond.notify_all()
+
+    def __iter__(self):
+        i = 0
+        while i < self.expected:
+            with self.cond:
+                if not self.cond.wait_for(lambda: i < len(self.items) or self.abandoned,
+                                          timeout=self.timeout_s):
+                    raise DeadlineExceeded(f"gradients stopped arriving: {len(self.items)} of "
+                                           f"{self.expected} after {self.timeout_s:.0f}s")
+                if i >= len(self.items):
+                    raise Aborted(f"push abandoned after {i} of {self.expected} gradients")
+                item = self.items[i]
+            i += 1
+            yield item
+
+
+def push_call(header: ps_pb2.PushHeader, frames: Callable[[], list | object], batched: bool,
+              timeout_s: float):
+    """fn(stub) for the transport: one PushBatch message for a small shard, else a Push
+    stream of the header and the frames. `frames()` is called per attempt: a retry sends
+    everything again."""
+    if batched:
+        return lambda stub: stub.PushBatch(batch(ps_pb2.PushBatchRequest(header=header), list(frames())),
+                                           timeout=timeout_s)
+    return lambda stub: stub.Push(itertools.chain([ps_pb2.PushRequest(header=header)], frames()),
+                                  timeout=timeout_s)
+
+
+def encoded_frames(feed: _Feed, encode, sizes: dict[str, int]):
+    """The chunk frames of a feed's gradients. `encode(key, grad, pre)` gives (meta, payload)
+    and is called once per key per step (the caller caches), so a retry resends the same
+    bytes and error feedback never takes a residual twice."""
+    sizes["logical"] = sizes["wire"] = 0  # a retry sends everything again
+    for k, g, pre in feed:
+        meta, payload = encode(k, g, pre)
+        sizes["logical"] += k.nbytes
+        sizes["wire"] += memoryview(payload).nbytes
+        yield from chunk_frames(meta, payload)
+
+
+class StreamingPush:
+    """One step's push for `client` (a ShardClient; only its public methods are used)."""
+
+    def __init__(self, client, step: int, base_versions: dict[int, int], eager: bool = True):
+        self.client = client
+        self.step = step
+        self.eager = eager
+        # the versions the gradients are computed on: a prefetched pull may move them on
+        # before every shard's call has started
+        self.base_versions = base_versions
+        smap = client.shard_map
+        self.feeds = {s: _Feed(len(smap.keys_of(s)), client.data_timeout_s)
+                      for s in range(client.job.num_servers)}
+        self.futures: dict[int, futures.Future] = {}
+        self.seen: set[str] = set()
+        self.lock = threading.Lock()
+
+    def add(self, name: str, grad: np.ndarray) -> None:
+        """Hand over parameter `name`'s flat float32 gradient (kept, not copied: don't reuse it
+        before finish() returns)."""
+        self._add(name, lambda k: (grad[k.offset:k.offset + k.length], None))
+
+    def add_encoded(self, name: str, parts, payload: np.ndarray) -> None:
+        """Hand over parameter `name`'s gradient already encoded key by key (on the device:
+        worker/device_codec.py): `parts` say where each key's bytes lie in `payload`, which
+        is kept, not copied, until finish() returns."""
+        by_key = {p.key: p for p in parts}
+        missing = [k.key for k in self.client.shard_map.keys_of_param(name) if k.key not in by_key]
+        if missing:  # before anything is handed over: a refused gradient changes nothing
+            raise InvalidArgument(f"encoded gradient for {name!r} has no part for its keys {missing[:5]}")
+        view = memoryview(payload).cast("B")
+
+        def part(k):
+            p = by_key[k.key]
+            return None, (p.meta(), view[p.start:p.start + p.size])
+        self._add(name, part)
+
+    def _add(self, name: str, item) -> None:
+        with self.lock:
+            if name in self.seen:
+                raise InvalidArgument(f"gradient for {name!r} added twice in step {self.step}")
+            self.seen.add(name)
+            for k in self.client.shard_map.keys_of_param(name):
+                self.feeds[k.shard].put(k, *item(k))
+                # a batched shard's call waits for all its gradients anyway: start it in finish()
+                if self.eager and k.shard not in self.futures and not self.client.fits_batch(k.shard):
+                    self._start(k.shard)
+
+    def _start(self, shard: int) -> None:
+        self.futures[shard] = self.client.submit(self._send, shard)
+
+    def _send(self, shard: int) -> ps_pb2.PushReply:
+        return self.client.send_push(shard, self.step, self.base_versions.get(shard, 0), self.feeds[shard])
+
+    def abandon(self) -> None:
+        """Give up this step's push: streams already started end at once instead of waiting
+        out the deadline for gradients that will not come (the server applies nothing)."""
+        for feed in self.feeds.values():
+            feed.abandon()
+
+    def missing(self) -> list[str]:
+        return [p.name for p in self.client.shard_map.params if p.name not in self.seen]
+
+    def finish(self) -> list[ps_pb2.PushReply]:
+        """Wait for every shard's stream; then the clock moves to the next step."""
+        missing = self.missing()
+        if missing:
+            raise InvalidArgument(f"no gradient for parameters {missing[:5]} in step {self.step}")
+        shards = [s for s, feed in self.feeds.items() if feed.expected]  # a shard may hold no keys
+        if not self.eager and len(shards) == 1:  # one call: no hand-off to a pool thread
+            replies = [self._send(shards[0])]
+        else:
+            for shard in shards:
+                if shard not in self.futures:
+                    self._start(shard)
+            replies = [f.result() for _, f in sorted(self.futures.items())]
+        self.client.step_done(self.step)
+        return replies
