@@ -162,7 +162,7 @@ class Evaluator:
         with torch.no_grad():
             for n, p in self.model.named_parameters():
                 p.copy_(torch.from_numpy(self.flat[n]).view(p.shape))
-        return min(self.client.shard_versions.values()), data.accuracy(self.model, self.split.x_test,
+        return min(self.client.shard_versions().values()), data.accuracy(self.model, self.split.x_test,
                                                                        self.split.y_test)
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""The "digits" time-to-accuracy workload of ../shared/bench/peers/README.md, run on shardps.
+"""The "digits" time-to-accuracy workload of bench/peers/README.md, run on shardps.
 
 Same data split, model, seeds, learning rate, batch, batch generators, evaluation cadence,
 stop rule and JSON fields as the peers' digits_single.py and torch_rpc_digits.py, so one
@@ -50,7 +50,7 @@ from collections import defaultdict
 # (spawned children inherit this sys.path).
 sys.path.insert(1, str(pathlib.Path(__file__).resolve().parent.parent))
 
-# The workload, as ../shared/bench/peers/README.md (section digits) defines it.
+# The workload, as bench/peers/README.md (section digits) defines it.
 LR, BATCH, EVAL_EVERY = 0.1, 32, 25
 MAX_UPDATES, MAX_SECONDS = 3000, 120.0
 N_TRAIN = 1347
@@ -129,7 +129,7 @@ def trainer_main(r: int, a, scheduler: str, q, declared, barrier, stop, t0) -> N
         while not stop.is_set():
             client.pull(flat)  # the 4 tensors, fp32; the header carries the shard version
             pulls += 1
-            version = client.shard_versions[0]
+            version = client.shard_versions()[0]
             with torch.no_grad():
                 for n, p in params.items():
                     p.copy_(views[n])
@@ -288,7 +288,7 @@ def machine() -> str:
 
 
 def table(paths: list[str]) -> str:
-    """DIGITS_RESULTS.md's table (the peers' make_digits_table.py), shardps rows beside the
+    """DIGITS_RESULTS.md's table (the peer baselines' columns), shardps rows beside the
     peers', the W=1 replay check per implementation, and shardps's evaluation lag."""
     runs = [json.loads(l) for p in paths for l in open(p) if l.startswith("{")]
     groups = defaultdict(list)
@@ -302,7 +302,7 @@ def table(paths: list[str]) -> str:
     single = {t: med([r["time_to_target_s"] if r["reached"] else inf for r in rs])
               for (i, w, t), rs in groups.items() if i == "single_process"}
     out = [f"# digits time-to-accuracy: shardps beside the peer baselines\n\nMachine: {machine()}\n",
-           "Workload: ../shared/bench/peers/README.md, section digits (sklearn digits, MLP 64-128-10, SGD lr 0.1, "
+           "Workload: bench/peers/README.md, section digits (sklearn digits, MLP 64-128-10, SGD lr 0.1, "
            "batch 32, async PS, 1 server). Times start at the first applied update (process start-up and "
            "connection set-up excluded, shown as start-up). Median over runs (seeds 0, 1, 2 unless stated); a run "
            "that missed the target counts as infinitely slow; [min-max] over the runs that reached it.\n",

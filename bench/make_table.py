@@ -137,7 +137,7 @@ def render(rows: list[dict]) -> str:
             net[(r["preset"], r["impl"], r.get("servers"), r.get("workers"))].append(r)
     out = ["# ps-loop: shardps beside the peer baselines", "",
            f"Machine: {machine()}", "",
-           "Workload and peer scripts: ../shared/bench/peers/README.md; shardps: bench/ps_loop.py "
+           "Workload and peer scripts: bench/peers/README.md; shardps: bench/ps_loop.py "
            "(bench/README.md). Median over n runs, MB/s range in brackets. MB/s = (pulled + pushed fp32 "
            "logical bytes) / wall / 1e6; steps/s summed over workers. RSS = peak resident set of the "
            "largest server / worker. srv RSS / params = a shardps server's peak RSS over the parameter "

@@ -4,7 +4,7 @@ Two workloads, each on its own real cluster (a `psctl scheduler` and one `psctl 
 process, mode async, optimizer sgd); the worker is this process, driving PSClient:
 
 - `large`: the ps-loop large preset's shape (25M float32 parameters in 50 1-D tensors of
-  500K, ../shared/bench/peers/README.md, the same definition as bench/ps_loop.py) as a torch
+  500K, bench/peers/README.md, the same definition as bench/ps_loop.py) as a torch
   model whose backward visits every tensor in turn, last first, as a deep network's does:
   h <- tanh(h * t_i) for i = 0..49 over a fixed random 500K input, loss = sum(h).
   `--work K` adds K parameter-free tanh per layer (a heavier backward per byte moved).

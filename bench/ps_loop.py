@@ -1,4 +1,4 @@
-"""The ps-loop workload of ../shared/bench/peers/README.md, run on shardps.
+"""The ps-loop workload of bench/peers/README.md, run on shardps.
 
 Same model, presets, configurations, timing and JSON fields as the peer scripts there
 (torch_rpc_ps.py, grpc_raw_limit.py), so one table holds all of them. What is shardps here:
@@ -33,7 +33,7 @@ sys.path.insert(1, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-# The workload, as ../shared/bench/peers/README.md defines it.
+# The workload, as bench/peers/README.md defines it.
 PRESETS = {"small": (1_000_000, 8), "large": (25_000_000, 50)}  # (params, tensors)
 DEFAULT_STEPS = {"small": 200, "large": 10}
 WARMUP, LR, GRAD_SCALE = 2, 0.01, 1e-3
@@ -187,14 +187,11 @@ def gather(q, kind: str, n: int, deadline: Deadline, procs, cluster) -> list:
 def final_param_sum(scheduler: str) -> float:
     """Sum of every served parameter, read fp32 whatever the job's pull codec (a bf16 read
     would round away the ~1e-3 decrease the check looks for)."""
-    import dataclasses
     from shardps.pscommon.config import CodecConfig
     from shardps.worker.client import ClientConfig, ShardClient
 
-    reader = ShardClient(ClientConfig(scheduler=scheduler, name="ps-loop-reader"))
+    reader = ShardClient(ClientConfig(scheduler=scheduler, name="ps-loop-reader", pull_codec=CodecConfig("fp32")))
     smap = reader.attach()
-    # ShardClient pulls with the job's codec and has no per-client pull codec option.
-    reader.job = dataclasses.replace(reader.job, pull_codec=CodecConfig("fp32"))
     into = {p.name: np.empty(p.numel, np.float32) for p in smap.params}
     reader.pull(into)
     reader.leave()
@@ -258,7 +255,7 @@ def run(a) -> dict:
         elif not ok:
             print(f"ps_loop: logs kept in {run_dir}", file=sys.stderr)
 
-    # Same formulas as the peers' summarize() (../shared/bench/peers/common.py).
+    # Same formulas as the peers' summarize() (bench/peers/psloop_spec.py).
     wall = max(w["t1"] for w in wres) - min(w["t0"] for w in wres)
     moved = 2 * W * N * P * 4
     pushes = W * (N + WARMUP)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Convergence figures: (1) the peers' digits time-to-accuracy workload on shardps beside
-# digits_single.py and torch_rpc_digits.py (--tp uv and auto) from ../shared/bench/peers, (2)
+# digits_single.py and torch_rpc_digits.py (--tp uv and auto) from bench/peers, (2)
 # convergence by consistency mode with and without a straggler, (3) codecs against accuracy.
 # Results into $OUTDIR: digits_results.jsonl + DIGITS_RESULTS.md, convergence.jsonl +
 # CONVERGENCE.md + convergence.png, codec_convergence.jsonl + CODEC_CONVERGENCE.md, and
 # run_convergence.log (each command and its stderr). See bench/README.md.
 #
-# Env: OUTDIR (default bench/results), VENV (default .venv), PEERS (default ../shared/bench/peers),
+# Env: OUTDIR (default bench/results), VENV (default .venv), PEERS (default bench/peers),
 # PARTS (any of "digits convergence codecs", default all), SEEDS (default "0 1 2"), REPS (runs per
 # seed and configuration, default 1), WORKERS (digits trainer counts, default "1 2 3"), TARGET
 # (default 0.95), TMO (seconds per single run, default 240), CONV_STEPS (steps per worker, default
@@ -18,7 +18,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 OUTDIR=${OUTDIR:-$root/bench/results}
 VENV=${VENV:-$root/.venv}
-PEERS=${PEERS:-$root/../shared/bench/peers}
+PEERS=${PEERS:-$root/bench/peers}
 PARTS=${PARTS:-digits convergence codecs}
 SEEDS=${SEEDS:-0 1 2}; REPS=${REPS:-1}; WORKERS=${WORKERS:-1 2 3}; TARGET=${TARGET:-0.95}; TMO=${TMO:-240}
 CONV_STEPS=${CONV_STEPS:-800}; CONV_MODES=${CONV_MODES:-sync ssp async}

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# ps-loop: shardps beside the peer baselines of ../shared/bench/peers, every preset and
+# ps-loop: shardps beside the peer baselines of bench/peers, every preset and
 # configuration, REPS times each; JSON lines into $OUTDIR/ps_loop.jsonl, table into
 # $OUTDIR/RESULTS.md (bench/make_table.py). See bench/README.md.
 #
 # Env: OUTDIR (default bench/results), VENV (default .venv), REPS (default 2), TMO (seconds per
-# run, default 150), PEERS (the peer scripts, default ../shared/bench/peers), PRESETS (default
+# run, default 150), PEERS (the peer scripts, default bench/peers), PRESETS (default
 # "small large"), CONFIGS (S,W pairs, default "1,1 1,2 2,2"), IMPLS (any of shardps torch_rpc
 # grpc_raw memcpy, default all), CODEC_RUNS (extra shardps runs, "PULL,PUSH" pairs such as
 # "bf16,bf16 fp32,topk:0.01"; default none), STEPS (override N for every run; quick checks
@@ -14,7 +14,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 OUTDIR=${OUTDIR:-$root/bench/results}
 VENV=${VENV:-$root/.venv}
-PEERS=${PEERS:-$root/../shared/bench/peers}
+PEERS=${PEERS:-$root/bench/peers}
 REPS=${REPS:-2}; TMO=${TMO:-150}
 PRESETS=${PRESETS:-small large}
 CONFIGS=${CONFIGS:-1,1 1,2 2,2}

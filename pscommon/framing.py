@@ -20,6 +20,7 @@ from typing import Iterator
 
 import grpc
 
+from shardps.pscommon import interceptors
 from shardps.pscommon.tensors import CHUNK_BYTES, Chunk, Frame
 from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 
@@ -112,12 +113,6 @@ def parameter_server_stub(channel):
     return stub
 
 
-_HANDLERS = {(False, False): grpc.unary_unary_rpc_method_handler,
-             (False, True): grpc.unary_stream_rpc_method_handler,
-             (True, False): grpc.stream_unary_rpc_method_handler,
-             (True, True): grpc.stream_stream_rpc_method_handler}
-
-
 def add_parameter_server(servicer, server: grpc.Server) -> None:
     """Register a ParameterServer servicer as the generated add_..._to_server does, with
     `serialize` for every reply (so Pull may yield frames) and `deserializer` for the
@@ -127,9 +122,9 @@ def add_parameter_server(servicer, server: grpc.Server) -> None:
         return deserializer(message_class) if carries_chunks else message_class.FromString
 
     handlers = {
-        m.name: _HANDLERS[m.client_streaming, m.server_streaming](
-            getattr(servicer, m.name), request_deserializer=parse(getattr(ps_pb2, m.input_type.name)),
-            response_serializer=serialize)
+        m.name: interceptors.make_handler(
+            (m.client_streaming, m.server_streaming), getattr(servicer, m.name),
+            request_deserializer=parse(getattr(ps_pb2, m.input_type.name)), response_serializer=serialize)
         for m in _SERVICE.methods}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(_SERVICE.full_name, handlers)

@@ -11,6 +11,7 @@ from typing import Callable, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from shardps.pscommon import interceptors
 from shardps.pscommon.errors import PSError, from_rpc_error
 from shardps.pscommon.security import NO_SECURITY, Security, add_port, secure_channel, server_interceptors
 
@@ -84,17 +85,11 @@ class MalformedRequests(grpc.ServerInterceptor):
             for r in requests:
                 yield check(r, context)
 
-        if handler.unary_unary or handler.unary_stream:
-            fn = handler.unary_unary or handler.unary_stream
-            make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
-                    else grpc.unary_stream_rpc_method_handler)
-            wrapped = lambda req, ctx: fn(check(req, ctx), ctx)  # noqa: E731
-        else:
-            fn = handler.stream_unary or handler.stream_stream
-            make = (grpc.stream_unary_rpc_method_handler if handler.stream_unary
-                    else grpc.stream_stream_rpc_method_handler)
-            wrapped = lambda reqs, ctx: fn(checked(reqs, ctx), ctx)  # noqa: E731
-        return make(wrapped, request_deserializer=lenient, response_serializer=handler.response_serializer)
+        def wrap(fn):
+            if handler.request_streaming:
+                return lambda reqs, ctx: fn(checked(reqs, ctx), ctx)
+            return lambda req, ctx: fn(check(req, ctx), ctx)
+        return interceptors.wrap_handler(handler, wrap, request_deserializer=lenient)
 
 
 def make_server(max_workers: int = 16, security: Security = NO_SECURITY,

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import pathlib
 import signal
 import threading
 
 from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.files import write_atomic
 from shardps.pscommon.security import NO_SECURITY, Security
 
 
@@ -25,10 +24,8 @@ def write_ready_file(path: str | None, address: str) -> None:
     """Write the bound address atomically, so a launcher polling for the file never reads half."""
     if not path:
         return
-    p = pathlib.Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(address + "\n")
-    os.replace(tmp, p)
+    # not durable: it tells a launcher polling now where we listen, and means nothing after a reboot
+    write_atomic(path, (address + "\n").encode(), durable=False)
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -6,12 +6,14 @@ state each role already keeps, so scraping costs the hot path nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import grpc
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import HistogramMetricFamily
 
+from shardps.pscommon import interceptors
 from shardps.pscommon.stats import Histogram as PSHistogram
 
 RPC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -43,53 +45,23 @@ class RpcMetrics(grpc.ServerInterceptor):
         self.hist = Histogram("shardps_rpc_duration_seconds", "Time to handle one RPC, by method and code.",
                               ["role", "method", "code"], buckets=RPC_BUCKETS_S, registry=registry)
 
-    def _observe(self, method: str, t0: float, code: str) -> None:
-        self.hist.labels(self.role, method, code).observe(time.perf_counter() - t0)
-
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(handler.stream_stream, method),
-            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        return interceptors.around(handler, lambda context: self._timed(method, context))
 
-    def _wrap_unary(self, fn, method):
-        def wrapped(request, context):
-            t0, code = time.perf_counter(), "OK"
-            try:
-                return fn(request, context)
-            except Exception:
-                code = _code_of(context)
-                raise
-            finally:
-                self._observe(method, t0, code)
-        return wrapped
-
-    def _wrap_stream(self, fn, method):
-        def wrapped(request, context):
-            t0, code = time.perf_counter(), "OK"
-            try:
-                yield from fn(request, context)
-            except Exception:
-                code = _code_of(context)
-                raise
-            finally:
-                self._observe(method, t0, code)
-        return wrapped
+    @contextlib.contextmanager
+    def _timed(self, method: str, context):
+        t0, code = time.perf_counter(), "OK"
+        try:
+            yield
+        except Exception:
+            code = _code_of(context)
+            raise
+        finally:
+            self.hist.labels(self.role, method, code).observe(time.perf_counter() - t0)
 
 
 def _code_of(context) -> str:

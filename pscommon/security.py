@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 
 import grpc
 
+from shardps.pscommon import interceptors
 from shardps.pscommon.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -142,13 +143,8 @@ def _abort_handler(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode,
     def refuse(request_or_iterator, context):
         context.abort(code, message)
 
-    if handler is None or not (handler.request_streaming or handler.response_streaming):
-        return grpc.unary_unary_rpc_method_handler(refuse)
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    return grpc.unary_stream_rpc_method_handler(refuse)
+    return interceptors.make_handler(interceptors.UNARY if handler is None else interceptors.kind_of(handler),
+                                     refuse)
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):

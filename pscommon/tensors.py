@@ -2,7 +2,7 @@
 
 A tensor travels as TensorMeta (name, dtype, shape, codec, payload size) plus a payload cut
 into chunks of CHUNK_BYTES: protobuf framing is cheapest around 0.5-2 MiB a message
-and gRPC's default receive limit is 4 MiB (see ../shared/bench/peers/README.md).
+and gRPC's default receive limit is 4 MiB (docs/design.md, "The wire").
 """
 from __future__ import annotations
 

@@ -6,18 +6,17 @@ torch model. Read-only: the exporter attaches as an observer and never joins the
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
 import pathlib
-import tempfile
 import threading
 
 import numpy as np
 
 from shardps.pscommon.config import CodecConfig
 from shardps.pscommon.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from shardps.pscommon.files import write_atomic
 from shardps.pscommon.security import NO_SECURITY, Security
 from shardps.pscommon.sharding import ShardMap
 
@@ -117,62 +116,37 @@ def gather(scheduler: str, timeout: float, security: Security = NO_SECURITY
         client.leave()  # an observer never joined: this only stops its thread pool
 
 
-def _open_temp(out: pathlib.Path) -> str:
-    """Create the output's parent and a temp file beside it (same filesystem: rename is atomic).
-
-    Done before contacting the cluster so a bad path fails before a large model is pulled.
-    """
+def _check_writable(out: pathlib.Path) -> None:
+    """Create the output's parent and check it takes a new file: before contacting the
+    cluster, so a bad path fails before a large model is pulled."""
     if out.is_dir():
         raise InvalidArgument(f"cannot write {out}: it is a directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     except OSError as exc:
         raise InvalidArgument(f"cannot write {out}: {exc.strerror or exc}") from None
-    os.close(fd)
-    return tmp
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"cannot write {out}: {out.parent} is not writable")
 
 
-def _fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write(out: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str],
-          tmp: str | None = None) -> int:
+def write(out: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> int:
     """Write `tensors` to `out` atomically (temp file, fsync, rename); returns the file size."""
     from safetensors.numpy import save_file
 
     out = pathlib.Path(out)
-    tmp = tmp or _open_temp(out)
+    arrays = {n: np.ascontiguousarray(a, np.float32) for n, a in tensors.items()}
     try:
-        save_file({n: np.ascontiguousarray(a, np.float32) for n, a in tensors.items()}, tmp, metadata)
-        _fsync_path(tmp)
-        os.replace(tmp, out)
+        write_atomic(out, lambda tmp: save_file(arrays, tmp, metadata))
     except OSError as exc:
         raise InvalidArgument(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    try:  # the rename itself survives a crash only once the directory entry is on disk
-        _fsync_path(str(out.parent))
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the data itself is synced
     return out.stat().st_size
 
 
 def run(scheduler: str, out: str, timeout: float, security: Security = NO_SECURITY) -> int:
     path = pathlib.Path(out)
-    tmp = _open_temp(path)
-    try:
-        tensors, metadata = gather(scheduler, timeout, security)
-        size = write(path, tensors, metadata, tmp)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _check_writable(path)
+    tensors, metadata = gather(scheduler, timeout, security)
+    size = write(path, tensors, metadata)
     versions = json.loads(metadata[META_PREFIX + "shard_versions"])
     print(f"{path}: {len(tensors)} tensors, {size} bytes "
           f"(model {metadata[META_PREFIX + 'model_fingerprint']}, shard versions "

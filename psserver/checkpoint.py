@@ -1,9 +1,9 @@
 """Shard checkpoints: safetensors for tensors, a JSON sidecar for everything else.
 
 Layout under --checkpoint-dir: shard-<i>/ckpt-<seq>.safetensors and ckpt-<seq>.json. The
-tensors file is written first (temporary name, fsync, rename); the JSON, which carries the
-tensors file's sha256, is written last the same way and is the commit marker, and the
-directory is fsynced after each rename. A checkpoint whose JSON is missing, unparsable, or
+tensors file is written first (pscommon.files.write_atomic: temporary name, fsync, rename,
+fsync the directory); the JSON, which carries the tensors file's sha256, is written last the
+same way and is the commit marker. A checkpoint whose JSON is missing, unparsable, or
 whose tensors do not match the recorded hash is refused with a clear message and the
 previous one is used. Nothing is pickled.
 """
@@ -23,6 +23,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from shardps.pscommon.errors import FailedPrecondition
+from shardps.pscommon.files import write_atomic
 
 log = logging.getLogger("shardps.checkpoint")
 FORMAT = "shardps-shard-checkpoint/1"
@@ -50,27 +51,12 @@ def save_tensors(tensors: dict[str, np.ndarray], path: str) -> None:
     save_file(tensors, path)
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: pathlib.Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _replace_durably(tmp: pathlib.Path, final: pathlib.Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
 
 
 class CheckpointStore:
@@ -91,20 +77,17 @@ class CheckpointStore:
     def write(self, take: Callable[[str], Snapshot]) -> pathlib.Path:
         """Write a checkpoint. `take(path)` writes the tensors file at `path` and returns the
         matching Snapshot (the shard does both under its lock, so they agree and nothing is
-        copied); the slow part, fsync and rename, happens after. Returns the JSON path."""
+        copied); the slow part, fsync and rename, happens after, outside the lock. Returns the
+        JSON path."""
         seq = (self._sequences() or [0])[-1] + 1
         tensors_path = self.dir / f"ckpt-{seq:08d}.safetensors"
-        tmp = tensors_path.with_name(f".{tensors_path.name}.tmp")
-        snap = take(str(tmp))
-        _replace_durably(tmp, tensors_path)
+        snap = write_atomic(tensors_path, take)
         meta = {"format": FORMAT, "seq": seq, "created": time.time(), "shard": snap.shard,
                 "fingerprint": snap.fingerprint, "job": snap.job, "keys": snap.keys,
                 "versions": snap.versions, "shard_version": snap.shard_version, "ledger": snap.ledger,
                 "gate": snap.gate, "tensors_file": tensors_path.name, "sha256": _sha256(tensors_path)}
         json_path = self.dir / f"ckpt-{seq:08d}.json"
-        tmp = json_path.with_name(f".{json_path.name}.tmp")
-        tmp.write_text(json.dumps(meta, sort_keys=True))
-        _replace_durably(tmp, json_path)
+        write_atomic(json_path, json.dumps(meta, sort_keys=True).encode())
         self._prune()
         return json_path
 

@@ -17,7 +17,7 @@ from shardps.pscommon.wire.v1 import ps_pb2, scheduler_pb2, scheduler_pb2_grpc
 from shardps.psserver.checkpoint import Checkpointer, CheckpointStore
 from shardps.psserver.metrics import ShardCollector
 from shardps.psserver.servicer import Limits, ParameterServerServicer
-from shardps.psserver.shard import Member, Shard
+from shardps.psserver.shard import Shard, WorkerView
 
 log = logging.getLogger("shardps.server")
 SERVICE = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
@@ -197,7 +197,7 @@ class ServerProcess:
 
     def _adopt(self, view) -> None:
         self.shard.set_view(view.epoch, [
-            Member(w.worker_id, w.incarnation, w.state == scheduler_pb2.MEMBER_STATE_ALIVE, w.clock)
+            WorkerView(w.worker_id, w.incarnation, w.state == scheduler_pb2.MEMBER_STATE_ALIVE, w.clock)
             for w in view.workers])
 
     def _initial_view(self) -> None:

@@ -17,12 +17,12 @@ class Verdict(enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
-class Entry:
+class LedgerEntry:
     incarnation: int
     last_step: int  # highest step taken; -1 before the first
 
 
-def classify(ledger: dict[int, Entry], worker: int, incarnation: int, step: int) -> Verdict:
+def classify(ledger: dict[int, LedgerEntry], worker: int, incarnation: int, step: int) -> Verdict:
     """Apply, duplicate, or FailedPrecondition for an incarnation older than one seen."""
     entry = ledger.get(worker)
     if entry is None or incarnation > entry.incarnation:
@@ -34,13 +34,13 @@ def classify(ledger: dict[int, Entry], worker: int, incarnation: int, step: int)
     return Verdict.DUPLICATE if step <= entry.last_step else Verdict.APPLY
 
 
-def record(ledger: dict[int, Entry], worker: int, incarnation: int, step: int) -> None:
-    ledger[worker] = Entry(incarnation, step)
+def record(ledger: dict[int, LedgerEntry], worker: int, incarnation: int, step: int) -> None:
+    ledger[worker] = LedgerEntry(incarnation, step)
 
 
-def to_json(ledger: dict[int, Entry]) -> dict:
+def to_json(ledger: dict[int, LedgerEntry]) -> dict:
     return {str(w): [e.incarnation, e.last_step] for w, e in ledger.items()}
 
 
-def from_json(data: dict) -> dict[int, Entry]:
-    return {int(w): Entry(int(v[0]), int(v[1])) for w, v in data.items()}
+def from_json(data: dict) -> dict[int, LedgerEntry]:
+    return {int(w): LedgerEntry(int(v[0]), int(v[1])) for w, v in data.items()}

@@ -18,6 +18,7 @@ from shardps.pscommon.codecs.bf16 import from_bf16_bits
 from shardps.pscommon.framing import BATCH_BYTES, batch, body_of, chunk_frames, chunk_of
 from shardps.pscommon.tensors import FLOAT_DTYPES, ChunkAssembler, check_shape, numel
 from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
+from shardps.psserver import consistency
 from shardps.psserver.shard import Shard
 
 
@@ -254,7 +255,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                                                    codec_seconds=t.codec_s)
                               for k, t in sorted(s.pull_traffic.items())],
                 clocks=dict(s.gate.clocks), completed_step=s.gate.completed_step,
-                membership_epoch=s.epoch, mode=s.job.to_proto().mode,
+                membership_epoch=s.epoch, mode=consistency.mode_of(s.job),
                 checkpoint_age_s=self.checkpointer.age_s() if self.checkpointer else -1.0,
                 checkpoint_version=(self.checkpointer.last_version or 0) if self.checkpointer else 0)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -21,7 +21,9 @@ from shardps.psserver import checkpoint, consistency, ledger, optim
 
 
 @dataclasses.dataclass
-class Entry:
+class KeyState:
+    """One key on this shard: its value, its optimizer state, and how often it was updated."""
+
     spec: Key
     value: np.ndarray                  # flat float32
     state: dict[str, np.ndarray]       # optimizer state, same length
@@ -29,7 +31,9 @@ class Entry:
 
 
 @dataclasses.dataclass(frozen=True)
-class Member:
+class WorkerView:
+    """A worker as the scheduler's membership view shows it to this shard."""
+
     worker: int
     incarnation: int
     alive: bool
@@ -37,7 +41,9 @@ class Member:
 
 
 @dataclasses.dataclass
-class Traffic:
+class KeyTraffic:
+    """Bytes of one key moved by pushes or by pulls."""
+
     logical: int = 0
     wire: int = 0
     codec_s: float = 0.0   # decoding (pushes) or encoding (pulls) on this server
@@ -49,12 +55,12 @@ class Shard:
         self.job = job
         self.now = now
         self.cond = threading.Condition()
-        self.mode = consistency.build(job.mode, job.staleness)
+        self.mode = consistency.for_job(job)
         self.optimizer = optim.build(job.optimizer)
         self.gate = consistency.GateState()
-        self.ledger: dict[int, ledger.Entry] = {}
+        self.ledger: dict[int, ledger.LedgerEntry] = {}
         self.dead: dict[int, int] = {}   # worker -> incarnation declared dead/left
-        self.entries: dict[str, Entry] = {}
+        self.entries: dict[str, KeyState] = {}
         self.fingerprint = ""
         self.version = 0                 # pushes applied to this shard
         self.epoch = 0
@@ -62,8 +68,8 @@ class Shard:
         self.pushes = self.pulls = self.duplicates = 0
         self.staleness = Histogram(STALENESS_BOUNDS)
         self.pull_wait = Histogram(WAIT_BOUNDS_S)
-        self.push_traffic: dict[str, Traffic] = {}
-        self.pull_traffic: dict[str, Traffic] = {}
+        self.push_traffic: dict[str, KeyTraffic] = {}
+        self.pull_traffic: dict[str, KeyTraffic] = {}
 
     # -- declaration -------------------------------------------------------------------
     def declare(self, fingerprint: str, keys: list[Key], values: dict[str, np.ndarray]) -> tuple[int, int]:
@@ -96,13 +102,13 @@ class Shard:
                 if k.key not in self.entries:
                     # an array that owns writable float32 data is adopted, not copied again
                     value = np.require(values[k.key], np.float32, ["C", "W", "O"]).reshape(-1)
-                    self.entries[k.key] = Entry(k, value, self.optimizer.init_state(k.length))
+                    self.entries[k.key] = KeyState(k, value, self.optimizer.init_state(k.length))
                     created += 1
             self.fingerprint = fingerprint
             return created, len(keys) - created
 
     # -- membership ----------------------------------------------------------------------
-    def set_view(self, epoch: int, members: Iterable[Member]) -> None:
+    def set_view(self, epoch: int, members: Iterable[WorkerView]) -> None:
         """Adopt the scheduler's membership view; gates re-evaluate, waiters wake up."""
         with self.cond:
             if epoch < self.epoch:
@@ -117,7 +123,7 @@ class Shard:
                     self.dead[m.worker] = max(self.dead.get(m.worker, 0), m.incarnation)
             self.gate.live = live
             self.gate.start_clock = start
-            self._apply(self.mode.on_view_change(self.gate), base_version=None)
+            self._apply(self._take(self.mode.on_view_change(self.gate)), base_version=None)
             self.cond.notify_all()
 
     def _check_caller(self, worker: int, incarnation: int) -> None:
@@ -157,7 +163,7 @@ class Shard:
                 self._check_caller(worker, incarnation)
             waited = self.now() - t0
             self.pulls += 1
-            if self.mode.name != "async":
+            if self.mode.records_pull_wait:
                 self.pull_wait.observe(waited)
             return self.version, self.mode.next_step(self.gate, worker, step), waited
 
@@ -201,22 +207,62 @@ class Shard:
             if ledger.classify(self.ledger, worker, incarnation, step) is ledger.Verdict.DUPLICATE:
                 self.duplicates += 1
                 return self.version, True, 0
-            outcome = self.mode.on_push(self.gate, worker, step, grads)
+            # a refused push raises here, before the ledger or the clocks record it
+            apply_now = self._take(self.mode.on_push(self.gate, worker, step, grads))
             ledger.record(self.ledger, worker, incarnation, step)
             self.gate.clocks[worker] = max(self.gate.clocks.get(worker, 0), step + 1)
             self.pushes += 1
-            staleness = self._apply(outcome, base_version)
+            staleness = self._apply(apply_now, base_version)
             self.cond.notify_all()
             return self.version, False, staleness
 
-    def _apply(self, outcome: consistency.PushOutcome, base_version: int | None) -> int:
-        if not outcome.apply:
+    def _take(self, decision: consistency.PushDecision | consistency.ViewDecision
+              ) -> Mapping[str, np.ndarray] | None:
+        """Make the gate changes a mode's decision names; returns the gradients to apply now."""
+        match decision:
+            case consistency.Refuse(error=error):
+                raise error
+            case consistency.ApplyNow(grads=grads):
+                return grads
+            case consistency.Accumulate(worker=worker, grads=grads):
+                self._accumulate(worker, grads)
+                return None
+            case consistency.CompleteStep(worker=worker, grads=grads):
+                if worker is not None:
+                    self._accumulate(worker, grads)
+                return self._complete_step()
+            case consistency.Hold():
+                return None
+        raise TypeError(f"not a consistency decision: {decision!r}")
+
+    def _accumulate(self, worker: int, grads: Mapping[str, np.ndarray]) -> None:
+        pending = self.gate.pending_sum
+        for key, g in grads.items():
+            acc = pending.get(key)
+            if acc is None:
+                # a copy: the sum is added to in place, and the pushed array is the caller's
+                pending[key] = np.array(g, dtype=np.float32, copy=True)
+            else:
+                acc += g
+        self.gate.pending_from.add(worker)
+
+    def _complete_step(self) -> dict[str, np.ndarray]:
+        """End the step in progress; returns its gradients averaged over the contributors."""
+        n = len(self.gate.pending_from)
+        avg = {k: v / np.float32(n) for k, v in self.gate.pending_sum.items()}
+        self.gate.pending_sum, self.gate.pending_from = {}, set()
+        self.gate.completed_step += 1
+        return avg
+
+    def _apply(self, grads: Mapping[str, np.ndarray] | None, base_version: int | None) -> int:
+        """One optimizer update of the keys in `grads` (none: nothing); returns the staleness."""
+        if not grads:
             return 0
         staleness = 0
-        if base_version is not None and self.mode.name != "sync":
+        if base_version is not None and self.mode.measures_staleness:
             staleness = max(0, self.version - base_version)
             self.staleness.observe(staleness)
-        for key, grad in outcome.apply.items():
+        for key, grad in grads.items():
             entry = self.entries[key]
             entry.version += 1
             self.optimizer.apply(entry.value, grad.reshape(-1), entry.state, entry.version)
@@ -260,8 +306,8 @@ class Shard:
                 saved = snap.tensors.get(f"{spec.key}{checkpoint.STATE_SEP}{name}")
                 if saved is not None:
                     state[name] = np.array(saved, dtype=np.float32)
-            entries[spec.key] = Entry(spec, np.array(value, dtype=np.float32).reshape(-1), state,
-                                      snap.versions.get(spec.key, 0))
+            entries[spec.key] = KeyState(spec, np.array(value, dtype=np.float32).reshape(-1), state,
+                                         snap.versions.get(spec.key, 0))
         with self.cond:
             self.entries = entries
             self.fingerprint = snap.fingerprint
@@ -275,10 +321,10 @@ class Shard:
                                      for name, arr in snap.tensors.items() if name.endswith(suffix)}
 
     # -- accounting ----------------------------------------------------------------------
-    def count_traffic(self, table: dict[str, Traffic], key: str, logical: int, wire: int,
+    def count_traffic(self, table: dict[str, KeyTraffic], key: str, logical: int, wire: int,
                       codec_s: float = 0.0) -> None:
         with self.cond:
-            t = table.setdefault(key, Traffic())
+            t = table.setdefault(key, KeyTraffic())
             t.logical += logical
             t.wire += wire
             t.codec_s += codec_s

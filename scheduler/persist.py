@@ -1,26 +1,15 @@
-"""Atomic JSON state files: write a temporary file, fsync, rename, fsync the directory."""
+"""JSON state files, replaced atomically and durably (pscommon.files)."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 
 from shardps.pscommon.errors import FailedPrecondition
+from shardps.pscommon.files import write_atomic
 
 
 def write_json_atomic(path: pathlib.Path, data: dict) -> None:
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, json.dumps(data, sort_keys=True).encode())
 
 
 def read_json(path: pathlib.Path) -> dict | None:

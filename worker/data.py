@@ -1,5 +1,5 @@
 """Built-in datasets: scikit-learn's bundled digits (no downloads), split as the peer
-benchmarks split it (../shared/bench/peers/README.md, workload "digits")."""
+benchmarks split it (bench/peers/README.md, workload "digits")."""
 from __future__ import annotations
 
 import dataclasses

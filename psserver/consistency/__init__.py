@@ -1,18 +1,26 @@
 """Consistency modes, one module each, registered by the proto Mode enum."""
 from __future__ import annotations
 
+from shardps.pscommon.config import MODES, JobSpec
 from shardps.pscommon.wire.v1 import job_pb2
 from shardps.psserver.consistency.async_mode import AsyncMode
-from shardps.psserver.consistency.base import ConsistencyMode, GateState, PushOutcome
+from shardps.psserver.consistency.base import (HOLD, Accumulate, ApplyNow, CompleteStep, ConsistencyMode, GateState,
+                                               Hold, PushDecision, Refuse, ViewDecision)
 from shardps.psserver.consistency.ssp import SSPMode
 from shardps.psserver.consistency.sync import SyncMode
 
-REGISTRY = {job_pb2.MODE_ASYNC: AsyncMode, job_pb2.MODE_SYNC: SyncMode, job_pb2.MODE_SSP: SSPMode}
-BY_NAME = {cls.name: cls for cls in REGISTRY.values()}
+REGISTRY: dict[int, type[ConsistencyMode]] = {
+    job_pb2.MODE_ASYNC: AsyncMode, job_pb2.MODE_SYNC: SyncMode, job_pb2.MODE_SSP: SSPMode}
 
 
-def build(mode: str, staleness: int = 0) -> ConsistencyMode:
-    return BY_NAME[mode](staleness)
+def mode_of(job: JobSpec) -> int:
+    """The job's mode as the proto enum (JobSpec keeps the flag's spelling)."""
+    return MODES[job.mode]
 
 
-__all__ = ["ConsistencyMode", "GateState", "PushOutcome", "REGISTRY", "build"]
+def for_job(job: JobSpec) -> ConsistencyMode:
+    return REGISTRY[mode_of(job)](job.staleness)
+
+
+__all__ = ["HOLD", "REGISTRY", "Accumulate", "ApplyNow", "CompleteStep", "ConsistencyMode", "GateState", "Hold",
+           "PushDecision", "Refuse", "ViewDecision", "for_job", "mode_of"]

@@ -1,12 +1,16 @@
-"""The consistency-mode interface. Decisions are pure functions of `GateState`; the shard's
-executor (psserver.shard) holds the lock, waits on a condition and applies what they return.
+"""The consistency-mode interface. Modes decide: pure functions of a read-only `GateState`
+that return a decision. The shard's executor (psserver.shard) holds the lock, waits on a
+condition, and performs every change a decision names.
 """
 from __future__ import annotations
 
 import abc
 import dataclasses
+from typing import Mapping, Union
 
 import numpy as np
+
+from shardps.pscommon.errors import PSError
 
 
 @dataclasses.dataclass
@@ -25,18 +29,52 @@ class GateState:
         return max(self.clocks.get(worker, 0), self.start_clock.get(worker, 0))
 
 
+# -- decisions ----------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class PushOutcome:
-    """What the executor must do with a push: apply these gradients now (possibly none yet),
-    averaged over `contributors` pushes."""
+class ApplyNow:
+    """Apply the push's gradients at once, on their own."""
 
-    apply: dict[str, np.ndarray] | None
-    contributors: int = 1
-    completes_step: bool = False
+    grads: Mapping[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Accumulate:
+    """Add the push to the step in progress; the step still waits for other workers."""
+
+    worker: int
+    grads: Mapping[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompleteStep:
+    """Add the push, if there is one, to the step in progress; then apply the step's sum
+    averaged over its contributors and start the next step."""
+
+    worker: int | None = None
+    grads: Mapping[str, np.ndarray] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Refuse:
+    """Take nothing from the push: the caller gets `error`, the ledger does not record it."""
+
+    error: PSError
+
+
+@dataclasses.dataclass(frozen=True)
+class Hold:
+    """Nothing to do."""
+
+
+HOLD = Hold()
+PushDecision = Union[ApplyNow, Accumulate, CompleteStep, Refuse]
+ViewDecision = Union[CompleteStep, Hold]
 
 
 class ConsistencyMode(abc.ABC):
     name = ""
+    records_pull_wait = True    # pulls may wait at the gate, so how long they waited is telling
+    measures_staleness = True   # pushes apply alone, on parameters that may have moved since the pull
 
     def __init__(self, staleness: int = 0):
         self.staleness = staleness
@@ -51,9 +89,9 @@ class ConsistencyMode(abc.ABC):
 
     @abc.abstractmethod
     def on_push(self, state: GateState, worker: int, step: int,
-                grads: dict[str, np.ndarray]) -> PushOutcome:
-        """Record a push; say what to apply. May raise Aborted for a push that is too late."""
+                grads: Mapping[str, np.ndarray]) -> PushDecision:
+        """What to do with a push (not a duplicate: the ledger has ruled those out)."""
 
-    def on_view_change(self, state: GateState) -> PushOutcome:
-        """Membership changed: a pending step may now be complete."""
-        return PushOutcome(None, 0)
+    def on_view_change(self, state: GateState) -> ViewDecision:
+        """Membership changed (`state.live` is the new view): a pending step may now be complete."""
+        return HOLD

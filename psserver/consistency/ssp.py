@@ -2,7 +2,7 @@
 worker's clock is at least c - tau. Workers that leave drop out of the minimum."""
 from __future__ import annotations
 
-from shardps.psserver.consistency.base import ConsistencyMode, GateState, PushOutcome
+from shardps.psserver.consistency.base import ApplyNow, ConsistencyMode, GateState
 
 
 def slowest_clock(state: GateState) -> int | None:
@@ -22,4 +22,4 @@ class SSPMode(ConsistencyMode):
         return ssp_pull_ready(state, step, self.staleness)
 
     def on_push(self, state, worker, step, grads):
-        return PushOutcome(grads, 1)
+        return ApplyNow(grads)

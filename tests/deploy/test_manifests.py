@@ -15,12 +15,12 @@ import fnmatch
 import json
 import re
 import shlex
-import tomllib
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import kubernetes_validate

@@ -17,7 +17,7 @@ from shardps.pscommon.config import JobSpec
 from shardps.pscommon.tensors import ChunkAssembler, chunk_payload
 from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
 from shardps.psserver.servicer import Limits, ParameterServerServicer
-from shardps.psserver.shard import Member, Shard
+from shardps.psserver.shard import Shard, WorkerView
 
 F32 = tensor_pb2.DTYPE_FLOAT32
 TIMEOUT_S = 30.0  # generous: the machine is small and shared
@@ -189,8 +189,8 @@ class LocalShard:
         self.close()
 
 
-def members(workers: Iterable[int], incarnation: int = 1, clock: int = 0) -> list[Member]:
-    return [Member(w, incarnation, True, clock) for w in workers]
+def members(workers: Iterable[int], incarnation: int = 1, clock: int = 0) -> list[WorkerView]:
+    return [WorkerView(w, incarnation, True, clock) for w in workers]
 
 
 # -- calls in a thread ----------------------------------------------------------------------

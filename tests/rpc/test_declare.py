@@ -178,7 +178,6 @@ def test_declare_model_through_scheduler(cluster):
 
 def test_declare_model_with_invalid_params_is_invalid_argument(cluster):
     c = cluster(JobSpec())
-    client = ShardClient(ClientConfig(scheduler=c.address))
     bad_sets = [
         [],
         [scheduler_pb2.ParamSpec(name="w", dtype=tensor_pb2.DTYPE_INT32, shape=[3])],

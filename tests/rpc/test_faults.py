@@ -11,7 +11,7 @@ import pytest
 from shardps.pscommon import codecs, framing, grpcutil
 from shardps.pscommon.config import JobSpec, OptimizerConfig
 from shardps.pscommon.errors import InvalidArgument
-from shardps.pscommon.faults import FaultCounts, FaultInjector, FaultPlan
+from .faults import FaultCounts, FaultInjector, FaultPlan
 from shardps.pscommon.sharding import Key
 from shardps.pscommon.tensors import chunk_payload
 from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2

@@ -1,4 +1,4 @@
-"""Hypothesis fuzzing of one live ParameterServer shard over real gRPC (DESIGN.md section 9).
+"""Hypothesis fuzzing of one live ParameterServer shard over real gRPC (docs/design.md, "Security").
 
 One in-process shard (conftest's `shard_server`: real server on 127.0.0.1:0, real channel) holds a
 declared model {"w": (4, 3), "b": (5,)} in async mode, has applied one push, and knows a live worker
@@ -52,7 +52,7 @@ from shardps.pscommon.config import CodecConfig, JobSpec
 from shardps.pscommon.tensors import ChunkAssembler, MAX_DIMS
 from shardps.pscommon.wire.v1 import job_pb2, ps_pb2, tensor_pb2
 from shardps.psserver.servicer import Limits
-from shardps.psserver.shard import Member
+from shardps.psserver.shard import WorkerView
 
 from .helpers import declare, initial_values, inspect, members, push, shard_map, status, values
 
@@ -146,7 +146,7 @@ class Live:
         push(self.stub, FP, {"w": np.ones(12, np.float32)}, worker=LIVE_WORKER, incarnation=LIVE_INC,
              step=0)
         server.shard.set_view(1, members([LIVE_WORKER], LIVE_INC, clock=1)
-                              + [Member(DEAD_WORKER, DEAD_INC, False, 0)])
+                              + [WorkerView(DEAD_WORKER, DEAD_INC, False, 0)])
         self.values0 = values(self.stub, FP)
         self.tally = collections.Counter()  # outcome -> number of requests
         self.before = model_state(self.stub)

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from shardps.pscommon.config import JobSpec, OptimizerConfig
-from shardps.psserver.shard import Member
+from shardps.psserver.shard import WorkerView
 
 from .helpers import Background, LocalShard, declare, members, pull, push, shard_map, values
 
@@ -138,13 +138,13 @@ def test_slowest_worker_leaving_releases_a_blocked_pull(shard_server, how):
     # worker 0 at clock 4, the slowest (2) at 1: 4 - 1 > 2
     waiting = Background(pull, srv.stub, fp, worker=0, step=4)
     assert not waiting.done.wait(0.3), "pull beyond the staleness bound returned"
-    gone = [Member(2, 1, False, 1)] if how == "dead" else []
+    gone = [WorkerView(2, 1, False, 1)] if how == "dead" else []
     srv.shard.set_view(2, members([0, 1]) + gone)
     header, _, _ = waiting.join()
     assert header.shard_version == 9 and header.next_step == 4
 
     # a joiner that starts at the slowest live clock does not hold the others back
-    srv.shard.set_view(3, members([0, 1]) + gone + [Member(3, 4, True, 3)])
+    srv.shard.set_view(3, members([0, 1]) + gone + [WorkerView(3, 4, True, 3)])
     assert pull(srv.stub, fp, worker=0, step=5)[0].next_step == 5
     with pytest.raises(grpc.RpcError) as err:
         pull(srv.stub, fp, worker=0, step=6, timeout=0.5)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from shardps.pscommon.config import JobSpec, OptimizerConfig
-from shardps.psserver.shard import Member
+from shardps.psserver.shard import WorkerView
 
 from .helpers import Background, declare, members, pull, push, shard_map, status, values
 
@@ -118,7 +118,7 @@ def test_worker_removed_mid_step_releases_the_barrier(sync_shard):
     waiting = Background(pull, srv.stub, fp, worker=0, step=1)
     assert not waiting.done.wait(0.3)
     # worker 2's lease expired: the scheduler's next view marks it dead
-    srv.shard.set_view(2, members([0, 1]) + [Member(2, 1, False, 0)])
+    srv.shard.set_view(2, members([0, 1]) + [WorkerView(2, 1, False, 0)])
     header, params, _ = waiting.join()
     assert header.shard_version == 1
     ref = reference_step(srv.init, [0, 1])  # the average of the two that pushed
@@ -136,9 +136,9 @@ def test_worker_removed_mid_step_releases_the_barrier(sync_shard):
 def test_late_push_after_step_completed_is_aborted(sync_shard):
     srv, fp = sync_shard, sync_shard.smap.fingerprint
     _push_step0(srv, [0, 1])
-    srv.shard.set_view(2, members([0, 1]) + [Member(2, 1, False, 0)])  # step 0 completes without 2
+    srv.shard.set_view(2, members([0, 1]) + [WorkerView(2, 1, False, 0)])  # step 0 completes without 2
     # worker 2 comes back under a new incarnation and sends the step-0 gradient it computed
-    srv.shard.set_view(3, members([0, 1]) + [Member(2, 2, True, 1)])
+    srv.shard.set_view(3, members([0, 1]) + [WorkerView(2, 2, True, 1)])
     before = values(srv.stub, fp)
     with pytest.raises(grpc.RpcError) as err:
         push(srv.stub, fp, grad(2, srv.init), worker=2, incarnation=2, step=0)

@@ -18,7 +18,7 @@ from shardps.pscommon.errors import FailedPrecondition
 from shardps.pscommon.wire.v1 import tensor_pb2
 from shardps.psserver import checkpoint
 from shardps.psserver.checkpoint import KEEP, Checkpointer, CheckpointStore
-from shardps.psserver.shard import Member, Shard
+from shardps.psserver.shard import Shard, WorkerView
 
 F32 = tensor_pb2.DTYPE_FLOAT32
 SHAPES = {"layer.weight": (40, 25), "layer.bias": (25,), "head.weight": (25, 3)}
@@ -43,7 +43,7 @@ def _smap(job: JobSpec) -> sharding.ShardMap:
 
 def _fresh(job: JobSpec) -> Shard:
     shard = Shard(0, job)
-    shard.set_view(1, [Member(w, INCARNATION, True, 0) for w in WORKERS])
+    shard.set_view(1, [WorkerView(w, INCARNATION, True, 0) for w in WORKERS])
     return shard
 
 

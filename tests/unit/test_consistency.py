@@ -1,18 +1,24 @@
-"""psserver.consistency and psserver.ledger: the pure decisions behind the shard's gates."""
+"""psserver.consistency and psserver.ledger: the pure decisions behind the shard's gates, and
+the shard as their executor (no network: Shard is driven directly)."""
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shardps.pscommon.errors import Aborted, FailedPrecondition
-from shardps.pscommon.wire.v1 import job_pb2
+from shardps.pscommon.config import MODES, JobSpec, OptimizerConfig
+from shardps.pscommon.errors import Aborted, DeadlineExceeded, FailedPrecondition
+from shardps.pscommon.sharding import Key
+from shardps.pscommon.wire.v1 import job_pb2, tensor_pb2
 from shardps.psserver import consistency, ledger
-from shardps.psserver.consistency import GateState
+from shardps.psserver.consistency import HOLD, Accumulate, ApplyNow, CompleteStep, GateState, Refuse
 from shardps.psserver.consistency.async_mode import AsyncMode
 from shardps.psserver.consistency.ssp import SSPMode
 from shardps.psserver.consistency.sync import SyncMode
+from shardps.psserver.shard import Shard, WorkerView
 
 
 def _state(*workers: int, **kw) -> GateState:
@@ -23,93 +29,80 @@ def _g(*values: float) -> dict[str, np.ndarray]:
     return {"w": np.array(values, np.float32)}
 
 
-# --- sync ----------------------------------------------------------------------------
+# --- sync: decisions -----------------------------------------------------------------
 
 
-def test_sync_step_waits_for_every_live_worker():
-    mode, state = SyncMode(), _state(0, 1, 2)
-    assert mode.on_push(state, 0, 0, _g(1)).apply is None
-    assert mode.on_push(state, 1, 0, _g(2)).apply is None
-    out = mode.on_push(state, 2, 0, _g(6))
-    assert out.completes_step and out.contributors == 3
-    assert state.completed_step == 1 and not state.pending_from and not state.pending_sum
+def test_sync_push_accumulates_until_the_last_live_worker():
+    mode, state = SyncMode(), _state(0, 1, 2, pending_from={0})
+    grads = _g(2)
+    assert mode.on_push(state, 1, 0, grads) == Accumulate(1, grads)
+    state.pending_from.add(1)
+    decision = mode.on_push(state, 2, 0, grads)
+    assert decision == CompleteStep(2, grads) and decision.grads is grads
 
 
-def test_sync_average_is_exact():
-    rng = np.random.default_rng(0)
-    grads = [rng.standard_normal(1000).astype(np.float32) for _ in range(4)]
-    mode, state = SyncMode(), _state(0, 1, 2, 3)
-    for w, g in enumerate(grads):
-        out = mode.on_push(state, w, 0, {"k": g})
-    expected = (((grads[0] + grads[1]) + grads[2]) + grads[3]) / np.float32(4)
-    assert out.apply["k"].dtype == np.float32
-    np.testing.assert_array_equal(out.apply["k"], expected)
+@given(live=st.sets(st.integers(0, 5), max_size=5), pushed=st.sets(st.integers(0, 5), max_size=5),
+       completed=st.integers(0, 3), worker=st.integers(0, 6), step=st.integers(0, 4))
+def test_sync_decisions_leave_the_state_alone(live, pushed, completed, worker, step):
+    state = _state(*live, completed_step=completed, pending_from=set(pushed),
+                   pending_sum={"w": np.ones(2, np.float32)} if pushed else {})
+    before = copy.deepcopy(state)
+    mode = SyncMode()
+    mode.on_push(state, worker, step, _g(1, 2))
+    mode.on_view_change(state)
+    mode.pull_ready(state, worker, step)
+    mode.next_step(state, worker, step)
+    assert (state.live, state.completed_step, state.pending_from) == (before.live, completed, before.pending_from)
+    assert state.pending_sum.keys() == before.pending_sum.keys()
+    for key, acc in state.pending_sum.items():
+        np.testing.assert_array_equal(acc, before.pending_sum[key])
 
 
-def test_sync_does_not_alias_the_first_pushed_gradient():
-    mode, state = SyncMode(), _state(0, 1)
-    first = _g(1, 2)
-    mode.on_push(state, 0, 0, first)
-    mode.on_push(state, 1, 0, _g(3, 4))
-    np.testing.assert_array_equal(first["w"], [1, 2])
+def test_sync_late_push_is_refused_with_aborted():
+    decision = SyncMode().on_push(_state(0, completed_step=3), 0, 2, _g(1))
+    assert isinstance(decision, Refuse) and isinstance(decision.error, Aborted)
+    assert "step 2 already completed" in str(decision.error)
+
+
+def test_sync_push_for_a_future_step_is_refused_with_failed_precondition():
+    decision = SyncMode().on_push(_state(0, completed_step=3), 0, 4, _g(1))
+    assert isinstance(decision, Refuse) and isinstance(decision.error, FailedPrecondition)
+    assert "step 4" in str(decision.error)
+
+
+def test_sync_second_push_of_the_same_step_is_refused():
+    decision = SyncMode().on_push(_state(0, 1, pending_from={0}), 0, 0, _g(1))
+    assert isinstance(decision, Refuse) and isinstance(decision.error, FailedPrecondition)
+    assert "already pushed" in str(decision.error)
 
 
 def test_sync_worker_leaving_mid_step_completes_it():
-    mode, state = SyncMode(), _state(0, 1, 2)
-    mode.on_push(state, 0, 0, _g(2))
-    mode.on_push(state, 1, 0, _g(4))
-    del state.live[2]
-    out = mode.on_view_change(state)
-    assert out.completes_step and out.contributors == 2
-    np.testing.assert_array_equal(out.apply["w"], [3])
-    assert state.completed_step == 1
+    state = _state(0, 1, pending_from={0, 1})
+    assert SyncMode().on_view_change(state) == CompleteStep()
 
 
-def test_sync_departed_workers_push_stays_in_the_average():
-    mode, state = SyncMode(), _state(0, 1, 2)
-    mode.on_push(state, 0, 0, _g(3))
-    del state.live[0]
-    assert mode.on_view_change(state).apply is None
-    mode.on_push(state, 1, 0, _g(6))
-    out = mode.on_push(state, 2, 0, _g(9))
-    assert out.contributors == 3
-    np.testing.assert_array_equal(out.apply["w"], [6])
+def test_sync_view_change_keeps_waiting_for_a_live_worker():
+    assert SyncMode().on_view_change(_state(0, 1, 2, pending_from={0, 1})) is HOLD
+
+
+def test_sync_departed_workers_push_counts_for_the_step():
+    # worker 0 pushed, then left: 1 and 2 still complete the step, with 0 in the average
+    mode, state = SyncMode(), _state(1, 2, pending_from={0, 1})
+    assert mode.on_view_change(state) is HOLD
+    grads = _g(9)
+    assert mode.on_push(state, 2, 0, grads) == CompleteStep(2, grads)
 
 
 def test_sync_view_change_without_pushes_completes_nothing():
-    mode, state = SyncMode(), _state(0)
-    del state.live[0]
-    assert mode.on_view_change(state).apply is None
-    assert state.completed_step == 0
-
-
-def test_sync_late_push_is_aborted():
-    mode, state = SyncMode(), _state(0, completed_step=3)
-    with pytest.raises(Aborted, match="step 2 already completed"):
-        mode.on_push(state, 0, 2, _g(1))
-    assert not state.pending_from
-
-
-def test_sync_push_for_a_future_step_is_failed_precondition():
-    mode, state = SyncMode(), _state(0, completed_step=3)
-    with pytest.raises(FailedPrecondition, match="step 4"):
-        mode.on_push(state, 0, 4, _g(1))
-
-
-def test_sync_second_push_of_the_same_step_is_failed_precondition():
-    mode, state = SyncMode(), _state(0, 1)
-    mode.on_push(state, 0, 0, _g(1))
-    with pytest.raises(FailedPrecondition, match="already pushed"):
-        mode.on_push(state, 0, 0, _g(1))
+    assert SyncMode().on_view_change(_state()) is HOLD
+    assert SyncMode().on_view_change(_state(0)) is HOLD
 
 
 def test_sync_joiner_is_waited_for_in_the_step_in_progress():
-    mode, state = SyncMode(), _state(0, 1)
-    mode.on_push(state, 0, 0, _g(1))
-    state.live[2] = 1
-    assert mode.on_push(state, 1, 0, _g(2)).apply is None
-    out = mode.on_push(state, 2, 0, _g(3))
-    assert out.contributors == 3
+    mode, state = SyncMode(), _state(0, 1, 2, pending_from={0})
+    assert isinstance(mode.on_push(state, 1, 0, _g(2)), Accumulate)
+    state.pending_from.add(1)
+    assert isinstance(mode.on_push(state, 2, 0, _g(3)), CompleteStep)
 
 
 @given(completed=st.integers(0, 50), step=st.integers(0, 50))
@@ -121,16 +114,6 @@ def test_sync_next_step_moves_laggards_forward_only():
     mode, state = SyncMode(), _state(0, completed_step=5)
     assert mode.next_step(state, 0, 2) == 5
     assert mode.next_step(state, 0, 7) == 7
-
-
-def test_sync_runs_consecutive_steps():
-    mode, state = SyncMode(), _state(0, 1)
-    for step in range(3):
-        assert not mode.pull_ready(state, 0, step + 1)
-        mode.on_push(state, 0, step, _g(step))
-        out = mode.on_push(state, 1, step, _g(step + 2))
-        np.testing.assert_array_equal(out.apply["w"], [step + 1])
-        assert mode.pull_ready(state, 1, step + 1)
 
 
 # --- ssp -----------------------------------------------------------------------------
@@ -166,9 +149,10 @@ def test_ssp_with_no_live_workers_is_ready():
 
 
 def test_ssp_applies_pushes_on_arrival():
-    out = SSPMode(2).on_push(_state(0, 1), 0, 0, _g(5))
-    assert out.contributors == 1
-    np.testing.assert_array_equal(out.apply["w"], [5])
+    grads = _g(5)
+    decision = SSPMode(2).on_push(_state(0, 1), 0, 0, grads)
+    assert isinstance(decision, ApplyNow) and decision.grads is grads
+    assert SSPMode(2).on_view_change(_state(0)) is HOLD
 
 
 # --- async ---------------------------------------------------------------------------
@@ -178,15 +162,130 @@ def test_async_is_always_ready_and_applies_on_arrival():
     mode, state = AsyncMode(), _state(0, 1)
     assert mode.pull_ready(state, 0, 10 ** 6)
     grads = _g(7)
-    out = mode.on_push(state, 1, 99, grads)
-    assert out.apply is grads and out.contributors == 1
-    assert mode.on_view_change(state).apply is None
+    decision = mode.on_push(state, 1, 99, grads)
+    assert isinstance(decision, ApplyNow) and decision.grads is grads
+    assert mode.on_view_change(state) is HOLD
+
+
+# --- registry ------------------------------------------------------------------------
 
 
 def test_registry_covers_every_mode_enum_value():
     modes = {v for v in job_pb2.Mode.values() if v != job_pb2.MODE_UNSPECIFIED}
     assert set(consistency.REGISTRY) == modes
-    assert isinstance(consistency.build("ssp", 3), SSPMode) and consistency.build("ssp", 3).staleness == 3
+
+
+@pytest.mark.parametrize("name", sorted(MODES))
+def test_for_job_looks_the_mode_up_by_its_enum(name):
+    job = JobSpec(mode=name, staleness=3)
+    assert consistency.mode_of(job) == job.to_proto().mode
+    mode = consistency.for_job(job)
+    assert type(mode) is consistency.REGISTRY[job.to_proto().mode] and mode.name == name
+    assert mode.staleness == 3
+
+
+def test_mode_properties_say_what_the_executor_records():
+    got = {m.name: (m.records_pull_wait, m.measures_staleness) for m in consistency.REGISTRY.values()}
+    assert got == {"async": (False, True), "ssp": (True, True), "sync": (True, False)}
+
+
+# --- the shard executes ----------------------------------------------------------------
+
+N = 4
+
+
+class SteppingClock:
+    """A clock that moves `step` seconds each time it is read."""
+
+    def __init__(self, step: float):
+        self.t, self.step = 100.0, step
+
+    def __call__(self) -> float:
+        self.t += self.step
+        return self.t
+
+
+def _shard(mode: str, workers=(0, 1), now=None, staleness: int = 0) -> Shard:
+    # lr 1 and SGD: value = -(sum of applied gradients), exactly
+    job = JobSpec(mode=mode, staleness=staleness, optimizer=OptimizerConfig(kind="sgd", lr=1.0))
+    shard = Shard(0, job) if now is None else Shard(0, job, now=now)
+    key = Key("w", "w", tensor_pb2.DTYPE_FLOAT32, (N,), 0, N, 0)
+    shard.declare("fp", [key], {"w": np.zeros(N, np.float32)})
+    shard.set_view(1, [WorkerView(w, 1, True, 0) for w in workers])
+    return shard
+
+
+def test_shard_applies_the_exact_average_of_a_sync_step():
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(N).astype(np.float32) for _ in range(4)]
+    shard = _shard("sync", workers=range(4))
+    for w, g in enumerate(grads):
+        shard.push(w, 1, 0, 0, {"w": g})
+    expected = (((grads[0] + grads[1]) + grads[2]) + grads[3]) / np.float32(4)
+    np.testing.assert_array_equal(shard.entries["w"].value, -expected)
+    gate = shard.gate
+    assert (gate.completed_step, shard.version, gate.pending_from, gate.pending_sum) == (1, 1, set(), {})
+
+
+def test_shard_keeps_a_pending_sync_step_until_the_last_push():
+    shard = _shard("sync")
+    first = np.array([1, 2, 3, 4], np.float32)
+    shard.push(0, 1, 0, 0, {"w": first})
+    assert shard.gate.pending_from == {0} and shard.version == 0
+    np.testing.assert_array_equal(shard.gate.pending_sum["w"], first)
+    shard.push(1, 1, 0, 0, {"w": np.ones(N, np.float32)})
+    np.testing.assert_array_equal(first, [1, 2, 3, 4])  # the sum was a copy, not the pushed array
+
+
+def test_shard_completes_a_sync_step_when_a_worker_leaves():
+    shard = _shard("sync", workers=(0, 1, 2))
+    shard.push(0, 1, 0, 0, _g(2, 2, 2, 2))
+    shard.push(1, 1, 0, 0, _g(4, 4, 4, 4))
+    shard.set_view(2, [WorkerView(0, 1, True, 1), WorkerView(1, 1, True, 1), WorkerView(2, 1, False, 0)])
+    assert shard.gate.completed_step == 1
+    np.testing.assert_array_equal(shard.entries["w"].value, [-3] * N)
+
+
+def test_shard_records_nothing_of_a_refused_push():
+    shard, ones = _shard("sync"), _g(1, 1, 1, 1)
+    shard.push(0, 1, 0, 0, ones)
+    shard.push(1, 1, 0, 0, ones)          # step 0 complete
+    shard.push(0, 1, 1, 1, ones)          # step 1 in progress
+
+    def recorded():
+        gate = shard.gate
+        return (dict(shard.ledger), dict(gate.clocks), shard.pushes, shard.version, set(gate.pending_from),
+                gate.pending_sum["w"].tolist())
+    before = recorded()
+    with pytest.raises(Aborted, match="step 0 already completed"):
+        shard.push(2, 1, 0, 0, ones)      # a worker the view does not know yet, late
+    with pytest.raises(FailedPrecondition, match="pull first"):
+        shard.push(1, 1, 2, 1, ones)      # ahead of the step in progress
+    assert recorded() == before
+
+
+@pytest.mark.parametrize("mode, measured", [("async", True), ("ssp", True), ("sync", False)])
+def test_shard_measures_staleness_where_the_mode_says(mode, measured):
+    shard = _shard(mode, workers=(0,), staleness=1 if mode == "ssp" else 0)
+    shard.push(0, 1, 0, 0, _g(1, 1, 1, 1))
+    shard.push(0, 1, 1, 0, _g(1, 1, 1, 1))   # computed on version 0; the shard is at 1
+    assert shard.staleness.total == (2 if measured else 0)
+    assert shard.staleness.max == (1 if measured else 0)
+
+
+@pytest.mark.parametrize("mode, recorded", [("async", False), ("ssp", True), ("sync", True)])
+def test_shard_records_pull_waits_where_the_mode_says(mode, recorded):
+    shard = _shard(mode, now=SteppingClock(0.25), staleness=1 if mode == "ssp" else 0)
+    shard.wait_pull(0, 1, 0, timeout_s=5.0)
+    assert shard.pull_wait.total == (1 if recorded else 0)
+    assert shard.pull_wait.sum == (0.25 if recorded else 0.0)
+
+
+def test_shard_pull_gives_up_at_its_deadline_on_the_injected_clock():
+    shard = _shard("sync", now=SteppingClock(10.0))
+    with pytest.raises(DeadlineExceeded, match="not admitted by sync within 5.0s"):
+        shard.wait_pull(0, 1, 1, timeout_s=5.0)  # step 1 waits for step 0, which nobody pushed
+    assert shard.pulls == 0
 
 
 # --- ledger --------------------------------------------------------------------------
@@ -225,3 +324,4 @@ def test_ledger_json_round_trip():
     ledger.record(book, 0, 3, 7)
     ledger.record(book, 12, 1, -1)
     assert ledger.from_json(ledger.to_json(book)) == book
+    assert book[0] == ledger.LedgerEntry(3, 7)

@@ -1,7 +1,8 @@
 """Fault injection for tests: a server interceptor that fails, delays or drops replies.
 
 An interceptor rather than servicer subclasses, so the code under test is the production
-servicer, unchanged. Used only by tests and chaos runs; nothing installs it by default.
+servicer, unchanged. It lives with the tests because only they install it: a test passes it
+to a grpc.server of its own or to ServerConfig(interceptors=...).
 
 "Drop the response after apply" is the interesting fault: the handler runs to completion
 (a push is applied, the ledger records it), then the client gets UNAVAILABLE as if the
@@ -9,6 +10,7 @@ reply was lost on the wire, and retries. Exactly-once delivery is what makes tha
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -17,6 +19,7 @@ import time
 
 import grpc
 
+from shardps.pscommon import interceptors
 from shardps.pscommon.errors import InvalidArgument
 
 
@@ -116,49 +119,15 @@ class FaultInjector(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or not self.plan.matches(handler_call_details.method or ""):
             return handler
-        kw = dict(request_deserializer=handler.request_deserializer,
-                  response_serializer=handler.response_serializer)
+        return interceptors.around(handler, self._injected)
 
-        if handler.request_streaming and handler.response_streaming:
-            inner = handler.stream_stream
-
-            def stream_stream(request_iterator, context):
-                decision = self._decide()
-                self._before(decision, context)
-                yield from inner(request_iterator, context)
-                self._after(decision, context)
-            return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
-
-        if handler.request_streaming:
-            inner = handler.stream_unary
-
-            def stream_unary(request_iterator, context):
-                decision = self._decide()
-                self._before(decision, context)
-                reply = inner(request_iterator, context)
-                self._after(decision, context)
-                return reply
-            return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
-
-        if handler.response_streaming:
-            inner = handler.unary_stream
-
-            def unary_stream(request, context):
-                decision = self._decide()
-                self._before(decision, context)
-                yield from inner(request, context)
-                self._after(decision, context)
-            return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
-
-        inner = handler.unary_unary
-
-        def unary_unary(request, context):
-            decision = self._decide()
-            self._before(decision, context)
-            reply = inner(request, context)
-            self._after(decision, context)
-            return reply
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
+    @contextlib.contextmanager
+    def _injected(self, context: grpc.ServicerContext):
+        decision = self._decide()
+        self._before(decision, context)
+        yield
+        # not reached when the handler raised: only a completed call has a reply to drop
+        self._after(decision, context)
 
 
 __all__ = ["FaultCounts", "FaultInjector", "FaultPlan"]
