@@ -1,11 +1,10 @@
 """The emb-loop workload (README.md, "emb-loop"): sparse embedding tables trained with Adagrad.
 Presets, the deterministic id stream, the 64-bit keys, placement, the checks and the JSON record;
 process plumbing comes from harness.py."""
-import argparse
 
 import numpy as np
 
-from harness import WARMUP_STEPS
+from harness import WARMUP_STEPS, parse_run_args
 
 # fields F, rows per field N, dims D, batch B (ids per field per step), timed steps
 PRESETS = {"small": dict(fields=8, rows=100_000, dim=16, batch=512, steps=200),
@@ -65,20 +64,7 @@ def expected_rows(preset, n_workers, n_steps):
 
 
 def parse_args(add_more=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    ap.add_argument("--servers", type=int, default=1, help="S server processes")
-    ap.add_argument("--workers", type=int, default=1, help="W worker processes")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default: small 200, large 20)")
-    ap.add_argument("--json", action="store_true", help="print one JSON line instead of a listing")
-    ap.add_argument("--timeout", type=float, default=180, help="give up on the whole run after this many seconds")
-    if add_more:
-        add_more(ap)
-    a = ap.parse_args()
-    if a.servers < 1 or a.workers < 1:
-        ap.error("--servers and --workers must be >= 1")
-    a.steps = a.steps or PRESETS[a.preset]["steps"]
-    return a
+    return parse_run_args(PRESETS, lambda preset: PRESETS[preset]["steps"], 180, add_more)
 
 
 def summarize(impl, a, workers, servers, lo=None, **extra):

@@ -3,8 +3,10 @@
 No workload lives here (psloop_spec.py, digits_spec.py and emb_spec.py hold those), so the
 three workloads time, reap and print the same way.
 """
+import argparse
 import ctypes
 import json
+import multiprocessing as mp
 import os
 import queue
 import resource
@@ -137,3 +139,42 @@ def emit(record, as_json):
     else:
         width = max(map(len, record))
         print("\n".join(f"{k:>{width}}: {v}" for k, v in record.items()), flush=True)
+
+
+def parse_run_args(presets, default_steps, timeout_s, add_more=None):
+    """The S,W command line every ps-loop and emb-loop peer shares; `default_steps(preset)`
+    fills --steps when it is not given."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", choices=sorted(presets), default="small")
+    ap.add_argument("--servers", type=int, default=1, help="S server processes")
+    ap.add_argument("--workers", type=int, default=1, help="W worker processes")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default: the preset's)")
+    ap.add_argument("--json", action="store_true", help="print one JSON line instead of a listing")
+    ap.add_argument("--timeout", type=float, default=timeout_s, help="give up on the whole run after this many seconds")
+    if add_more:
+        add_more(ap)
+    a = ap.parse_args()
+    if a.servers < 1 or a.workers < 1:
+        ap.error("--servers and --workers must be >= 1")
+    a.steps = a.steps or default_steps(a.preset)
+    return a
+
+
+def run_torch_rpc(run_process, a, server_wait_s):
+    """Start S servers and W workers as spawned processes running run_process(rank, a, port,
+    queue, barrier), and collect (worker records, server records, loopback bytes)."""
+    keep_tensorpipe_on_loopback()
+    ctx = mp.get_context("spawn")  # fork would copy torch's threads and locks in an unknown state
+    q, barrier, port = ctx.Queue(), ctx.Barrier(a.workers), loopback_port()
+    procs = [ctx.Process(target=run_process, args=(r, a, port, q, barrier), daemon=True)
+             for r in range(a.servers + a.workers)]
+    inbox, lo0 = Inbox(q), loopback_tx_bytes()
+    try:
+        for p in procs:
+            p.start()
+        workers = inbox.take("worker", a.workers, a.timeout)
+        lo = loopback_tx_bytes() - lo0
+        servers = inbox.take("server", a.servers, server_wait_s)
+    finally:
+        reap(procs)
+    return workers, servers, lo

@@ -1,9 +1,8 @@
 """The ps-loop workload (README.md, "ps-loop"): model shape, placement, update rule, command
 line, and the one JSON record every ps-loop script prints (bench/ps_loop.py prints the same
 fields for shardps, and bench/make_table.py renders both)."""
-import argparse
 
-from harness import WARMUP_STEPS, malloc_tag
+from harness import WARMUP_STEPS, malloc_tag, parse_run_args
 
 PRESETS = {"small": (1_000_000, 8), "large": (25_000_000, 50)}  # (params P, tensors T)
 STEPS = {"small": 200, "large": 10}  # timed steps N
@@ -23,20 +22,7 @@ def owned_by(server, n_tensors, n_servers):
 
 
 def parse_args(add_more=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    ap.add_argument("--servers", type=int, default=1, help="S server processes")
-    ap.add_argument("--workers", type=int, default=1, help="W worker processes")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps N (default: small 200, large 10)")
-    ap.add_argument("--json", action="store_true", help="print one JSON line instead of a listing")
-    ap.add_argument("--timeout", type=float, default=120, help="give up on the whole run after this many seconds")
-    if add_more:
-        add_more(ap)
-    a = ap.parse_args()
-    if a.servers < 1 or a.workers < 1:
-        ap.error("--servers and --workers must be >= 1")
-    a.steps = a.steps or STEPS[a.preset]
-    return a
+    return parse_run_args(PRESETS, lambda preset: STEPS[preset], 120, add_more)
 
 
 def summarize(impl, a, workers, servers, lo=None, **extra):

@@ -9,7 +9,6 @@ together; with one server that is the same as rpc_sync.
 --tp auto: TensorPipe's choice (shared memory between processes of one host).
 --tp uv:   TCP over loopback, the comparison that matches a gRPC system.
 """
-import multiprocessing as mp
 import threading
 
 import torch
@@ -68,20 +67,7 @@ def run_process(rank, a, port, q, barrier):
 def main():
     harness.exit_on_sigterm()
     a = parse_args(lambda ap: ap.add_argument("--tp", choices=["auto", "uv"], default="auto"))
-    harness.keep_tensorpipe_on_loopback()
-    ctx = mp.get_context("spawn")  # fork would copy torch's threads and locks in an unknown state
-    q, barrier, port = ctx.Queue(), ctx.Barrier(a.workers), harness.loopback_port()
-    procs = [ctx.Process(target=run_process, args=(r, a, port, q, barrier), daemon=True)
-             for r in range(a.servers + a.workers)]
-    inbox, lo0 = harness.Inbox(q), harness.loopback_tx_bytes()
-    try:
-        for p in procs:
-            p.start()
-        workers = inbox.take("worker", a.workers, a.timeout)
-        lo = harness.loopback_tx_bytes() - lo0
-        servers = inbox.take("server", a.servers, 30)
-    finally:
-        harness.reap(procs)
+    workers, servers, lo = harness.run_torch_rpc(run_process, a, server_wait_s=30)
     harness.emit(summarize(f"torch_rpc[{a.tp}]", a, workers, servers, lo=lo, torch=torch.__version__), a.json)
 
 
