@@ -143,7 +143,7 @@ def build_parser() -> Parser:
     p.add_argument("--push-codec", default=None, help="override the job's push codec")
     p.add_argument("--no-error-feedback", action="store_true", help="with --push-codec: no residual")
     p.add_argument("--step-delay", type=float, default=0.0, help="sleep per step (simulate a straggler)")
-    p.add_argument("--epochs", type=int, default=0, help="train on leased data partitions for E epochs "
+    p.add_argument("--epochs", type=int, default=0, help="train on assigned data partitions for E epochs "
                    "(instead of --steps)")
     p.add_argument("--partitions", type=int, default=16, help="data partitions per epoch (with --epochs)")
     p.add_argument("--no-progress", action="store_true")
@@ -162,7 +162,7 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--churn", default="", help="kill@SECONDS,add@SECONDS,...: SIGKILL the newest worker "
                    "or start a new one at these times after the workers start")
-    p.add_argument("--epochs", type=int, default=0, help="train on leased data partitions instead of --steps")
+    p.add_argument("--epochs", type=int, default=0, help="train on assigned data partitions instead of --steps")
     p.add_argument("--plot", default=None, help="write the training curves to this PNG at the end")
     p.add_argument("--min-accuracy", type=float, default=0.0,
                    help="exit 1 if the served model's held-out accuracy ends below this")

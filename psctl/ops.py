@@ -66,7 +66,7 @@ def collect_status(address: str, timeout: float, security: Security = NO_SECURIT
                          version=ss.shard_version, pushes=ss.pushes, pulls=ss.pulls,
                          duplicates=ss.duplicates, uptime_s=round(ss.uptime_s, 2),
                          update_rate=round(ss.shard_version / ss.uptime_s, 2) if ss.uptime_s else 0.0,
-                         completed_step=ss.completed_step, membership_epoch=ss.membership_epoch,
+                         completed_step=ss.completed_step, membership_view=ss.membership_view,
                          clocks={str(k): v for k, v in sorted(ss.clocks.items())},
                          staleness=histogram_dict(ss.staleness),
                          pull_wait_s=histogram_dict(ss.pull_wait_s),
@@ -82,10 +82,10 @@ def collect_status(address: str, timeout: float, security: Security = NO_SECURIT
                for w in st.workers]
     d = st.data
     data = {"epoch": d.epoch, "max_epochs": d.max_epochs, "partitions": d.partitions, "done": d.done,
-            "leased": d.leased, "queued": d.queued, "finished": d.finished,
+            "assigned": d.assigned, "queued": d.queued, "finished": d.finished,
             "history": {str(r.epoch): {str(p): w for p, w in sorted(r.completed_by.items())}
                         for r in d.history}}
-    return {"epoch": st.epoch, "mode": job.mode, "job": job.describe(),
+    return {"view": st.view, "mode": job.mode, "job": job.describe(),
             "model_fingerprint": st.model_fingerprint, "keys": st.keys,
             "uptime_s": round(st.uptime_s, 2), "workers": workers, "servers": servers, "data": data}
 
@@ -102,7 +102,7 @@ def render_status(s: dict) -> str:
     lines = [f"mode {s['mode']}" + (f"(staleness {job['staleness']})" if s["mode"] == "ssp" else "")
              + f"  optimizer {job['optimizer']['kind']} lr {job['optimizer']['lr']:g}"
              + f"  push {job['push_codec']}  pull {job['pull_codec']}",
-             f"membership epoch {s['epoch']}  model {s['model_fingerprint'] or '-'} ({s['keys']} keys)"
+             f"membership view {s['view']}  model {s['model_fingerprint'] or '-'} ({s['keys']} keys)"
              f"  uptime {s['uptime_s']:.0f}s", "",
              "workers:", f"  {'id':>3} {'inc':>4} {'state':<6} {'clock':>7} {'lease age':>9}  name"]
     for w in s["workers"]:
@@ -111,7 +111,7 @@ def render_status(s: dict) -> str:
     d = s["data"]
     if d["partitions"]:
         lines += ["", f"data: epoch {d['epoch']}/{d['max_epochs']}  partitions {d['done']} done, "
-                  f"{d['leased']} leased, {d['queued']} queued" + ("  (finished)" if d["finished"] else "")]
+                  f"{d['assigned']} assigned, {d['queued']} queued" + ("  (finished)" if d["finished"] else "")]
     lines += ["", "servers:", f"  {'shard':>5} {'state':<6} {'address':<21} {'keys':>5} {'bytes':>10} "
               f"{'version':>8} {'upd/s':>7} {'stale':>6} {'wire':>6}"]
     for v in s["servers"]:

@@ -196,12 +196,12 @@ class ServerProcess:
         return True
 
     def _adopt(self, view) -> None:
-        self.shard.set_view(view.epoch, [
+        self.shard.set_view(view.view, [
             WorkerView(w.worker_id, w.incarnation, w.state == scheduler_pb2.MEMBER_STATE_ALIVE, w.clock)
             for w in view.workers])
 
     def _initial_view(self) -> None:
-        stream = self.sched.WatchMembership(scheduler_pb2.WatchMembershipRequest(after_epoch=0),
+        stream = self.sched.WatchMembership(scheduler_pb2.WatchMembershipRequest(after_view=0),
                                             timeout=grpcutil.CONTROL_TIMEOUT_S)
         try:
             self._adopt(next(iter(stream)))
@@ -215,7 +215,7 @@ class ServerProcess:
         while not self.stop.is_set():
             try:
                 stream = self.sched.WatchMembership(
-                    scheduler_pb2.WatchMembershipRequest(after_epoch=0), timeout=3600)
+                    scheduler_pb2.WatchMembershipRequest(after_view=0), timeout=3600)
                 for view in stream:
                     attempt = 0
                     self._adopt(view)

@@ -21,7 +21,7 @@ class ShardCollector:
                                          "shard updates (async/ssp).", s.staleness, label)
             wait = histogram_family("shardps_server_pull_wait_seconds", "Time pulls waited at the "
                                     "consistency gate (sync/ssp).", s.pull_wait, label)
-            live, epoch = len(s.gate.live), s.epoch
+            live, view = len(s.gate.live), s.view
             param_bytes, opt_bytes = s.param_bytes(), s.optimizer_bytes()
         yield _counter("shardps_server_pushes_total", "Pushes taken (duplicates excluded).", label, pushes)
         yield _counter("shardps_server_pulls_total", "Pulls served.", label, pulls)
@@ -43,7 +43,7 @@ class ShardCollector:
         yield staleness
         yield wait
         yield _gauge("shardps_server_live_workers", "Live workers in the shard's membership view.", label, live)
-        yield _gauge("shardps_server_membership_epoch", "Membership epoch the shard follows.", label, epoch)
+        yield _gauge("shardps_server_membership_view", "Membership view number the shard follows.", label, view)
         yield _gauge("shardps_server_parameter_bytes", "Parameter bytes held.", label, param_bytes)
         yield _gauge("shardps_server_optimizer_state_bytes", "Optimizer state bytes held.", label, opt_bytes)
         age = self.checkpointer.age_s() if self.checkpointer else -1.0

@@ -255,7 +255,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                                                    codec_seconds=t.codec_s)
                               for k, t in sorted(s.pull_traffic.items())],
                 clocks=dict(s.gate.clocks), completed_step=s.gate.completed_step,
-                membership_epoch=s.epoch, mode=consistency.mode_of(s.job),
+                membership_view=s.view, mode=consistency.mode_of(s.job),
                 checkpoint_age_s=self.checkpointer.age_s() if self.checkpointer else -1.0,
                 checkpoint_version=(self.checkpointer.last_version or 0) if self.checkpointer else 0)
 

@@ -63,7 +63,7 @@ class Shard:
         self.entries: dict[str, KeyState] = {}
         self.fingerprint = ""
         self.version = 0                 # pushes applied to this shard
-        self.epoch = 0
+        self.view = 0                    # the membership view number adopted last
         self.started = now()
         self.pushes = self.pulls = self.duplicates = 0
         self.staleness = Histogram(STALENESS_BOUNDS)
@@ -108,12 +108,12 @@ class Shard:
             return created, len(keys) - created
 
     # -- membership ----------------------------------------------------------------------
-    def set_view(self, epoch: int, members: Iterable[WorkerView]) -> None:
+    def set_view(self, view: int, members: Iterable[WorkerView]) -> None:
         """Adopt the scheduler's membership view; gates re-evaluate, waiters wake up."""
         with self.cond:
-            if epoch < self.epoch:
+            if view < self.view:
                 return
-            self.epoch = epoch
+            self.view = view
             live, start = {}, {}
             for m in members:
                 if m.alive:

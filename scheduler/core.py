@@ -14,7 +14,7 @@ from shardps.pscommon import sharding
 from shardps.pscommon.config import JobSpec
 from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, StaleIncarnation
 from shardps.pscommon.wire.v1 import job_pb2, scheduler_pb2
-from shardps.scheduler import leases
+from shardps.scheduler import assignments
 from shardps.scheduler import membership as mb
 from shardps.scheduler.persist import read_json, write_json_atomic
 
@@ -30,7 +30,7 @@ class SchedulerCore:
         self.cond = threading.Condition()
         self.members = mb.Membership()
         self.shard_map: sharding.ShardMap | None = None
-        self.data = leases.DataState()
+        self.data = assignments.DataState()
         self.started = now()
         self.state_path = pathlib.Path(state_dir) / STATE_FILE if state_dir else None
         if self.state_path:
@@ -55,8 +55,8 @@ class SchedulerCore:
         if data.get("shard_map"):
             self.shard_map = _shard_map_from_json(data["shard_map"])
         if data.get("data"):
-            self.data = leases.from_json(data["data"])
-        log.info("resumed scheduler state: epoch %d, %d members", self.members.epoch,
+            self.data = assignments.from_json(data["data"])
+        log.info("resumed scheduler state: membership view %d, %d members", self.members.view,
                  len(self.members.members))
 
     def _save(self) -> None:
@@ -66,18 +66,18 @@ class SchedulerCore:
             "job": _job_to_json(self.job),
             "membership": mb.to_json(self.members, self.now()),
             "shard_map": _shard_map_to_json(self.shard_map) if self.shard_map else None,
-            "data": leases.to_json(self.data),
+            "data": assignments.to_json(self.data),
         })
 
     def _commit(self, members: mb.Membership) -> None:
-        """Adopt a new membership; persist and wake watchers when the epoch moved. Workers
-        that are no longer alive give their data leases back."""
-        changed = members.epoch != self.members.epoch
+        """Adopt a new membership; persist and wake watchers when the view moved. Workers
+        that are no longer alive give their partition assignments back."""
+        changed = members.view != self.members.view
         self.members = members
         if changed:
             for m in members.of_role(mb.WORKER):
                 if not m.alive:
-                    self.data = leases.release(self.data, m.member_id)
+                    self.data = assignments.release(self.data, m.member_id)
             self._save()
             self.cond.notify_all()
 
@@ -93,19 +93,19 @@ class SchedulerCore:
         with self.cond:
             ms, member = mb.join_worker(self.members, self.now(), self.ttl, name, rejoin_id)
             if rejoin_id is not None:  # the old incarnation's unfinished partitions are orphans
-                self.data = leases.release(self.data, rejoin_id)
+                self.data = assignments.release(self.data, rejoin_id)
             self._commit(ms)
             return member
 
     def heartbeat(self, member_id: int, incarnation: int, clock: int | None) -> int:
         with self.cond:
             self._commit(mb.renew(self.members, member_id, incarnation, self.now(), self.ttl, clock))
-            return self.members.epoch
+            return self.members.view
 
     def leave(self, member_id: int, incarnation: int, clock: int | None = None) -> int:
         with self.cond:
             self._commit(mb.leave(self.members, member_id, incarnation, clock))
-            return self.members.epoch
+            return self.members.view
 
     def reap(self) -> list[mb.Member]:
         """Expire members whose lease ran out; returns them."""
@@ -114,8 +114,8 @@ class SchedulerCore:
             if gone:
                 self._commit(mb.expire(self.members, self.now()))
                 for m in gone:
-                    log.warning("%s %d (incarnation %d) missed its lease: dead, epoch %d",
-                                m.role, m.member_id, m.incarnation, self.members.epoch)
+                    log.warning("%s %d (incarnation %d) missed its lease: dead, membership view %d",
+                                m.role, m.member_id, m.incarnation, self.members.view)
             return gone
 
     def declare_model(self, params: list[sharding.Param]) -> sharding.ShardMap:
@@ -144,24 +144,24 @@ class SchedulerCore:
         """(status, data epoch, partition) for a worker asking for data."""
         with self.cond:
             self._check_worker(worker, incarnation)
-            state = leases.configure(self.data, num_partitions, max_epochs)
-            state, status, partition = leases.acquire(state, worker, incarnation)
+            state = assignments.configure(self.data, num_partitions, max_epochs)
+            state, status, partition = assignments.acquire(state, worker, incarnation)
             if state != self.data:
                 self.data = state
                 self._save()
             return status, state.epoch, partition
 
-    def complete_partition(self, worker: int, incarnation: int, epoch: int, partition: int) -> leases.DataState:
+    def complete_partition(self, worker: int, incarnation: int, epoch: int, partition: int) -> assignments.DataState:
         with self.cond:
             self._check_worker(worker, incarnation)
-            self.data = leases.complete(self.data, worker, incarnation, epoch, partition)
+            self.data = assignments.complete(self.data, worker, incarnation, epoch, partition)
             self._save()
             return self.data
 
-    def wait_epoch(self, after: int, timeout_s: float) -> bool:
-        """Wait until the epoch passes `after`; False on timeout."""
+    def wait_view(self, after: int, timeout_s: float) -> bool:
+        """Wait until the membership view passes `after`; False on timeout."""
         with self.cond:
-            return self.cond.wait_for(lambda: self.members.epoch > after, timeout=timeout_s)
+            return self.cond.wait_for(lambda: self.members.view > after, timeout=timeout_s)
 
 
 def _job_to_json(job: JobSpec) -> dict:

@@ -1,8 +1,8 @@
 """Membership as pure state transitions: join, renew, expire, leave.
 
 Every function takes a Membership and returns a new one (plus what the caller needs); none
-reads a clock or does I/O, so each transition is tested without a network. The epoch rises
-by one with every change of the live set; incarnations come from one counter that never
+reads a clock or does I/O, so each transition is tested without a network. The view number
+rises by one with every change of the live set; incarnations come from one counter that never
 goes back, so a member that returns is told apart from its old self.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Member:
 
 @dataclasses.dataclass(frozen=True)
 class Membership:
-    epoch: int = 0
+    view: int = 0             # rises with every change of the live set (watchers follow it)
     members: Mapping[int, Member] = dataclasses.field(default_factory=dict)
     next_id: int = 1          # ids start at 1: 0 on the wire means "no id yet"
     next_incarnation: int = 1
@@ -57,7 +57,7 @@ class Membership:
 def _with(ms: Membership, member: Member, *, bump: bool, **changes) -> Membership:
     members = dict(ms.members)
     members[member.member_id] = member
-    return dataclasses.replace(ms, members=members, epoch=ms.epoch + (1 if bump else 0), **changes)
+    return dataclasses.replace(ms, members=members, view=ms.view + (1 if bump else 0), **changes)
 
 
 def start_clock(ms: Membership) -> int:
@@ -122,7 +122,7 @@ def _current(ms: Membership, member_id: int, incarnation: int) -> Member:
 
 def renew(ms: Membership, member_id: int, incarnation: int, now: float, ttl: float,
           clock: int | None = None) -> Membership:
-    """A heartbeat: extend the lease (and record the worker's clock). No epoch change."""
+    """A heartbeat: extend the lease (and record the worker's clock). No view change."""
     m = _current(ms, member_id, incarnation)
     changes = {"lease_expires": now + ttl, "last_seen": now}
     if clock is not None and m.role == WORKER:
@@ -131,7 +131,7 @@ def renew(ms: Membership, member_id: int, incarnation: int, now: float, ttl: flo
 
 
 def leave(ms: Membership, member_id: int, incarnation: int, clock: int | None = None) -> Membership:
-    """An explicit leave: immediate, bumps the epoch."""
+    """An explicit leave: immediate, bumps the view."""
     m = _current(ms, member_id, incarnation)
     final_clock = max(m.clock, clock) if clock is not None and m.role == WORKER else m.clock
     return _with(ms, dataclasses.replace(m, state=LEFT, clock=final_clock), bump=True)
@@ -143,14 +143,14 @@ def expired(ms: Membership, now: float) -> list[Member]:
 
 
 def expire(ms: Membership, now: float) -> Membership:
-    """Mark every member whose lease ran out dead; one epoch bump per call that changes anything."""
+    """Mark every member whose lease ran out dead; one view bump per call that changes anything."""
     gone = expired(ms, now)
     if not gone:
         return ms
     members = dict(ms.members)
     for m in gone:
         members[m.member_id] = dataclasses.replace(m, state=DEAD)
-    return dataclasses.replace(ms, members=members, epoch=ms.epoch + 1)
+    return dataclasses.replace(ms, members=members, view=ms.view + 1)
 
 
 def grace(ms: Membership, now: float, ttl: float) -> Membership:
@@ -161,7 +161,7 @@ def grace(ms: Membership, now: float, ttl: float) -> Membership:
 
 
 def to_json(ms: Membership, now: float) -> dict:
-    return {"epoch": ms.epoch, "next_id": ms.next_id, "next_incarnation": ms.next_incarnation,
+    return {"view": ms.view, "next_id": ms.next_id, "next_incarnation": ms.next_incarnation,
             "members": [dict(dataclasses.asdict(m), lease_left=m.lease_expires - now,
                              seen_ago=now - m.last_seen) for m in ms.members.values()]}
 
@@ -174,4 +174,6 @@ def from_json(data: dict, now: float) -> Membership:
         raw["last_seen"] = now - raw.pop("seen_ago")
         m = Member(**raw)
         members[m.member_id] = m
-    return Membership(int(data["epoch"]), members, int(data["next_id"]), int(data["next_incarnation"]))
+    # "epoch": the key before the view was named apart from data epochs
+    view = int(data.get("view", data.get("epoch", 0)))
+    return Membership(view, members, int(data["next_id"]), int(data["next_incarnation"]))

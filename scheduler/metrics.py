@@ -19,12 +19,13 @@ class SchedulerCollector:
             for state in (mb.ALIVE, mb.DEAD, mb.LEFT):
                 members.add_metric([role, state], sum(1 for m in ms.of_role(role) if m.state == state))
         yield members
-        epoch = GaugeMetricFamily("shardps_scheduler_membership_epoch", "Membership epoch.")
-        epoch.add_metric([], ms.epoch)
-        yield epoch
+        view = GaugeMetricFamily("shardps_scheduler_membership_view",
+                                 "Membership view number (rises with every join, leave and death).")
+        view.add_metric([], ms.view)
+        yield view
         parts = GaugeMetricFamily("shardps_scheduler_data_partitions", "Data partitions of the current "
                                   "data epoch by state.", labels=["state"])
-        for state in ("done", "leased", "queued"):
+        for state in ("done", "assigned", "queued"):
             parts.add_metric([state], data[state])
         yield parts
         depoch = GaugeMetricFamily("shardps_scheduler_data_epoch", "Current data epoch.")

@@ -5,7 +5,7 @@ from shardps.pscommon import sharding
 from shardps.pscommon.errors import InvalidArgument, servicer_errors
 from shardps.pscommon.wire.v1 import scheduler_pb2 as pb
 from shardps.pscommon.wire.v1 import scheduler_pb2_grpc
-from shardps.scheduler import leases
+from shardps.scheduler import assignments
 from shardps.scheduler import membership as mb
 from shardps.scheduler.core import SchedulerCore
 
@@ -25,20 +25,20 @@ def server_infos(ms: mb.Membership) -> list[pb.ServerInfo]:
 
 def membership_view(ms: mb.Membership) -> pb.MembershipView:
     return pb.MembershipView(
-        epoch=ms.epoch, servers=server_infos(ms),
+        view=ms.view, servers=server_infos(ms),
         workers=[pb.WorkerView(worker_id=m.member_id, incarnation=m.incarnation,
                                state=_STATE[m.state], clock=m.clock) for m in ms.of_role(mb.WORKER)])
 
 
-_LEASE = {leases.LEASED: pb.LEASE_STATUS_LEASED, leases.WAIT: pb.LEASE_STATUS_WAIT,
-          leases.DONE: pb.LEASE_STATUS_DONE}
+_ASSIGNMENT = {assignments.ASSIGNED: pb.ASSIGNMENT_STATUS_ASSIGNED, assignments.WAIT: pb.ASSIGNMENT_STATUS_WAIT,
+               assignments.DONE: pb.ASSIGNMENT_STATUS_DONE}
 
 
-def data_progress(state: leases.DataState) -> pb.DataProgress:
+def data_progress(state: assignments.DataState) -> pb.DataProgress:
     p = state.progress()
     return pb.DataProgress(
         epoch=p["epoch"], max_epochs=p["max_epochs"], partitions=p["partitions"], done=p["done"],
-        leased=p["leased"], queued=p["queued"], finished=p["finished"],
+        assigned=p["assigned"], queued=p["queued"], finished=p["finished"],
         history=[pb.EpochRecord(epoch=e, completed_by=dict(c)) for e, c in sorted(state.history.items())])
 
 
@@ -51,13 +51,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         with core.cond:
             return pb.JobInfo(job=core.job.to_proto(), servers=server_infos(core.members),
                               shard_map=core.shard_map.to_proto() if core.shard_map else None,
-                              epoch=core.members.epoch)
+                              view=core.members.view)
 
     @servicer_errors
     def RegisterServer(self, request, context):
         m = self.core.register_server(request.address, request.shard)
         return pb.RegisterServerReply(lease=_lease(m, self.core.ttl), shard=m.shard,
-                                      job=self.core.job.to_proto(), epoch=self.core.members.epoch)
+                                      job=self.core.job.to_proto(), view=self.core.members.view)
 
     @servicer_errors
     def JoinWorker(self, request, context):
@@ -66,18 +66,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         rejoin = request.worker_id if request.worker_id > 0 else None  # 0 and -1: a new worker
         m = self.core.join_worker(request.name, rejoin)
         return pb.JoinWorkerReply(lease=_lease(m, self.core.ttl), job=self.core.job.to_proto(),
-                                  epoch=self.core.members.epoch, start_clock=m.clock)
+                                  view=self.core.members.view, start_clock=m.clock)
 
     @servicer_errors
     def Heartbeat(self, request, context):
         clock = request.clock if request.role == pb.ROLE_WORKER else None
-        epoch = self.core.heartbeat(request.member_id, request.incarnation, clock)
-        return pb.HeartbeatReply(epoch=epoch)
+        view = self.core.heartbeat(request.member_id, request.incarnation, clock)
+        return pb.HeartbeatReply(view=view)
 
     @servicer_errors
     def Leave(self, request, context):
         clock = request.clock if request.role == pb.ROLE_WORKER else None
-        return pb.LeaveReply(epoch=self.core.leave(request.member_id, request.incarnation, clock))
+        return pb.LeaveReply(view=self.core.leave(request.member_id, request.incarnation, clock))
 
     @servicer_errors
     def GetJob(self, request, context):
@@ -95,10 +95,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         while context.is_active():
             with self.core.cond:
                 ms = self.core.members
-            if last is None or ms.epoch > request.after_epoch:
+            if last is None or ms.view > request.after_view:
                 yield membership_view(ms)
-            last = ms.epoch
-            self.core.wait_epoch(last, WATCH_REFRESH_S)
+            last = ms.view
+            self.core.wait_view(last, WATCH_REFRESH_S)
 
     @servicer_errors
     def Status(self, request, context):
@@ -110,7 +110,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                        lease_age_s=now - m.last_seen, name=m.name)
                        for m in ms.of_role(mb.WORKER)]
             smap = core.shard_map
-            return pb.StatusReply(job=core.job.to_proto(), epoch=ms.epoch, workers=workers,
+            return pb.StatusReply(job=core.job.to_proto(), view=ms.view, workers=workers,
                                   servers=server_infos(ms),
                                   model_fingerprint=smap.fingerprint if smap else "",
                                   keys=len(smap.keys) if smap else 0, uptime_s=now - core.started,
@@ -120,7 +120,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def AcquirePartition(self, request, context):
         status, epoch, partition = self.core.acquire_partition(
             request.worker_id, request.incarnation, request.num_partitions, request.max_epochs)
-        return pb.AcquirePartitionReply(status=_LEASE[status], epoch=epoch, partition=max(partition, 0),
+        return pb.AcquirePartitionReply(status=_ASSIGNMENT[status], epoch=epoch, partition=max(partition, 0),
                                         num_partitions=self.core.data.num_partitions)
 
     @servicer_errors

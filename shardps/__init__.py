@@ -4,7 +4,7 @@ The one import name of the distribution. Its roles live in subpackages (the repo
 them as top-level folders; pyproject.toml maps them here):
 
     shardps.pscommon   what every role shares: wire stubs, config, errors, codecs, sharding
-    shardps.scheduler  the job spec, membership and data leases
+    shardps.scheduler  the job spec, membership and partition assignments
     shardps.psserver   a shard of the model's parameters and its optimizer
     shardps.worker     training against the shards (PSClient)
     shardps.psctl      the command line, and the only package that imports every role

@@ -1,7 +1,7 @@
 """ShardClient: a worker's connection to the cluster, in numpy terms.
 
 It composes three parts, each the one owner of its state:
-- `Session` (worker/session.py): membership, heartbeats, rejoin, data leases; the worker's
+- `Session` (worker/session.py): membership, heartbeats, rejoin, partition assignments; the worker's
   identity (id, incarnation, view, clock) as an immutable snapshot;
 - `Transport` (worker/transport.py): a stub per shard, retries, address refresh, fan-out;
 - `StreamingPush` (worker/push.py): one step's push, fed gradient by gradient.

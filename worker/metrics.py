@@ -27,6 +27,6 @@ class WorkerCollector:
         clock = GaugeMetricFamily("shardps_worker_clock", "Steps pushed (the worker's clock).")
         clock.add_metric([], c.clock)
         yield clock
-        view = GaugeMetricFamily("shardps_worker_membership_epoch", "Membership view (epoch) last seen.")
+        view = GaugeMetricFamily("shardps_worker_membership_view", "Membership view number last seen.")
         view.add_metric([], c.view)
         yield view

@@ -1,4 +1,4 @@
-"""A worker's membership in the job: join, heartbeats, rejoin, data leases, leave.
+"""A worker's membership in the job: join, heartbeats, rejoin, partition assignments, leave.
 
 The session is the one owner of the worker's identity. It publishes it as an immutable
 `Identity` swapped whole under a lock, so the heartbeat thread, the training thread and the
@@ -36,7 +36,7 @@ class Identity:
 
     worker_id: int = -1
     incarnation: int = 0
-    view: int = 0      # the membership view last seen (the scheduler's epoch counter)
+    view: int = 0      # the membership view number last seen
     clock: int = 0     # the next step this worker computes
     observer: bool = False
 
@@ -112,7 +112,7 @@ class Session:
             self._job = JobSpec.from_proto(reply.job)
             current = self._identity
             self._identity = Identity(worker_id=reply.lease.member_id, incarnation=reply.lease.incarnation,
-                                      view=reply.epoch, clock=max(current.clock, reply.start_clock))
+                                      view=reply.view, clock=max(current.clock, reply.start_clock))
             return self._identity
 
     def attach(self) -> scheduler_pb2.JobInfo:
@@ -130,7 +130,7 @@ class Session:
             req = scheduler_pb2.HeartbeatRequest(role=scheduler_pb2.ROLE_WORKER, member_id=me.worker_id,
                                                  incarnation=me.incarnation, clock=me.clock)
             try:
-                view = grpcutil.call(self._sched.Heartbeat, req, self.cfg.control_timeout_s).epoch
+                view = grpcutil.call(self._sched.Heartbeat, req, self.cfg.control_timeout_s).view
             except StaleIncarnation as exc:
                 log.warning("heartbeat refused: %s", exc)
                 self._refused = me.incarnation
@@ -186,9 +186,9 @@ class Session:
     def declare_model(self, request: scheduler_pb2.DeclareModelRequest) -> scheduler_pb2.JobInfo:
         return grpcutil.call(self._sched.DeclareModel, request, self.cfg.control_timeout_s)
 
-    # -- data leases ---------------------------------------------------------------------
+    # -- partition assignments ------------------------------------------------------------------
     def acquire_partition(self, num_partitions: int, max_epochs: int) -> tuple[int, int, int]:
-        """(LeaseStatus, data epoch, partition) from the scheduler."""
+        """(AssignmentStatus, data epoch, partition) from the scheduler."""
         me = self._identity
         req = scheduler_pb2.AcquirePartitionRequest(worker_id=me.worker_id, incarnation=me.incarnation,
                                                     num_partitions=num_partitions, max_epochs=max_epochs)

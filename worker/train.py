@@ -37,7 +37,7 @@ class TrainConfig:
     step_delay_s: float = 0.0
     progress: bool | None = None    # None: a bar when stderr is a terminal
     name: str = ""
-    epochs: int = 0                 # > 0: train on leased data partitions for this many epochs
+    epochs: int = 0                 # > 0: train on assigned data partitions for this many epochs
     partitions: int = 16
     options: DaemonOptions = DaemonOptions()
     overlap: bool = False           # stream gradients from autograd hooks, prefetch pulls
@@ -96,7 +96,7 @@ def _progress(total: int, enabled: bool | None):
 
 
 class Loop:
-    """One worker's training: steps on random batches, or epochs of leased partitions."""
+    """One worker's training: steps on random batches, or epochs of assigned partitions."""
 
     def __init__(self, cfg: TrainConfig, ps: PSClient, model, device, split: data.Split,
                  metrics: MetricsWriter, stop: threading.Event):
@@ -134,34 +134,34 @@ class Loop:
             self.step(torch.randint(n, (self.cfg.batch_size,), generator=self.gen))
 
     def run_epochs(self) -> None:
-        """Lease partitions until the scheduler says every epoch is done."""
+        """Take partition assignments until the scheduler says every epoch is done."""
         client = self.ps.client
         while not self.stop.is_set():
             status, epoch, partition = client.acquire_partition(self.cfg.partitions, self.cfg.epochs)
-            if status == pb.LEASE_STATUS_DONE:
+            if status == pb.ASSIGNMENT_STATUS_DONE:
                 return
-            if status == pb.LEASE_STATUS_WAIT:
-                self.stop.wait(0.05)  # others hold the last leases of this epoch
+            if status == pb.ASSIGNMENT_STATUS_WAIT:
+                self.stop.wait(0.05)  # others hold the last assignments of this epoch
                 continue
-            leased_as = client.incarnation
+            assigned_as = client.incarnation
             for idx in partition_batches(len(self.split.x_train), self.cfg.partitions, epoch, partition,
                                          self.cfg.batch_size, self.cfg.seed):
                 if self.stop.is_set():
                     return
-                if client.incarnation != leased_as:
+                if client.incarnation != assigned_as:
                     break
                 while not self.step(idx) and not self.stop.is_set():
                     pass  # sync skipped the step: the same batch on the current parameters
-            if client.incarnation != leased_as:
+            if client.incarnation != assigned_as:
                 # declared dead and rejoined mid-partition: the scheduler gave the partition
                 # back to the queue, so someone else trains the rest of it, not us as well
-                log.warning("partition %d of epoch %d dropped: its lease lapsed when we rejoined",
+                log.warning("partition %d of epoch %d dropped: its assignment lapsed when we rejoined",
                             partition, epoch)
                 continue
             try:
                 client.complete_partition(epoch, partition)
             except FailedPrecondition as exc:
-                # our lease lapsed (we were declared dead and rejoined): the partition went
+                # our assignment lapsed (we were declared dead and rejoined): the partition went
                 # back to the queue and is someone else's now
                 log.warning("partition %d of epoch %d not recorded: %s", partition, epoch, exc)
                 continue

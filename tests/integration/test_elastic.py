@@ -1,7 +1,7 @@
 """Elastic membership with real processes: workers killed (kill -9), added, paused past their
 lease (SIGSTOP/SIGCONT) while a job trains, and `psctl up --churn`.
 
-Everything is observed from outside: `psctl status --json` (membership, clocks, data leases),
+Everything is observed from outside: `psctl status --json` (membership, clocks, partition assignments),
 the workers' metrics files and logs, `psctl export` for the served parameters. Each step
 waits on a polled condition with a deadline; nothing sleeps to synchronise.
 """
@@ -118,7 +118,7 @@ def test_async_worker_killed_and_added(procs):
 
     dead = wait_state(sched.address, victim_id, "dead", HEARTBEAT_S + DEATH_SLACK_S,
                       "the killed worker to be declared dead")
-    assert dead["epoch"] > third["epoch"], "a death bumps the membership epoch"
+    assert dead["view"] > third["view"], "a death bumps the membership view"
 
     # two thirds of the way in (the survivors' clocks): a new worker joins
     def two_thirds():
@@ -138,8 +138,8 @@ def test_async_worker_killed_and_added(procs):
     after_join = poll(joined, START_S, interval_s=0.5, what="the added worker to join")
     added_id = member_of(after_join, added)["id"]
     assert added_id not in ids.values(), "a new worker gets a new id"
-    assert after_join["epoch"] > dead["epoch"], "a join bumps the membership epoch"
-    assert after_join["epoch"] >= start["epoch"] + 2
+    assert after_join["view"] > dead["view"], "a join bumps the membership view"
+    assert after_join["view"] >= start["view"] + 2
 
     for w in survivors:
         wait_ok(w)
@@ -158,10 +158,10 @@ def test_async_worker_killed_and_added(procs):
     final = status_json(sched.address)
     states = {m["id"]: m["state"] for m in final["workers"]}
     assert states == {**{ids[w.name]: "left" for w in survivors}, victim_id: "dead", added_id: "left"}
-    assert final["epoch"] >= start["epoch"] + 2
+    assert final["view"] >= start["view"] + 2
 
 
-# -- 2. data leases: exactly 2 epochs of 8 partitions, one worker killed mid-epoch -----------
+# -- 2. partition assignments: exactly 2 epochs of 8 partitions, one worker killed mid-epoch -----------
 EPOCHS = 2
 PARTITIONS = 8
 LEASE_DELAY = "0.3"       # about 2 s per partition (6 batches of 32)
@@ -199,12 +199,12 @@ def test_data_leases_survive_kill(procs):
             w.popen.send_signal(signal.SIGSTOP)
             try:
                 data = scheduler_state(procs)["data"]
-                held = [(int(p), h) for p, h in data["leased"].items() if h[0] == wid]
+                held = [(int(p), h) for p, h in data["assigned"].items() if h[0] == wid]
                 st = status_json(sched.address)          # also lets a reply in flight land
                 data2 = scheduler_state(procs)["data"]
-                held2 = [(int(p), h) for p, h in data2["leased"].items() if h[0] == wid]
+                held2 = [(int(p), h) for p, h in data2["assigned"].items() if h[0] == wid]
                 if (held and held == held2 and data["epoch"] == data2["epoch"] < EPOCHS
-                        and st["data"]["leased"] >= 1):
+                        and st["data"]["assigned"] >= 1):
                     return w, wid, data2["epoch"], held2[0][0], st
             except BaseException:
                 w.popen.send_signal(signal.SIGCONT)
@@ -222,7 +222,7 @@ def test_data_leases_survive_kill(procs):
 
     dead = wait_state(sched.address, victim_id, "dead", HEARTBEAT_S + DEATH_SLACK_S,
                       "the killed worker to be declared dead")
-    assert dead["epoch"] > before["epoch"]
+    assert dead["view"] > before["view"]
 
     for w in survivors:
         wait_ok(w)
@@ -281,7 +281,7 @@ def test_ssp_paused_worker_rejoins(procs):
 
         dead = wait_state(sched.address, victim_id, "dead", HEARTBEAT_S + DEATH_SLACK_S,
                           "the paused worker to be declared dead")
-        assert dead["epoch"] > before["epoch"]
+        assert dead["view"] > before["view"]
 
         # while it was alive at stopped_clock the gate kept the others at or below
         # stopped_clock + 1 + staleness + 1; past that, the gate released them
@@ -308,7 +308,7 @@ def test_ssp_paused_worker_rejoins(procs):
     back = poll(rejoined, 60, interval_s=0.5, what="the paused worker to rejoin")
     assert workers_by_id(back)[victim_id]["state"] == "alive", workers_by_id(back)[victim_id]
     assert pid_of(workers_by_id(back)[victim_id]) == victim.pid
-    assert back["epoch"] > dead["epoch"]
+    assert back["view"] > dead["view"]
 
     wait_ok(victim)
     log = victim.log_text()

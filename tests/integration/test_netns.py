@@ -7,7 +7,7 @@ cable is pulled mid-training.
 
 Each daemon is a real `psctl` process started with `ip netns exec`; the only way between two
 of them is the bridge. While async workers train, worker2's bridge port goes down (no RST, no
-FIN: silence). The scheduler must declare it dead (state dead, membership epoch up) after its
+FIN: silence). The scheduler must declare it dead (state dead, membership view up) after its
 heartbeat lease runs out, and the others must keep training and finish with a well-trained
 model, the bytes they report sending having crossed their own links. Then either the cut
 worker is killed (it retries into the void), or its cable goes back in and it rejoins under
@@ -188,27 +188,27 @@ class Cluster:
                     what=f"clocks of {hosts} to advance past { {h: since[h]['clock'] for h in hosts} }")
 
     def cut_until_dead(self, host: str, others) -> tuple[int, dict[str, dict], dict]:
-        """Pull `host`'s cable; poll until the scheduler declares it dead and bumps the epoch.
-        Returns (epoch before, workers by host at the cut, the dead worker's entry)."""
+        """Pull `host`'s cable; poll until the scheduler declares it dead and bumps the view.
+        Returns (view before, workers by host at the cut, the dead worker's entry)."""
         assert all(w.running() for w in self.workers.values()), \
             "a worker finished before the link could be cut: raise STEPS"
-        epoch_before = self.status()["epoch"]
+        view_before = self.status()["view"]
         self.net.cut(host)
         t_cut = time.monotonic()
         at_cut = self.by_host(self.status())
-        print(f"\ncut {host} at clocks { {h: e['clock'] for h, e in at_cut.items()} }, epoch {epoch_before}")
+        print(f"\ncut {host} at clocks { {h: e['clock'] for h, e in at_cut.items()} }, view {view_before}")
 
         def dead():
             self.healthy(others)
             st = self.status()
             e = self.by_host(st)[host]
-            return (st, e) if e["state"] == "dead" and st["epoch"] > epoch_before else None
+            return (st, e) if e["state"] == "dead" and st["view"] > view_before else None
         st, entry = poll(dead, HEARTBEAT_S + DEAD_MARGIN_S, interval_s=0.25,
                          what=f"{host} declared dead after its link was cut")
         print(f"{host} declared dead {time.monotonic() - t_cut:.1f}s after the cut "
-              f"(heartbeat timeout {HEARTBEAT_S}s); epoch {epoch_before} -> {st['epoch']}")
+              f"(heartbeat timeout {HEARTBEAT_S}s); view {view_before} -> {st['view']}")
         assert entry["incarnation"] == at_cut[host]["incarnation"]
-        return epoch_before, at_cut, entry
+        return view_before, at_cut, entry
 
     def finish(self, hosts) -> dict[str, dict]:
         """Wait for `hosts` to exit 0; check their metrics, accuracy and link bytes."""
@@ -245,7 +245,7 @@ def test_worker_cut_off_the_network(vnet):
     _, first = c.all_training()
     c.advance_past(first, WORKERS)       # all three train, before anything goes wrong
 
-    epoch_before, at_cut, _ = c.cut_until_dead(CUT, survivors)
+    view_before, at_cut, _ = c.cut_until_dead(CUT, survivors)
     # the others carry on past where they were when the cable went
     if all(c.workers[h].running() for h in survivors):
         c.advance_past(at_cut, survivors)
@@ -256,7 +256,7 @@ def test_worker_cut_off_the_network(vnet):
     ws = c.by_host(st)
     assert ws[CUT]["state"] == "dead", ws[CUT]
     assert all(ws[h]["state"] == "left" for h in survivors), ws
-    assert st["epoch"] > epoch_before
+    assert st["view"] > view_before
     for s in st["servers"]:
         assert "error" not in s, s
         assert s["pushes"] >= len(survivors) * STEPS, s

@@ -52,14 +52,14 @@ def test_sync_barrier_releases_after_kill(procs):
     def left_of_bound() -> float:
         return max(0.5, killed_at + HEARTBEAT_S + RELEASE_SLACK_S - time.monotonic())
 
-    # its lease expires: dead, and the membership epoch moves
+    # its lease expires: dead, and the membership view moves
     def victim_dead():
         st = status_json(sched.address)
         states = {m["id"]: m for m in st["workers"]}
         return st if states[victim_member["id"]]["state"] == "dead" else None
     dead = poll(victim_dead, left_of_bound(), interval_s=0.5,
                 what="the killed worker to be dead")
-    assert dead["epoch"] > before["epoch"]
+    assert dead["view"] > before["view"]
     at_death = {m["id"]: m["clock"] for m in dead["workers"] if m["id"] != victim_member["id"]}
 
     # the barrier no longer waits for it: the survivors' clocks go on (or they finished and left)
@@ -79,4 +79,4 @@ def test_sync_barrier_releases_after_kill(procs):
     states = {m["id"]: m["state"] for m in final["workers"]}
     assert states.pop(victim_member["id"]) == "dead"
     assert set(states.values()) == {"left"}
-    assert final["epoch"] > dead["epoch"]   # the survivors left after the death
+    assert final["view"] > dead["view"]   # the survivors left after the death

@@ -67,8 +67,8 @@ def test_up_trains_to_accuracy(procs, mode, extra, steps):
     assert status["mode"] == mode
     if mode == "ssp":
         assert status["job"]["staleness"] == 2
-    # the servers joined, then each worker joined and left: every change bumped the epoch
-    assert status["epoch"] >= SERVERS + 2 * WORKERS
+    # the servers joined, then each worker joined and left: every change bumped the view
+    assert status["view"] >= SERVERS + 2 * WORKERS
     assert len(status["workers"]) == WORKERS
     assert len({w["id"] for w in status["workers"]}) == WORKERS
     for w in status["workers"]:

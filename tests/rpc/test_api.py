@@ -378,7 +378,7 @@ def test_clock_view_and_byte_counters_move(cluster):
         assert (pushes > 0).all() and len(set(pushes)) == 1, sent     # the same bytes each step
         assert logical // 2 <= pushes[0] <= logical, (pushes[0], logical)
         assert (pulls == logical).all(), received
-        # a second worker joins: the membership epoch moves, and the first worker sees it
+        # a second worker joins: the membership view moves, and the first worker sees it
         with PSClient.connect(c.address, models.build("digits-mlp", seed=0), name="second") as other:
             assert other.worker_id != ps.worker_id
             assert other.view > view0

@@ -133,7 +133,7 @@ def model_state(stub) -> dict:
         "inspect": {k: v.SerializeToString(deterministic=True) for k, v in inspect(stub, 64).items()},
         "values": {k: v.tobytes() for k, v in values(stub, FP).items()},
         "shard": (st_.keys, st_.bytes, st_.optimizer_bytes, st_.shard_version, st_.pushes,
-                  st_.duplicates, dict(st_.clocks), st_.completed_step, st_.membership_epoch),
+                  st_.duplicates, dict(st_.clocks), st_.completed_step, st_.membership_view),
     }
 
 

@@ -165,14 +165,14 @@ SERVER_FAMILIES = {
     "shardps_server_staleness": "histogram",
     "shardps_server_pull_wait_seconds": "histogram",
     "shardps_server_live_workers": "gauge",
-    "shardps_server_membership_epoch": "gauge",
+    "shardps_server_membership_view": "gauge",
     "shardps_server_parameter_bytes": "gauge",
     "shardps_server_optimizer_state_bytes": "gauge",
     "shardps_server_checkpoint_age_seconds": "gauge",
 }
 SCHEDULER_FAMILIES = {
     "shardps_scheduler_members": "gauge",
-    "shardps_scheduler_membership_epoch": "gauge",
+    "shardps_scheduler_membership_view": "gauge",
     "shardps_scheduler_data_partitions": "gauge",
     "shardps_scheduler_data_epoch": "gauge",
     "shardps_rpc_duration_seconds": "histogram",
@@ -182,7 +182,7 @@ WORKER_FAMILIES = {
     "shardps_worker_encode_seconds": "counter",
     "shardps_worker_decode_seconds": "counter",
     "shardps_worker_clock": "gauge",
-    "shardps_worker_membership_epoch": "gauge",
+    "shardps_worker_membership_view": "gauge",
 }
 
 
@@ -247,7 +247,7 @@ def test_server_metrics_follow_an_async_run(metered):
     assert sample(m, "shardps_server_optimizer_state_bytes", shard="0") == 0      # plain sgd
     poll(lambda: sample(c.server_metrics(), "shardps_server_live_workers", shard="0") == 2,
          what="the shard to see both workers")
-    assert sample(c.server_metrics(), "shardps_server_membership_epoch", shard="0") >= 3
+    assert sample(c.server_metrics(), "shardps_server_membership_view", shard="0") >= 3
 
     # the checkpoint age appears once there is a checkpoint
     assert sample(m, "shardps_server_checkpoint_age_seconds", shard="0") == -1
@@ -299,13 +299,13 @@ def test_scheduler_metrics_follow_membership(metered):
     assert_types(m0, SCHEDULER_FAMILIES)
     assert sample(m0, "shardps_scheduler_members", role="server", state="alive") == 1
     assert sample(m0, "shardps_scheduler_members", role="worker", state="alive") == 0
-    epoch0 = sample(m0, "shardps_scheduler_membership_epoch")
+    view0 = sample(m0, "shardps_scheduler_membership_view")
 
     a, b = c.worker("a"), c.worker("b")
     m1 = c.scheduler_metrics()
     assert sample(m1, "shardps_scheduler_members", role="worker", state="alive") == 2
-    epoch1 = sample(m1, "shardps_scheduler_membership_epoch")
-    assert epoch1 >= epoch0 + 2
+    view1 = sample(m1, "shardps_scheduler_membership_view")
+    assert view1 >= view0 + 2
     assert rpc_count(m1, "scheduler", "JoinWorker") == 2
     assert rpc_count(m1, "scheduler", "RegisterServer") == 1
 
@@ -313,7 +313,7 @@ def test_scheduler_metrics_follow_membership(metered):
     m2 = c.scheduler_metrics()
     assert sample(m2, "shardps_scheduler_members", role="worker", state="alive") == 1
     assert sample(m2, "shardps_scheduler_members", role="worker", state="left") == 1
-    assert sample(m2, "shardps_scheduler_membership_epoch") == epoch1 + 1
+    assert sample(m2, "shardps_scheduler_membership_view") == view1 + 1
 
     # a worker that joins and never heartbeats is declared dead after the timeout
     ghost = c.sched_stub.JoinWorker(pb.JoinWorkerRequest(name="ghost", worker_id=-1), timeout=TIMEOUT_S)
@@ -322,13 +322,13 @@ def test_scheduler_metrics_follow_membership(metered):
          timeout_s=60, what="the silent worker to be reaped")
     m3 = c.scheduler_metrics()
     assert sample(m3, "shardps_scheduler_members", role="worker", state="alive") == 1   # a still heartbeats
-    assert sample(m3, "shardps_scheduler_membership_epoch") == epoch1 + 3
+    assert sample(m3, "shardps_scheduler_membership_view") == view1 + 3
 
-    # data progress: one partition leased
+    # data progress: one partition assigned
     status, epoch, _ = a.client.acquire_partition(4, 1)
-    assert status == pb.LEASE_STATUS_LEASED and epoch == 0
+    assert status == pb.ASSIGNMENT_STATUS_ASSIGNED and epoch == 0
     m4 = c.scheduler_metrics()
-    assert sample(m4, "shardps_scheduler_data_partitions", state="leased") == 1
+    assert sample(m4, "shardps_scheduler_data_partitions", state="assigned") == 1
     assert sample(m4, "shardps_scheduler_data_partitions", state="queued") == 3
     assert sample(m4, "shardps_scheduler_data_epoch") == 0
 
@@ -353,7 +353,7 @@ def test_worker_metrics_follow_its_steps(metered):
     assert sample(m, "shardps_worker_bytes", direction="received", kind="wire") == w.pulls * ELEMENTS * 4
     assert sample(m, "shardps_worker_encode_seconds") > 0
     assert sample(m, "shardps_worker_decode_seconds") > 0
-    assert sample(m, "shardps_worker_membership_epoch") >= 1
+    assert sample(m, "shardps_worker_membership_view") >= 1
 
 
 # -- conventions -----------------------------------------------------------------------------
@@ -395,7 +395,7 @@ def test_a_drained_daemon_releases_its_metrics_port():
                                                                           metrics_host="127.0.0.1")))
     try:
         again.start()
-        assert scrape(port)["shardps_scheduler_membership_epoch"].type == "gauge"
+        assert scrape(port)["shardps_scheduler_membership_view"].type == "gauge"
     finally:
         again.drain()
 
@@ -407,6 +407,6 @@ def test_daemons_without_a_metrics_port_serve_no_metrics_and_still_work():
         assert sched.telemetry.port is None and sched.telemetry.interceptors == ()
         with grpcutil.channel(sched.address) as ch:
             stub = scheduler_pb2_grpc.SchedulerStub(ch)
-            assert stub.Status(pb.StatusRequest(), timeout=TIMEOUT_S).epoch == 0
+            assert stub.Status(pb.StatusRequest(), timeout=TIMEOUT_S).view == 0
     finally:
         sched.drain()

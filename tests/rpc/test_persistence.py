@@ -118,7 +118,7 @@ def _members(status: pb.StatusReply) -> dict:
 
 
 def _data(progress: pb.DataProgress) -> tuple:
-    return (progress.epoch, progress.max_epochs, progress.partitions, progress.done, progress.leased,
+    return (progress.epoch, progress.max_epochs, progress.partitions, progress.done, progress.assigned,
             progress.queued, progress.finished,
             {r.epoch: dict(r.completed_by) for r in progress.history})
 
@@ -172,14 +172,14 @@ def test_scheduler_restart_restores_state_and_members_carry_on(tmp_path, closing
     # data: epoch 0 finished by a and b; in epoch 1 each holds one partition
     for w in (a, b):
         r = _acquire(c1.stub, w)
-        assert r.status == pb.LEASE_STATUS_LEASED
+        assert r.status == pb.ASSIGNMENT_STATUS_ASSIGNED
         _complete(c1.stub, w, r.epoch, r.partition)
     held = {w.member_id: _acquire(c1.stub, w) for w in (a, b)}
     assert {r.epoch for r in held.values()} == {1}
     assert {r.partition for r in held.values()} == {0, 1}
 
     before = c1.status()
-    assert before.data.epoch == 1 and before.data.leased == 2 and len(before.data.history) == 1
+    assert before.data.epoch == 1 and before.data.assigned == 2 and len(before.data.history) == 1
     job_before = c1.stub.GetJob(pb.GetJobRequest(), timeout=TIMEOUT_S)
     assert (tmp_path / "scheduler" / STATE_FILE).is_file()
 
@@ -193,7 +193,7 @@ def test_scheduler_restart_restores_state_and_members_carry_on(tmp_path, closing
     closing(c2)
 
     after = c2.status()
-    assert after.epoch == before.epoch
+    assert after.view == before.view
     assert _members(after) == _members(before)
     assert after.model_fingerprint == before.model_fingerprint and after.keys == before.keys
     assert _data(after.data) == _data(before.data)
@@ -209,12 +209,12 @@ def test_scheduler_restart_restores_state_and_members_carry_on(tmp_path, closing
     # live members carry on with their old incarnations
     reply = c2.stub.Heartbeat(pb.HeartbeatRequest(role=pb.ROLE_WORKER, member_id=a.member_id,
                                                   incarnation=a.incarnation, clock=3), timeout=TIMEOUT_S)
-    assert reply.epoch == before.epoch
-    again = _acquire(c2.stub, a)                   # a retried acquire: the same lease as before
-    assert (again.status, again.epoch, again.partition) == (pb.LEASE_STATUS_LEASED, 1,
+    assert reply.view == before.view
+    again = _acquire(c2.stub, a)                   # a retried acquire: the same assignment as before
+    assert (again.status, again.epoch, again.partition) == (pb.ASSIGNMENT_STATUS_ASSIGNED, 1,
                                                             held[a.member_id].partition)
     done = _complete(c2.stub, a, 1, held[a.member_id].partition).data
-    assert (done.epoch, done.done, done.leased) == (1, 1, 1)
+    assert (done.epoch, done.done, done.assigned) == (1, 1, 1)
     # a newcomer gets a fresh id and an incarnation above every one handed out before
     newcomer = c2.stub.JoinWorker(pb.JoinWorkerRequest(name="late"), timeout=TIMEOUT_S).lease
     assert newcomer.member_id > max(w.member_id for w in workers + servers)
@@ -222,22 +222,22 @@ def test_scheduler_restart_restores_state_and_members_carry_on(tmp_path, closing
     beats.keep(pb.ROLE_WORKER, newcomer.member_id, newcomer.incarnation)
 
     # b falls silent: it is reaped after the timeout and its partition goes back to the queue
-    epoch = c2.status().epoch
+    view = c2.status().view
     beats.drop(b.member_id)
     poll(lambda: {w.worker_id: w.state for w in c2.status().workers}[b.member_id] == DEAD,
          timeout_s=90, what="the silent worker to be reaped")
     final = c2.status()
-    assert final.epoch == epoch + 1
+    assert final.view == view + 1
     states = {w.worker_id: w.state for w in final.workers}
     assert states == {a.member_id: ALIVE, b.member_id: DEAD, gone.member_id: LEFT, newcomer.member_id: ALIVE}
     assert all(s.state == ALIVE for s in final.servers)          # their heartbeats kept them
-    assert (final.data.epoch, final.data.done, final.data.leased, final.data.queued) == (1, 1, 0, 1)
+    assert (final.data.epoch, final.data.done, final.data.assigned, final.data.queued) == (1, 1, 0, 1)
     with pytest.raises(grpc.RpcError) as err:
         c2.stub.Heartbeat(pb.HeartbeatRequest(role=pb.ROLE_WORKER, member_id=b.member_id,
                                               incarnation=b.incarnation), timeout=TIMEOUT_S)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     released = _acquire(c2.stub, newcomer)
-    assert (released.status, released.partition) == (pb.LEASE_STATUS_LEASED, held[b.member_id].partition)
+    assert (released.status, released.partition) == (pb.ASSIGNMENT_STATUS_ASSIGNED, held[b.member_id].partition)
     assert beats.refused() == []   # only "scheduler away" failures, never a refused lease
 
 

@@ -67,9 +67,9 @@ def code_of(fn, *args, **kwargs):
 class Watch:
     """Reads a WatchMembership stream in a thread; views land in a queue."""
 
-    def __init__(self, stub, after_epoch=0):
+    def __init__(self, stub, after_view=0):
         self.views: queue.Queue = queue.Queue()
-        self.stream = stub.WatchMembership(pb.WatchMembershipRequest(after_epoch=after_epoch), timeout=60)
+        self.stream = stub.WatchMembership(pb.WatchMembershipRequest(after_view=after_view), timeout=60)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -106,7 +106,7 @@ def test_register_servers_and_get_job(sched):
     r0 = s.stub.RegisterServer(pb.RegisterServerRequest(address="127.0.0.1:7001", shard=-1), timeout=TIMEOUT_S)
     r1 = s.stub.RegisterServer(pb.RegisterServerRequest(address="127.0.0.1:7002", shard=-1), timeout=TIMEOUT_S)
     assert (r0.shard, r1.shard) == (0, 1)
-    assert r1.epoch == r0.epoch + 1
+    assert r1.view == r0.view + 1
     assert r1.lease.incarnation > r0.lease.incarnation
     assert r0.lease.ttl_s == job.heartbeat_timeout_s
     assert JobSpec.from_proto(r0.job) == job
@@ -147,12 +147,12 @@ def test_join_heartbeat_leave_and_status(sched):
     a = s.join("host-a")
     b = s.join("host-b")
     assert a.lease.member_id != b.lease.member_id
-    assert b.lease.incarnation > a.lease.incarnation and b.epoch == a.epoch + 1
+    assert b.lease.incarnation > a.lease.incarnation and b.view == a.view + 1
     assert (a.start_clock, b.start_clock) == (0, 0)
     ida, idb = a.lease.member_id, b.lease.member_id
 
-    # heartbeats carry clocks and do not move the epoch
-    assert s.heartbeat(ida, a.lease.incarnation, clock=7).epoch == b.epoch
+    # heartbeats carry clocks and do not move the view
+    assert s.heartbeat(ida, a.lease.incarnation, clock=7).view == b.view
     s.heartbeat(idb, b.lease.incarnation, clock=4)
     ws = s.workers()
     assert {(w.name, w.clock, w.state) for w in ws.values()} == {("host-a", 7, ALIVE), ("host-b", 4, ALIVE)}
@@ -161,9 +161,9 @@ def test_join_heartbeat_leave_and_status(sched):
     # a joiner starts at the slowest live clock
     c = s.join("host-c")
     assert c.start_clock == 4
-    # leave: immediate, bumps the epoch; the old lease is no longer accepted
+    # leave: immediate, bumps the view; the old lease is no longer accepted
     left = s.leave(idb, b.lease.incarnation)
-    assert left.epoch == c.epoch + 1
+    assert left.view == c.view + 1
     assert s.workers()[idb].state == LEFT
     assert code_of(s.heartbeat, idb, b.lease.incarnation) == grpc.StatusCode.FAILED_PRECONDITION
     assert code_of(s.leave, idb, b.lease.incarnation) == grpc.StatusCode.FAILED_PRECONDITION
@@ -177,7 +177,7 @@ def test_join_heartbeat_leave_and_status(sched):
     assert code_of(s.heartbeat, 999, 1) == grpc.StatusCode.NOT_FOUND
     assert code_of(s.join, "x", worker_id=999) == grpc.StatusCode.NOT_FOUND
     assert code_of(s.join, "x" * 300) == grpc.StatusCode.INVALID_ARGUMENT
-    assert s.status().epoch == back.epoch
+    assert s.status().view == back.view
 
 
 def test_heartbeat_from_stale_incarnation_is_failed_precondition(sched):
@@ -186,10 +186,10 @@ def test_heartbeat_from_stale_incarnation_is_failed_precondition(sched):
     wid = first.lease.member_id
     second = s.join("w", worker_id=wid)
     assert second.lease.incarnation > first.lease.incarnation
-    epoch = s.status().epoch
+    view = s.status().view
     assert code_of(s.heartbeat, wid, first.lease.incarnation) == grpc.StatusCode.FAILED_PRECONDITION
-    assert s.heartbeat(wid, second.lease.incarnation).epoch == epoch
-    assert s.status().epoch == epoch  # the refused heartbeat changed nothing
+    assert s.heartbeat(wid, second.lease.incarnation).view == view
+    assert s.status().view == view  # the refused heartbeat changed nothing
 
 
 def test_watch_delivers_views_on_join_and_leave(sched):
@@ -197,26 +197,26 @@ def test_watch_delivers_views_on_join_and_leave(sched):
     watch = Watch(s.stub)
     try:
         first = watch.next_matching(lambda v: True)
-        assert first.epoch == 0 and list(first.workers) == []
+        assert first.view == 0 and list(first.workers) == []
         joined = s.join("watcher-test")
         wid, inc = joined.lease.member_id, joined.lease.incarnation
-        view = watch.next_matching(lambda v: v.epoch >= joined.epoch)
-        assert view.epoch == joined.epoch
+        view = watch.next_matching(lambda v: v.view >= joined.view)
+        assert view.view == joined.view
         assert [(w.worker_id, w.incarnation, w.state) for w in view.workers] == [(wid, inc, ALIVE)]
         left = s.leave(wid, inc)
-        view = watch.next_matching(lambda v: v.epoch >= left.epoch)
-        assert view.epoch == left.epoch
+        view = watch.next_matching(lambda v: v.view >= left.view)
+        assert view.view == left.view
         assert [(w.worker_id, w.state) for w in view.workers] == [(wid, LEFT)]
     finally:
         watch.close()
 
 
-def test_silent_worker_is_marked_dead_and_epoch_increases(sched):
+def test_silent_worker_is_marked_dead_and_the_view_increases(sched):
     s = sched(JobSpec(heartbeat_timeout_s=1.5))
     live = s.join("keeps-beating")
     silent = s.join("goes-quiet")
-    epoch = s.status().epoch
-    watch = Watch(s.stub, after_epoch=epoch)
+    view = s.status().view
+    watch = Watch(s.stub, after_view=view)
     stop = threading.Event()
     refused = []
 
@@ -233,19 +233,19 @@ def test_silent_worker_is_marked_dead_and_epoch_increases(sched):
         def dead():
             st = s.status()
             ws = {w.worker_id: w for w in st.workers}
-            return st.epoch > epoch and ws[silent.lease.member_id].state == DEAD and st
+            return st.view > view and ws[silent.lease.member_id].state == DEAD and st
         st = poll(dead, timeout_s=30, what="the silent worker to be marked dead")
-        assert st.epoch == epoch + 1
+        assert st.view == view + 1
         ws = {w.worker_id: w for w in st.workers}
         assert ws[live.lease.member_id].state == ALIVE and ws[live.lease.member_id].clock == 1
-        view = watch.next_matching(lambda v: v.epoch > epoch)
-        assert {w.worker_id: w.state for w in view.workers} == {
+        seen = watch.next_matching(lambda v: v.view > view)
+        assert {w.worker_id: w.state for w in seen.workers} == {
             live.lease.member_id: ALIVE, silent.lease.member_id: DEAD}
         # the dead member must rejoin
         assert code_of(s.heartbeat, silent.lease.member_id, silent.lease.incarnation) == \
             grpc.StatusCode.FAILED_PRECONDITION
         back = s.join("goes-quiet", worker_id=silent.lease.member_id)
-        assert back.epoch == epoch + 2 and back.start_clock == 1
+        assert back.view == view + 2 and back.start_clock == 1
     finally:
         stop.set()
         beater.join(10)
@@ -260,12 +260,12 @@ def test_servers_follow_membership_through_the_watch(cluster):
     ps = srv.shard
     joined = stub.JoinWorker(pb.JoinWorkerRequest(name="w", worker_id=-1), timeout=TIMEOUT_S)
     wid, inc = joined.lease.member_id, joined.lease.incarnation
-    poll(lambda: ps.epoch >= joined.epoch, what="the shard to adopt the join")
+    poll(lambda: ps.view >= joined.view, what="the shard to adopt the join")
     assert ps.gate.live == {wid: inc}
     left = stub.Leave(pb.LeaveRequest(role=pb.ROLE_WORKER, member_id=wid, incarnation=inc), timeout=TIMEOUT_S)
-    poll(lambda: ps.epoch >= left.epoch, what="the shard to adopt the leave")
+    poll(lambda: ps.view >= left.view, what="the shard to adopt the leave")
     assert ps.gate.live == {}
-    # the shard reports the epoch it follows
+    # the shard reports the view it follows
     ps_stub = ps_pb2_grpc.ParameterServerStub(grpcutil.channel(srv.address))
     st = ps_stub.ShardStatus(ps_pb2.ShardStatusRequest(), timeout=TIMEOUT_S)
-    assert st.membership_epoch == left.epoch
+    assert st.membership_view == left.view

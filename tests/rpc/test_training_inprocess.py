@@ -69,7 +69,7 @@ def test_partition_of_a_lapsed_lease_is_dropped_not_trained_twice(cluster, tmp_p
     assert finished == list(range(parts)), finished
     batches = sum(len(partition_batches(len(split.x_train), parts, 0, p, batch, cfg.seed)) for p in range(parts))
     # every batch once, plus the one step taken before the lease lapsed: the rest of that
-    # partition was trained once, after it was leased again
+    # partition was trained once, after it was assigned again
     assert loop.done == batches + 1, (loop.done, batches)
 
 

@@ -30,15 +30,15 @@ def test_join_gives_id_incarnation_and_lease():
     assert (a.member_id, b.member_id) == (1, 2)  # ids start at 1: 0 on the wire means "new"
     assert b.incarnation > a.incarnation >= 1
     assert a.lease_expires == 15.0 and a.last_seen == 5.0
-    assert a.alive and ms.epoch == 2
+    assert a.alive and ms.view == 2
 
 
-def test_renew_extends_lease_and_records_clock_without_epoch_change():
+def test_renew_extends_lease_and_records_clock_without_a_view_change():
     ms, (a,) = _joined(1)
     ms2 = mb.renew(ms, a.member_id, a.incarnation, now=7.0, ttl=TTL, clock=4)
     m = ms2.members[a.member_id]
     assert (m.lease_expires, m.last_seen, m.clock) == (17.0, 7.0, 4)
-    assert ms2.epoch == ms.epoch
+    assert ms2.view == ms.view
 
 
 def test_renew_never_moves_a_clock_backwards():
@@ -48,12 +48,12 @@ def test_renew_never_moves_a_clock_backwards():
     assert ms.members[a.member_id].clock == 9
 
 
-def test_expire_marks_every_lapsed_member_dead_with_one_epoch_bump():
+def test_expire_marks_every_lapsed_member_dead_with_one_view_bump():
     ms, (a, b, c) = _joined(3)
     ms = mb.renew(ms, c.member_id, c.incarnation, now=5.0, ttl=TTL)
     after = mb.expire(ms, now=10.0)
     assert [after.members[m.member_id].state for m in (a, b, c)] == [mb.DEAD, mb.DEAD, mb.ALIVE]
-    assert after.epoch == ms.epoch + 1
+    assert after.view == ms.view + 1
 
 
 def test_expire_without_lapsed_leases_changes_nothing():
@@ -63,12 +63,12 @@ def test_expire_without_lapsed_leases_changes_nothing():
     assert mb.expire(dead, now=50.0) is dead
 
 
-def test_leave_is_immediate_and_bumps_the_epoch():
+def test_leave_is_immediate_and_bumps_the_view():
     ms, (a, b) = _joined(2)
     after = mb.leave(ms, a.member_id, a.incarnation)
     assert after.members[a.member_id].state == mb.LEFT
     assert [m.member_id for m in after.live(mb.WORKER)] == [b.member_id]
-    assert after.epoch == ms.epoch + 1
+    assert after.view == ms.view + 1
 
 
 def test_rejoin_keeps_the_id_with_a_strictly_larger_incarnation():
@@ -195,14 +195,14 @@ def test_json_keeps_leases_relative_to_the_clock():
     for m in ms.members.values():
         assert later.members[m.member_id].lease_expires == m.lease_expires + 100.0
         assert later.members[m.member_id].last_seen == m.last_seen + 100.0
-    assert (later.epoch, later.next_id, later.next_incarnation) == (ms.epoch, ms.next_id, ms.next_incarnation)
+    assert (later.view, later.next_id, later.next_incarnation) == (ms.view, ms.next_id, ms.next_incarnation)
 
 
 def test_grace_gives_live_members_a_fresh_lease_after_restart():
     restored = mb.grace(_mixed(), now=1000.0, ttl=TTL)  # leases ran out while it was down
     assert mb.expire(restored, now=1000.0 + TTL - 0.5) is restored
     assert not mb.expire(restored, now=1000.0 + TTL).live(mb.WORKER)
-    assert restored.epoch == _mixed().epoch
+    assert restored.view == _mixed().view
 
 
 def test_grace_does_not_revive_departed_members():
@@ -215,7 +215,7 @@ def _view(ms: Membership):
 
 
 class MembershipMachine(RuleBasedStateMachine):
-    """Random sequences of transitions: the epoch rises by exactly one for every change of
+    """Random sequences of transitions: the view rises by exactly one for every change of
     who is alive (under which incarnation), and stays put otherwise."""
 
     def __init__(self):
@@ -232,7 +232,7 @@ class MembershipMachine(RuleBasedStateMachine):
             return
         after = result[0] if isinstance(result, tuple) else result
         changed = _view(after) != _view(before)
-        assert after.epoch == before.epoch + (1 if changed else 0)
+        assert after.view == before.view + (1 if changed else 0)
         self.ms = after
 
     def _pick(self, data, role=None):

@@ -23,12 +23,12 @@ class MemberState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MEMBER_STATE_DEAD: _ClassVar[MemberState]
     MEMBER_STATE_LEFT: _ClassVar[MemberState]
 
-class LeaseStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class AssignmentStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    LEASE_STATUS_UNSPECIFIED: _ClassVar[LeaseStatus]
-    LEASE_STATUS_LEASED: _ClassVar[LeaseStatus]
-    LEASE_STATUS_WAIT: _ClassVar[LeaseStatus]
-    LEASE_STATUS_DONE: _ClassVar[LeaseStatus]
+    ASSIGNMENT_STATUS_UNSPECIFIED: _ClassVar[AssignmentStatus]
+    ASSIGNMENT_STATUS_ASSIGNED: _ClassVar[AssignmentStatus]
+    ASSIGNMENT_STATUS_WAIT: _ClassVar[AssignmentStatus]
+    ASSIGNMENT_STATUS_DONE: _ClassVar[AssignmentStatus]
 ROLE_UNSPECIFIED: Role
 ROLE_WORKER: Role
 ROLE_SERVER: Role
@@ -36,10 +36,10 @@ MEMBER_STATE_UNSPECIFIED: MemberState
 MEMBER_STATE_ALIVE: MemberState
 MEMBER_STATE_DEAD: MemberState
 MEMBER_STATE_LEFT: MemberState
-LEASE_STATUS_UNSPECIFIED: LeaseStatus
-LEASE_STATUS_LEASED: LeaseStatus
-LEASE_STATUS_WAIT: LeaseStatus
-LEASE_STATUS_DONE: LeaseStatus
+ASSIGNMENT_STATUS_UNSPECIFIED: AssignmentStatus
+ASSIGNMENT_STATUS_ASSIGNED: AssignmentStatus
+ASSIGNMENT_STATUS_WAIT: AssignmentStatus
+ASSIGNMENT_STATUS_DONE: AssignmentStatus
 
 class Lease(_message.Message):
     __slots__ = ("member_id", "incarnation", "ttl_s")
@@ -60,16 +60,16 @@ class RegisterServerRequest(_message.Message):
     def __init__(self, address: _Optional[str] = ..., shard: _Optional[int] = ...) -> None: ...
 
 class RegisterServerReply(_message.Message):
-    __slots__ = ("lease", "shard", "job", "epoch")
+    __slots__ = ("lease", "shard", "job", "view")
     LEASE_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     lease: Lease
     shard: int
     job: _job_pb2.JobSpec
-    epoch: int
-    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., shard: _Optional[int] = ..., job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    view: int
+    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., shard: _Optional[int] = ..., job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., view: _Optional[int] = ...) -> None: ...
 
 class JoinWorkerRequest(_message.Message):
     __slots__ = ("name", "worker_id")
@@ -80,16 +80,16 @@ class JoinWorkerRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., worker_id: _Optional[int] = ...) -> None: ...
 
 class JoinWorkerReply(_message.Message):
-    __slots__ = ("lease", "job", "epoch", "start_clock")
+    __slots__ = ("lease", "job", "view", "start_clock")
     LEASE_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     START_CLOCK_FIELD_NUMBER: _ClassVar[int]
     lease: Lease
     job: _job_pb2.JobSpec
-    epoch: int
+    view: int
     start_clock: int
-    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., epoch: _Optional[int] = ..., start_clock: _Optional[int] = ...) -> None: ...
+    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., view: _Optional[int] = ..., start_clock: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("role", "member_id", "incarnation", "clock")
@@ -104,10 +104,10 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, role: _Optional[_Union[Role, str]] = ..., member_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("epoch",)
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
-    epoch: int
-    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
+    __slots__ = ("view",)
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    view: int
+    def __init__(self, view: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("role", "member_id", "incarnation", "clock")
@@ -122,10 +122,10 @@ class LeaveRequest(_message.Message):
     def __init__(self, role: _Optional[_Union[Role, str]] = ..., member_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ...) -> None: ...
 
 class LeaveReply(_message.Message):
-    __slots__ = ("epoch",)
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
-    epoch: int
-    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
+    __slots__ = ("view",)
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    view: int
+    def __init__(self, view: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("shard", "address", "member_id", "incarnation", "state")
@@ -166,16 +166,16 @@ class GetJobRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job", "servers", "shard_map", "epoch")
+    __slots__ = ("job", "servers", "shard_map", "view")
     JOB_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
     SHARD_MAP_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     job: _job_pb2.JobSpec
     servers: _containers.RepeatedCompositeFieldContainer[ServerInfo]
     shard_map: ShardMap
-    epoch: int
-    def __init__(self, job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., shard_map: _Optional[_Union[ShardMap, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    view: int
+    def __init__(self, job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., shard_map: _Optional[_Union[ShardMap, _Mapping]] = ..., view: _Optional[int] = ...) -> None: ...
 
 class DeclareModelRequest(_message.Message):
     __slots__ = ("params",)
@@ -184,10 +184,10 @@ class DeclareModelRequest(_message.Message):
     def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ...) -> None: ...
 
 class WatchMembershipRequest(_message.Message):
-    __slots__ = ("after_epoch",)
-    AFTER_EPOCH_FIELD_NUMBER: _ClassVar[int]
-    after_epoch: int
-    def __init__(self, after_epoch: _Optional[int] = ...) -> None: ...
+    __slots__ = ("after_view",)
+    AFTER_VIEW_FIELD_NUMBER: _ClassVar[int]
+    after_view: int
+    def __init__(self, after_view: _Optional[int] = ...) -> None: ...
 
 class WorkerView(_message.Message):
     __slots__ = ("worker_id", "incarnation", "state", "clock")
@@ -202,14 +202,14 @@ class WorkerView(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., clock: _Optional[int] = ...) -> None: ...
 
 class MembershipView(_message.Message):
-    __slots__ = ("epoch", "workers", "servers")
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("view", "workers", "servers")
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
-    epoch: int
+    view: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerView]
     servers: _containers.RepeatedCompositeFieldContainer[ServerInfo]
-    def __init__(self, epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerView, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ...) -> None: ...
+    def __init__(self, view: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerView, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
@@ -232,9 +232,9 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., clock: _Optional[int] = ..., lease_age_s: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("job", "epoch", "workers", "servers", "model_fingerprint", "keys", "uptime_s", "data")
+    __slots__ = ("job", "view", "workers", "servers", "model_fingerprint", "keys", "uptime_s", "data")
     JOB_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     SERVERS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -242,22 +242,22 @@ class StatusReply(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     job: _job_pb2.JobSpec
-    epoch: int
+    view: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     servers: _containers.RepeatedCompositeFieldContainer[ServerInfo]
     model_fingerprint: str
     keys: int
     uptime_s: float
     data: DataProgress
-    def __init__(self, job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., epoch: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ..., keys: _Optional[int] = ..., uptime_s: _Optional[float] = ..., data: _Optional[_Union[DataProgress, _Mapping]] = ...) -> None: ...
+    def __init__(self, job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., view: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., model_fingerprint: _Optional[str] = ..., keys: _Optional[int] = ..., uptime_s: _Optional[float] = ..., data: _Optional[_Union[DataProgress, _Mapping]] = ...) -> None: ...
 
 class DataProgress(_message.Message):
-    __slots__ = ("epoch", "max_epochs", "partitions", "done", "leased", "queued", "finished", "history")
+    __slots__ = ("epoch", "max_epochs", "partitions", "done", "assigned", "queued", "finished", "history")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MAX_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
-    LEASED_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNED_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
@@ -265,11 +265,11 @@ class DataProgress(_message.Message):
     max_epochs: int
     partitions: int
     done: int
-    leased: int
+    assigned: int
     queued: int
     finished: bool
     history: _containers.RepeatedCompositeFieldContainer[EpochRecord]
-    def __init__(self, epoch: _Optional[int] = ..., max_epochs: _Optional[int] = ..., partitions: _Optional[int] = ..., done: _Optional[int] = ..., leased: _Optional[int] = ..., queued: _Optional[int] = ..., finished: _Optional[bool] = ..., history: _Optional[_Iterable[_Union[EpochRecord, _Mapping]]] = ...) -> None: ...
+    def __init__(self, epoch: _Optional[int] = ..., max_epochs: _Optional[int] = ..., partitions: _Optional[int] = ..., done: _Optional[int] = ..., assigned: _Optional[int] = ..., queued: _Optional[int] = ..., finished: _Optional[bool] = ..., history: _Optional[_Iterable[_Union[EpochRecord, _Mapping]]] = ...) -> None: ...
 
 class EpochRecord(_message.Message):
     __slots__ = ("epoch", "completed_by")
@@ -304,11 +304,11 @@ class AcquirePartitionReply(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     NUM_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
-    status: LeaseStatus
+    status: AssignmentStatus
     epoch: int
     partition: int
     num_partitions: int
-    def __init__(self, status: _Optional[_Union[LeaseStatus, str]] = ..., epoch: _Optional[int] = ..., partition: _Optional[int] = ..., num_partitions: _Optional[int] = ...) -> None: ...
+    def __init__(self, status: _Optional[_Union[AssignmentStatus, str]] = ..., epoch: _Optional[int] = ..., partition: _Optional[int] = ..., num_partitions: _Optional[int] = ...) -> None: ...
 
 class CompletePartitionRequest(_message.Message):
     __slots__ = ("worker_id", "incarnation", "epoch", "partition")

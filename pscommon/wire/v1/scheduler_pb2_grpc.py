@@ -141,7 +141,8 @@ class SchedulerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AcquirePartition(self, request, context):
-        """Data leases: the next partition of the current data epoch for this worker.
+        """Partition assignments: the next partition of the current data epoch for this worker.
+        An assignment lapses with the worker's membership lease (a new incarnation loses it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

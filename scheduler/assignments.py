@@ -1,8 +1,9 @@
-"""Data leases as pure state transitions: partitions of the dataset per data epoch.
+"""Partition assignments as pure state transitions: partitions of the dataset per data epoch.
 
-The scheduler splits each data epoch into `num_partitions` partitions and leases them to
-workers one at a time. A finished partition is recorded once; a dead or departed worker's
-unfinished partitions go back to the front of the queue; an epoch ends when every
+The scheduler splits each data epoch into `num_partitions` partitions and assigns them to
+workers one at a time. An assignment is held by a (worker, incarnation) and lapses with that
+incarnation's membership lease. A finished partition is recorded once; a dead or departed
+worker's unfinished partitions go back to the front of the queue; an epoch ends when every
 partition is done, and the next one starts with a fresh queue. Workers derive the samples
 of (epoch, partition) themselves, so only small integers cross the wire.
 """
@@ -13,16 +14,16 @@ from typing import Mapping
 
 from shardps.pscommon.errors import FailedPrecondition, InvalidArgument
 
-LEASED, WAIT, DONE = "leased", "wait", "done"
+ASSIGNED, WAIT, DONE = "assigned", "wait", "done"
 
 
 @dataclasses.dataclass(frozen=True)
 class DataState:
-    num_partitions: int = 0          # 0: no data-leased training has started
+    num_partitions: int = 0          # 0: no training on assigned partitions has started
     max_epochs: int = 0
     epoch: int = 0
     queued: tuple[int, ...] = ()
-    leased: Mapping[int, tuple[int, int]] = dataclasses.field(default_factory=dict)  # p -> (worker, inc)
+    assigned: Mapping[int, tuple[int, int]] = dataclasses.field(default_factory=dict)  # p -> (worker, inc)
     done: Mapping[int, int] = dataclasses.field(default_factory=dict)                # p -> worker
     # who finished each partition of every finished epoch: epoch -> {partition: worker}
     history: Mapping[int, Mapping[int, int]] = dataclasses.field(default_factory=dict)
@@ -33,13 +34,13 @@ class DataState:
 
     def progress(self) -> dict:
         return {"epoch": self.epoch, "max_epochs": self.max_epochs, "partitions": self.num_partitions,
-                "done": len(self.done), "leased": len(self.leased), "queued": len(self.queued),
+                "done": len(self.done), "assigned": len(self.assigned), "queued": len(self.queued),
                 "finished": self.finished}
 
 
 def _fresh_epoch(state: DataState, epoch: int) -> DataState:
     return dataclasses.replace(state, epoch=epoch, queued=tuple(range(state.num_partitions)),
-                               leased={}, done={})
+                               assigned={}, done={})
 
 
 def configure(state: DataState, num_partitions: int, max_epochs: int) -> DataState:
@@ -59,18 +60,18 @@ def configure(state: DataState, num_partitions: int, max_epochs: int) -> DataSta
 
 
 def acquire(state: DataState, worker: int, incarnation: int) -> tuple[DataState, str, int]:
-    """(state, LEASED|WAIT|DONE, partition). WAIT: the queue is empty but others hold leases."""
+    """(state, ASSIGNED|WAIT|DONE, partition). WAIT: the queue is empty but others hold assignments."""
     if state.finished:
         return state, DONE, -1
-    for p, holder in state.leased.items():  # a retried acquire gets the same lease back
+    for p, holder in state.assigned.items():  # a retried acquire gets the same assignment back
         if holder == (worker, incarnation):
-            return state, LEASED, p
+            return state, ASSIGNED, p
     if not state.queued:
         return state, WAIT, -1
     p, rest = state.queued[0], state.queued[1:]
-    leased = dict(state.leased)
-    leased[p] = (worker, incarnation)
-    return dataclasses.replace(state, queued=rest, leased=leased), LEASED, p
+    assigned = dict(state.assigned)
+    assigned[p] = (worker, incarnation)
+    return dataclasses.replace(state, queued=rest, assigned=assigned), ASSIGNED, p
 
 
 def complete(state: DataState, worker: int, incarnation: int, epoch: int, partition: int) -> DataState:
@@ -79,16 +80,16 @@ def complete(state: DataState, worker: int, incarnation: int, epoch: int, partit
         return state  # a retried completion of a finished epoch's partition (reply lost)
     if epoch != state.epoch:
         raise FailedPrecondition(f"partition {partition} of data epoch {epoch} reported during epoch {state.epoch}")
-    if state.done.get(partition) == worker and partition not in state.leased:
+    if state.done.get(partition) == worker and partition not in state.assigned:
         return state  # a retried completion
-    if state.leased.get(partition) != (worker, incarnation):
+    if state.assigned.get(partition) != (worker, incarnation):
         raise FailedPrecondition(
-            f"partition {partition} is not leased to worker {worker} incarnation {incarnation}")
-    leased = dict(state.leased)
-    del leased[partition]
+            f"partition {partition} is not assigned to worker {worker} incarnation {incarnation}")
+    assigned = dict(state.assigned)
+    del assigned[partition]
     done = dict(state.done)
     done[partition] = worker
-    state = dataclasses.replace(state, leased=leased, done=done)
+    state = dataclasses.replace(state, assigned=assigned, done=done)
     if len(done) < state.num_partitions:
         return state
     history = dict(state.history)
@@ -98,16 +99,16 @@ def complete(state: DataState, worker: int, incarnation: int, epoch: int, partit
 
 def release(state: DataState, worker: int) -> DataState:
     """A worker died or left: its unfinished partitions go back to the front of the queue."""
-    back = sorted(p for p, (w, _) in state.leased.items() if w == worker)
+    back = sorted(p for p, (w, _) in state.assigned.items() if w == worker)
     if not back:
         return state
-    leased = {p: h for p, h in state.leased.items() if h[0] != worker}
-    return dataclasses.replace(state, leased=leased, queued=tuple(back) + state.queued)
+    assigned = {p: h for p, h in state.assigned.items() if h[0] != worker}
+    return dataclasses.replace(state, assigned=assigned, queued=tuple(back) + state.queued)
 
 
 def to_json(state: DataState) -> dict:
     return {"num_partitions": state.num_partitions, "max_epochs": state.max_epochs, "epoch": state.epoch,
-            "queued": list(state.queued), "leased": {str(p): list(h) for p, h in state.leased.items()},
+            "queued": list(state.queued), "assigned": {str(p): list(h) for p, h in state.assigned.items()},
             "done": {str(p): w for p, w in state.done.items()},
             "history": {str(e): {str(p): w for p, w in c.items()} for e, c in state.history.items()}}
 
@@ -116,6 +117,7 @@ def from_json(data: dict) -> DataState:
     return DataState(
         num_partitions=int(data["num_partitions"]), max_epochs=int(data["max_epochs"]),
         epoch=int(data["epoch"]), queued=tuple(int(p) for p in data["queued"]),
-        leased={int(p): (int(h[0]), int(h[1])) for p, h in data["leased"].items()},
+        # "leased": the key before assignments were named apart from membership leases
+        assigned={int(p): (int(h[0]), int(h[1])) for p, h in data.get("assigned", data.get("leased", {})).items()},
         done={int(p): int(w) for p, w in data["done"].items()},
         history={int(e): {int(p): int(w) for p, w in c.items()} for e, c in data["history"].items()})
