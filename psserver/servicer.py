@@ -48,6 +48,15 @@ def _as_float32(meta: tensor_pb2.TensorMeta, value: np.ndarray) -> np.ndarray:
     return value if value.dtype == np.float32 else value.astype(np.float32)
 
 
+def _no_gradient(meta: tensor_pb2.TensorMeta, payload, kind: str) -> None:
+    """A key a push names without a gradient: no bytes may come with it."""
+    if kind != "Push":
+        raise InvalidArgument(f"tensor {meta.name!r} is marked no_gradient in a {kind}: only pushes may skip a key")
+    if len(payload):
+        raise InvalidArgument(f"tensor {meta.name!r} is marked no_gradient but carries {len(payload)} payload bytes")
+    return None
+
+
 def _check_key_spec(k: Key) -> None:
     if k.dtype != tensor_pb2.DTYPE_FLOAT32:
         raise InvalidArgument(f"key {k.key!r}: dtype {k.dtype} is not DTYPE_FLOAT32 (servers keep float32)")
@@ -82,7 +91,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     # -- helpers -------------------------------------------------------------------------
     def _tensors(self, chunks, kind: str, own: bool = False):
-        """Decode chunks (Frames or TensorChunks) into {name: array}, all validated.
+        """Decode chunks (Frames or TensorChunks) into {name: array}, all validated; a key a
+        push marks `no_gradient` maps to None.
 
         own=True copies each array as it arrives, so its received bytes are freed at once
         rather than held beside the copies until the stream ends (a Declare's values become
@@ -100,6 +110,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 raise InvalidArgument(f"tensor {meta.name!r} sent twice in one {kind}")
             if len(out) >= self.limits.max_keys_per_call:
                 raise InvalidArgument(f"more than {self.limits.max_keys_per_call} tensors in one {kind}")
+            if meta.no_gradient:
+                out[meta.name] = _no_gradient(meta, payload, kind)
+                continue
             start = time.perf_counter()
             value = _as_float32(meta, codecs.decode(meta, payload, self.limits.max_elements))
             out[meta.name] = np.array(value, dtype=np.float32) if own else value
@@ -141,6 +154,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         if len({k.key for k in keys}) != len(keys):
             raise InvalidArgument("Declare header lists a key twice")
         values, _ = self._tensors(self._stream_chunks(request_iterator, "Declare"), "Declare", own=True)
+        no_value = [name for name, v in values.items() if v is None]
+        if no_value:
+            raise InvalidArgument(f"Declare marks keys {no_value[:5]} no_gradient: a declaration carries values")
         created, existing = self.shard.declare(header.model_fingerprint, keys, values)
         return ps_pb2.DeclareReply(created=created, existing=existing)
 
@@ -216,7 +232,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def _push(self, header, chunks):
         self._check_shard(header.shard)
         self._check_model(header.model_fingerprint)
-        grads, received = self._tensors(chunks, "Push")
+        tensors, received = self._tensors(chunks, "Push")
+        grads = {name: g for name, g in tensors.items() if g is not None}
+        # keys without a gradient this step must still be this shard's: a typo is not a skip
+        self.shard.check_keys_exist([name for name, g in tensors.items() if g is None])
         version, duplicate, staleness = self.shard.push(
             header.caller.worker_id, header.caller.incarnation, header.step, header.base_version, grads)
         if not duplicate:

@@ -190,6 +190,11 @@ class Shard:
             return encode(entry.value)
 
     # -- push ----------------------------------------------------------------------------
+    def check_keys_exist(self, keys: Iterable[str]) -> None:
+        missing = [k for k in keys if k not in self.entries]
+        if missing:
+            raise NotFound(f"keys {missing[:5]} are not on shard {self.shard_id}")
+
     def check_push_keys(self, grads: dict[str, np.ndarray]) -> None:
         for key, g in grads.items():
             entry = self.entries.get(key)

@@ -18,7 +18,6 @@ import signal
 import threading
 from concurrent import futures
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -163,8 +162,8 @@ class PSClient:
         except BaseException:
             stream.abandon()
             raise
-        for n in stream.missing():  # parameters that took no part in this step's graph
-            stream.add(n, np.zeros(self.params[n].numel(), np.float32))
+        for n in stream.missing():  # grad None: no part in this step's graph, or frozen
+            stream.skip(n)
         incarnation = self.client.incarnation
         try:
             stream.finish()

@@ -307,14 +307,17 @@ class ShardClient:
             self.traffic.decode_s += decode_s
 
     # -- push ----------------------------------------------------------------------------
-    def push(self, grads: dict[str, np.ndarray]) -> list[ps_pb2.PushReply]:
+    def push(self, grads: dict[str, np.ndarray], no_gradient: tuple[str, ...] = ()) -> list[ps_pb2.PushReply]:
         """Push flat float32 gradients (by parameter name) for the current clock, then advance it.
+        Parameters in `no_gradient` had none this step: the servers leave them untouched.
 
         Raises Aborted in sync mode when the step completed without this worker: pull again.
         """
         stream = self.start_push(eager=False)
         for name, g in grads.items():
             stream.add(name, g)
+        for name in no_gradient:
+            stream.skip(name)
         return stream.finish()
 
     def start_push(self, eager: bool = True) -> StreamingPush:

@@ -15,7 +15,7 @@ import numpy as np
 
 from shardps.pscommon.errors import Aborted, DeadlineExceeded, InvalidArgument
 from shardps.pscommon.framing import batch, chunk_frames
-from shardps.pscommon.wire.v1 import ps_pb2
+from shardps.pscommon.wire.v1 import ps_pb2, tensor_pb2
 
 # (shard, step, base_version, feed) -> the shard's reply: ShardClient.send_push
 SendPush = Callable[[int, int, int, "_Feed"], ps_pb2.PushReply]
@@ -73,13 +73,21 @@ def push_call(header: ps_pb2.PushHeader, frames: Callable[[], list | object], ba
 def encoded_frames(feed: _Feed, encode, sizes: dict[str, int]):
     """The chunk frames of a feed's gradients. `encode(key, grad, pre)` gives (meta, payload)
     and is called once per key per step (the caller caches), so a retry resends the same
-    bytes and error feedback never takes a residual twice."""
+    bytes and error feedback never takes a residual twice. A key without a gradient goes as
+    a payload-free meta marked no_gradient (its residual stays for the next step)."""
     sizes["logical"] = sizes["wire"] = 0  # a retry sends everything again
     for k, g, pre in feed:
+        if g is None and pre is None:
+            yield from chunk_frames(no_gradient_meta(k), b"")
+            continue
         meta, payload = encode(k, g, pre)
         sizes["logical"] += k.nbytes
         sizes["wire"] += memoryview(payload).nbytes
         yield from chunk_frames(meta, payload)
+
+
+def no_gradient_meta(k) -> tensor_pb2.TensorMeta:
+    return tensor_pb2.TensorMeta(name=k.key, dtype=tensor_pb2.DTYPE_FLOAT32, shape=[k.length], no_gradient=True)
 
 
 class StreamingPush:
@@ -119,6 +127,12 @@ class StreamingPush:
             return None, (p.meta(), view[p.start:p.start + p.size])
         self._add(name, part)
 
+    def skip(self, name: str) -> None:
+        """Parameter `name` has no gradient this step (torch's grad None): its keys go as
+        no_gradient, so the servers leave its value and optimizer state untouched, and its
+        error-feedback residual waits for the next step that has a gradient."""
+        self._add(name, lambda k: (None, None))
+
     def _add(self, name: str, item) -> None:
         with self.lock:
             if name in self.seen:
@@ -143,13 +157,16 @@ class StreamingPush:
             feed.abandon()
 
     def missing(self) -> list[str]:
+        """Parameters neither added nor skipped yet."""
         return [p.name for p in self.client.shard_map.params if p.name not in self.seen]
 
     def finish(self) -> list[ps_pb2.PushReply]:
-        """Wait for every shard's stream; then the clock moves to the next step."""
+        """Wait for every shard's stream; then the clock moves to the next step. Every
+        parameter must have been added or skipped: a forgotten one is a caller's bug."""
         missing = self.missing()
         if missing:
-            raise InvalidArgument(f"no gradient for parameters {missing[:5]} in step {self.step}")
+            raise InvalidArgument(f"no gradient for parameters {missing[:5]} in step {self.step}: "
+                                  "add() it, or skip() it when it had none")
         shards = [s for s, feed in self.feeds.items() if feed.expected]  # a shard may hold no keys
         if not self.eager and len(shards) == 1:  # one call: no hand-off to a pool thread
             replies = [self._send(shards[0])]

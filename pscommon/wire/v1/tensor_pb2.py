@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%shardps/pscommon/wire/v1/tensor.proto\x12\x18shardps.pscommon.wire.v1\" \n\nInt8Params\x12\x12\n\nblock_size\x18\x01 \x01(\r\"\x17\n\nTopKParams\x12\t\n\x01k\x18\x01 \x01(\x04\"p\n\x0eLosslessParams\x12\x35\n\talgorithm\x18\x01 \x01(\x0e\x32\".shardps.pscommon.wire.v1.Lossless\x12\x10\n\x08raw_size\x18\x02 \x01(\x04\x12\x15\n\rshuffle_width\x18\x03 \x01(\r\"\xd7\x02\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1f.shardps.pscommon.wire.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12.\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x1f.shardps.pscommon.wire.v1.Codec\x12\x34\n\x04int8\x18\x05 \x01(\x0b\x32$.shardps.pscommon.wire.v1.Int8ParamsH\x00\x12\x34\n\x04topk\x18\x06 \x01(\x0b\x32$.shardps.pscommon.wire.v1.TopKParamsH\x00\x12:\n\x08lossless\x18\x07 \x01(\x0b\x32(.shardps.pscommon.wire.v1.LosslessParams\x12\x14\n\x0cpayload_size\x18\x08 \x01(\x04\x42\x0e\n\x0c\x63odec_params\"_\n\x0bTensorChunk\x12\x32\n\x04meta\x18\x01 \x01(\x0b\x32$.shardps.pscommon.wire.v1.TensorMeta\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0e\n\nDTYPE_INT8\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0f\n\x0b\x44TYPE_INT32\x10\x08\x12\x0f\n\x0b\x44TYPE_INT64\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n*m\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\r\n\tCODEC_RAW\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_BF16\x10\x03\x12\x0e\n\nCODEC_INT8\x10\x04\x12\x0e\n\nCODEC_TOPK\x10\x05*\\\n\x08Lossless\x12\x18\n\x14LOSSLESS_UNSPECIFIED\x10\x00\x12\x11\n\rLOSSLESS_NONE\x10\x01\x12\x11\n\rLOSSLESS_ZSTD\x10\x02\x12\x10\n\x0cLOSSLESS_LZ4\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%shardps/pscommon/wire/v1/tensor.proto\x12\x18shardps.pscommon.wire.v1\" \n\nInt8Params\x12\x12\n\nblock_size\x18\x01 \x01(\r\"\x17\n\nTopKParams\x12\t\n\x01k\x18\x01 \x01(\x04\"p\n\x0eLosslessParams\x12\x35\n\talgorithm\x18\x01 \x01(\x0e\x32\".shardps.pscommon.wire.v1.Lossless\x12\x10\n\x08raw_size\x18\x02 \x01(\x04\x12\x15\n\rshuffle_width\x18\x03 \x01(\r\"\xec\x02\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1f.shardps.pscommon.wire.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12.\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x1f.shardps.pscommon.wire.v1.Codec\x12\x34\n\x04int8\x18\x05 \x01(\x0b\x32$.shardps.pscommon.wire.v1.Int8ParamsH\x00\x12\x34\n\x04topk\x18\x06 \x01(\x0b\x32$.shardps.pscommon.wire.v1.TopKParamsH\x00\x12:\n\x08lossless\x18\x07 \x01(\x0b\x32(.shardps.pscommon.wire.v1.LosslessParams\x12\x14\n\x0cpayload_size\x18\x08 \x01(\x04\x12\x13\n\x0bno_gradient\x18\t \x01(\x08\x42\x0e\n\x0c\x63odec_params\"_\n\x0bTensorChunk\x12\x32\n\x04meta\x18\x01 \x01(\x0b\x32$.shardps.pscommon.wire.v1.TensorMeta\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*\xcf\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0e\n\nDTYPE_INT8\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0f\n\x0b\x44TYPE_INT32\x10\x08\x12\x0f\n\x0b\x44TYPE_INT64\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\n*m\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\r\n\tCODEC_RAW\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_BF16\x10\x03\x12\x0e\n\nCODEC_INT8\x10\x04\x12\x0e\n\nCODEC_TOPK\x10\x05*\\\n\x08Lossless\x12\x18\n\x14LOSSLESS_UNSPECIFIED\x10\x00\x12\x11\n\rLOSSLESS_NONE\x10\x01\x12\x11\n\rLOSSLESS_ZSTD\x10\x02\x12\x10\n\x0cLOSSLESS_LZ4\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardps.pscommon.wire.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=684
-  _globals['_DTYPE']._serialized_end=891
-  _globals['_CODEC']._serialized_start=893
-  _globals['_CODEC']._serialized_end=1002
-  _globals['_LOSSLESS']._serialized_start=1004
-  _globals['_LOSSLESS']._serialized_end=1096
+  _globals['_DTYPE']._serialized_start=705
+  _globals['_DTYPE']._serialized_end=912
+  _globals['_CODEC']._serialized_start=914
+  _globals['_CODEC']._serialized_end=1023
+  _globals['_LOSSLESS']._serialized_start=1025
+  _globals['_LOSSLESS']._serialized_end=1117
   _globals['_INT8PARAMS']._serialized_start=67
   _globals['_INT8PARAMS']._serialized_end=99
   _globals['_TOPKPARAMS']._serialized_start=101
@@ -44,7 +44,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOSSLESSPARAMS']._serialized_start=126
   _globals['_LOSSLESSPARAMS']._serialized_end=238
   _globals['_TENSORMETA']._serialized_start=241
-  _globals['_TENSORMETA']._serialized_end=584
-  _globals['_TENSORCHUNK']._serialized_start=586
-  _globals['_TENSORCHUNK']._serialized_end=681
+  _globals['_TENSORMETA']._serialized_end=605
+  _globals['_TENSORCHUNK']._serialized_start=607
+  _globals['_TENSORCHUNK']._serialized_end=702
 # @@protoc_insertion_point(module_scope)

@@ -81,7 +81,7 @@ class LosslessParams(_message.Message):
     def __init__(self, algorithm: _Optional[_Union[Lossless, str]] = ..., raw_size: _Optional[int] = ..., shuffle_width: _Optional[int] = ...) -> None: ...
 
 class TensorMeta(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "codec", "int8", "topk", "lossless", "payload_size")
+    __slots__ = ("name", "dtype", "shape", "codec", "int8", "topk", "lossless", "payload_size", "no_gradient")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class TensorMeta(_message.Message):
     TOPK_FIELD_NUMBER: _ClassVar[int]
     LOSSLESS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NO_GRADIENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -98,7 +99,8 @@ class TensorMeta(_message.Message):
     topk: TopKParams
     lossless: LosslessParams
     payload_size: int
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., int8: _Optional[_Union[Int8Params, _Mapping]] = ..., topk: _Optional[_Union[TopKParams, _Mapping]] = ..., lossless: _Optional[_Union[LosslessParams, _Mapping]] = ..., payload_size: _Optional[int] = ...) -> None: ...
+    no_gradient: bool
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[_Union[Codec, str]] = ..., int8: _Optional[_Union[Int8Params, _Mapping]] = ..., topk: _Optional[_Union[TopKParams, _Mapping]] = ..., lossless: _Optional[_Union[LosslessParams, _Mapping]] = ..., payload_size: _Optional[int] = ..., no_gradient: _Optional[bool] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("meta", "offset", "data")
