@@ -151,19 +151,42 @@ class Backoff:
         return (rng or random).uniform(0, upper)
 
 
+# a wait says what it waits for soon after it starts, then every few seconds: silence for a
+# minute reads as a hang
+FIRST_NOTICE_S = 2.0
+NOTICE_EVERY_S = 5.0
+
+
+def notice_due(waited_s: float, notices: int, first_s: float = FIRST_NOTICE_S,
+               every_s: float = NOTICE_EVERY_S) -> bool:
+    """Whether a wait that has lasted `waited_s` and said so `notices` times should say so again."""
+    return waited_s >= first_s + notices * every_s
+
+
 def retry(fn: Callable[[], T], deadline_s: float, backoff: Backoff = Backoff(),
           retry_on: Callable[[PSError], bool] = lambda e: e.retryable,
-          sleep: Callable[[float], None] = time.sleep) -> T:
-    """Call fn until it succeeds, a non-retryable error occurs, or deadline_s passes."""
-    end = time.monotonic() + deadline_s
-    attempt = 0
+          sleep: Callable[[float], None] = time.sleep,
+          waiting: Callable[[PSError, float], None] | None = None,
+          now: Callable[[], float] = time.monotonic) -> T:
+    """Call fn until it succeeds, a non-retryable error occurs, or deadline_s passes.
+
+    `waiting(last_error, seconds_so_far)` is called soon after the first failure and then every
+    few seconds (`notice_due`), so a caller can say what it is waiting for.
+    """
+    start = now()
+    end = start + deadline_s
+    attempt = notices = 0
     while True:
         try:
             return fn()
         except PSError as exc:
-            if not retry_on(exc) or time.monotonic() >= end:
+            if not retry_on(exc) or now() >= end:
                 raise
-            pause = min(backoff.delay(attempt), max(0.0, end - time.monotonic()))
+            waited = now() - start
+            if waiting is not None and notice_due(waited, notices):
+                waiting(exc, waited)
+                notices += 1
+            pause = min(backoff.delay(attempt), max(0.0, end - now()))
             log.debug("retrying after %s: %.3fs", exc, pause)
             sleep(pause)
             attempt += 1

@@ -107,7 +107,8 @@ class Session:
     def _join(self, worker_id: int) -> Identity:
         req = scheduler_pb2.JoinWorkerRequest(name=self.cfg.name, worker_id=worker_id)
         reply = grpcutil.retry(lambda: grpcutil.call(self._sched.JoinWorker, req, self.cfg.control_timeout_s),
-                               self.cfg.connect_timeout_s)
+                               self.cfg.connect_timeout_s, waiting=self._waiting_for("the scheduler at "
+                                                                                     + self.cfg.scheduler))
         with self._lock:
             self._job = JobSpec.from_proto(reply.job)
             current = self._identity
@@ -168,10 +169,20 @@ class Session:
         def ready():
             info = self.job_info()
             alive = self.live_servers(info)
-            if len(alive) < info.job.num_servers:
-                raise Unavailable(f"{len(alive)} of {info.job.num_servers} servers registered")
+            missing = sorted(set(range(info.job.num_servers)) - set(alive))
+            if missing:
+                raise Unavailable(f"no live server for shard{'s' if len(missing) > 1 else ''} "
+                                  f"{', '.join(map(str, missing))} ({len(alive)} of {info.job.num_servers} "
+                                  "registered)")
             return alive
-        return grpcutil.retry(ready, self.cfg.connect_timeout_s, backoff=grpcutil.Backoff(0.05, 0.5))
+        return grpcutil.retry(ready, self.cfg.connect_timeout_s, backoff=grpcutil.Backoff(0.05, 0.5),
+                              waiting=self._waiting_for("the servers"))
+
+    def _waiting_for(self, what: str):
+        def say(exc: PSError, waited_s: float) -> None:
+            log.warning("waiting for %s: %s (%.0f s so far, giving up after %.0f s; --connect-timeout)",
+                        what, exc, waited_s, self.cfg.connect_timeout_s)
+        return say
 
     def wait_for_workers(self, n: int) -> None:
         """Block until at least `n` workers are alive (a start gate, so a sync job's first

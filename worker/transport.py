@@ -63,8 +63,16 @@ class Transport:
                 if isinstance(exc, Unavailable):
                     self.refresh()
                 raise exc from None
-        return grpcutil.retry(attempt, self._retry_deadline_s,
+        def waiting(exc: PSError, waited_s: float) -> None:
+            log.warning("waiting for shard %d at %s: %s (%.0f s so far, giving up after %.0f s)",
+                        shard, self.address(shard), exc, waited_s, self._retry_deadline_s)
+        return grpcutil.retry(attempt, self._retry_deadline_s, waiting=waiting,
                               retry_on=lambda e: e.retryable and not isinstance(e, Aborted))
+
+    def address(self, shard: int) -> str:
+        with self._lock:
+            current = self._stubs.get(shard)
+        return current[0] if current else "(no server known)"
 
     def submit(self, fn: Callable[..., T], *args) -> futures.Future:
         return self._pool.submit(fn, *args)

@@ -197,3 +197,31 @@ def test_streaming_handler_crash_becomes_internal(stub):
         list(stub("StreamCrash", stream=True))
     assert exc.value.code() == grpc.StatusCode.INTERNAL
     assert "KeyError" in exc.value.details()
+
+
+# -- waits that say what they wait for ---------------------------------------------------------
+@pytest.mark.parametrize("waited,notices,due", [
+    (0.0, 0, False), (1.9, 0, False), (2.0, 0, True), (6.9, 1, False), (7.0, 1, True), (30.0, 1, True),
+    (30.0, 6, False)])
+def test_a_wait_says_so_after_two_seconds_then_every_five(waited, notices, due):
+    assert grpcutil.notice_due(waited, notices) is due
+
+
+def test_retry_reports_its_wait_with_the_last_error():
+    """A wait of fake seconds: fn fails until its tenth call; `waiting` hears of it on schedule."""
+    clock = [0.0]
+    calls, heard = [], []
+
+    def fn():
+        calls.append(clock[0])
+        if len(calls) < 10:
+            raise errors.Unavailable(f"no server yet ({len(calls)})")
+        return "up"
+
+    def sleep(s):
+        clock[0] += 1.0
+
+    got = grpcutil.retry(fn, 60, sleep=sleep, waiting=lambda exc, s: heard.append((str(exc), s)),
+                         now=lambda: clock[0])
+    assert got == "up"
+    assert heard == [("no server yet (3)", 2.0), ("no server yet (8)", 7.0)]
