@@ -6,6 +6,7 @@ Validation errors are `InvalidArgument` with a message that names the bad value.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 
 from shardps.pscommon.errors import InvalidArgument
@@ -33,6 +34,13 @@ LOSSLESS = {
     "zstd": tensor_pb2.LOSSLESS_ZSTD,
     "lz4": tensor_pb2.LOSSLESS_LZ4,
 }
+
+
+def _unknown(what: str, name: str, known, given: str | None = None) -> str:
+    """`what` NAME is not one of ...; with the closest valid name when there is one."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{what} {given or name!r} is not one of {sorted(known)}{hint}"
 
 
 def _name_of(table: dict, value: int) -> str:
@@ -100,7 +108,7 @@ class CodecConfig:
 
     def __post_init__(self):
         if self.name not in CODECS:
-            raise InvalidArgument(f"codec {self.name!r} is not one of {sorted(CODECS)}")
+            raise InvalidArgument(_unknown("codec", self.name, CODECS))
         if not 0.0 < self.topk_density <= 1.0:
             raise InvalidArgument(f"topk density {self.topk_density} must be in (0, 1]")
         if not 1 <= self.int8_block_size <= 1 << 20:
@@ -110,6 +118,8 @@ class CodecConfig:
     def parse(cls, text: str, *, error_feedback: bool = True) -> "CodecConfig":
         """`fp32`, `fp16`, `bf16`, `int8[:BLOCK]`, `topk[:DENSITY]`."""
         name, _, arg = text.strip().lower().partition(":")
+        if name not in CODECS:  # the name first: a misspelt topk:0.01 is not "takes no parameter"
+            raise InvalidArgument(_unknown("codec", name, CODECS, given=text))
         if name == "topk" and arg:
             try:
                 density = float(arg)
@@ -121,7 +131,7 @@ class CodecConfig:
                 raise InvalidArgument(f"codec {text!r}: block size {arg!r} is not an integer")
             return cls(name="int8", int8_block_size=int(arg), error_feedback=error_feedback)
         if arg:
-            raise InvalidArgument(f"codec {text!r} takes no parameter")
+            raise InvalidArgument(f"codec {text!r}: {name} takes no parameter (only topk:DENSITY and int8:BLOCK do)")
         return cls(name=name, error_feedback=error_feedback)
 
     @property

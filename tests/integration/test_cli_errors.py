@@ -18,6 +18,8 @@ CASES = {
     "worker-unwritable-metrics": (["worker", "--scheduler", "127.0.0.1:1", "--steps", "1",
                                    "--metrics-out", "/nonexistent-dir/m.jsonl"], "/nonexistent-dir/m.jsonl"),
     "scheduler-nesterov-without-momentum": (["scheduler", "--nesterov"], "nesterov"),
+    "misspelt-codec-with-a-parameter": (["scheduler", "--push-codec", "tpok:0.01"], "did you mean 'topk'?"),
+    "misspelt-pull-codec": (["scheduler", "--pull-codec", "bf61"], "did you mean 'bf16'?"),
 }
 
 
