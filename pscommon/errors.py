@@ -56,6 +56,13 @@ class StaleIncarnation(FailedPrecondition):
     or a newer incarnation exists. A worker recovers by joining again under its id."""
 
 
+class ShardHeld(FailedPrecondition):
+    """A server registered for a shard whose server still holds a live lease. The message and
+    the metadata name the holder (member, incarnation, address) and `retry_after_s`, how long
+    until its lease lapses: a restarted server waits that long for its crashed predecessor's
+    lease, anyone else is refused for as long as the holder heartbeats."""
+
+
 class NotFound(PSError):
     code = grpc.StatusCode.NOT_FOUND
 
@@ -91,12 +98,19 @@ class Cancelled(PSError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Unimplemented(PSError):
+    """The peer does not serve this method: most often an address of another role (a server's
+    address where the scheduler's belongs), or not shardps at all."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class Internal(PSError):
     code = grpc.StatusCode.INTERNAL
 
 
-_CLASSES = (InvalidArgument, FailedPrecondition, StaleIncarnation, NotFound, Unauthenticated,
-            ResourceExhausted, Unavailable, DeadlineExceeded, Aborted, Cancelled, Internal)
+_CLASSES = (InvalidArgument, FailedPrecondition, StaleIncarnation, ShardHeld, NotFound, Unauthenticated,
+            ResourceExhausted, Unavailable, DeadlineExceeded, Aborted, Cancelled, Unimplemented, Internal)
 # a status without our ErrorInfo (another server, grpc itself) is typed by its code alone
 _BY_CODE = {cls.code: cls for cls in _CLASSES if cls.__bases__ == (PSError,)}
 _BY_REASON = {cls.reason: cls for cls in _CLASSES}

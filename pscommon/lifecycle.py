@@ -65,13 +65,30 @@ def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 4 << 30, ar
     return bool(ok_mmap and ok_trim and ok_arena)
 
 
+LOOPBACK = "127.0.0.1"
+_WILDCARDS = {"", "0.0.0.0", "::", "[::]", "*"}
+
+
+def default_metrics_host(listen: str | None) -> str:
+    """Where /metrics binds unless told: the daemon's own listen host, so the endpoint is
+    reachable exactly where its gRPC port is; loopback when that is a wildcard or there is
+    none (workers). /metrics has no token or TLS, so a wildcard gRPC listen (protected by
+    them) must not open it to every interface by itself: ask with --metrics-host 0.0.0.0."""
+    if not listen:
+        return LOOPBACK
+    host = listen.rpartition(":")[0]
+    if host in _WILDCARDS:
+        return LOOPBACK
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 @dataclasses.dataclass(frozen=True)
 class DaemonOptions:
     """What every daemon shares: security, the metrics endpoint, reflection."""
 
     security: Security = NO_SECURITY
     metrics_port: int | None = None     # None: no /metrics endpoint; 0: any free port
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = LOOPBACK        # psctl: default_metrics_host(--listen)
     reflection: bool = False
 
     def __post_init__(self):

@@ -19,8 +19,9 @@ from shardps.pscommon.stats import Histogram as PSHistogram
 RPC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-def serve(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0"):
-    """Start the /metrics endpoint; returns the (server, thread) pair."""
+def serve(port: int, registry: CollectorRegistry, addr: str = "127.0.0.1"):
+    """Start the /metrics endpoint; returns the (server, thread) pair. Loopback unless asked:
+    the endpoint has no authentication."""
     return start_http_server(port, addr=addr, registry=registry)
 
 

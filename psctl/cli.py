@@ -11,8 +11,9 @@ import sys
 import threading
 
 from shardps.pscommon.config import CodecConfig, JobSpec, OptimizerConfig
-from shardps.pscommon.errors import PSError
-from shardps.pscommon.lifecycle import DaemonOptions, install_stop_handlers, setup_logging, tune_malloc
+from shardps.pscommon.errors import DeadlineExceeded, PSError, Unavailable, Unimplemented
+from shardps.pscommon.lifecycle import (DaemonOptions, default_metrics_host, install_stop_handlers, setup_logging,
+                                        tune_malloc)
 from shardps.pscommon.security import Security, TLSConfig, read_token
 
 EXIT_USAGE = 2
@@ -85,7 +86,9 @@ def _add_security_flags(p: argparse.ArgumentParser) -> None:
 def _add_daemon_flags(p: argparse.ArgumentParser, reflection: bool = True) -> None:
     _add_security_flags(p)
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
-    p.add_argument("--metrics-host", default="0.0.0.0")
+    p.add_argument("--metrics-host", default=None,
+                   help="address /metrics binds (it has no authentication): default the --listen host, "
+                        "or 127.0.0.1 when that is a wildcard or there is none; 0.0.0.0 for every interface")
     if reflection:
         p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection (grpcurl)")
 
@@ -99,8 +102,9 @@ def security_from_args(a) -> Security:
 
 
 def options_from_args(a) -> DaemonOptions:
+    host = a.metrics_host if a.metrics_host is not None else default_metrics_host(getattr(a, "listen", None))
     return DaemonOptions(security=security_from_args(a), metrics_port=a.metrics_port,
-                         metrics_host=a.metrics_host, reflection=getattr(a, "reflection", False))
+                         metrics_host=host, reflection=getattr(a, "reflection", False))
 
 
 def build_parser() -> Parser:
@@ -123,6 +127,9 @@ def build_parser() -> Parser:
     p.add_argument("--ready-file", default=None)
     p.add_argument("--checkpoint-dir", default=None, help="write checkpoints here; restore from here at start")
     p.add_argument("--checkpoint-every", type=float, default=30.0, help="seconds between checkpoints")
+    p.add_argument("--start-empty-if-unreadable", action="store_true",
+                   help="when every checkpoint in --checkpoint-dir is unusable, start this shard empty "
+                        "instead of refusing to start (its trained state is lost)")
     _add_daemon_flags(p)
 
     p = sub.add_parser("worker", help="run a training worker")
@@ -178,7 +185,10 @@ def build_parser() -> Parser:
             p.add_argument("--sample", type=int, default=4, help="values shown per tensor")
     p = sub.add_parser("export", help="gather every shard into one safetensors file")
     p.add_argument("--scheduler", type=_address, required=True)
-    p.add_argument("--out", required=True, help="path of the .safetensors file to write")
+    p.add_argument("--out", required=True, help="path of the .safetensors file to write (a new or regular "
+                   "file; never a device, FIFO or directory)")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="if --out is a symlink, replace the file it points to (refused otherwise)")
     p.add_argument("--timeout", type=float, default=60.0)
     _add_security_flags(p)
 
@@ -196,7 +206,7 @@ def build_parser() -> Parser:
 
 def _run_export(a) -> int:
     from shardps.psctl import export
-    return export.run(a.scheduler, a.out, a.timeout, security_from_args(a))
+    return export.run(a.scheduler, a.out, a.timeout, security_from_args(a), follow_symlinks=a.follow_symlinks)
 
 
 def _run_checkpoint(a) -> int:
@@ -223,7 +233,9 @@ def _run_server(a) -> int:
     install_stop_handlers(stop)
     return run(ServerConfig(scheduler=a.scheduler, listen=a.listen, advertise=a.advertise or "",
                             shard_id=a.shard_id, ready_file=a.ready_file, checkpoint_dir=a.checkpoint_dir,
-                            checkpoint_every_s=a.checkpoint_every, options=options_from_args(a)), stop)
+                            checkpoint_every_s=a.checkpoint_every,
+                            start_empty_if_unreadable=a.start_empty_if_unreadable,
+                            options=options_from_args(a)), stop)
 
 
 def _run_worker(a) -> int:
@@ -266,7 +278,20 @@ COMMANDS = {"scheduler": _run_scheduler, "server": _run_server, "worker": _run_w
             "export": _run_export, "plot": _run_plot, "checkpoint": _run_checkpoint}
 
 
+def _wrong_role(a, exc: PSError) -> str | None:
+    """When a call to --scheduler found no Scheduler there, what it found instead."""
+    address = getattr(a, "scheduler", None)
+    if not address or not isinstance(exc, (Unimplemented, Unavailable, DeadlineExceeded)):
+        return None
+    from shardps.psctl import reach  # only on this error path: it imports urllib
+    try:
+        return reach.wrong_role(address, "--scheduler", "scheduler", security_from_args(a))
+    except PSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    a = None
     try:
         a = build_parser().parse_args(argv)
         setup_logging(a.log_level)
@@ -277,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
     except PSError as exc:
-        print(f"psctl: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(_wrong_role(a, exc) or f"psctl: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import pathlib
+import stat
 import threading
 
 import numpy as np
@@ -116,11 +117,39 @@ def gather(scheduler: str, timeout: float, security: Security = NO_SECURITY
         client.leave()  # an observer never joined: this only stops its thread pool
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISLNK, "a symlink that does not resolve"))
+
+
+def target(out: pathlib.Path, follow_symlinks: bool = False) -> pathlib.Path:
+    """The file the export replaces: `out` itself, or with `follow_symlinks` the file a
+    symlink at `out` points to. Refused (InvalidArgument): a symlink without
+    `follow_symlinks` (someone who can write the directory could have planted it), and
+    anything that exists but is not a regular file: the rename would replace a device node
+    or a FIFO with our file, and a directory cannot be replaced at all."""
+    if out.is_symlink():
+        if not follow_symlinks:
+            raise InvalidArgument(f"refusing to write {out}: it is a symlink (to {os.readlink(out)!r}); "
+                                  f"pass --follow-symlinks to replace the file it points to")
+        out = pathlib.Path(os.path.realpath(out))
+    try:
+        mode = os.lstat(out).st_mode
+    except FileNotFoundError:
+        return out
+    except OSError as exc:
+        raise InvalidArgument(f"cannot write {out}: {exc.strerror or exc}") from None
+    for is_kind, kind in _KINDS:
+        if is_kind(mode):
+            raise InvalidArgument(f"refusing to write {out}: it is {kind}, not a regular file")
+    if not stat.S_ISREG(mode):
+        raise InvalidArgument(f"refusing to write {out}: it is not a regular file")
+    return out
+
+
 def _check_writable(out: pathlib.Path) -> None:
     """Create the output's parent and check it takes a new file: before contacting the
     cluster, so a bad path fails before a large model is pulled."""
-    if out.is_dir():
-        raise InvalidArgument(f"cannot write {out}: it is a directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -129,11 +158,14 @@ def _check_writable(out: pathlib.Path) -> None:
         raise InvalidArgument(f"cannot write {out}: {out.parent} is not writable")
 
 
-def write(out: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> int:
-    """Write `tensors` to `out` atomically (temp file, fsync, rename); returns the file size."""
+def write(out: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str],
+          follow_symlinks: bool = False) -> int:
+    """Write `tensors` to `out` atomically (temp file, fsync, rename); returns the file size.
+    The path is checked again just before the rename: gathering a large model takes long
+    enough for it to change."""
     from safetensors.numpy import save_file
 
-    out = pathlib.Path(out)
+    out = target(pathlib.Path(out), follow_symlinks)
     arrays = {n: np.ascontiguousarray(a, np.float32) for n, a in tensors.items()}
     try:
         write_atomic(out, lambda tmp: save_file(arrays, tmp, metadata))
@@ -142,11 +174,12 @@ def write(out: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict
     return out.stat().st_size
 
 
-def run(scheduler: str, out: str, timeout: float, security: Security = NO_SECURITY) -> int:
+def run(scheduler: str, out: str, timeout: float, security: Security = NO_SECURITY,
+        follow_symlinks: bool = False) -> int:
     path = pathlib.Path(out)
-    _check_writable(path)
+    _check_writable(target(path, follow_symlinks))
     tensors, metadata = gather(scheduler, timeout, security)
-    size = write(path, tensors, metadata)
+    size = write(path, tensors, metadata, follow_symlinks)
     versions = json.loads(metadata[META_PREFIX + "shard_versions"])
     print(f"{path}: {len(tensors)} tensors, {size} bytes "
           f"(model {metadata[META_PREFIX + 'model_fingerprint']}, shard versions "

@@ -97,17 +97,27 @@ def _fmt_bytes(n: int) -> str:
         n /= 1024
 
 
+def shown(text) -> str:
+    """A stored string as the text views print it: characters a terminal would act on
+    (control characters, escapes, line breaks, bidi overrides) as repr-style escapes, since
+    names and addresses come from callers and from state files older versions wrote."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def render_status(s: dict) -> str:
     job = s["job"]
-    lines = [f"mode {s['mode']}" + (f"(staleness {job['staleness']})" if s["mode"] == "ssp" else "")
-             + f"  optimizer {job['optimizer']['kind']} lr {job['optimizer']['lr']:g}"
-             + f"  push {job['push_codec']}  pull {job['pull_codec']}",
-             f"membership view {s['view']}  model {s['model_fingerprint'] or '-'} ({s['keys']} keys)"
+    lines = [f"mode {shown(s['mode'])}" + (f"(staleness {job['staleness']})" if s["mode"] == "ssp" else "")
+             + f"  optimizer {shown(job['optimizer']['kind'])} lr {job['optimizer']['lr']:g}"
+             + f"  push {shown(job['push_codec'])}  pull {shown(job['pull_codec'])}",
+             f"membership view {s['view']}  model {shown(s['model_fingerprint']) or '-'} ({s['keys']} keys)"
              f"  uptime {s['uptime_s']:.0f}s", "",
              "workers:", f"  {'id':>3} {'inc':>4} {'state':<6} {'clock':>7} {'lease age':>9}  name"]
     for w in s["workers"]:
         lines.append(f"  {w['id']:>3} {w['incarnation']:>4} {w['state']:<6} {w['clock']:>7} "
-                     f"{w['lease_age_s']:>8.1f}s  {w['name']}")
+                     f"{w['lease_age_s']:>8.1f}s  {shown(w['name'])}")
     d = s["data"]
     if d["partitions"]:
         lines += ["", f"data: epoch {d['epoch']}/{d['max_epochs']}  partitions {d['done']} done, "
@@ -116,10 +126,11 @@ def render_status(s: dict) -> str:
               f"{'version':>8} {'upd/s':>7} {'stale':>6} {'wire':>6}"]
     for v in s["servers"]:
         if "keys" not in v:
-            lines.append(f"  {v['shard']:>5} {v['state']:<6} {v['address']:<21} {v.get('error', '')}")
+            lines.append(f"  {v['shard']:>5} {v['state']:<6} {shown(v['address']):<21} "
+                         f"{shown(v.get('error', ''))}")
             continue
         ratio = v["push_traffic"]["ratio"]
-        lines.append(f"  {v['shard']:>5} {v['state']:<6} {v['address']:<21} {v['keys']:>5} "
+        lines.append(f"  {v['shard']:>5} {v['state']:<6} {shown(v['address']):<21} {v['keys']:>5} "
                      f"{_fmt_bytes(v['bytes']):>10} {v['version']:>8} {v['update_rate']:>7.1f} "
                      f"{v['staleness']['mean']:>6.2f} {(f'{ratio:.2f}x' if ratio else '-'):>6}")
     return "\n".join(lines)
@@ -165,12 +176,13 @@ def _numel(shape) -> int:
 
 
 def render_inspect(d: dict) -> str:
-    lines = [f"model {d['model_fingerprint'] or '-'}"]
+    lines = [f"model {shown(d['model_fingerprint']) or '-'}"]
     for s in d["shards"]:
-        lines.append(f"shard {s['shard']} at {s['address']}" + (f": {s['error']}" if "error" in s else ""))
+        lines.append(f"shard {s['shard']} at {shown(s['address'])}"
+                     + (f": {shown(s['error'])}" if "error" in s else ""))
         for t in s["tensors"]:
             sample = ", ".join(f"{x:.4g}" for x in t["sample"])
-            lines.append(f"  {t['name']:<28} {str(t['shape']):<14} {t['dtype']:<8} v{t['version']:<7} "
+            lines.append(f"  {shown(t['name']):<28} {str(t['shape']):<14} {t['dtype']:<8} v{t['version']:<7} "
                          f"|x|={t['norm']:<10.4g} [{sample}]")
     return "\n".join(lines)
 

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 import threading
+import time
 
 import grpc
 from google.protobuf import json_format
 
 from shardps.pscommon import framing, grpcutil
 from shardps.pscommon.config import JobSpec
-from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, NotFound, PSError, from_rpc_error
+from shardps.pscommon.errors import (FailedPrecondition, InvalidArgument, NotFound, PSError, ShardHeld,
+                                      from_rpc_error)
 from shardps.pscommon.lifecycle import DaemonOptions, Telemetry, write_ready_file
 from shardps.pscommon.wire.v1 import ps_pb2, scheduler_pb2, scheduler_pb2_grpc
+from shardps.psserver import checkpoint
 from shardps.psserver.checkpoint import Checkpointer, CheckpointStore
 from shardps.psserver.metrics import ShardCollector
 from shardps.psserver.servicer import Limits, ParameterServerServicer
@@ -35,6 +39,8 @@ class ServerConfig:
     limits: Limits = Limits()
     checkpoint_dir: str | None = None
     checkpoint_every_s: float = 30.0
+    # every checkpoint in checkpoint_dir refused: start the shard empty instead of refusing to start
+    start_empty_if_unreadable: bool = False
     options: DaemonOptions = DaemonOptions()
     interceptors: tuple = ()       # extra grpc.ServerInterceptors, after the built-in ones (tests: faults)
 
@@ -51,6 +57,7 @@ def checkpoint_job(job) -> dict:
 
 
 EXIT_REPLACED = 3  # another server took this shard over while we were away
+HELD_LOG_EVERY_S = 5.0  # how often a server waiting for its shard says what it waits for
 
 
 def successor(servers, shard: int, incarnation: int):
@@ -85,12 +92,35 @@ class ServerProcess:
         self.lease = None
 
     def _register(self) -> scheduler_pb2.RegisterServerReply:
+        """Register for our shard, retrying until `register_timeout_s`. At start a ShardHeld
+        refusal is waited out: the holder is most often this server's own predecessor, crashed
+        and restarted at once, whose lease lapses within a heartbeat timeout. Once we have held
+        the shard (registering again after our lease was refused) it means a successor holds
+        it: no waiting, the heartbeat loop finds the successor and steps down."""
         advertise = self.cfg.advertise or self.address
         shard = self.shard.shard_id if self.shard else self.cfg.shard_id
         req = scheduler_pb2.RegisterServerRequest(address=advertise, shard=shard)
-        return grpcutil.retry(
-            lambda: grpcutil.call(self.sched.RegisterServer, req, grpcutil.CONTROL_TIMEOUT_S),
-            self.cfg.register_timeout_s)
+        end = time.monotonic() + self.cfg.register_timeout_s
+        logged_at = None
+        while True:
+            try:
+                return grpcutil.retry(
+                    lambda: grpcutil.call(self.sched.RegisterServer, req, grpcutil.CONTROL_TIMEOUT_S),
+                    max(0.0, end - time.monotonic()))
+            except ShardHeld as exc:
+                now = time.monotonic()
+                if self.lease is not None or now >= end:
+                    raise
+                if logged_at is None or now - logged_at >= HELD_LOG_EVERY_S:
+                    log.warning("%s; waiting", exc)
+                    logged_at = now
+                try:
+                    lapse = float(exc.metadata.get("retry_after_s", 0.0))
+                except ValueError:
+                    lapse = 0.0
+                # past the lapse by a reaper's tick; never longer than a second, so that a
+                # holder that leaves (drains) early frees the shard for us at once
+                self.stop.wait(min(max(lapse, 0.0) + 0.05, 1.0, max(0.0, end - now)))
 
     def start(self) -> None:
         reply = self._register()
@@ -115,29 +145,41 @@ class ServerProcess:
         write_ready_file(self.cfg.ready_file, self.address)
 
     def _restore(self, reply) -> None:
-        """Adopt this shard's newest good checkpoint, if any; refuse one from another job."""
+        """Adopt this shard's newest good checkpoint, if any (checkpoint.choose_restore decides);
+        refuse one from another job, and a folder where every checkpoint is unusable."""
         job_json = checkpoint_job(reply.job)
         store = CheckpointStore(self.cfg.checkpoint_dir, reply.shard)
         self.checkpointer = Checkpointer(self.shard, store, job_json)
-        snap = store.latest()
+        found, refused = store.newest()
+        snap = checkpoint.choose_restore(found, refused, job_json, self.cfg.start_empty_if_unreadable, store.dir)
         if snap is None:
+            if refused:
+                log.warning("%s; starting shard %d empty, as --start-empty-if-unreadable asks",
+                            checkpoint.unusable_message(store.dir, refused), reply.shard)
             return
-        if snap.job != job_json:
-            raise FailedPrecondition(
-                f"checkpoint in {store.dir} was written for another job spec ({snap.job.get('mode')}, "
-                f"{snap.job.get('optimizer', {}).get('kind')}); refusing to restore it")
-        self.shard.restore(snap)
+        for r in refused:
+            log.error("checkpoint %s refused: %s; restoring an older one", r.path, r.why)
+        try:
+            self.shard.restore(snap)
+        except FailedPrecondition as exc:
+            raise FailedPrecondition(f"checkpoint {snap.path}: {exc}") from None
         self.checkpointer.last_version = snap.shard_version
-        log.info("shard %d restored from %s: version %d, %d keys", reply.shard, store.dir,
+        self.checkpointer.last_path = pathlib.Path(snap.path)
+        log.info("shard %d restored from %s: version %d, %d keys", reply.shard, snap.path,
                  snap.shard_version, len(snap.keys))
 
     def _checkpoint_loop(self) -> None:
+        """Runs until stop, whatever a checkpoint raises: a failed one leaves due() true, so the
+        next interval tries again; a full disk costs checkpoints, never the shard."""
         while not self.stop.wait(self.cfg.checkpoint_every_s):
-            if self.checkpointer.due() and self._lease_holds():
-                try:
+            try:
+                if self.checkpointer.due() and self._lease_holds():
                     self.checkpointer.write()
-                except OSError as exc:  # a full disk must not take the shard down
-                    log.error("checkpoint failed: %s", exc)
+            except PSError:
+                pass   # the checkpointer logged the cause and counted it
+            except Exception:  # noqa: BLE001 - a bug here must not end the timer either
+                log.exception("checkpoint timer: unexpected error; trying again in %.1fs",
+                              self.cfg.checkpoint_every_s)
 
     def _heartbeat(self, incarnation: int) -> PSError | None:
         """One heartbeat: the scheduler's refusal of our lease, or None (also when it cannot
@@ -229,19 +271,26 @@ class ServerProcess:
             self.stop.wait(backoff.delay(attempt))
             attempt += 1
 
-    def drain(self) -> None:
-        """NOT_SERVING, refuse new calls, let in-flight ones finish, leave."""
+    def drain(self) -> bool:
+        """NOT_SERVING, refuse new calls, let in-flight ones finish, write the final checkpoint,
+        leave. False when the final checkpoint failed (the checkpointer logged why): the shard
+        leaves all the same, since holding it would only delay the restart that recovers it."""
         self.stop.set()
         grpcutil.set_serving(self.health, SERVICE, False)
         self.grpc_server.stop(self.cfg.drain_grace_s).wait()
         if self.stepped_down.is_set():
             self.telemetry.stop()      # our lease and our copy of the shard are someone else's now
-            return
+            return True
+        saved = True
         if self.checkpointer is not None and self._lease_holds():
-            self.checkpointer.write()  # the final checkpoint: nothing applied is lost
+            try:
+                self.checkpointer.write(final=True)  # nothing applied is lost
+            except PSError:
+                saved = False
         self._leave()
         self.telemetry.stop()
         log.info("shard %d drained", self.shard.shard_id if self.shard else -1)
+        return saved
 
     def _leave(self) -> None:
         if self.lease is None:
@@ -254,10 +303,24 @@ class ServerProcess:
             log.debug("leave failed: %s", exc)
 
 
+EXIT_CHECKPOINT_FAILED = 1  # drained, but the final checkpoint could not be written
+
+
 def run(cfg: ServerConfig, stop: threading.Event) -> int:
     proc = ServerProcess(cfg)
     proc.on_step_down = stop.set
-    proc.start()
+    try:
+        proc.start()
+    except BaseException:
+        # registered but refusing to serve (an unusable checkpoint folder, another job's
+        # checkpoint): leave, so the shard is not held by a member that will never answer
+        proc.stop.set()
+        proc.grpc_server.stop(0)
+        proc.telemetry.stop()
+        proc._leave()
+        raise
     stop.wait()
-    proc.drain()
-    return EXIT_REPLACED if proc.stepped_down.is_set() else 0
+    saved = proc.drain()
+    if proc.stepped_down.is_set():
+        return EXIT_REPLACED
+    return 0 if saved else EXIT_CHECKPOINT_FAILED

@@ -49,6 +49,12 @@ class ShardCollector:
         age = self.checkpointer.age_s() if self.checkpointer else -1.0
         yield _gauge("shardps_server_checkpoint_age_seconds", "Seconds since the last checkpoint (-1: none).",
                      label, age)
+        if self.checkpointer is not None:
+            yield _counter("shardps_server_checkpoints_total", "Checkpoints written (timer, request, drain).",
+                           label, self.checkpointer.written)
+            yield _counter("shardps_server_checkpoint_failures_total", "Checkpoints that failed to write "
+                           "(disk full, EFBIG, permissions, ...); the log names each cause.", label,
+                           self.checkpointer.failures)
 
 
 def _totals(table) -> tuple[int, int, float]:

@@ -14,7 +14,7 @@ from shardps.pscommon import sharding
 from shardps.pscommon.config import JobSpec
 from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, StaleIncarnation
 from shardps.pscommon.wire.v1 import job_pb2, scheduler_pb2
-from shardps.scheduler import assignments
+from shardps.scheduler import assignments, bounds
 from shardps.scheduler import membership as mb
 from shardps.scheduler.persist import read_json, write_json_atomic
 
@@ -120,7 +120,7 @@ class SchedulerCore:
 
     def declare_model(self, params: list[sharding.Param]) -> sharding.ShardMap:
         """Fix the parameter set once; the same set again is a no-op, another is refused."""
-        proposed = sharding.build(params, self.job.num_servers, self.job.slice_bytes)
+        proposed = bounds.check_shard_map(sharding.build(params, self.job.num_servers, self.job.slice_bytes))
         with self.cond:
             if self.shard_map is None:
                 self.shard_map = proposed

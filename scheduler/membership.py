@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, NotFound, StaleIncarnation
+from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, NotFound, ShardHeld, StaleIncarnation
 
 WORKER, SERVER = "worker", "server"
 ALIVE, DEAD, LEFT = "alive", "dead", "left"
@@ -82,19 +82,50 @@ def join_worker(ms: Membership, now: float, ttl: float, name: str = "",
                  next_incarnation=ms.next_incarnation + 1), member
 
 
+MAX_ADDRESS = 255   # a DNS name is at most 253 characters, plus ":port"
+
+
+def check_address(address: str) -> None:
+    """A server's advertised address is shown to operators and dialled by workers: host:port,
+    printable, no whitespace, bounded."""
+    if len(address) > MAX_ADDRESS:
+        raise InvalidArgument(f"server address of {len(address)} characters; at most {MAX_ADDRESS}")
+    if not address.isprintable() or any(c.isspace() for c in address):
+        raise InvalidArgument(f"server address {address!r} has control or space characters")
+    if ":" not in address:
+        raise InvalidArgument(f"server address {address!r} is not host:port")
+
+
+def holder(ms: Membership, shard: int, now: float) -> Member | None:
+    """The server holding `shard` at `now`: alive with a lease that has not run out. A lease
+    past its expiry counts as lapsed even before the reaper marks the member dead."""
+    m = ms.server_for(shard)
+    return m if m is not None and m.lease_expires > now else None
+
+
 def register_server(ms: Membership, now: float, ttl: float, address: str, shard: int,
                     num_shards: int) -> tuple[Membership, Member]:
-    """A server for `shard` (-1: the lowest shard with no live server). A server registering
-    for a shard that has one replaces it: the old process is gone (crash and restart)."""
+    """A server for `shard` (-1: the lowest shard with no holder). A shard whose server holds
+    a live lease is refused (ShardHeld): registration is unauthenticated beyond the job's
+    token, and replacing a heartbeating server would hand its workers to whoever asked. Once
+    the holder's lease has lapsed (a crash, a pause, a partition) a registration replaces it
+    under the same member id and a new incarnation."""
+    if shard >= num_shards:
+        raise InvalidArgument(f"shard {shard} out of range: the job has {num_shards} shards")
+    check_address(address)
     if shard < 0:
-        free = [s for s in range(num_shards) if ms.server_for(s) is None]
+        free = [s for s in range(num_shards) if holder(ms, s, now) is None]
         if not free:
             raise FailedPrecondition(f"all {num_shards} shards have a live server")
         shard = free[0]
-    if shard >= num_shards:
-        raise InvalidArgument(f"shard {shard} out of range: the job has {num_shards} shards")
-    if not address or ":" not in address:
-        raise InvalidArgument(f"server address {address!r} is not host:port")
+    held = holder(ms, shard, now)
+    if held is not None:
+        left = held.lease_expires - now
+        raise ShardHeld(
+            f"shard {shard} is held by member {held.member_id} incarnation {held.incarnation} at "
+            f"{held.address} (lease lapses in {left:.1f} s)",
+            shard=shard, member=held.member_id, incarnation=held.incarnation, address=held.address,
+            retry_after_s=f"{left:.3f}")
     previous = [m for m in ms.members.values() if m.role == SERVER and m.shard == shard]
     if previous:
         member_id, next_id = previous[0].member_id, ms.next_id

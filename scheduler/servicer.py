@@ -1,11 +1,10 @@
 """The Scheduler gRPC servicer: a thin layer that applies membership transitions."""
 from __future__ import annotations
 
-from shardps.pscommon import sharding
-from shardps.pscommon.errors import InvalidArgument, servicer_errors
+from shardps.pscommon.errors import servicer_errors
 from shardps.pscommon.wire.v1 import scheduler_pb2 as pb
 from shardps.pscommon.wire.v1 import scheduler_pb2_grpc
-from shardps.scheduler import assignments
+from shardps.scheduler import assignments, bounds
 from shardps.scheduler import membership as mb
 from shardps.scheduler.core import SchedulerCore
 
@@ -61,21 +60,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @servicer_errors
     def JoinWorker(self, request, context):
-        if len(request.name) > 256:
-            raise InvalidArgument("worker name longer than 256 characters")
-        rejoin = request.worker_id if request.worker_id > 0 else None  # 0 and -1: a new worker
-        m = self.core.join_worker(request.name, rejoin)
+        name = bounds.check_worker_name(request.name)
+        m = self.core.join_worker(name, bounds.rejoin_id(request.worker_id))
         return pb.JoinWorkerReply(lease=_lease(m, self.core.ttl), job=self.core.job.to_proto(),
                                   view=self.core.members.view, start_clock=m.clock)
 
     @servicer_errors
     def Heartbeat(self, request, context):
+        bounds.check_clock(request.clock, "heartbeat")
         clock = request.clock if request.role == pb.ROLE_WORKER else None
         view = self.core.heartbeat(request.member_id, request.incarnation, clock)
         return pb.HeartbeatReply(view=view)
 
     @servicer_errors
     def Leave(self, request, context):
+        bounds.check_clock(request.clock, "leave")
         clock = request.clock if request.role == pb.ROLE_WORKER else None
         return pb.LeaveReply(view=self.core.leave(request.member_id, request.incarnation, clock))
 
@@ -85,8 +84,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @servicer_errors
     def DeclareModel(self, request, context):
-        params = [sharding.Param(p.name, p.dtype, tuple(p.shape)) for p in request.params]
-        self.core.declare_model(params)
+        self.core.declare_model(bounds.declared_params(request.params, self.core.job.slice_bytes))
         return self._job_info()
 
     @servicer_errors

@@ -443,6 +443,8 @@ def test_k8s_rendered_command_parses_and_wires_up(comp, fake_psctl, tmp_path):
         assert a.checkpoint_dir == mount_path(w, c, claim), "--checkpoint-dir is not on the shard's PVC"
         assert a.checkpoint_every > 0
     assert a.metrics_port == port_of(w, "metrics")
+    # Prometheus scrapes the pod IP; psctl's default for /metrics is loopback
+    assert a.metrics_host == "0.0.0.0", f"{comp}: --metrics-host {a.metrics_host}"
     token_vol = volume_by(w, lambda v: v.get("secret", {}).get("secretName") == "shardps-token")
     secret = next(v for v in w["spec"]["template"]["spec"]["volumes"] if v["name"] == token_vol)["secret"]
     token_path = next(i["path"] for i in secret["items"] if i["key"] == "token")
@@ -517,6 +519,8 @@ def test_compose_command_lines_parse_and_wire_up():
             assert svc["depends_on"][sched_name]["condition"] == "service_healthy"
         secret = next(iter(svc["secrets"]))
         assert secret in top["secrets"] and a.token_file == f"/run/secrets/{secret}", name
+        # published ports reach the container's interface, not its loopback (psctl's default)
+        assert a.metrics_port is None or a.metrics_host == "0.0.0.0", f"{name}: --metrics-host {a.metrics_host}"
     checkpoint_volumes = []
     for name in servers:
         a, svc = parsed[name], services[name]

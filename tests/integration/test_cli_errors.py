@@ -1,12 +1,15 @@
 """A bad flag or an unreachable address: exit code 2, one line on stderr, no traceback.
 
-Fast tier: each case is one short `psctl` process; none starts a daemon.
+Fast tier: each case is one short `psctl` process; none starts a daemon (the wrong-role test,
+which starts a scheduler and a server, is in the slow tier).
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from .helpers import run_psctl
+from .helpers import poll, run_psctl
 
 CASES = {
     "worker-without-scheduler": (["worker"], "--scheduler"),
@@ -32,3 +35,37 @@ def test_usage_error_is_one_line_exit_2(args, mentions):
     assert mentions in lines[0], f"the message should name {mentions!r}: {lines[0]!r}"
     assert "Traceback" not in r.stdout + r.stderr
     assert r.stdout == "", f"nothing belongs on stdout: {r.stdout!r}"
+
+
+# -- a verb pointed at the wrong role says what it reached -----------------------------------
+WRONG_ROLE_VERBS = {
+    "status": ["status"], "inspect": ["inspect"], "checkpoint": ["checkpoint"],
+    "export": ["export", "--out", "{tmp}/model.safetensors"],
+    "worker": ["worker", "--steps", "1", "--no-progress"],
+}
+
+
+@pytest.mark.slow
+def test_every_verb_names_the_role_it_reached_instead_of_the_scheduler(procs, tmp_path):
+    sched = procs.scheduler("--servers", "1", "--metrics-port", "0")
+    server = procs.server(sched.address, 0, "--metrics-port", "0")
+    for verb, args in WRONG_ROLE_VERBS.items():
+        argv = [a.format(tmp=tmp_path) for a in args] + ["--scheduler", server.address]
+        r = run_psctl(*argv, "--timeout", "10") if verb != "worker" else run_psctl(*argv)
+        assert r.returncode == 2, (verb, r.returncode, r.stderr)
+        assert r.stderr.strip().splitlines()[-1] == (
+            f"psctl: {server.address} is a shardps parameter server (shard 0); "
+            "--scheduler wants the scheduler's gRPC address"), (verb, r.stderr)
+        assert "Traceback" not in r.stderr
+    metrics = metrics_address(sched)
+    r = run_psctl("status", "--scheduler", metrics, "--timeout", "10")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"psctl: {metrics} is the Prometheus metrics endpoint of a shardps scheduler; "
+        "--scheduler wants the scheduler's gRPC address"), r.stderr
+
+
+def metrics_address(proc) -> str:
+    """host:port of the /metrics endpoint a daemon logged at start-up."""
+    found = poll(lambda: re.search(r"metrics on http://([0-9.]+:\d+)/metrics", proc.log_text()), 30,
+                 what=f"{proc.name} to log its metrics address")
+    return found.group(1)

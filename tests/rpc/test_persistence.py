@@ -10,7 +10,10 @@ its address and carries on. A checkpoint of another job spec is refused.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
+import shutil
 import threading
 
 import grpc
@@ -22,7 +25,9 @@ from shardps.pscommon.config import JobSpec, OptimizerConfig
 from shardps.pscommon.errors import FailedPrecondition, Unavailable
 from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2 as pb, scheduler_pb2_grpc, tensor_pb2
 from shardps.psserver.checkpoint import CheckpointStore
-from shardps.psserver.daemon import ServerConfig, ServerProcess
+from shardps.psserver import daemon
+from shardps.psserver.daemon import ServerConfig, ServerProcess, run
+from shardps.psserver.metrics import ShardCollector
 from shardps.scheduler.core import STATE_FILE
 from shardps.scheduler.daemon import SchedulerConfig, SchedulerProcess
 from shardps.worker.client import ClientConfig, ShardClient
@@ -476,10 +481,119 @@ def test_a_checkpoint_of_another_job_spec_is_refused(tmp_path, closing):
     proc = ServerProcess(ServerConfig(scheduler=sched.address, shard_id=0, checkpoint_dir=str(tmp_path / "ckpt"),
                                       checkpoint_every_s=3600))
     try:
-        with pytest.raises(FailedPrecondition, match="another job spec"):
+        with pytest.raises(FailedPrecondition) as err:
             proc.start()
     finally:
         proc.stop.set()
         proc.grpc_server.stop(0).wait()
+    message = str(err.value)
+    assert "another job spec" in message and "\n" not in message
+    assert str(tmp_path / "ckpt" / "shard-0" / "ckpt-00000001.json") in message
+    assert "optimizer.lr: checkpoint 0.01, job 0.5" in message
     # nothing was served from it and the checkpoint is left as it was
     assert sorted(p.name for p in (tmp_path / "ckpt" / "shard-0").iterdir()) == files
+
+
+# -- checkpoints that never stop, stall or lie ---------------------------------------------------
+def _break_directory(path) -> None:
+    """The checkpoint folder is replaced by a file: every write into it fails with ENOTDIR, a
+    real filesystem error (root ignores permission bits, so chmod would not do)."""
+    shutil.rmtree(path)
+    path.write_text("not a directory")
+
+
+def _mend_directory(path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def test_a_failing_disk_never_stops_the_checkpoint_timer(tmp_path, closing, caplog):
+    caplog.set_level(logging.INFO, logger="shardps")
+    c = ServerCluster(tmp_path, checkpoint_every_s=0.2)
+    closing(c)
+    proc = c.servers[0]
+    store = CheckpointStore(c.ckpt_dir, 0)
+    c.step(0)
+    poll(lambda: (store.latest() or None) and store.latest().shard_version == 1, what="a first checkpoint")
+    _break_directory(store.dir)
+    c.step(1)
+    # every interval tries again, fails, says why and counts it; the shard keeps serving
+    poll(lambda: proc.checkpointer.failures >= 3, what="three failed checkpoint attempts")
+    failures = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+                and "checkpoint" in r.getMessage() and "Not a directory [ENOTDIR]" in r.getMessage()]
+    assert len(failures) >= 3 and all(str(store.dir) in m for m in failures)
+    assert not any(r.exc_info for r in caplog.records if r.name.startswith("shardps"))
+    c.step(2)
+    assert proc.shard.version == 3
+    family = {s.name: s.value for f in ShardCollector(proc.shard, proc.checkpointer).collect() for s in f.samples}
+    assert family["shardps_server_checkpoint_failures_total"] >= 3
+    # the disk comes back: the next interval writes what was missed
+    _mend_directory(store.dir)
+    snap = poll(lambda: (lambda s: s if s and s.shard_version == 3 else None)(store.latest()),
+                what="a checkpoint at version 3 once the folder is back")
+    assert snap.ledger == {str(c.client.worker_id): [c.client.incarnation, 2]}
+
+
+def test_a_drain_without_its_final_checkpoint_still_leaves_and_exits_1(tmp_path, closing, caplog):
+    caplog.set_level(logging.INFO, logger="shardps")
+    sched = SchedulerProcess(SchedulerConfig(job=JOB))
+    sched.start()
+    closing(sched)
+    client = Client(sched.address)
+    closing(client)
+    ready, stop = tmp_path / "server.addr", threading.Event()
+    cfg = ServerConfig(scheduler=sched.address, shard_id=0, ready_file=str(ready),
+                       checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_s=3600, drain_grace_s=1.0)
+    running = Background(run, cfg, stop)
+    try:
+        poll(ready.exists, what="the server to be ready")
+        assert [s.state for s in client.status().servers] == [ALIVE]
+        _break_directory(tmp_path / "ckpt" / "shard-0")
+    finally:
+        stop.set()
+    assert running.join(TIMEOUT_S) == daemon.EXIT_CHECKPOINT_FAILED == 1
+    assert [s.state for s in client.status().servers] == [LEFT]
+    lines = [r for r in caplog.records if "final checkpoint" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.ERROR and not lines[0].exc_info
+    assert "Not a directory [ENOTDIR]" in lines[0].getMessage() and "\n" not in lines[0].getMessage()
+
+
+def _unreadable_checkpoints(shard_dir) -> None:
+    shard_dir.mkdir(parents=True)
+    (shard_dir / "ckpt-00000001.json").write_text('{"format": "shardps-shard-checkp')
+    (shard_dir / "ckpt-00000002.json").write_text('{"format": "shardps-shard-checkpoint/1", "extra": 1}')
+
+
+def test_a_directory_of_unreadable_checkpoints_refuses_to_start_unless_told(tmp_path, closing, caplog):
+    sched = SchedulerProcess(SchedulerConfig(job=JOB))
+    sched.start()
+    closing(sched)
+    client = Client(sched.address)
+    closing(client)
+    shard_dir = tmp_path / "ckpt" / "shard-0"
+    _unreadable_checkpoints(shard_dir)
+    cfg = ServerConfig(scheduler=sched.address, shard_id=0, checkpoint_dir=str(tmp_path / "ckpt"),
+                       checkpoint_every_s=3600)
+    stop = threading.Event()
+    refused = Background(run, cfg, stop)
+    try:
+        with pytest.raises(FailedPrecondition) as err:
+            refused.join(TIMEOUT_S)
+    finally:
+        stop.set()
+    message = str(err.value)
+    assert "\n" not in message and str(shard_dir) in message
+    assert re.search(r"ckpt-00000002\.json: .+ckpt-00000001\.json: unreadable", message), message
+    assert "--start-empty-if-unreadable" in message
+    # it registered before it looked at the folder: it leaves rather than hold the shard dead
+    assert [s.state for s in client.status().servers] == [LEFT]
+    assert sorted(p.name for p in shard_dir.iterdir()) == ["ckpt-00000001.json", "ckpt-00000002.json"]
+
+    caplog.set_level(logging.WARNING, logger="shardps")
+    proc = ServerProcess(dataclasses.replace(cfg, start_empty_if_unreadable=True))
+    proc.start()
+    closing(proc)
+    assert proc.shard.entries == {} and proc.shard.version == 0
+    warned = [r.getMessage() for r in caplog.records if "--start-empty-if-unreadable" in r.getMessage()]
+    assert len(warned) == 1 and "ckpt-00000001.json" in warned[0] and "ckpt-00000002.json" in warned[0]
+    assert [s.state for s in client.status().servers] == [ALIVE]

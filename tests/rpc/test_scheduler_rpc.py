@@ -124,7 +124,11 @@ def test_register_servers_and_get_job(sched):
     assert info.job.mode == job_pb2.MODE_SSP and info.job.staleness == 3
     assert info.shard_map.fingerprint == ""
 
-    # shard 0 restarts elsewhere: same member id, new incarnation, old incarnation stale
+    # shard 0's server holds a live lease: nobody else gets the shard (tests/security)
+    assert code_of(s.stub.RegisterServer, pb.RegisterServerRequest(address="127.0.0.1:7009", shard=0),
+                   timeout=TIMEOUT_S) == grpc.StatusCode.FAILED_PRECONDITION
+    # once it has left, shard 0 restarts elsewhere: same member id, new incarnation, old one stale
+    s.leave(r0.lease.member_id, r0.lease.incarnation, role=pb.ROLE_SERVER)
     again = s.stub.RegisterServer(pb.RegisterServerRequest(address="127.0.0.1:7009", shard=0), timeout=TIMEOUT_S)
     assert again.lease.member_id == r0.lease.member_id and again.lease.incarnation > r1.lease.incarnation
     assert code_of(s.heartbeat, r0.lease.member_id, r0.lease.incarnation, role=pb.ROLE_SERVER) == \

@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pathlib
+import re
+import shutil
 import struct
+import threading
 
 import numpy as np
 import pytest
 from google.protobuf import json_format
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from shardps.pscommon import sharding
 from shardps.pscommon.config import JobSpec, OptimizerConfig
-from shardps.pscommon.errors import FailedPrecondition
+from shardps.pscommon.errors import FailedPrecondition, Internal
 from shardps.pscommon.wire.v1 import tensor_pb2
 from shardps.psserver import checkpoint
 from shardps.psserver.checkpoint import KEEP, Checkpointer, CheckpointStore
+from shardps.psserver.metrics import ShardCollector
 from shardps.psserver.shard import Shard, WorkerView
 
 F32 = tensor_pb2.DTYPE_FLOAT32
@@ -236,11 +241,11 @@ CORRUPTIONS = [
     (_truncate, r"ckpt-00000002\.safetensors is corrupt \(sha256 mismatch\)"),
     (_flip_byte, r"ckpt-00000002\.safetensors is corrupt \(sha256 mismatch\)"),
     (_delete_tensors, r"tensors file ckpt-00000002\.safetensors is missing"),
-    (_garbage_json, r"ckpt-00000002\.json is unreadable"),
-    (_truncated_json, r"ckpt-00000002\.json is unreadable"),
+    (_garbage_json, r"ckpt-00000002\.json: unreadable"),
+    (_truncated_json, r"ckpt-00000002\.json: unreadable"),
     (_wrong_format, r"unknown format 'someone-elses-checkpoint/9'"),
     (_wrong_shard, r"is of shard 3, not 0"),
-    (_missing_field, r"ckpt-00000002\.json is missing a field: 'ledger'"),
+    (_missing_field, r"ckpt-00000002\.json: missing field 'ledger'"),
     (_not_safetensors, r"ckpt-00000002\.safetensors cannot be parsed"),
 ]
 
@@ -360,3 +365,267 @@ def test_the_tensors_file_is_plain_safetensors_without_pickle(tmp_path):
     for name, arr in expected.items():
         assert loaded[name].dtype == np.float32
         np.testing.assert_array_equal(loaded[name], arr)
+
+
+# -- the shard's lock is held for a copy, not for the write ------------------------------------
+PROBE_TIMEOUT_S = 20.0   # only reached when the lock is (wrongly) held through the write
+
+
+def test_the_shard_lock_is_free_while_the_tensors_file_is_written(tmp_path, monkeypatch):
+    """A push started while the tensors file is being written finishes before the write does,
+    and the checkpoint holds the state of the moment the copy was taken, not a torn mix."""
+    job = _job()
+    shard, smap = _declared(job)
+    _train(shard, smap, range(2))
+    before = _state(shard)
+    store, writer = _store_and_writer(tmp_path, shard, job)
+    real_save = checkpoint.save_tensors
+    seen = {}
+
+    def probing_save(tensors, path):
+        pushed = threading.Event()
+
+        def push():
+            shard.push(1, INCARNATION, 2, shard.version, _grads(smap, 77))
+            pushed.set()
+        threading.Thread(target=push, daemon=True).start()
+        seen["push finished during the write"] = pushed.wait(PROBE_TIMEOUT_S)
+        real_save(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_tensors", probing_save)
+    writer.write()
+    assert seen == {"push finished during the write": True}
+    assert shard.version == before["shard_version"] + 1
+    snap = store.latest()
+    assert snap.shard_version == before["shard_version"] == writer.last_version
+    restored = _fresh(job)
+    restored.restore(snap)
+    assert _state(restored) == before
+    assert writer.due()                     # the push that came during the write is not in it yet
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_snapshot_is_a_copy_that_later_pushes_do_not_change(mode):
+    job = _job(mode)
+    shard, smap = _declared(job)
+    _train(shard, smap, range(2))
+    shard.push(1, INCARNATION, 2, shard.version, _grads(smap, 21))   # sync: a step in progress
+    before = _state(shard)
+    snap = shard.snapshot({"mode": mode})
+    frozen = {name: arr.copy() for name, arr in snap.tensors.items()}
+    pending = [n for n in snap.tensors if n.endswith(checkpoint.STATE_SEP + checkpoint.PENDING)]
+    assert bool(pending) == (mode == "sync")
+    shard.push(2, INCARNATION, 2, shard.version, _grads(smap, 22))
+    _train(shard, smap, range(3, 5))
+    assert shard.version > before["shard_version"] == snap.shard_version
+    for name, arr in snap.tensors.items():
+        np.testing.assert_array_equal(arr, frozen[name])
+        assert not any(np.shares_memory(arr, e.value) for e in shard.entries.values())
+    for key, e in shard.entries.items():
+        assert snap.tensors[key].tobytes() == before["values"][key]
+
+
+# -- the sidecar's schema ------------------------------------------------------------------------
+def _edit_meta(edit):
+    def corrupt(store):
+        meta = _meta(store, 2)
+        edit(meta)
+        _set_meta(store, 2, meta)
+    corrupt.__name__ = edit.__name__
+    return corrupt
+
+
+def _edit_tensors(edit):
+    """Rewrite checkpoint 2's tensors file (a real safetensors file) and its recorded hash,
+    so only the consistency between the two can refuse it."""
+    def corrupt(store):
+        p = store.dir / "ckpt-00000002.safetensors"
+        tensors = load_file(str(p))
+        edit(tensors, _meta(store, 2))
+        save_file(tensors, str(p))
+        _set_meta(store, 2, {**_meta(store, 2), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()})
+    corrupt.__name__ = edit.__name__
+    return corrupt
+
+
+def _first_key(meta):
+    return meta["keys"][0]["key"]
+
+
+def _extra_field(m): m["written_by"] = "someone else"
+def _extra_gate_field(m): m["gate"]["surprise"] = 1
+def _extra_key_field(m): m["keys"][0]["color"] = "red"
+def _string_int(m): m["shard_version"] = str(m["shard_version"])
+def _bool_int(m): m["shard_version"] = True
+def _float_seq(m): m["seq"] = 2.0
+def _negative_version(m): m["versions"][_first_key(m)] = -1
+def _version_of_unknown_key(m): m["versions"]["ghost"] = 1
+def _key_without_version(m): del m["versions"][_first_key(m)]
+def _version_above_shard(m): m["versions"][_first_key(m)] = m["shard_version"] + 1
+def _short_ledger_entry(m): m["ledger"] = {"1": [INCARNATION]}
+def _ledger_worker_not_a_number(m): m["ledger"] = {"w1": [INCARNATION, 1]}
+def _clocks_not_an_object(m): m["gate"]["clocks"] = [1, 2]
+def _keys_not_a_list(m): m["keys"] = {"a": 1}
+def _tensors_file_elsewhere(m): m["tensors_file"] = "../shard-1/ckpt-00000002.safetensors"
+def _seq_of_another_file(m): m["seq"] = 7
+def _sha_not_hex(m): m["sha256"] = "not a hash"
+def _key_length_not_the_tensors(m): m["keys"][0]["length"] -= 1
+def _key_of_another_shard(m): m["keys"][0]["shard"] = 1
+def _key_twice(m): m["keys"].append(dict(m["keys"][0]))
+def _slice_past_its_param(m): m["keys"][0]["offset"] = 10 ** 6
+def _job_not_an_object(m): m["job"] = "async"
+
+
+def _values_missing(t, m): del t[_first_key(m)]
+def _tensor_of_no_key(t, m): t["ghost"] = np.zeros(3, np.float32)
+def _state_of_wrong_size(t, m): t[_first_key(m) + "::exp_avg"] = np.zeros(2, np.float32)
+def _values_float64(t, m): t[_first_key(m)] = t[_first_key(m)].astype(np.float64)
+def _state_missing_for_one_key(t, m): del t[_first_key(m) + "::exp_avg"]
+def _values_two_dimensional(t, m): t[_first_key(m)] = t[_first_key(m)].reshape(1, -1)
+def _pending_without_a_step(t, m): t[_first_key(m) + "::__pending"] = np.zeros_like(t[_first_key(m)])
+
+
+SCHEMA_VIOLATIONS = [
+    (_edit_meta(_extra_field), r"unknown field 'written_by'"),
+    (_edit_meta(_extra_gate_field), r"unknown field 'gate\.surprise'"),
+    (_edit_meta(_extra_key_field), r"unknown field 'keys\[0\]\.color'"),
+    (_edit_meta(_string_int), r"'shard_version' must be an integer"),
+    (_edit_meta(_bool_int), r"'shard_version' must be an integer"),
+    (_edit_meta(_float_seq), r"'seq' must be an integer"),
+    (_edit_meta(_negative_version), r"'versions\.[^']+' must be an integer >= 0"),
+    (_edit_meta(_version_of_unknown_key), r"versions of keys it does not list: \['ghost'\]"),
+    (_edit_meta(_key_without_version), r"no version for keys \["),
+    (_edit_meta(_version_above_shard), r"above the shard version"),
+    (_edit_meta(_short_ledger_entry), r"'ledger\.1' must be \[incarnation, last step\]"),
+    (_edit_meta(_ledger_worker_not_a_number), r"'ledger' has a key 'w1' that is not a worker id"),
+    (_edit_meta(_clocks_not_an_object), r"'gate\.clocks' must be an object"),
+    (_edit_meta(_keys_not_a_list), r"'keys' must be a list"),
+    (_edit_meta(_tensors_file_elsewhere), r"'tensors_file' must be 'ckpt-00000002\.safetensors'"),
+    (_edit_meta(_seq_of_another_file), r"'seq' is 7 in ckpt-00000002\.json"),
+    (_edit_meta(_sha_not_hex), r"'sha256' must be 64 hex digits"),
+    (_edit_meta(_key_length_not_the_tensors), r"tensor '[^']+' has \d+ elements, its key spec says \d+"),
+    (_edit_meta(_key_of_another_shard), r"belongs to shard 1"),
+    (_edit_meta(_key_twice), r"listed twice"),
+    (_edit_meta(_slice_past_its_param), r"runs past the end of its parameter"),
+    (_edit_meta(_job_not_an_object), r"'job' must be an object"),
+    (_edit_tensors(_values_missing), r"no tensor for key"),
+    (_edit_tensors(_tensor_of_no_key), r"tensor 'ghost' belongs to no key"),
+    (_edit_tensors(_state_of_wrong_size), r"tensor '[^']+::exp_avg' has 2 elements"),
+    (_edit_tensors(_values_float64), r"is float64, not float32"),
+    (_edit_tensors(_state_missing_for_one_key), r"optimizer state differs between keys"),
+    (_edit_tensors(_values_two_dimensional), r"shape \(1, \d+\), not flat"),
+    (_edit_tensors(_pending_without_a_step), r"pending sums but no step in progress"),
+]
+
+
+@pytest.mark.parametrize("corrupt, message", SCHEMA_VIOLATIONS, ids=[c.__name__.strip("_") for c, _ in SCHEMA_VIOLATIONS])
+def test_a_sidecar_that_breaks_the_schema_is_refused_and_the_previous_one_used(tmp_path, corrupt, message):
+    store, job, first = _two_checkpoints(tmp_path)
+    corrupt(store)
+    with pytest.raises(FailedPrecondition, match=message) as err:
+        store.load(2)
+    assert "ckpt-00000002" in str(err.value) and "\n" not in str(err.value)
+    snap, refused = store.newest()
+    assert snap.shard_version == first["shard_version"] and snap.path.endswith("ckpt-00000001.json")
+    assert [(pathlib.Path(r.path).name, bool(re.search(message, r.why))) for r in refused] == \
+        [("ckpt-00000002.json", True)]
+    restored = _fresh(job)
+    restored.restore(snap)
+    assert _state(restored) == first
+
+
+def test_an_untouched_checkpoint_passes_the_schema(tmp_path):
+    store, _, _ = _two_checkpoints(tmp_path)
+    snap, refused = store.newest()
+    assert refused == [] and snap.path == str(store.dir / "ckpt-00000002.json")
+
+
+# -- nothing readable: say so, file by file --------------------------------------------------
+def test_when_every_checkpoint_is_unreadable_each_file_and_why_is_named(tmp_path):
+    store, job, _ = _two_checkpoints(tmp_path)
+    _truncate(store)
+    (store.dir / "ckpt-00000001.json").write_text("{")
+    snap, refused = store.newest()
+    assert snap is None
+    assert [pathlib.Path(r.path).name for r in refused] == ["ckpt-00000002.json", "ckpt-00000001.json"]
+    assert "sha256 mismatch" in refused[0].why and "unreadable" in refused[1].why
+    with pytest.raises(FailedPrecondition) as err:
+        checkpoint.choose_restore(snap, refused, _job_json(job), start_empty_if_unreadable=False,
+                                  where=store.dir)
+    message = str(err.value)
+    assert "\n" not in message
+    assert re.search(r"ckpt-00000002\.json: .*sha256 mismatch.*ckpt-00000001\.json: .*unreadable", message)
+    assert "--start-empty-if-unreadable" in message and str(store.dir) in message
+    # the operator's explicit choice: start empty
+    assert checkpoint.choose_restore(snap, refused, _job_json(job), start_empty_if_unreadable=True,
+                                     where=store.dir) is None
+
+
+def test_an_empty_directory_is_a_fresh_start_without_any_flag(tmp_path):
+    store = CheckpointStore(tmp_path, 0)
+    assert store.newest() == (None, [])
+    assert checkpoint.choose_restore(None, [], {}, start_empty_if_unreadable=False, where=store.dir) is None
+
+
+# -- another job's checkpoint: name every differing field ----------------------------------------
+def test_job_differences_name_each_field_with_both_values():
+    saved = {"mode": "MODE_SYNC", "numServers": 2, "optimizer": {"kind": "OPTIMIZER_KIND_ADAM", "lr": 0.01},
+             "sliceBytes": "1024"}
+    current = {"mode": "MODE_ASYNC", "numServers": 2, "optimizer": {"kind": "OPTIMIZER_KIND_ADAM", "lr": 0.5,
+                                                                     "weightDecay": 0.1}, "sliceBytes": "1024"}
+    assert checkpoint.job_differences(saved, current) == [
+        ("mode", "MODE_SYNC", "MODE_ASYNC"),
+        ("optimizer.lr", 0.01, 0.5),
+        ("optimizer.weightDecay", checkpoint.UNSET, 0.1),
+    ]
+    assert checkpoint.job_differences(saved, saved) == []
+
+
+def test_a_checkpoint_of_another_job_is_refused_naming_the_file_and_each_field(tmp_path):
+    store, job, _ = _two_checkpoints(tmp_path)
+    snap, refused = store.newest()
+    other = _job_json(JobSpec(mode="sync", optimizer=OptimizerConfig(kind="adam", lr=0.5), slice_bytes=1024))
+    with pytest.raises(FailedPrecondition) as err:
+        checkpoint.choose_restore(snap, refused, other, start_empty_if_unreadable=True, where=store.dir)
+    message = str(err.value)
+    assert "ckpt-00000002.json" in message and "another job spec" in message and "\n" not in message
+    assert "mode: checkpoint 'MODE_ASYNC', job 'MODE_SYNC'" in message
+    assert "optimizer.lr: checkpoint 0.01, job 0.5" in message
+    assert checkpoint.choose_restore(snap, refused, _job_json(job), start_empty_if_unreadable=False,
+                                     where=store.dir) is snap
+
+
+# -- a failed write: counted, typed, named, and the next one works -------------------------------
+def _metric(collector, name):
+    for family in collector.collect():
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    return None
+
+
+def test_a_failed_write_is_counted_named_and_the_next_one_succeeds(tmp_path):
+    job = _job()
+    shard, smap = _declared(job)
+    _train(shard, smap, range(2))
+    store, writer = _store_and_writer(tmp_path, shard, job)
+    writer.write()
+    collector = ShardCollector(shard, writer)
+    _train(shard, smap, range(2, 3))
+    # the directory is gone and a file stands in its place: every write fails with ENOTDIR
+    shutil.rmtree(store.dir)
+    store.dir.write_text("not a directory")
+    for attempt in (1, 2):
+        with pytest.raises(Internal, match=r"Not a directory \[ENOTDIR\]") as err:
+            writer.write()
+        assert str(store.dir) in str(err.value)
+        assert isinstance(err.value.__cause__, NotADirectoryError)
+        assert writer.failures == attempt and writer.due()
+    assert _metric(collector, "shardps_server_checkpoint_failures_total") == 2
+    assert _metric(collector, "shardps_server_checkpoints_total") == 1
+    store.dir.unlink()
+    store.dir.mkdir()
+    writer.write()
+    assert not writer.due() and store.latest().shard_version == shard.version
+    assert _metric(collector, "shardps_server_checkpoints_total") == 2
+    assert _metric(collector, "shardps_server_checkpoint_failures_total") == 2

@@ -8,7 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, NotFound
+from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, NotFound, ShardHeld
 from shardps.pscommon.wire.v1 import scheduler_pb2
 from shardps.psserver.daemon import successor
 from shardps.scheduler import membership as mb
@@ -148,14 +148,59 @@ def test_register_server_takes_the_lowest_free_shard():
     assert s.shard == 0
 
 
-def test_register_server_for_a_held_shard_replaces_the_old_process():
+def test_register_server_for_a_shard_with_a_live_lease_is_shard_held():
+    ms, (old, _) = _servers(2, 2)          # leases run to TTL
+    with pytest.raises(ShardHeld) as info:
+        mb.register_server(ms, 3.0, TTL, "10.9.9.9:6000", 0, 2)
+    exc = info.value
+    assert isinstance(exc, FailedPrecondition) and exc.reason == "SHARD_HELD"
+    for fact in (f"member {old.member_id}", f"incarnation {old.incarnation}", old.address, "7.0 s"):
+        assert fact in str(exc), (fact, str(exc))
+    assert exc.metadata == {"shard": "0", "member": str(old.member_id), "incarnation": str(old.incarnation),
+                            "address": old.address, "retry_after_s": "7.000"}
+    # its own address is no pass: anyone can read it from Status
+    with pytest.raises(ShardHeld):
+        mb.register_server(ms, 3.0, TTL, old.address, 0, 2)
+
+
+def test_a_renewed_lease_keeps_the_shard_held():
     ms, (old, _) = _servers(2, 2)
-    ms, new = mb.register_server(ms, 1.0, TTL, "10.9.9.9:6000", 0, 2)
+    ms = mb.renew(ms, old.member_id, old.incarnation, now=9.0, ttl=TTL)
+    with pytest.raises(ShardHeld, match=r"lapses in 5\.0 s"):
+        mb.register_server(ms, 14.0, TTL, "10.9.9.9:6000", 0, 2)
+
+
+@pytest.mark.parametrize("reaped", [False, True])
+def test_register_server_after_the_holders_lease_lapsed_replaces_it(reaped):
+    """A crashed server's replacement: admitted once the lease has run out, whether or not the
+    reaper has marked the holder dead yet."""
+    ms, (old, _) = _servers(2, 2)
+    if reaped:
+        ms = mb.expire(ms, TTL)
+    ms, new = mb.register_server(ms, TTL, TTL, "10.9.9.9:6000", 0, 2)
     assert new.member_id == old.member_id and new.incarnation > old.incarnation
-    assert ms.server_for(0) == new
+    assert ms.server_for(0) == new and new.lease_expires == 2 * TTL
     assert len(ms.of_role(mb.SERVER)) == 2
     with pytest.raises(FailedPrecondition, match="stale"):
-        mb.renew(ms, old.member_id, old.incarnation, 2.0, TTL)
+        mb.renew(ms, old.member_id, old.incarnation, TTL + 1, TTL)
+
+
+def test_register_server_for_a_shard_whose_server_left_takes_it_at_once():
+    ms, (old, _) = _servers(2, 2)
+    ms = mb.leave(ms, old.member_id, old.incarnation)
+    ms, new = mb.register_server(ms, 1.0, TTL, "10.9.9.9:6000", 0, 2)
+    assert (new.member_id, new.shard) == (old.member_id, 0)
+
+
+def test_register_any_shard_takes_one_whose_lease_lapsed():
+    ms, (a, b) = _servers(3, 2)
+    ms, c = mb.register_server(ms, 1.0, TTL, "h:3", -1, 3)
+    assert c.shard == 2
+    ms = mb.renew(ms, a.member_id, a.incarnation, 5.0, TTL)   # shard 0 held to 15, shard 1 to 10
+    with pytest.raises(FailedPrecondition, match="all 3 shards"):
+        mb.register_server(ms, 9.9, TTL, "h:4", -1, 3)
+    ms, d = mb.register_server(ms, 10.0, TTL, "h:4", -1, 3)
+    assert (d.shard, d.member_id) == (1, b.member_id)
 
 
 def test_register_server_when_every_shard_is_held_is_failed_precondition():
@@ -174,6 +219,18 @@ def test_register_server_refuses_out_of_range_shard(shard):
 def test_register_server_refuses_an_address_without_port(address):
     with pytest.raises(InvalidArgument, match="host:port"):
         mb.register_server(Membership(), 0.0, TTL, address, 0, 1)
+
+
+@pytest.mark.parametrize("address", ["\x1b[2Jh:1", "h:1\n", "h :1", "h\x00:1", "h" * 300 + ":1"])
+def test_register_server_refuses_an_unprintable_or_long_address(address):
+    with pytest.raises(InvalidArgument, match="server address"):
+        mb.register_server(Membership(), 0.0, TTL, address, 0, 1)
+
+
+def test_an_invalid_registration_is_refused_before_the_holder_is_considered():
+    ms, _ = _servers(1, 1)
+    with pytest.raises(InvalidArgument):
+        mb.register_server(ms, 1.0, TTL, "no-port", 0, 1)
 
 
 def _mixed() -> Membership:
@@ -253,7 +310,10 @@ class MembershipMachine(RuleBasedStateMachine):
 
     @rule(shard=st.integers(-1, 2))
     def register(self, shard):
+        held = {s: mb.holder(self.ms, s, self.now) for s in range(3)}
         self._step(mb.register_server, self.now, TTL, "h:1", shard, 3)
+        for s, m in held.items():   # a live lease is never taken over
+            assert m is None or self.ms.server_for(s) == m
 
     @rule(data=st.data(), clock=st.integers(0, 20), stale=st.booleans())
     def renew(self, data, clock, stale):
