@@ -15,7 +15,7 @@ from shardps.scheduler.daemon import SchedulerConfig, SchedulerProcess
 
 @pytest.mark.parametrize("argv, host", [
     (["scheduler", "--listen", "127.0.0.1:7000"], "127.0.0.1"),
-    (["scheduler", "--listen", "10.1.2.3:7000"], "10.1.2.3"),
+    (["scheduler", "--listen", "127.0.0.23:7000"], "127.0.0.23"),
     (["scheduler", "--listen", "0.0.0.0:7000"], "127.0.0.1"),
     (["scheduler"], "127.0.0.1"),
     (["server", "--scheduler", "s:7000", "--listen", "[::]:7100"], "127.0.0.1"),
@@ -23,7 +23,7 @@ from shardps.scheduler.daemon import SchedulerConfig, SchedulerProcess
     (["server", "--scheduler", "s:7000", "--listen", "node-3.example:7100"], "node-3.example"),
     (["worker", "--scheduler", "s:7000"], "127.0.0.1"),
     (["server", "--scheduler", "s:7000", "--listen", "0.0.0.0:7100", "--metrics-host", "0.0.0.0"], "0.0.0.0"),
-    (["worker", "--scheduler", "s:7000", "--metrics-host", "10.9.9.9"], "10.9.9.9"),
+    (["worker", "--scheduler", "s:7000", "--metrics-host", "127.0.0.99"], "127.0.0.99"),
 ])
 def test_metrics_host_defaults_to_the_listen_host_or_loopback(argv, host):
     a = cli.build_parser().parse_args(argv + ["--metrics-port", "9100"])

@@ -24,7 +24,7 @@ SHAPES = {"w": 64, "b": 8}
 HEARTBEAT_S = 1.5   # servers heartbeat every 0.5 s: a renewal comes soon after the attack
 
 
-@pytest.mark.parametrize("address", ["10.66.6.6:6666", "REAL"])
+@pytest.mark.parametrize("address", ["127.0.0.66:6666", "REAL"])
 def test_registering_for_a_live_shard_is_refused_and_changes_nothing(cluster, address):
     c = cluster(JobSpec(num_servers=2, heartbeat_timeout_s=HEARTBEAT_S))
     client = worker(c.address)
@@ -72,7 +72,7 @@ def test_register_any_shard_when_all_are_held_is_refused_and_changes_nothing(clu
     attacker = Attacker(c.address)
     try:
         before = membership(attacker.stub)
-        err = attacker.refused("RegisterServer", spb.RegisterServerRequest(address="10.66.6.6:6666", shard=-1))
+        err = attacker.refused("RegisterServer", spb.RegisterServerRequest(address="127.0.0.66:6666", shard=-1))
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert membership(attacker.stub) == before
     finally:

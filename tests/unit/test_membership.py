@@ -151,7 +151,7 @@ def test_register_server_takes_the_lowest_free_shard():
 def test_register_server_for_a_shard_with_a_live_lease_is_shard_held():
     ms, (old, _) = _servers(2, 2)          # leases run to TTL
     with pytest.raises(ShardHeld) as info:
-        mb.register_server(ms, 3.0, TTL, "10.9.9.9:6000", 0, 2)
+        mb.register_server(ms, 3.0, TTL, "127.0.0.99:6000", 0, 2)
     exc = info.value
     assert isinstance(exc, FailedPrecondition) and exc.reason == "SHARD_HELD"
     for fact in (f"member {old.member_id}", f"incarnation {old.incarnation}", old.address, "7.0 s"):
@@ -167,7 +167,7 @@ def test_a_renewed_lease_keeps_the_shard_held():
     ms, (old, _) = _servers(2, 2)
     ms = mb.renew(ms, old.member_id, old.incarnation, now=9.0, ttl=TTL)
     with pytest.raises(ShardHeld, match=r"lapses in 5\.0 s"):
-        mb.register_server(ms, 14.0, TTL, "10.9.9.9:6000", 0, 2)
+        mb.register_server(ms, 14.0, TTL, "127.0.0.99:6000", 0, 2)
 
 
 @pytest.mark.parametrize("reaped", [False, True])
@@ -177,7 +177,7 @@ def test_register_server_after_the_holders_lease_lapsed_replaces_it(reaped):
     ms, (old, _) = _servers(2, 2)
     if reaped:
         ms = mb.expire(ms, TTL)
-    ms, new = mb.register_server(ms, TTL, TTL, "10.9.9.9:6000", 0, 2)
+    ms, new = mb.register_server(ms, TTL, TTL, "127.0.0.99:6000", 0, 2)
     assert new.member_id == old.member_id and new.incarnation > old.incarnation
     assert ms.server_for(0) == new and new.lease_expires == 2 * TTL
     assert len(ms.of_role(mb.SERVER)) == 2
@@ -188,7 +188,7 @@ def test_register_server_after_the_holders_lease_lapsed_replaces_it(reaped):
 def test_register_server_for_a_shard_whose_server_left_takes_it_at_once():
     ms, (old, _) = _servers(2, 2)
     ms = mb.leave(ms, old.member_id, old.incarnation)
-    ms, new = mb.register_server(ms, 1.0, TTL, "10.9.9.9:6000", 0, 2)
+    ms, new = mb.register_server(ms, 1.0, TTL, "127.0.0.99:6000", 0, 2)
     assert (new.member_id, new.shard) == (old.member_id, 0)
 
 
@@ -236,7 +236,7 @@ def test_an_invalid_registration_is_refused_before_the_holder_is_considered():
 def _mixed() -> Membership:
     ms, (a, b) = _joined(2, now=1.5)
     ms = mb.renew(ms, a.member_id, a.incarnation, 3.0, TTL, clock=6)
-    ms, _ = mb.register_server(ms, 2.0, TTL, "10.0.0.1:7000", -1, 2)
+    ms, _ = mb.register_server(ms, 2.0, TTL, "127.0.0.98:7000", -1, 2)
     return mb.leave(ms, b.member_id, b.incarnation)
 
 
