@@ -79,6 +79,7 @@ def sgd_step(model, ps, split, gen, batch=32):
 CNN_STEPS, CNN_LR = 500, 0.2   # plain SGD at this lr reaches ~0.98 by step 400 for any batch order
 
 
+@pytest.mark.slow  # 500 steps of a CNN
 def test_custom_loop_trains_digits_cnn(cluster):
     c = cluster(JobSpec(num_servers=2, optimizer=OptimizerConfig(kind="sgd", lr=CNN_LR)))
     split = data.digits(image=True)
@@ -334,6 +335,7 @@ def test_exception_in_sync_loop_releases_the_other_worker(cluster):
 
 
 # -- (d) the example script ------------------------------------------------------------------------
+@pytest.mark.slow  # a subprocess that imports torch and trains
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
 def test_custom_loop_example_runs(cluster, overlap):
     c = cluster(JobSpec(num_servers=2))

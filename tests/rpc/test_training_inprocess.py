@@ -4,6 +4,7 @@ import json
 import threading
 
 import numpy as np
+import pytest
 import torch
 
 from shardps.pscommon.config import CodecConfig, JobSpec, OptimizerConfig
@@ -73,6 +74,7 @@ def test_partition_of_a_lapsed_lease_is_dropped_not_trained_twice(cluster, tmp_p
     assert loop.done == batches + 1, (loop.done, batches)
 
 
+@pytest.mark.slow  # 20 s of training
 def test_ctr_embedding_table_trains_sliced_over_two_shards(cluster):
     """The synthetic CTR task: its 100k-row embedding table is sliced into keys on both shards,
     top-k pushes carry the few rows a batch touches, and held-out accuracy climbs well above
