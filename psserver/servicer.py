@@ -48,13 +48,12 @@ def _as_float32(meta: tensor_pb2.TensorMeta, value: np.ndarray) -> np.ndarray:
     return value if value.dtype == np.float32 else value.astype(np.float32)
 
 
-def _no_gradient(meta: tensor_pb2.TensorMeta, payload, kind: str) -> None:
+def _check_no_gradient(meta: tensor_pb2.TensorMeta, payload, kind: str) -> None:
     """A key a push names without a gradient: no bytes may come with it."""
     if kind != "Push":
         raise InvalidArgument(f"tensor {meta.name!r} is marked no_gradient in a {kind}: only pushes may skip a key")
     if len(payload):
         raise InvalidArgument(f"tensor {meta.name!r} is marked no_gradient but carries {len(payload)} payload bytes")
-    return None
 
 
 def _check_key_spec(k: Key) -> None:
@@ -111,7 +110,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             if len(out) >= self.limits.max_keys_per_call:
                 raise InvalidArgument(f"more than {self.limits.max_keys_per_call} tensors in one {kind}")
             if meta.no_gradient:
-                out[meta.name] = _no_gradient(meta, payload, kind)
+                _check_no_gradient(meta, payload, kind)
+                out[meta.name] = None
                 continue
             start = time.perf_counter()
             value = _as_float32(meta, codecs.decode(meta, payload, self.limits.max_elements))

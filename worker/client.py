@@ -362,12 +362,3 @@ class ShardClient:
             self.traffic.wire_sent += sizes["wire"]
         return reply
 
-
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
-    """Poll `predicate` until true or the deadline passes."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()

@@ -6,7 +6,6 @@ client library, which would refuse to build most of them.
 """
 from __future__ import annotations
 
-import time
 
 import grpc
 import numpy as np
@@ -20,20 +19,10 @@ from shardps.pscommon.wire.v1 import scheduler_pb2 as spb
 from shardps.pscommon.wire.v1 import scheduler_pb2_grpc
 from shardps.worker.client import ClientConfig, ShardClient
 
+# one poll for every tier (tests/ is on sys.path, as for every test package here)
+from rpc.helpers import poll  # noqa: F401  (re-exported to the attack tests)
+
 TIMEOUT_S = 30.0  # generous: the machine is small and shared
-
-
-def poll(predicate, timeout_s: float = TIMEOUT_S, interval_s: float = 0.05, what: str = "condition"):
-    """Poll until `predicate()` is truthy (returns it); fail at the deadline. (conftest.poll's
-    contract; a test package cannot import the root conftest by a relative name.)"""
-    end = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
 
 
 class Attacker:
