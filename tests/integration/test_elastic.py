@@ -313,8 +313,9 @@ def test_ssp_paused_worker_rejoins(procs):
     wait_ok(victim)
     log = victim.log_text()
     # a call under the old incarnation was refused (heartbeat, pull or push: whichever came first)
-    refusal = re.compile(rf"(heartbeat|pull|push) refused: .*worker {victim_id} incarnation {old_inc} "
-                         r"(is not current|was declared dead or left); rejoin")
+    # (the scheduler names a "member", the shards a "worker")
+    refusal = re.compile(rf"(heartbeat|pull|push) refused: .*(member|worker) {victim_id} incarnation {old_inc} "
+                         r"(is not current|was declared dead or left|is dead); rejoin")
     assert refusal.search(log), log[-3000:]
     assert f"worker {victim_id} rejoined as incarnation" in log, log[-3000:]
     final_v = assert_worker_metrics(victim.metrics, SSP_SLOW_STEPS)
