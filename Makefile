@@ -25,14 +25,20 @@ demo: $(STAMP)
 	$(VENV)/bin/psctl up --servers 2 --workers 3 --mode async --model digits-mlp --steps 300 \
 		--run-dir runs/demo --plot runs/demo/curve.png --min-accuracy 0.95
 
+# two tests at a time (pytest-xdist; worksteal evens out the long integration runs): the
+# suite's processes wait on leases, steps and sockets about half the time, so two share CI's
+# two cores with room to spare. JOBS=1 runs one at a time (-p no:xdist is not needed).
+JOBS   ?= 2
+PYTEST := $(PY) -m pytest -q $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist worksteal)
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 # protoc writes by import path (shardps/pscommon/wire/v1/); the folder is pscommon/wire/v1/
 proto: $(STAMP)

@@ -228,3 +228,37 @@ def _finite_nonneg(name: str, value: float, positive: bool = False) -> None:
             positive and value == 0):
         bound = "> 0" if positive else ">= 0"
         raise InvalidArgument(f"{name}={value!r} must be a finite number {bound}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamLimits:
+    """Limits on a daemon's gRPC calls that hold a thread (pscommon.interceptors.StreamGuard).
+
+    A sync gRPC server runs every call on a thread of a fixed pool, and a stream holds its
+    thread for as long as it is open, sending or not. These keep a few idle callers from
+    taking every thread:
+    - `max_streams_per_connection`: concurrent streaming calls (either direction) on one
+      connection (a caller's host and port); more are refused with RESOURCE_EXHAUSTED. 0: no cap.
+    - `idle_timeout_s`: a request stream (Push, Declare, reflection) whose handler has waited
+      this long for its next message is ended with DEADLINE_EXCEEDED. 0: never.
+    - `control_threads`: the health and reflection services run on a pool of their own of
+      this many threads, so busy or idle data-plane streams cannot starve a health probe; at
+      most half of them may hold streams (Health.Watch, reflection), the rest answer checks.
+    """
+
+    max_streams_per_connection: int = 8
+    idle_timeout_s: float = 30.0
+    control_threads: int = 4
+
+    def __post_init__(self):
+        if not isinstance(self.max_streams_per_connection, int) or self.max_streams_per_connection < 0:
+            raise InvalidArgument(f"max_streams_per_connection={self.max_streams_per_connection!r} must be an "
+                                  "integer >= 0 (0: no cap)")
+        _finite_nonneg("idle_timeout_s", self.idle_timeout_s)
+        if not isinstance(self.control_threads, int) or not 2 <= self.control_threads <= 64:
+            raise InvalidArgument(f"control_threads={self.control_threads!r} must be an integer in [2, 64]")
+
+    @property
+    def max_control_streams(self) -> int:
+        """Health.Watch and reflection streams served at once, server-wide."""
+        return self.control_threads // 2

@@ -63,6 +63,12 @@ class ShardHeld(FailedPrecondition):
     lease, anyone else is refused for as long as the holder heartbeats."""
 
 
+class ShardEmpty(FailedPrecondition):
+    """A pull or push named a model the shard does not hold: its server restarted with no
+    state. A worker answers by offering its copy of the shard (a Declare with a seed offer);
+    the metadata name the `shard`."""
+
+
 class NotFound(PSError):
     code = grpc.StatusCode.NOT_FOUND
 
@@ -109,7 +115,7 @@ class Internal(PSError):
     code = grpc.StatusCode.INTERNAL
 
 
-_CLASSES = (InvalidArgument, FailedPrecondition, StaleIncarnation, ShardHeld, NotFound, Unauthenticated,
+_CLASSES = (InvalidArgument, FailedPrecondition, StaleIncarnation, ShardHeld, ShardEmpty, NotFound, Unauthenticated,
             ResourceExhausted, Unavailable, DeadlineExceeded, Aborted, Cancelled, Unimplemented, Internal)
 # a status without our ErrorInfo (another server, grpc itself) is typed by its code alone
 _BY_CODE = {cls.code: cls for cls in _CLASSES if cls.__bases__ == (PSError,)}

@@ -1,31 +1,125 @@
 """psctl: start daemons (scheduler, server, worker, up) and inspect a running job.
 
 Flags and environment are read here and nowhere else; they become frozen config objects.
-A bad flag or an unreachable address is one line on stderr and exit code 2.
+A bad flag or value is one line on stderr (an unknown flag adds the subcommand's usage line
+before it) and exit code 2; a failure while running (an unreachable scheduler, a refused
+checkpoint) is one line and exit code 1; Ctrl-C (SIGINT) exits 130. No tracebacks.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import difflib
 import os
+import re
+import signal
 import sys
 import threading
 
-from shardps.pscommon.config import CodecConfig, JobSpec, OptimizerConfig
-from shardps.pscommon.errors import DeadlineExceeded, PSError, Unavailable, Unimplemented
+from shardps.pscommon.config import CODECS, PULL_CODECS, CodecConfig, JobSpec, OptimizerConfig
+from shardps.pscommon.errors import DeadlineExceeded, InvalidArgument, PSError, Unavailable, Unimplemented
 from shardps.pscommon.lifecycle import (DaemonOptions, default_metrics_host, install_stop_handlers, setup_logging,
                                         tune_malloc)
 from shardps.pscommon.security import Security, TLSConfig, read_token
 
-EXIT_USAGE = 2
+EXIT_FAILURE = 1       # a runtime failure: the command was well formed, running it failed
+EXIT_USAGE = 2         # the command line is wrong: unknown flag, bad value, unusable file named by a flag
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT); a daemon drains first. SIGTERM drains and exits 0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_INTERRUPTED = threading.Event()  # set by SIGINT in a daemon's stop handler: main() then exits 130
 
 
 class UsageError(Exception):
     """A problem with what the user asked for: printed as one line, exit 2."""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help with every option's default: "(default: X)" after its help, unless the help
+    already says it or there is no default worth showing (None, a switch's False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or not action.option_strings or action.default is argparse.SUPPRESS
+                or action.default is None or action.default is False or action.default == ""):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+    def _format_action(self, action):
+        if action.help is None and self._get_help_string(action):
+            # argparse prints no help column for an option without help: give it the default alone
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+
+def _flag_name(arg: str) -> str:
+    return arg.split("=", 1)[0]
+
+
+def _closest(flag: str, options: list[str]) -> str | None:
+    """The valid option a mistyped or abbreviated `flag` most likely meant, or None."""
+    longs = sorted({o for o in options if o.startswith("--")})
+    prefixed = [o for o in longs if o.startswith(flag)]
+    if len(prefixed) == 1:  # an abbreviation of exactly one option
+        return prefixed[0]
+    close = difflib.get_close_matches(flag, longs or options, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 class Parser(argparse.ArgumentParser):
+    """No abbreviated flags, defaults in --help, and errors as UsageError (one line)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # `--shard 0` must not mean `--shard-id 0`
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # argparse prints usage + message; we want one line
+        bad = re.match(r"argument command: invalid choice: '([^']*)'", message)
+        if bad:
+            sub = next(a for a in self._actions if isinstance(a, argparse._SubParsersAction))
+            close = difflib.get_close_matches(bad.group(1), list(sub.choices), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f" (one of {', '.join(sub.choices)})"
+            raise UsageError(f"{self.short_usage()}\n{self.prog}: unknown command {bad.group(1)!r}{hint}")
         raise UsageError(f"{self.prog}: {message}")
+
+    def short_usage(self) -> str:
+        """One usage line: the required flags and arguments, the rest as [options]."""
+        fmt = self._get_formatter()
+        parts = [self.prog]
+        if any(a.option_strings and not a.required for a in self._actions):
+            parts.append("[options]")
+        for a in self._actions:  # required flags, then positionals (argparse's order)
+            if a.option_strings and a.required:
+                parts.append(f"{max(a.option_strings, key=len)} {fmt._format_args(a, a.dest.upper())}")
+        for a in self._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                parts.append("COMMAND ...")
+            elif not a.option_strings:
+                parts.append(fmt._format_args(a, a.dest.upper()))
+        return "usage: " + " ".join(parts)
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            raise UsageError(self._unrecognized(ns, extras))
+        return ns
+
+    def _unrecognized(self, ns, extras: list[str]) -> str:
+        """The usage line of the subcommand, then one line naming the first bad argument and
+        the closest valid flag."""
+        parser = self
+        sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is not None and getattr(ns, sub.dest, None) in sub.choices:
+            parser = sub.choices[getattr(ns, sub.dest)]
+        flags = [e for e in extras if e.startswith("-") and e != "-"]
+        bad = _flag_name(flags[0]) if flags else extras[0]
+        line = f"{parser.prog}: unrecognized argument {bad}"
+        if flags:
+            close = _closest(bad, list(parser._option_string_actions) + list(self._option_string_actions))
+            if close:
+                line += f"; did you mean {close}?"
+        return f"{parser.short_usage()}\n{line}"
 
 
 def _address(text: str) -> str:
@@ -33,6 +127,21 @@ def _address(text: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     return text
+
+
+# the parameter each codec takes after a colon (CodecConfig.parse reads them)
+CODEC_PARAMETERS = {"int8": "[:BLOCK]", "topk": "[:DENSITY]"}
+
+
+def codec_choices(pull: bool = False) -> str:
+    """Every codec name the job accepts, from the registry (pscommon.config.CODECS)."""
+    names = [n for n in CODECS if not pull or n in PULL_CODECS]
+    first = {}
+    for n in names:
+        first.setdefault(CODECS[n], n)
+    same = [f"{n} is {first[CODECS[n]]}" for n in names if first[CODECS[n]] != n]
+    return ("|".join(n + ("" if pull else CODEC_PARAMETERS.get(n, "")) for n in names)
+            + (f" ({', '.join(same)})" if same else ""))
 
 
 def _add_job_flags(p: argparse.ArgumentParser) -> None:
@@ -50,8 +159,8 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta1", type=float, default=0.9)
     g.add_argument("--beta2", type=float, default=0.999)
     g.add_argument("--eps", type=float, default=None, help="default 1e-8 (adam), 1e-10 (adagrad)")
-    g.add_argument("--push-codec", default="fp32", help="fp32|fp16|bf16|int8[:BLOCK]|topk[:DENSITY]")
-    g.add_argument("--pull-codec", default="fp32", help="fp32|fp16|bf16")
+    g.add_argument("--push-codec", default="fp32", help=f"gradients' codec: {codec_choices()}")
+    g.add_argument("--pull-codec", default="fp32", help=f"weights' codec: {codec_choices(pull=True)}")
     g.add_argument("--lossless", choices=["auto", "off", "zstd", "lz4"], default="off",
                    help="lossless layer over payloads, per tensor only where it saves >= 10%%")
     g.add_argument("--no-error-feedback", action="store_true",
@@ -108,14 +217,26 @@ def options_from_args(a) -> DaemonOptions:
 
 
 def build_parser() -> Parser:
-    ap = Parser(prog="psctl", description="shardps: a parameter server on gRPC")
-    ap.add_argument("--log-level", default="INFO")
+    ap = Parser(prog="psctl", description="shardps: a parameter server on gRPC",
+                epilog="exit codes: 0 success, 1 failure while running, 2 bad command line, "
+                       "130 interrupted (Ctrl-C)")
+    ap.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO",
+                    help="also accepted after the command")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("scheduler", help="run the scheduler")
     p.add_argument("--listen", type=_address, default="127.0.0.1:7000")
     p.add_argument("--state-dir", default=None, help="persist scheduler state here")
     p.add_argument("--ready-file", default=None, help="write the bound address here once serving")
+    p.add_argument("--join-rate", type=float, default=20.0,
+                   help="JoinWorker and RegisterServer calls per second from one host; 0: no limit")
+    p.add_argument("--join-burst", type=int, default=50, help="that many at once from a host that was quiet")
+    p.add_argument("--dead-retention", type=float, default=600.0,
+                   help="seconds a dead or departed worker stays listed before it is pruned (its id stays refused)")
+    p.add_argument("--max-dead-workers", type=int, default=1000, help="prune the oldest beyond this many sooner")
+    p.add_argument("--max-streams-per-connection", type=int, default=8, help="concurrent streams; 0: no cap")
+    p.add_argument("--stream-idle-timeout", type=float, default=30.0,
+                   help="end a request stream silent this many seconds; 0: never")
     _add_job_flags(p)
     _add_daemon_flags(p)
 
@@ -130,6 +251,10 @@ def build_parser() -> Parser:
     p.add_argument("--start-empty-if-unreadable", action="store_true",
                    help="when every checkpoint in --checkpoint-dir is unusable, start this shard empty "
                         "instead of refusing to start (its trained state is lost)")
+    p.add_argument("--max-streams-per-connection", type=int, default=8,
+                   help="concurrent streaming calls (pushes, pulls, declares) one connection may hold; 0: no cap")
+    p.add_argument("--stream-idle-timeout", type=float, default=30.0,
+                   help="end a push or declare stream that sends nothing for this many seconds; 0: never")
     _add_daemon_flags(p)
 
     p = sub.add_parser("worker", help="run a training worker")
@@ -146,8 +271,10 @@ def build_parser() -> Parser:
     p.add_argument("--device-compression", choices=["auto", "on", "off"], default="auto",
                    help="encode fp16/bf16/topk pushes on the device before the copy to the host "
                         "(auto: on CUDA with such a codec)")
-    p.add_argument("--metrics-out", default=None, help="append JSON-lines metrics here")
-    p.add_argument("--push-codec", default=None, help="override the job's push codec")
+    p.add_argument("--metrics-out", default=None, help="write JSON-lines metrics here (a new file: "
+                   "truncates an existing one unless --append)")
+    p.add_argument("--append", action="store_true", help="with --metrics-out: append to the file")
+    p.add_argument("--push-codec", default=None, help=f"override the job's push codec: {codec_choices()}")
     p.add_argument("--no-error-feedback", action="store_true", help="with --push-codec: no residual")
     p.add_argument("--step-delay", type=float, default=0.0, help="sleep per step (simulate a straggler)")
     p.add_argument("--epochs", type=int, default=0, help="train on assigned data partitions for E epochs "
@@ -195,12 +322,21 @@ def build_parser() -> Parser:
     p = sub.add_parser("checkpoint", help="ask every shard to write a checkpoint now")
     p.add_argument("--scheduler", type=_address, required=True)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--consistent", action="store_true",
+                   help="a cut that belongs together: sync, every shard at one step; async/ssp, pushes "
+                        "held on every shard while they write (at most one push per worker apart)")
     p.add_argument("--timeout", type=float, default=60.0)
     _add_security_flags(p)
 
     p = sub.add_parser("plot", help="loss and accuracy curves from worker metrics files")
     p.add_argument("metrics", nargs="+", help="JSON-lines files written by --metrics-out")
     p.add_argument("-o", "--out", required=True, help="PNG to write")
+
+    for p in sub.choices.values():  # global options, also accepted after the command
+        g = p.add_argument_group("global options")
+        # SUPPRESS: absent here, the value given before the command (or its default) stays
+        g.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                       help="log level (default: INFO)")
     return ap
 
 
@@ -211,7 +347,7 @@ def _run_export(a) -> int:
 
 def _run_checkpoint(a) -> int:
     from shardps.psctl import ops
-    return ops.checkpoint(a.scheduler, a.json, a.timeout, security_from_args(a))
+    return ops.checkpoint(a.scheduler, a.json, a.timeout, security_from_args(a), consistent=a.consistent)
 
 
 def _run_plot(a) -> int:
@@ -219,29 +355,50 @@ def _run_plot(a) -> int:
     return plot.run(a.metrics, a.out)
 
 
-def _run_scheduler(a) -> int:
-    from shardps.scheduler.daemon import SchedulerConfig, run
+def _stop_event() -> threading.Event:
+    """The event a daemon drains on: set by SIGTERM or SIGINT (lifecycle.install_stop_handlers);
+    SIGINT also marks the run interrupted, so main() exits 130 once the daemon has drained."""
     stop = threading.Event()
     install_stop_handlers(stop)
+    drain = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        _INTERRUPTED.set()
+        drain(signum, frame)
+    signal.signal(signal.SIGINT, on_sigint)
+    return stop
+
+
+def _run_scheduler(a) -> int:
+    from shardps.pscommon.config import StreamLimits
+    from shardps.scheduler.daemon import SchedulerConfig, run
+    from shardps.scheduler.limits import MembershipLimits
+    stop = _stop_event()
+    limits = MembershipLimits(join_rate=a.join_rate, join_burst=a.join_burst, dead_retention_s=a.dead_retention,
+                              max_dead_workers=a.max_dead_workers)
+    streams = StreamLimits(max_streams_per_connection=a.max_streams_per_connection,
+                           idle_timeout_s=a.stream_idle_timeout)
     return run(SchedulerConfig(job=job_from_args(a), listen=a.listen, state_dir=a.state_dir,
-                               ready_file=a.ready_file, options=options_from_args(a)), stop)
+                               ready_file=a.ready_file, options=options_from_args(a), limits=limits,
+                               streams=streams), stop)
 
 
 def _run_server(a) -> int:
+    from shardps.pscommon.config import StreamLimits
     from shardps.psserver.daemon import ServerConfig, run
-    stop = threading.Event()
-    install_stop_handlers(stop)
+    stop = _stop_event()
+    streams = StreamLimits(max_streams_per_connection=a.max_streams_per_connection,
+                           idle_timeout_s=a.stream_idle_timeout)
     return run(ServerConfig(scheduler=a.scheduler, listen=a.listen, advertise=a.advertise or "",
                             shard_id=a.shard_id, ready_file=a.ready_file, checkpoint_dir=a.checkpoint_dir,
                             checkpoint_every_s=a.checkpoint_every,
                             start_empty_if_unreadable=a.start_empty_if_unreadable,
-                            options=options_from_args(a)), stop)
+                            options=options_from_args(a), streams=streams), stop)
 
 
 def _run_worker(a) -> int:
-    from shardps.worker.train import TrainConfig, train
-    stop = threading.Event()
-    install_stop_handlers(stop)
+    from shardps.worker.train import TrainConfig, summary_line, train
+    stop = _stop_event()
     cfg = TrainConfig(scheduler=a.scheduler, model=a.model, data=a.data, overlap=a.overlap, steps=a.steps,
                       batch_size=a.batch_size, seed=a.seed, device=a.device, metrics_out=a.metrics_out,
                       push_codec=a.push_codec and str(CodecConfig.parse(a.push_codec)),
@@ -249,8 +406,9 @@ def _run_worker(a) -> int:
                       step_delay_s=a.step_delay, progress=False if a.no_progress else None,
                       epochs=a.epochs, partitions=a.partitions, options=options_from_args(a),
                       min_workers=a.min_workers,
-                      device_compression={"auto": None, "on": True, "off": False}[a.device_compression])
-    train(cfg, stop)
+                      device_compression={"auto": None, "on": True, "off": False}[a.device_compression],
+                      append_metrics=a.append)
+    print(summary_line(train(cfg, stop), cfg), flush=True)
     return 0
 
 
@@ -291,28 +449,37 @@ def _wrong_role(a, exc: PSError) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one psctl command; the exit code: 0, EXIT_FAILURE, EXIT_USAGE or EXIT_INTERRUPTED."""
     a = None
+    _INTERRUPTED.clear()
     try:
-        a = build_parser().parse_args(argv)
+        try:
+            a = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help: argparse printed it and exits 0
+            return exc.code if isinstance(exc.code, int) else 0
         setup_logging(a.log_level)
         if os.environ.get("SHARDPS_MALLOC_TUNING", "1") != "0":
             tune_malloc()  # measured: large gRPC messages are much faster (docs/benchmarks.md)
-        return COMMANDS[a.command](a)
+        rc = COMMANDS[a.command](a)
+        return EXIT_INTERRUPTED if rc == 0 and _INTERRUPTED.is_set() else rc
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
-    except PSError as exc:
-        print(_wrong_role(a, exc) or f"psctl: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except InvalidArgument as exc:  # a value the command line gave, refused before anything ran
+        print(f"psctl: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except PSError as exc:  # unreachable, refused, wrong role: the command line was fine
+        print(_wrong_role(a, exc) or f"psctl: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `psctl status | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except OSError as exc:  # a file it cannot write or read (--metrics-out, --checkpoint-dir, ...)
+    except OSError as exc:  # a file it cannot write or read while running (--checkpoint-dir, ...)
         where = f": {exc.filename}" if exc.filename else ""
         print(f"psctl: {exc.strerror or exc}{where}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

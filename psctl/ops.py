@@ -6,11 +6,11 @@ from concurrent import futures
 
 from shardps.pscommon import grpcutil
 from shardps.pscommon.config import JobSpec
-from shardps.pscommon.errors import PSError, Unavailable
+from shardps.pscommon.errors import Aborted, PSError, Unavailable
 from shardps.pscommon.security import NO_SECURITY, Security
 from shardps.pscommon.stats import histogram_dict
 from shardps.pscommon.tensors import dtype_name
-from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from shardps.pscommon.wire.v1 import job_pb2, ps_pb2, ps_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 STATE = {scheduler_pb2.MEMBER_STATE_ALIVE: "alive", scheduler_pb2.MEMBER_STATE_DEAD: "dead",
          scheduler_pb2.MEMBER_STATE_LEFT: "left", scheduler_pb2.MEMBER_STATE_UNSPECIFIED: "unknown"}
@@ -73,7 +73,10 @@ def collect_status(address: str, timeout: float, security: Security = NO_SECURIT
                          push_traffic=traffic_dict(ss.push_traffic),
                          pull_traffic=traffic_dict(ss.pull_traffic),
                          checkpoint_age_s=round(ss.checkpoint_age_s, 2),
-                         checkpoint_version=ss.checkpoint_version)
+                         checkpoint_version=ss.checkpoint_version, rebases=ss.rebases,
+                         reseeded=({"worker": ss.reseeded.worker_id, "version": ss.reseeded.version,
+                                    "offers": ss.reseeded.offers, "at_uptime_s": round(ss.reseeded.uptime_s, 2)}
+                                   if ss.HasField("reseeded") else None))
         elif ss is not None:
             entry["error"] = str(ss)
         servers.append(entry)
@@ -133,6 +136,10 @@ def render_status(s: dict) -> str:
         lines.append(f"  {v['shard']:>5} {v['state']:<6} {shown(v['address']):<21} {v['keys']:>5} "
                      f"{_fmt_bytes(v['bytes']):>10} {v['version']:>8} {v['update_rate']:>7.1f} "
                      f"{v['staleness']['mean']:>6.2f} {(f'{ratio:.2f}x' if ratio else '-'):>6}")
+        r = v.get("reseeded")
+        if r:
+            lines.append(f"        restarted empty; re-seeded from worker {r['worker']}'s copy at version "
+                         f"{r['version']} ({r['offers']} offered, {r['at_uptime_s']:.0f}s into its uptime)")
     return "\n".join(lines)
 
 
@@ -194,21 +201,71 @@ def inspect(address: str, as_json: bool, timeout: float, shard: int | None, samp
     return 0
 
 
-def checkpoint(address: str, as_json: bool, timeout: float, security: Security = NO_SECURITY) -> int:
-    """Every live shard writes a checkpoint now; exit 1 if any could not."""
+def checkpoint(address: str, as_json: bool, timeout: float, security: Security = NO_SECURITY,
+               consistent: bool = False) -> int:
+    """Every live shard writes a checkpoint now (consistent: a cut across shards, see
+    consistent_cut); exit 1 if any could not."""
     info = _reach("scheduler", address, lambda: grpcutil.call(
         _scheduler(address, security).GetJob, scheduler_pb2.GetJobRequest(), timeout))
-    replies = _shard_calls(info.servers, "Checkpoint", ps_pb2.CheckpointRequest(), timeout, security)
+    cut = None
+    if consistent:
+        cut, replies = consistent_cut(info, timeout, security)
+    else:
+        replies = _shard_calls(info.servers, "Checkpoint", ps_pb2.CheckpointRequest(), timeout, security)
     out = []
     for shard, r in sorted(replies.items()):
         if isinstance(r, ps_pb2.CheckpointReply):
-            out.append({"shard": shard, "path": r.path, "version": r.shard_version})
+            out.append({"shard": shard, "path": r.path, "version": r.shard_version,
+                        "completed_step": r.completed_step})
         else:
             out.append({"shard": shard, "error": str(r)})
     if as_json:
-        print(json.dumps({"checkpoints": out}, indent=2))
+        print(json.dumps({"cut": cut, "checkpoints": out}, indent=2))
     else:
+        if cut is not None:
+            print(cut["what"])
         for c in out:
             print(f"shard {c['shard']}: " + (f"{c['path']} (version {c['version']})" if "path" in c
                                               else f"failed: {c['error']}"))
     return 1 if any("error" in c for c in out) or not out else 0
+
+
+CUT_ATTEMPTS = 5
+HOLD_S = 10.0
+
+
+def consistent_cut(info, timeout: float, security: Security) -> tuple[dict, dict[int, object]]:
+    """Checkpoints of every shard that belong together.
+
+    sync: all at one completed step C, the highest any shard has reached. A shard at C copies
+    its state at once (nothing changes until step C completes, which needs every shard at C),
+    one at C-1 copies it the moment it gets there; a shard already past C (a step completed
+    meanwhile) refuses, and the cut is tried again at the new highest step.
+    async/ssp: every shard first stops taking pushes (they wait, for at most HOLD_S), then
+    each writes and takes pushes again; a worker has at most one push in flight, so the
+    shards' states differ by at most one push per worker.
+    """
+    live = {s.shard for s in info.servers if s.state == scheduler_pb2.MEMBER_STATE_ALIVE}
+    missing = sorted(set(range(info.job.num_servers)) - live)
+    if missing:
+        raise Unavailable(f"no live server for shards {missing}: a consistent cut needs every shard")
+    if info.job.mode == job_pb2.MODE_SYNC:
+        for _ in range(CUT_ATTEMPTS):
+            statuses = _shard_calls(info.servers, "ShardStatus", ps_pb2.ShardStatusRequest(), timeout, security)
+            failed = {s: r for s, r in statuses.items() if not isinstance(r, ps_pb2.ShardStatusReply)}
+            if failed:
+                return {"what": "no cut: a shard did not answer"}, failed
+            step = max(r.completed_step for r in statuses.values())
+            replies = _shard_calls(info.servers, "Checkpoint", ps_pb2.CheckpointRequest(at_step=step), timeout,
+                                   security)
+            if not any(isinstance(r, Aborted) for r in replies.values()):
+                return {"mode": "sync", "step": step, "what": f"consistent cut at step {step}"}, replies
+        return {"what": f"no cut: the shards moved past each cut {CUT_ATTEMPTS} times"}, replies
+    held = _shard_calls(info.servers, "Checkpoint", ps_pb2.CheckpointRequest(hold_s=min(HOLD_S, timeout)),
+                        timeout, security)
+    failed = {s: r for s, r in held.items() if not isinstance(r, ps_pb2.CheckpointReply)}
+    if failed:   # the holds that took lapse on their own
+        return {"what": "no cut: a shard could not be held"}, failed
+    replies = _shard_calls(info.servers, "Checkpoint", ps_pb2.CheckpointRequest(release=True), timeout, security)
+    return {"mode": "held", "what": "consistent cut: pushes held on every shard, at most one push per worker "
+            "apart"}, replies

@@ -3,7 +3,8 @@
 Reads what `psctl worker --metrics-out` writes (worker/train.py): one record per pushed step
 {"step", "clock", "loss", "worker", "time"}, and a final record with "eval_accuracy",
 "steps", "wall_s", ... Records with an "accuracy" field (periodic evaluations) are plotted
-too. One series per worker per file; a file a worker appended to again holds several runs.
+too. One series per worker per file; `--metrics-out` starts a new file, but one written with
+`--append` (or concatenated by hand) holds several runs, each its own series.
 """
 from __future__ import annotations
 

@@ -402,16 +402,22 @@ class Checkpointer:
         self.last_path: pathlib.Path | None = None
         self.written = 0
         self.failures = 0
+        self.last_snapshot_gate: dict = {}
 
-    def write(self, final: bool = False) -> pathlib.Path:
-        """Write one checkpoint. A failure, whatever raised it (a full disk, EFBIG, a
+    def write(self, final: bool = False, snapshot: Snapshot | None = None) -> pathlib.Path:
+        """Write one checkpoint: of the shard now, or of `snapshot` (a copy the shard took at a
+        chosen moment: a consistent cut). A failure, whatever raised it (a full disk, EFBIG, a
         permission, safetensors), is counted, logged once as one line naming its cause and
         raised as Internal; the previous checkpoint stays the newest one."""
         with self.lock:
             holder = {}
 
             def take(path):
-                holder["snap"] = self.shard.write_snapshot(path, self.job_json)
+                if snapshot is None:
+                    holder["snap"] = self.shard.write_snapshot(path, self.job_json)
+                else:
+                    save_tensors(snapshot.tensors, path)
+                    holder["snap"] = dataclasses.replace(snapshot, tensors={})
                 return holder["snap"]
             try:
                 path = self.store.write(take)
@@ -423,6 +429,7 @@ class Checkpointer:
             self.last_path = path
             self.last_time = self.now()
             self.last_version = holder["snap"].shard_version
+            self.last_snapshot_gate = holder["snap"].gate
             self.written += 1
             log.info("shard %d checkpoint %s at version %d", self.shard.shard_id, self.last_path.name,
                      self.last_version)

@@ -12,9 +12,10 @@ import grpc
 from google.protobuf import json_format
 
 from shardps.pscommon import framing, grpcutil
-from shardps.pscommon.config import JobSpec
+from shardps.pscommon.config import JobSpec, StreamLimits
 from shardps.pscommon.errors import (FailedPrecondition, InvalidArgument, NotFound, PSError, ShardHeld,
                                       from_rpc_error)
+from shardps.pscommon.interceptors import StreamGuard
 from shardps.pscommon.lifecycle import DaemonOptions, Telemetry, write_ready_file
 from shardps.pscommon.wire.v1 import ps_pb2, scheduler_pb2, scheduler_pb2_grpc
 from shardps.psserver import checkpoint
@@ -37,6 +38,7 @@ class ServerConfig:
     register_timeout_s: float = 60.0
     drain_grace_s: float = 10.0
     limits: Limits = Limits()
+    streams: StreamLimits = StreamLimits()   # per-connection stream cap, idle timeout, health's pool
     checkpoint_dir: str | None = None
     checkpoint_every_s: float = 30.0
     # every checkpoint in checkpoint_dir refused: start the shard empty instead of refusing to start
@@ -82,8 +84,11 @@ class ServerProcess:
         self.on_step_down = lambda: None        # run() wakes its wait with this
         self.skipped_checkpoints = 0            # refused lease: a successor may own the directory
         self.telemetry = Telemetry(cfg.options, "server")
-        self.grpc_server = grpcutil.make_server(security=cfg.options.security,
-                                                interceptors=self.telemetry.interceptors + tuple(cfg.interceptors))
+        # last, so that it counts authenticated calls only; health and reflection run on its pool
+        self.stream_guard = StreamGuard(cfg.streams)
+        self.grpc_server = grpcutil.make_server(
+            security=cfg.options.security,
+            interceptors=self.telemetry.interceptors + tuple(cfg.interceptors) + (self.stream_guard,))
         self.health = grpcutil.add_health(self.grpc_server)
         self.address = grpcutil.bind(self.grpc_server, cfg.listen, cfg.options.security)
         self.sched = scheduler_pb2_grpc.SchedulerStub(grpcutil.channel(cfg.scheduler, cfg.options.security))
@@ -277,7 +282,11 @@ class ServerProcess:
         leaves all the same, since holding it would only delay the restart that recovers it."""
         self.stop.set()
         grpcutil.set_serving(self.health, SERVICE, False)
-        self.grpc_server.stop(self.cfg.drain_grace_s).wait()
+        stopped = self.grpc_server.stop(self.cfg.drain_grace_s)   # new calls are refused from here
+        if self.shard is not None:
+            self.shard.close_gates()   # waiting pulls return UNAVAILABLE now, not CANCELLED at the grace's end
+        stopped.wait()
+        self.stream_guard.close()
         if self.stepped_down.is_set():
             self.telemetry.stop()      # our lease and our copy of the shard are someone else's now
             return True
@@ -316,6 +325,7 @@ def run(cfg: ServerConfig, stop: threading.Event) -> int:
         # checkpoint): leave, so the shard is not held by a member that will never answer
         proc.stop.set()
         proc.grpc_server.stop(0)
+        proc.stream_guard.close()
         proc.telemetry.stop()
         proc._leave()
         raise

@@ -23,6 +23,7 @@ class ShardCollector:
                                     "consistency gate (sync/ssp).", s.pull_wait, label)
             live, view = len(s.gate.live), s.view
             param_bytes, opt_bytes = s.param_bytes(), s.optimizer_bytes()
+            rebases, reseeded = s.rebases, s.reseeded
         yield _counter("shardps_server_pushes_total", "Pushes taken (duplicates excluded).", label, pushes)
         yield _counter("shardps_server_pulls_total", "Pulls served.", label, pulls)
         yield _counter("shardps_server_duplicate_pushes_total", "Retried pushes acknowledged, not applied.",
@@ -46,6 +47,11 @@ class ShardCollector:
         yield _gauge("shardps_server_membership_view", "Membership view number the shard follows.", label, view)
         yield _gauge("shardps_server_parameter_bytes", "Parameter bytes held.", label, param_bytes)
         yield _gauge("shardps_server_optimizer_state_bytes", "Optimizer state bytes held.", label, opt_bytes)
+        yield _counter("shardps_server_step_rebases_total", "Sync: times the shard, restarted behind the "
+                       "workers, took their step.", label, rebases)
+        yield _gauge("shardps_server_reseeded_from_version", "The shard restarted empty and was re-seeded "
+                     "from a worker's copy pulled at this version (-1: it was not).", label,
+                     -1 if reseeded is None else reseeded.version)
         age = self.checkpointer.age_s() if self.checkpointer else -1.0
         yield _gauge("shardps_server_checkpoint_age_seconds", "Seconds since the last checkpoint (-1: none).",
                      label, age)

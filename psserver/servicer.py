@@ -11,15 +11,18 @@ import numpy as np
 
 from shardps.pscommon import codecs
 from shardps.pscommon.config import CodecConfig
-from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, servicer_errors
+from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ShardEmpty, servicer_errors
 from shardps.pscommon.grpcutil import DATA_TIMEOUT_S
 from shardps.pscommon.sharding import Key
 from shardps.pscommon.codecs.bf16 import from_bf16_bits
 from shardps.pscommon.framing import BATCH_BYTES, batch, body_of, chunk_frames, chunk_of
 from shardps.pscommon.tensors import FLOAT_DTYPES, ChunkAssembler, check_shape, numel
-from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, tensor_pb2
+from shardps.pscommon.wire.v1 import job_pb2, ps_pb2, ps_pb2_grpc, tensor_pb2
 from shardps.psserver import consistency
 from shardps.psserver.shard import Shard
+
+
+MAX_HOLD_S = 60.0   # the longest a consistent cut may hold a shard's pushes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +139,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     def _check_model(self, fingerprint: str):
         if not self.shard.fingerprint:
+            if fingerprint:  # the caller holds a shard map: the job's model is declared
+                raise ShardEmpty(f"shard {self.shard.shard_id} holds no model (it restarted empty, or the model "
+                                 "was never declared here): offer your copy to re-seed it, or declare first",
+                                 shard=self.shard.shard_id)
             raise FailedPrecondition("no model declared on this shard yet; declare first")
         if fingerprint != self.shard.fingerprint:
             raise FailedPrecondition(
@@ -157,8 +164,18 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         no_value = [name for name, v in values.items() if v is None]
         if no_value:
             raise InvalidArgument(f"Declare marks keys {no_value[:5]} no_gradient: a declaration carries values")
+        if header.HasField("seed"):
+            return self._offer_seed(header, keys, values, context)
         created, existing = self.shard.declare(header.model_fingerprint, keys, values)
         return ps_pb2.DeclareReply(created=created, existing=existing)
+
+    def _offer_seed(self, header, keys, values, context) -> ps_pb2.DeclareReply:
+        caller = header.seed.caller
+        left = context.time_remaining() if context is not None else None
+        taken = self.shard.offer_seed(caller.worker_id, caller.incarnation, header.seed.version,
+                                      header.model_fingerprint, keys, values,
+                                      timeout_s=DATA_TIMEOUT_S if left is None else left)
+        return ps_pb2.DeclareReply(reseeded=_reseed_proto(taken))
 
     @servicer_errors
     def Pull(self, request, context):
@@ -276,12 +293,38 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 clocks=dict(s.gate.clocks), completed_step=s.gate.completed_step,
                 membership_view=s.view, mode=consistency.mode_of(s.job),
                 checkpoint_age_s=self.checkpointer.age_s() if self.checkpointer else -1.0,
-                checkpoint_version=(self.checkpointer.last_version or 0) if self.checkpointer else 0)
+                checkpoint_version=(self.checkpointer.last_version or 0) if self.checkpointer else 0,
+                reseeded=_reseed_proto(s.reseeded), rebases=s.rebases)
 
     @servicer_errors
     def Checkpoint(self, request, context):
         if self.checkpointer is None:
             raise FailedPrecondition(f"shard {self.shard.shard_id} has no --checkpoint-dir")
-        path = self.checkpointer.write()
+        cut = request.WhichOneof("cut")
+        if cut == "hold_s":
+            if not 0 < request.hold_s <= MAX_HOLD_S:
+                raise InvalidArgument(f"hold_s {request.hold_s} is not in (0, {MAX_HOLD_S}]")
+            self.shard.hold(request.hold_s)
+            return ps_pb2.CheckpointReply(shard=self.shard.shard_id, shard_version=self.shard.version)
+        snapshot = None
+        if cut == "at_step":
+            if consistency.mode_of(self.shard.job) != job_pb2.MODE_SYNC:
+                raise FailedPrecondition(f"a cut at a step needs sync mode; this job is {self.shard.job.mode}")
+            left = context.time_remaining() if context is not None else None
+            snapshot = self.shard.cut_at(request.at_step, self.checkpointer.job_json,
+                                         DATA_TIMEOUT_S if left is None else max(0.0, left - 1.0))
+        try:
+            path = self.checkpointer.write(snapshot=snapshot)
+        finally:
+            if request.release:
+                self.shard.release()
+        last = self.checkpointer.last_snapshot_gate
         return ps_pb2.CheckpointReply(shard=self.shard.shard_id, path=str(path),
-                                      shard_version=self.checkpointer.last_version)
+                                      shard_version=self.checkpointer.last_version,
+                                      completed_step=last.get("completed_step", 0))
+
+
+def _reseed_proto(r) -> ps_pb2.Reseed | None:
+    if r is None:
+        return None
+    return ps_pb2.Reseed(worker_id=r.worker, version=r.version, offers=r.offers, uptime_s=r.uptime_s)

@@ -7,6 +7,7 @@ with a deadline; pushes and membership changes notify it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from typing import Callable, Iterable, Mapping
@@ -14,10 +15,13 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from shardps.pscommon.config import JobSpec
-from shardps.pscommon.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, StaleIncarnation
+from shardps.pscommon.errors import (Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, StaleIncarnation,
+                                     Unavailable)
 from shardps.pscommon.sharding import Key
 from shardps.pscommon.stats import STALENESS_BOUNDS, WAIT_BOUNDS_S, Histogram
-from shardps.psserver import checkpoint, consistency, ledger, optim
+from shardps.psserver import checkpoint, consistency, ledger, optim, reseed
+
+log = logging.getLogger("shardps.server")
 
 
 @dataclasses.dataclass
@@ -66,6 +70,14 @@ class Shard:
         self.view = 0                    # the membership view number adopted last
         self.started = now()
         self.pushes = self.pulls = self.duplicates = 0
+        self.rebases = 0                 # sync: times this shard caught up with the workers' step
+        self.collecting: reseed.Collecting | None = None   # offers to re-seed it, while empty
+        self.reseeded: reseed.Reseeded | None = None
+        self.reseed_window_s = reseed.WINDOW_S
+        self.draining = False            # set at drain: nothing waits here any more
+        self.waiting_pulls = 0           # pulls inside wait_pull now
+        self.held_until = 0.0            # a consistent cut holds pushes until then (see hold)
+        self._cuts: dict[int, _Cut] = {}  # sync: completed step -> the cut waiting for it
         self.staleness = Histogram(STALENESS_BOUNDS)
         self.pull_wait = Histogram(WAIT_BOUNDS_S)
         self.push_traffic: dict[str, KeyTraffic] = {}
@@ -78,6 +90,12 @@ class Shard:
         The shard takes `values` over: arrays that own writable float32 data become its
         storage without a copy, so the caller must not use them afterwards.
         """
+        self._check_values(keys, values)
+        with self.cond:
+            self._check_same_model(fingerprint, keys)
+            return self._create(fingerprint, keys, values)
+
+    def _check_values(self, keys: list[Key], values: dict[str, np.ndarray]) -> None:
         for k in keys:
             if k.shard != self.shard_id:
                 raise InvalidArgument(f"key {k.key!r} belongs to shard {k.shard}, this is shard {self.shard_id}")
@@ -89,23 +107,76 @@ class Shard:
         if len(values) != len(keys):
             extra = sorted(set(values) - {k.key for k in keys})
             raise InvalidArgument(f"initial values for undeclared keys {extra[:5]}")
+
+    def _check_same_model(self, fingerprint: str, keys: list[Key]) -> None:
+        if self.fingerprint and fingerprint != self.fingerprint:
+            raise FailedPrecondition(
+                f"model {fingerprint} differs from the model {self.fingerprint} this shard holds")
+        for k in keys:
+            old = self.entries.get(k.key)
+            if old is not None and old.spec != k:
+                raise FailedPrecondition(f"key {k.key!r} exists with a different spec")
+
+    def _create(self, fingerprint: str, keys: list[Key], values: dict[str, np.ndarray]) -> tuple[int, int]:
+        created = 0
+        for k in keys:
+            if k.key not in self.entries:
+                # an array that owns writable float32 data is adopted, not copied again
+                value = np.require(values[k.key], np.float32, ["C", "W", "O"]).reshape(-1)
+                self.entries[k.key] = KeyState(k, value, self.optimizer.init_state(k.length))
+                created += 1
+        self.fingerprint = fingerprint
+        return created, len(keys) - created
+
+    # -- re-seeding an empty shard (psserver.reseed decides) -----------------------------
+    def offer_seed(self, worker: int, incarnation: int, version: int, fingerprint: str, keys: list[Key],
+                   values: dict[str, np.ndarray], timeout_s: float) -> reseed.Reseeded | None:
+        """A worker's copy of this shard, offered because the shard restarted empty. Waits
+        until the shard has decided which copy to take (see psserver.reseed) and returns what
+        it took; None when the shard holds the model without having been re-seeded (a
+        declaration got there first)."""
+        self._check_values(keys, values)
+        offer = reseed.Offer(worker, version)
+        deadline = self.now() + max(0.0, timeout_s)
         with self.cond:
-            if self.fingerprint and fingerprint != self.fingerprint:
-                raise FailedPrecondition(
-                    f"model {fingerprint} differs from the model {self.fingerprint} this shard holds")
-            for k in keys:
-                old = self.entries.get(k.key)
-                if old is not None and old.spec != k:
-                    raise FailedPrecondition(f"key {k.key!r} exists with a different spec")
-            created = 0
-            for k in keys:
-                if k.key not in self.entries:
-                    # an array that owns writable float32 data is adopted, not copied again
-                    value = np.require(values[k.key], np.float32, ["C", "W", "O"]).reshape(-1)
-                    self.entries[k.key] = KeyState(k, value, self.optimizer.init_state(k.length))
-                    created += 1
-            self.fingerprint = fingerprint
-            return created, len(keys) - created
+            self._check_caller(worker, incarnation)
+            if not self.fingerprint:
+                self._collect(offer, fingerprint, keys, values)
+            while not self.fingerprint:
+                self._check_open()
+                c = self.collecting
+                if reseed.decided(c.offered, self.gate.live, c.first_at, self.now(), self.reseed_window_s):
+                    self._adopt_seed()
+                    break
+                left = deadline - self.now()
+                if left <= 0:
+                    raise DeadlineExceeded(f"shard {self.shard_id} did not decide which copy re-seeds it "
+                                           f"within {timeout_s:.1f}s")
+                self.cond.wait(min(left, 0.2))
+            self._check_same_model(fingerprint, keys)
+            return self.reseeded
+
+    def _collect(self, offer: reseed.Offer, fingerprint: str, keys: list[Key], values: dict[str, np.ndarray]):
+        c = self.collecting
+        if c is None:
+            c = self.collecting = reseed.Collecting(self.now(), fingerprint, keys)
+        elif fingerprint != c.fingerprint or keys != c.keys:
+            raise FailedPrecondition(f"model {fingerprint} differs from the model {c.fingerprint} "
+                                     f"the other workers offered to re-seed shard {self.shard_id}")
+        c.offered.add(offer.worker)
+        if reseed.fresher(offer, c.best):
+            c.best, c.values = offer, values
+        self.cond.notify_all()
+
+    def _adopt_seed(self) -> None:
+        c, self.collecting = self.collecting, None
+        self._create(c.fingerprint, c.keys, c.values)
+        self.version = c.best.version
+        self.reseeded = reseed.Reseeded(c.best.worker, c.best.version, len(c.offered), self.now() - self.started)
+        log.warning("shard %d restarted empty: re-seeded from worker %d's copy at version %d (%d copies offered); "
+                    "the updates applied after that pull are lost, optimizer state starts again",
+                    self.shard_id, c.best.worker, c.best.version, len(c.offered))
+        self.cond.notify_all()
 
     # -- membership ----------------------------------------------------------------------
     def set_view(self, view: int, members: Iterable[WorkerView]) -> None:
@@ -117,6 +188,8 @@ class Shard:
             live, start = {}, {}
             for m in members:
                 if m.alive:
+                    if self.gate.live.get(m.worker) != m.incarnation:
+                        self.gate.heard.discard(m.worker)   # a new incarnation starts afresh
                     live[m.worker] = m.incarnation
                     start[m.worker] = m.clock
                 else:
@@ -124,6 +197,7 @@ class Shard:
             self.gate.live = live
             self.gate.start_clock = start
             self._apply(self._take(self.mode.on_view_change(self.gate)), base_version=None)
+            self._take_cut()
             self.cond.notify_all()
 
     def _check_caller(self, worker: int, incarnation: int) -> None:
@@ -152,20 +226,53 @@ class Shard:
         deadline = t0 + max(0.0, timeout_s)
         with self.cond:
             self._check_caller(worker, incarnation)
-            while not self.mode.pull_ready(self.gate, worker, step):
-                left = deadline - self.now()
-                if left <= 0:
-                    raise DeadlineExceeded(
-                        f"pull for step {step} by worker {worker} not admitted by {self.mode.name} "
-                        f"within {timeout_s:.1f}s (slowest live clock "
-                        f"{min((self.gate.clock_of(w) for w in self.gate.live), default=None)})")
-                self.cond.wait(min(left, 1.0))
-                self._check_caller(worker, incarnation)
+            self._check_open()
+            self._learn_from_pull(worker, step)
+            self.waiting_pulls += 1
+            try:
+                self._wait_gate(worker, incarnation, step, deadline, timeout_s)
+            finally:
+                self.waiting_pulls -= 1
             waited = self.now() - t0
             self.pulls += 1
             if self.mode.records_pull_wait:
                 self.pull_wait.observe(waited)
             return self.version, self.mode.next_step(self.gate, worker, step), waited
+
+    def _wait_gate(self, worker: int, incarnation: int, step: int, deadline: float, timeout_s: float) -> None:
+        while not self.mode.pull_ready(self.gate, worker, step):
+            self._check_open()
+            left = deadline - self.now()
+            if left <= 0:
+                raise DeadlineExceeded(
+                    f"pull for step {step} by worker {worker} not admitted by {self.mode.name} "
+                    f"within {timeout_s:.1f}s (slowest live clock "
+                    f"{min((self.gate.clock_of(w) for w in self.gate.live), default=None)})")
+            self.cond.wait(min(left, 1.0))
+            self._check_caller(worker, incarnation)
+
+    def close_gates(self) -> None:
+        """The server drains: every call waiting here (a pull at a gate, a re-seed offer) gets
+        UNAVAILABLE now, which the worker retries at the shard's next server, instead of
+        being cancelled when the drain's grace period ends."""
+        with self.cond:
+            self.draining = True
+            self.cond.notify_all()
+
+    def _check_open(self) -> None:
+        if self.draining:
+            raise Unavailable(f"shard {self.shard_id}'s server is draining; retry at its replacement")
+
+    def _learn_from_pull(self, worker: int, step: int) -> None:
+        """A pull for `step` says the worker pushed every step before it to every shard: after
+        a restart this is how the gates learn where the workers are."""
+        for _ in range(3):  # at most Rebase, Excuse, CompleteStep
+            decision = self.mode.on_pull(self.gate, worker, step)
+            if decision is consistency.HOLD:
+                break
+            self._apply(self._take(decision), base_version=None)
+            self._take_cut()
+        self.cond.notify_all()
 
     def keys_for_pull(self, names: list[str]) -> list[str]:
         if not names:
@@ -209,15 +316,22 @@ class Shard:
         self.check_push_keys(grads)
         with self.cond:
             self._check_caller(worker, incarnation)
+            self._wait_hold()
             if ledger.classify(self.ledger, worker, incarnation, step) is ledger.Verdict.DUPLICATE:
                 self.duplicates += 1
                 return self.version, True, 0
             # a refused push raises here, before the ledger or the clocks record it
-            apply_now = self._take(self.mode.on_push(self.gate, worker, step, grads))
+            decision = self.mode.on_push(self.gate, worker, step, grads)
+            if isinstance(decision, consistency.Rebase):
+                self._take(decision)
+                decision = self.mode.on_push(self.gate, worker, step, grads)
+            apply_now = self._take(decision)
             ledger.record(self.ledger, worker, incarnation, step)
+            self.gate.heard.add(worker)
             self.gate.clocks[worker] = max(self.gate.clocks.get(worker, 0), step + 1)
             self.pushes += 1
             staleness = self._apply(apply_now, base_version)
+            self._take_cut()
             self.cond.notify_all()
             return self.version, False, staleness
 
@@ -232,10 +346,21 @@ class Shard:
             case consistency.Accumulate(worker=worker, grads=grads):
                 self._accumulate(worker, grads)
                 return None
-            case consistency.CompleteStep(worker=worker, grads=grads):
+            case consistency.CompleteStep(worker=worker, grads=grads, excuse=excuse):
                 if worker is not None:
                     self._accumulate(worker, grads)
+                if excuse is not None:
+                    self.gate.excused.add(excuse)
                 return self._complete_step()
+            case consistency.Excuse(worker=worker):
+                self.gate.excused.add(worker)
+                return None
+            case consistency.LearnClock(worker=worker, clock=clock):
+                self.gate.clocks[worker] = clock
+                return None
+            case consistency.Rebase(step=step):
+                self._rebase(step)
+                return None
             case consistency.Hold():
                 return None
         raise TypeError(f"not a consistency decision: {decision!r}")
@@ -252,12 +377,24 @@ class Shard:
         self.gate.pending_from.add(worker)
 
     def _complete_step(self) -> dict[str, np.ndarray]:
-        """End the step in progress; returns its gradients averaged over the contributors."""
+        """End the step in progress; returns its gradients averaged over the contributors
+        (the excused sent none here, so they do not count)."""
         n = len(self.gate.pending_from)
-        avg = {k: v / np.float32(n) for k, v in self.gate.pending_sum.items()}
-        self.gate.pending_sum, self.gate.pending_from = {}, set()
+        avg = {k: v / np.float32(n) for k, v in self.gate.pending_sum.items()} if n else {}
+        self.gate.pending_sum, self.gate.pending_from, self.gate.excused = {}, set(), set()
         self.gate.completed_step += 1
+        self.gate.resuming = False
         return avg
+
+    def _rebase(self, step: int) -> None:
+        """Continue at the workers' step: the pushes of the step this shard was on went to its
+        previous life (before the restart) and are not coming again."""
+        log.warning("shard %d resumes at step %d, the workers' step (it restarted at step %d; "
+                    "%d pending contributions dropped)", self.shard_id, step, self.gate.completed_step,
+                    len(self.gate.pending_from))
+        self.gate.pending_sum, self.gate.pending_from, self.gate.excused = {}, set(), set()
+        self.gate.completed_step = step
+        self.rebases += 1
 
     def _apply(self, grads: Mapping[str, np.ndarray] | None, base_version: int | None) -> int:
         """One optimizer update of the keys in `grads` (none: nothing); returns the staleness."""
@@ -293,25 +430,75 @@ class Shard:
             layout = [(name, arr.shape) for name, arr in self._checkpoint_arrays()]
         buf = _touched_buffer(sum(int(np.prod(shape)) for _, shape in layout))
         with self.cond:
-            arrays = self._checkpoint_arrays()
-            if [(name, arr.shape) for name, arr in arrays] != layout:
-                # a declare or a sync step changed the arrays in between: size it again, here
-                buf = np.empty(sum(arr.size for _, arr in arrays), np.float32)
-            tensors, offset = {}, 0
-            for name, arr in arrays:
-                view = buf[offset:offset + arr.size].reshape(arr.shape)
-                np.copyto(view, arr, casting="no")   # float32 only: anything else is a bug, not a cast
-                tensors[name] = view
-                offset += arr.size
-            return checkpoint.Snapshot(
-                shard=self.shard_id, fingerprint=self.fingerprint, job=job_json,
-                keys=[dataclasses.asdict(e.spec) for e in self.entries.values()],
-                versions={k: e.version for k, e in self.entries.items()}, shard_version=self.version,
-                ledger=ledger.to_json(self.ledger),
-                gate={"completed_step": self.gate.completed_step,
-                      "clocks": {str(w): c for w, c in self.gate.clocks.items()},
-                      "pending_from": sorted(self.gate.pending_from)},
-                tensors=tensors)
+            return self._snapshot_locked(job_json, buf)
+
+    def _snapshot_locked(self, job_json: dict, buf: np.ndarray | None = None) -> checkpoint.Snapshot:
+        arrays = self._checkpoint_arrays()
+        if buf is None or buf.size != sum(arr.size for _, arr in arrays):
+            # a declare or a sync step changed the arrays since `buf` was sized: size it again
+            buf = np.empty(sum(arr.size for _, arr in arrays), np.float32)
+        tensors, offset = {}, 0
+        for name, arr in arrays:
+            view = buf[offset:offset + arr.size].reshape(arr.shape)
+            np.copyto(view, arr, casting="no")   # float32 only: anything else is a bug, not a cast
+            tensors[name] = view
+            offset += arr.size
+        return checkpoint.Snapshot(
+            shard=self.shard_id, fingerprint=self.fingerprint, job=job_json,
+            keys=[dataclasses.asdict(e.spec) for e in self.entries.values()],
+            versions={k: e.version for k, e in self.entries.items()}, shard_version=self.version,
+            ledger=ledger.to_json(self.ledger),
+            gate={"completed_step": self.gate.completed_step,
+                  "clocks": {str(w): c for w, c in self.gate.clocks.items()},
+                  "pending_from": sorted(self.gate.pending_from)},
+            tensors=tensors)
+
+    # -- consistent cuts across shards (psctl checkpoint --consistent) --------------------
+    def cut_at(self, step: int, job_json: dict, timeout_s: float) -> checkpoint.Snapshot:
+        """sync: a copy of the state after exactly `step` completed steps. A shard at `step`
+        copies now (nothing is applied until the step in progress completes); one behind
+        copies at the moment it gets there, inside the completing call; one past it refuses
+        with ABORTED. Every shard copied at the same step holds the same real step of the run."""
+        deadline = self.now() + max(0.0, timeout_s)
+        with self.cond:
+            if self.gate.completed_step > step:
+                raise Aborted(f"shard {self.shard_id} is past step {step} (at {self.gate.completed_step})")
+            if self.gate.completed_step == step:
+                return self._snapshot_locked(job_json)
+            cut = self._cuts.setdefault(step, _Cut(job_json))
+            try:
+                while cut.snapshot is None:
+                    self._check_open()
+                    left = deadline - self.now()
+                    if left <= 0:
+                        raise DeadlineExceeded(f"shard {self.shard_id} did not reach step {step} within "
+                                               f"{timeout_s:.1f}s (at {self.gate.completed_step})")
+                    self.cond.wait(min(left, 1.0))
+                return cut.snapshot
+            finally:
+                if self._cuts.get(step) is cut and cut.snapshot is None:
+                    del self._cuts[step]
+
+    def _take_cut(self) -> None:
+        cut = self._cuts.pop(self.gate.completed_step, None)
+        if cut is not None:
+            cut.snapshot = self._snapshot_locked(cut.job_json)
+
+    def hold(self, seconds: float) -> None:
+        """async/ssp: take no push for at most `seconds` (they wait) while every shard is held,
+        so that a cut of all of them differs by at most the one push each worker has in flight."""
+        with self.cond:
+            self.held_until = self.now() + max(0.0, seconds)
+
+    def release(self) -> None:
+        with self.cond:
+            self.held_until = 0.0
+            self.cond.notify_all()
+
+    def _wait_hold(self) -> None:
+        while self.held_until > self.now():
+            self._check_open()
+            self.cond.wait(min(self.held_until - self.now(), 0.5))
 
     def write_snapshot(self, path: str, job_json: dict) -> checkpoint.Snapshot:
         """Copy the state under the lock, write the tensors file at `path` outside it, and
@@ -382,6 +569,12 @@ class Shard:
 
     def optimizer_bytes(self) -> int:
         return sum(a.nbytes for e in self.entries.values() for a in e.state.values())
+
+
+@dataclasses.dataclass
+class _Cut:
+    job_json: dict
+    snapshot: checkpoint.Snapshot | None = None
 
 
 def _touched_buffer(n: int) -> np.ndarray:

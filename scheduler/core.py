@@ -16,6 +16,7 @@ from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, StaleIn
 from shardps.pscommon.wire.v1 import job_pb2, scheduler_pb2
 from shardps.scheduler import assignments, bounds
 from shardps.scheduler import membership as mb
+from shardps.scheduler.limits import MembershipLimits
 from shardps.scheduler.persist import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -24,9 +25,10 @@ STATE_FILE = "scheduler-state.json"
 
 class SchedulerCore:
     def __init__(self, job: JobSpec, state_dir: str | None = None,
-                 now: Callable[[], float] = time.monotonic):
+                 now: Callable[[], float] = time.monotonic, limits: MembershipLimits = MembershipLimits()):
         self.job = job
         self.now = now
+        self.limits = limits
         self.cond = threading.Condition()
         self.members = mb.Membership()
         self.shard_map: sharding.ShardMap | None = None
@@ -56,6 +58,11 @@ class SchedulerCore:
             self.shard_map = _shard_map_from_json(data["shard_map"])
         if data.get("data"):
             self.data = assignments.from_json(data["data"])
+            # a worker that is not alive holds no partitions (commits give them back as
+            # workers die; this covers a state file written before that was so)
+            alive = {m.member_id for m in self.members.live(mb.WORKER)}
+            for holder in {w for w, _ in self.data.assigned.values()} - alive:
+                self.data = assignments.release(self.data, holder)
         log.info("resumed scheduler state: membership view %d, %d members", self.members.view,
                  len(self.members.members))
 
@@ -71,13 +78,16 @@ class SchedulerCore:
 
     def _commit(self, members: mb.Membership) -> None:
         """Adopt a new membership; persist and wake watchers when the view moved. Workers
-        that are no longer alive give their partition assignments back."""
-        changed = members.view != self.members.view
-        self.members = members
-        if changed:
-            for m in members.of_role(mb.WORKER):
-                if not m.alive:
-                    self.data = assignments.release(self.data, m.member_id)
+        that stopped being alive in this change give their partition assignments back (one
+        that was not alive before gave them back then, so a join does not cost a release per
+        dead worker)."""
+        previous, self.members = self.members, members
+        if members.view != previous.view:
+            for m in previous.members.values():
+                if m.role == mb.WORKER and m.alive:
+                    after = members.members.get(m.member_id)
+                    if after is None or not after.alive:
+                        self.data = assignments.release(self.data, m.member_id)
             self._save()
             self.cond.notify_all()
 
@@ -108,7 +118,8 @@ class SchedulerCore:
             return self.members.view
 
     def reap(self) -> list[mb.Member]:
-        """Expire members whose lease ran out; returns them."""
+        """Expire members whose lease ran out (returns them), and prune workers dead or gone
+        for longer than the retention period."""
         with self.cond:
             gone = mb.expired(self.members, self.now())
             if gone:
@@ -116,7 +127,22 @@ class SchedulerCore:
                 for m in gone:
                     log.warning("%s %d (incarnation %d) missed its lease: dead, membership view %d",
                                 m.role, m.member_id, m.incarnation, self.members.view)
+            self.prune()
             return gone
+
+    def prune(self) -> int:
+        """Forget dead and departed workers past the retention period; returns how many. The
+        view does not move (the live set is the same); the state file is rewritten."""
+        with self.cond:
+            before = len(self.members.members)
+            pruned = mb.prune(self.members, self.now(), self.limits.dead_retention_s, self.limits.max_dead_workers)
+            if pruned is self.members:
+                return 0
+            self.members = pruned
+            self._save()
+            count = before - len(pruned.members)
+            log.debug("pruned %d dead or departed workers (kept %d members)", count, len(pruned.members))
+            return count
 
     def declare_model(self, params: list[sharding.Param]) -> sharding.ShardMap:
         """Fix the parameter set once; the same set again is a no-op, another is refused."""
@@ -133,6 +159,9 @@ class SchedulerCore:
 
     def _check_worker(self, worker: int, incarnation: int) -> None:
         m = self.members.members.get(worker)
+        if m is None and mb.forgotten(self.members, worker):
+            raise StaleIncarnation(f"worker {worker} incarnation {incarnation} was pruned; rejoin",
+                                   member=worker, incarnation=incarnation, state="pruned")
         if m is None or m.role != mb.WORKER:
             raise FailedPrecondition(f"no worker {worker}; join first")
         if m.incarnation != incarnation or not m.alive:

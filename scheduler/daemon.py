@@ -6,10 +6,12 @@ import logging
 import threading
 
 from shardps.pscommon import grpcutil
-from shardps.pscommon.config import JobSpec
+from shardps.pscommon.config import JobSpec, StreamLimits
+from shardps.pscommon.interceptors import StreamGuard
 from shardps.pscommon.lifecycle import DaemonOptions, Telemetry, write_ready_file
 from shardps.pscommon.wire.v1 import scheduler_pb2, scheduler_pb2_grpc
 from shardps.scheduler.core import SchedulerCore
+from shardps.scheduler.limits import MembershipLimits
 from shardps.scheduler.metrics import SchedulerCollector
 from shardps.scheduler.servicer import SchedulerServicer
 
@@ -26,17 +28,21 @@ class SchedulerConfig:
     reap_interval_s: float = 0.2
     drain_grace_s: float = 5.0
     options: DaemonOptions = DaemonOptions()
+    limits: MembershipLimits = MembershipLimits()   # join rate per host, retention of dead workers
+    streams: StreamLimits = StreamLimits()          # per-connection stream cap, health's own pool
 
 
 class SchedulerProcess:
     def __init__(self, cfg: SchedulerConfig):
         self.cfg = cfg
-        self.core = SchedulerCore(cfg.job, cfg.state_dir)
+        self.core = SchedulerCore(cfg.job, cfg.state_dir, limits=cfg.limits)
         self.stop = threading.Event()
         self.telemetry = Telemetry(cfg.options, "scheduler")
+        # last, so that it counts authenticated calls only; health and reflection run on its pool
+        self.stream_guard = StreamGuard(cfg.streams)
         # watch streams hold a thread each: room for many servers and control calls
         self.grpc_server = grpcutil.make_server(max_workers=64, security=cfg.options.security,
-                                                interceptors=self.telemetry.interceptors)
+                                                interceptors=self.telemetry.interceptors + (self.stream_guard,))
         self.health = grpcutil.add_health(self.grpc_server)
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(self.core), self.grpc_server)
         if cfg.options.reflection:
@@ -62,6 +68,7 @@ class SchedulerProcess:
         with self.core.cond:  # wake watch streams so they notice the shutdown
             self.core.cond.notify_all()
         self.grpc_server.stop(self.cfg.drain_grace_s).wait()
+        self.stream_guard.close()
         self.telemetry.stop()
 
 

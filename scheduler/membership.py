@@ -1,9 +1,14 @@
-"""Membership as pure state transitions: join, renew, expire, leave.
+"""Membership as pure state transitions: join, renew, expire, leave, prune.
 
 Every function takes a Membership and returns a new one (plus what the caller needs); none
 reads a clock or does I/O, so each transition is tested without a network. The view number
 rises by one with every change of the live set; incarnations come from one counter that never
 goes back, so a member that returns is told apart from its old self.
+
+Dead and departed workers are pruned after a retention period (`prune`), so membership does
+not grow with every join. Ids come from one rising counter too, so an id below `next_id`
+that is no longer a member is a pruned worker's (`forgotten`): its old incarnations are
+still refused as stale, it may rejoin under that id, and no one else is ever given it.
 """
 from __future__ import annotations
 
@@ -66,12 +71,19 @@ def start_clock(ms: Membership) -> int:
     return min(clocks) if clocks else 0
 
 
+def forgotten(ms: Membership, member_id: int) -> bool:
+    """Whether `member_id` was issued and has since been pruned. Only workers are pruned
+    (a server keeps its shard's member id), so such an id was a worker's."""
+    return 1 <= member_id < ms.next_id and member_id not in ms.members
+
+
 def join_worker(ms: Membership, now: float, ttl: float, name: str = "",
                 rejoin_id: int | None = None) -> tuple[Membership, Member]:
-    """A new worker, or a returning one (rejoin_id) under a new incarnation."""
+    """A new worker, or a returning one (rejoin_id) under a new incarnation; a worker that
+    was pruned while away rejoins like one that was only declared dead."""
     if rejoin_id is not None:
         old = ms.members.get(rejoin_id)
-        if old is None or old.role != WORKER:
+        if (old is None or old.role != WORKER) and not forgotten(ms, rejoin_id):
             raise NotFound(f"no worker {rejoin_id} to rejoin as")
         member_id, next_id = rejoin_id, ms.next_id
     else:
@@ -140,6 +152,10 @@ def register_server(ms: Membership, now: float, ttl: float, address: str, shard:
 def _current(ms: Membership, member_id: int, incarnation: int) -> Member:
     m = ms.members.get(member_id)
     if m is None:
+        if forgotten(ms, member_id):
+            raise StaleIncarnation(
+                f"member {member_id} incarnation {incarnation} died or left long ago and was pruned; rejoin",
+                member=member_id, incarnation=incarnation, state="pruned")
         raise NotFound(f"no member {member_id}")
     if incarnation != m.incarnation:
         raise StaleIncarnation(
@@ -182,6 +198,23 @@ def expire(ms: Membership, now: float) -> Membership:
     for m in gone:
         members[m.member_id] = dataclasses.replace(m, state=DEAD)
     return dataclasses.replace(ms, members=members, view=ms.view + 1)
+
+
+def prune(ms: Membership, now: float, retention_s: float, max_dead: int) -> Membership:
+    """Forget dead and departed workers last heard from `retention_s` ago or earlier, and the
+    oldest beyond `max_dead` of those left. Live members and servers (one member per shard,
+    bounded by the job) are kept. No view change: the live set is the same."""
+    dead = [m for m in ms.members.values() if m.role == WORKER and not m.alive]
+    if not dead:
+        return ms
+    drop = {m.member_id for m in dead if now - m.last_seen >= retention_s}
+    kept = [m for m in dead if m.member_id not in drop]
+    if len(kept) > max_dead:
+        kept.sort(key=lambda m: (m.last_seen, m.member_id))
+        drop.update(m.member_id for m in kept[:len(kept) - max_dead])
+    if not drop:
+        return ms
+    return dataclasses.replace(ms, members={i: m for i, m in ms.members.items() if i not in drop})
 
 
 def grace(ms: Membership, now: float, ttl: float) -> Membership:

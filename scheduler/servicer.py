@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from shardps.pscommon.errors import servicer_errors
+from shardps.pscommon.interceptors import peer_host
 from shardps.pscommon.wire.v1 import scheduler_pb2 as pb
 from shardps.pscommon.wire.v1 import scheduler_pb2_grpc
 from shardps.scheduler import assignments, bounds
 from shardps.scheduler import membership as mb
 from shardps.scheduler.core import SchedulerCore
+from shardps.scheduler.limits import AdmissionLimiter
 
 _STATE = {mb.ALIVE: pb.MEMBER_STATE_ALIVE, mb.DEAD: pb.MEMBER_STATE_DEAD, mb.LEFT: pb.MEMBER_STATE_LEFT}
 WATCH_REFRESH_S = 2.0   # a watch stream re-sends the view this often (carries fresh clocks)
@@ -42,8 +44,14 @@ def data_progress(state: assignments.DataState) -> pb.DataProgress:
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, core: SchedulerCore):
+    def __init__(self, core: SchedulerCore, admission: AdmissionLimiter | None = None):
         self.core = core
+        self.admission = admission or AdmissionLimiter(core.limits, core.now)
+
+    def _admit(self, context, method: str) -> None:
+        """Joins and registrations are rate-limited per caller host (not port: a new
+        connection is no new budget), before the request is even checked."""
+        self.admission.admit(peer_host(context.peer()), method)
 
     def _job_info(self) -> pb.JobInfo:
         core = self.core
@@ -54,12 +62,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @servicer_errors
     def RegisterServer(self, request, context):
+        self._admit(context, "RegisterServer")
         m = self.core.register_server(request.address, request.shard)
         return pb.RegisterServerReply(lease=_lease(m, self.core.ttl), shard=m.shard,
                                       job=self.core.job.to_proto(), view=self.core.members.view)
 
     @servicer_errors
     def JoinWorker(self, request, context):
+        self._admit(context, "JoinWorker")
         name = bounds.check_worker_name(request.name)
         m = self.core.join_worker(name, bounds.rejoin_id(request.worker_id))
         return pb.JoinWorkerReply(lease=_lease(m, self.core.ttl), job=self.core.job.to_proto(),

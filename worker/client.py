@@ -15,23 +15,26 @@ import dataclasses
 import logging
 import threading
 import time
+from typing import Callable, TypeVar
 
+import grpc
 import numpy as np
 
 from shardps.pscommon import codecs, grpcutil
 from shardps.pscommon.config import CodecConfig, JobSpec
-from shardps.pscommon.errors import FailedPrecondition, Internal
+from shardps.pscommon.errors import FailedPrecondition, Internal, ShardEmpty, Unavailable, from_rpc_error
 from shardps.pscommon.framing import BATCH_BYTES, chunk_frames, chunk_of
 from shardps.pscommon.security import NO_SECURITY, Security
 from shardps.pscommon.sharding import Key, Param, ShardMap
 from shardps.pscommon.tensors import ChunkAssembler
-from shardps.pscommon.wire.v1 import ps_pb2, scheduler_pb2, tensor_pb2
+from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, tensor_pb2
 from shardps.worker.compression import ErrorFeedback
 from shardps.worker.push import StreamingPush, encoded_frames, push_call
 from shardps.worker.session import Identity, Session, SessionConfig
 from shardps.worker.transport import Transport
 
 log = logging.getLogger("shardps.worker")
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +106,7 @@ class ShardClient:
         self._plan: _Plan | None = None
         self._shard_versions: dict[int, int] = {}
         self._compressor = ErrorFeedback()    # residuals per key: owned by the push side
+        self._copy: dict[str, np.ndarray] | None = None   # the arrays our pulls fill
 
     # -- identity, job and model, read-only ----------------------------------------------
     @property
@@ -208,9 +212,14 @@ class ShardClient:
         return self.shard_map
 
     def _declare_shard(self, shard: int, flat: dict[str, np.ndarray]) -> None:
+        requests = self._declare_requests(shard, flat)
+        self.transport.call(shard, lambda stub: stub.Declare(requests(), timeout=self.cfg.data_timeout_s))
+
+    def _declare_requests(self, shard: int, flat: dict[str, np.ndarray], seed: ps_pb2.SeedOffer | None = None):
+        """A Declare stream's messages for one shard's keys, values sliced from `flat`."""
         keys = self.shard_map.keys_of(shard)
         header = ps_pb2.DeclareHeader(model_fingerprint=self.shard_map.fingerprint, shard=shard,
-                                      keys=[k.to_proto() for k in keys], job=self.job.to_proto())
+                                      keys=[k.to_proto() for k in keys], job=self.job.to_proto(), seed=seed)
 
         def requests():
             yield ps_pb2.DeclareRequest(header=header)
@@ -218,7 +227,34 @@ class ShardClient:
                 value = flat[k.param][k.offset:k.offset + k.length]
                 meta, payload = codecs.encode(k.key, value, tensor_pb2.DTYPE_FLOAT32)
                 yield from chunk_frames(meta, payload)
-        self.transport.call(shard, lambda stub: stub.Declare(requests(), timeout=self.cfg.data_timeout_s))
+        return requests
+
+    # -- a shard that restarted empty ----------------------------------------------------
+    def _on_shard(self, shard: int, fn: Callable[[ps_pb2_grpc.ParameterServerStub], T]) -> T:
+        """transport.call, and when the shard answers that it restarted empty, offer it our
+        copy (the values of our last pull) and call again once it is re-seeded."""
+        def attempt(stub):
+            try:
+                return fn(stub)
+            except grpc.RpcError as err:
+                if not isinstance(from_rpc_error(err), ShardEmpty):
+                    raise
+            self._offer_copy(shard, stub)
+            return fn(stub)
+        return self.transport.call(shard, attempt)
+
+    def _offer_copy(self, shard: int, stub) -> None:
+        copy = self._copy
+        if copy is None:   # nothing pulled yet: another worker's copy will do
+            raise Unavailable(f"shard {shard} restarted empty and this worker holds no copy of it yet; "
+                              "waiting for another worker to re-seed it")
+        version = self.shard_versions().get(shard, 0)
+        seed = ps_pb2.SeedOffer(caller=self._caller(), version=version)
+        reply = stub.Declare(self._declare_requests(shard, copy, seed)(), timeout=self.cfg.data_timeout_s)
+        taken = reply.reseeded
+        if reply.HasField("reseeded"):
+            log.warning("shard %d restarted empty; re-seeded from worker %d's copy at version %d "
+                        "(we offered version %d)", shard, taken.worker_id, taken.version, version)
 
     def _caller(self) -> ps_pb2.Caller:
         me = self.session.identity
@@ -251,6 +287,7 @@ class ShardClient:
         with self._lock:
             for shard, rs in results.items():
                 self._shard_versions[shard] = min(version for version, _ in rs)
+        self._copy = into   # our freshest copy of every shard, should one restart empty
 
     def _pull_keys(self, plan: _Plan, shard: int, group: list[Key], step: int,
                    into: dict[str, np.ndarray]) -> tuple[int, int]:
@@ -276,7 +313,7 @@ class ShardClient:
                 raise Internal(f"shard {shard} answered a pull without a header first")
             self._receive(shard, keys, chunks, into)
             return header.shard_version, header.next_step
-        return self.transport.call(shard, once)
+        return self._on_shard(shard, once)
 
     def _receive(self, shard: int, keys: dict[str, Key], chunks, into: dict[str, np.ndarray]) -> None:
         """Decode a pull's chunks into `into`; every asked key exactly once."""
@@ -356,7 +393,7 @@ class ShardClient:
 
         call = push_call(header, lambda: encoded_frames(feed, encode, sizes), self.fits_batch(shard),
                          self.cfg.data_timeout_s)
-        reply = self.transport.call(shard, call)
+        reply = self._on_shard(shard, call)
         with self._lock:
             self.traffic.logical_sent += sizes["logical"]
             self.traffic.wire_sent += sizes["wire"]

@@ -32,6 +32,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     metrics_out: str | None = None
+    append_metrics: bool = False    # append to metrics_out instead of starting a new file
     push_codec: str | None = None   # overrides the job's push codec
     error_feedback: bool = True     # with push_codec
     step_delay_s: float = 0.0
@@ -70,10 +71,14 @@ def pick_device(name: str) -> torch.device:
 
 
 class MetricsWriter:
-    """JSON lines: one record per step, one at the end."""
+    """JSON lines: one record per step, one at the end. A new file (an existing one is
+    truncated) unless `append`: then a run follows the runs already in it."""
 
-    def __init__(self, path: str | None):
-        self.f = open(path, "a", buffering=1) if path else None
+    def __init__(self, path: str | None, append: bool = False):
+        try:
+            self.f = open(path, "a" if append else "w", buffering=1) if path else None
+        except OSError as exc:  # a path given on the command line: a usage error, named
+            raise InvalidArgument(f"cannot write --metrics-out {path}: {exc.strerror or exc}") from None
         self.t0 = time.time()
 
     def write(self, **record) -> None:
@@ -204,7 +209,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
     model = models.build(cfg.model, cfg.seed, cfg.data).to(device)
     split = entry.dataset()
     check_fits(model, split, device, cfg)  # before joining: a mismatch must not fix the job's model
-    metrics = MetricsWriter(cfg.metrics_out)
+    metrics = MetricsWriter(cfg.metrics_out, append=cfg.append_metrics)
     name = cfg.name or f"{os.uname().nodename}:{os.getpid()}"
     telemetry = Telemetry(cfg.options, "worker", serves_rpc=False)
     with PSClient.connect(cfg.scheduler, model, name=name, push_codec=cfg.push_codec,
@@ -244,5 +249,29 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
         metrics.write(**summary)
     metrics.close()
     telemetry.stop()
-    log.info("worker done: %s", summary)
+    log.debug("worker summary: %s", summary)  # the whole record is in --metrics-out too
     return summary
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def summary_line(summary: dict, cfg: TrainConfig) -> str:
+    """The one line `psctl worker` ends with, from train()'s summary, e.g.
+    `worker 2 finished: 300 steps, loss 0.084, accuracy 0.962, 41.3 steps/s, pushed 12.1 MB, pulled 24.0 MB`
+    or `worker 2 stopped after 57 of 300 steps (interrupted)`."""
+    worker, steps = summary["worker"], summary["steps"]
+    if summary.get("stopped") and (cfg.epochs or steps < cfg.steps):  # a signal after the last step: finished
+        counted = _plural(steps, "step") if cfg.epochs else f"{steps} of {_plural(cfg.steps, 'step')}"
+        return f"worker {worker} stopped after {counted} (interrupted)"
+    done = _plural(steps, "step") + (f" ({_plural(cfg.epochs, 'epoch')})" if cfg.epochs else "")
+    parts = [done, f"loss {summary['final_loss']:.3f}", f"accuracy {summary['eval_accuracy']:.3f}"]
+    if summary.get("wall_s", 0) > 0:
+        parts.append(f"{steps / summary['wall_s']:.1f} steps/s")
+    parts += [f"pushed {_megabytes(summary['bytes_sent'])}", f"pulled {_megabytes(summary['bytes_received'])}"]
+    return f"worker {worker} finished: {', '.join(parts)}"

@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 import grpc
 
 from shardps.pscommon import grpcutil
-from shardps.pscommon.errors import Aborted, PSError, Unavailable, from_rpc_error
+from shardps.pscommon.errors import Aborted, Cancelled, PSError, Unavailable, from_rpc_error
 from shardps.pscommon.framing import parameter_server_stub
 from shardps.pscommon.security import NO_SECURITY, Security
 from shardps.pscommon.wire.v1 import ps_pb2_grpc
@@ -54,12 +54,18 @@ class Transport:
 
     def call(self, shard: int, fn: Callable[[ps_pb2_grpc.ParameterServerStub], T]) -> T:
         """Run fn(stub) with retries on retryable errors (not ABORTED: the caller re-pulls);
-        after UNAVAILABLE, re-resolve the shard's address first."""
+        after UNAVAILABLE, re-resolve the shard's address first.
+
+        A call the server cancelled is retried as UNAVAILABLE: a draining server that is
+        stopping cancels the calls it accepted but never ran, and every call here is safe to
+        repeat (pulls read, pushes are deduplicated by the shard's ledger)."""
         def attempt():
             try:
                 return fn(self.stub(shard))
             except grpc.RpcError as err:
                 exc = from_rpc_error(err)
+                if isinstance(exc, Cancelled):
+                    exc = Unavailable(f"shard {shard}'s server cancelled the call ({exc}); it may be stopping")
                 if isinstance(exc, Unavailable):
                     self.refresh()
                 raise exc from None

@@ -4,8 +4,9 @@ from __future__ import annotations
 from shardps.pscommon.config import MODES, JobSpec
 from shardps.pscommon.wire.v1 import job_pb2
 from shardps.psserver.consistency.async_mode import AsyncMode
-from shardps.psserver.consistency.base import (HOLD, Accumulate, ApplyNow, CompleteStep, ConsistencyMode, GateState,
-                                               Hold, PushDecision, Refuse, ViewDecision)
+from shardps.psserver.consistency.base import (HOLD, Accumulate, ApplyNow, CompleteStep, ConsistencyMode, Excuse,
+                                               GateState, Hold, LearnClock, PullDecision, PushDecision, Rebase, Refuse,
+                                               ViewDecision)
 from shardps.psserver.consistency.ssp import SSPMode
 from shardps.psserver.consistency.sync import SyncMode
 
@@ -22,5 +23,5 @@ def for_job(job: JobSpec) -> ConsistencyMode:
     return REGISTRY[mode_of(job)](job.staleness)
 
 
-__all__ = ["HOLD", "REGISTRY", "Accumulate", "ApplyNow", "CompleteStep", "ConsistencyMode", "GateState", "Hold",
-           "PushDecision", "Refuse", "ViewDecision", "for_job", "mode_of"]
+__all__ = ["HOLD", "REGISTRY", "Accumulate", "ApplyNow", "CompleteStep", "ConsistencyMode", "Excuse", "GateState",
+           "Hold", "LearnClock", "PullDecision", "PushDecision", "Rebase", "Refuse", "ViewDecision", "for_job", "mode_of"]

@@ -24,6 +24,13 @@ class GateState:
     # sync: gradients of the step in progress, summed, and who contributed them
     pending_sum: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     pending_from: set[int] = dataclasses.field(default_factory=set)
+    # sync: workers counted in the step in progress without a gradient here: their push
+    # reached a shard that has since restarted, or they joined as the step ended
+    excused: set[int] = dataclasses.field(default_factory=set)
+    # this shard has not completed a step since it started (fresh, restored or empty): its
+    # step may be behind the workers', and the first worker to say so moves it forward
+    resuming: bool = True
+    heard: set[int] = dataclasses.field(default_factory=set)   # workers that pushed since it started
 
     def clock_of(self, worker: int) -> int:
         return max(self.clocks.get(worker, 0), self.start_clock.get(worker, 0))
@@ -52,6 +59,7 @@ class CompleteStep:
 
     worker: int | None = None
     grads: Mapping[str, np.ndarray] | None = None
+    excuse: int | None = None   # a worker counted without a gradient (see Excuse)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +70,38 @@ class Refuse:
 
 
 @dataclasses.dataclass(frozen=True)
+class Rebase:
+    """The shard is behind the cluster (it restarted from an older checkpoint or empty): drop
+    the step in progress and continue at `step`, the workers' step. The executor then asks
+    the mode again."""
+
+    step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Excuse:
+    """Count `worker` in the step in progress without a gradient from it."""
+
+    worker: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnClock:
+    """The worker's clock is `clock`: its pull says so, and the shard has not heard from it
+    since it started (its clocks came from an older checkpoint, or none)."""
+
+    worker: int
+    clock: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Hold:
     """Nothing to do."""
 
 
 HOLD = Hold()
-PushDecision = Union[ApplyNow, Accumulate, CompleteStep, Refuse]
+PushDecision = Union[ApplyNow, Accumulate, CompleteStep, Refuse, Rebase]
+PullDecision = Union[Rebase, Excuse, CompleteStep, LearnClock, Hold]
 ViewDecision = Union[CompleteStep, Hold]
 
 
@@ -91,6 +125,12 @@ class ConsistencyMode(abc.ABC):
     def on_push(self, state: GateState, worker: int, step: int,
                 grads: Mapping[str, np.ndarray]) -> PushDecision:
         """What to do with a push (not a duplicate: the ledger has ruled those out)."""
+
+    def on_pull(self, state: GateState, worker: int, step: int) -> PullDecision:
+        """A pull for `step` says the worker has pushed `step - 1` to every shard: a shard that
+        never saw that push (it restarted) may have to catch up. Asked again after each
+        decision that is not HOLD."""
+        return HOLD
 
     def on_view_change(self, state: GateState) -> ViewDecision:
         """Membership changed (`state.live` is the new view): a pending step may now be complete."""

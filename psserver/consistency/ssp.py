@@ -2,7 +2,7 @@
 worker's clock is at least c - tau. Workers that leave drop out of the minimum."""
 from __future__ import annotations
 
-from shardps.psserver.consistency.base import ApplyNow, ConsistencyMode, GateState
+from shardps.psserver.consistency.base import HOLD, ApplyNow, ConsistencyMode, GateState, LearnClock
 
 
 def slowest_clock(state: GateState) -> int | None:
@@ -23,3 +23,20 @@ class SSPMode(ConsistencyMode):
 
     def on_push(self, state, worker, step, grads):
         return ApplyNow(grads)
+
+    def next_step(self, state, worker, step):
+        # a joiner (or a new incarnation) starts at the scheduler's clock, taken from heartbeats
+        # that lag by up to a second of steps; the gate knows the exact slowest clock of the
+        # others, and starting there keeps the joiner from holding them back. (At the job's
+        # start every clock is 0 and nobody is moved.)
+        if worker in state.heard or state.start_clock.get(worker, 0) == 0:
+            return step
+        others = [state.clock_of(w) for w in state.live if w != worker]
+        return max(step, min(others)) if others else step
+
+    def on_pull(self, state, worker, step):
+        # after a restart the clocks are old: a worker that has not pushed here since would
+        # otherwise wait for its own stale clock
+        if worker in state.live and worker not in state.heard and step > state.clock_of(worker):
+            return LearnClock(worker, step)
+        return HOLD

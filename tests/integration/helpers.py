@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+from shardps.psctl import ops
+
 READY_TIMEOUT_S = 120.0   # a daemon imports grpc (and a worker torch) on a busy 2-core box
 CLI_TIMEOUT_S = 120.0     # one short CLI call (status, inspect)
 STOP_GRACE_S = 15.0       # SIGTERM drains; past this, SIGKILL
@@ -181,15 +183,15 @@ class Procs:
 
 # -- reading the cluster through the CLI ---------------------------------------------------------
 def status_json(scheduler: str, timeout: float = 10.0) -> dict:
-    r = run_psctl("status", "--json", "--scheduler", scheduler, "--timeout", str(timeout))
-    assert r.returncode == 0, f"psctl status failed ({r.returncode}): {r.stderr}"
-    return json.loads(r.stdout)
+    """`psctl status --json`'s document, gathered in this process over the same RPCs: tests poll
+    it every half second, and a psctl process per poll (0.5 s of CPU to start) kept one of CI's
+    two cores busy. The CLI itself is tested where its output is the point (test_cli_*)."""
+    return json.loads(json.dumps(ops.collect_status(scheduler, timeout)))
 
 
 def inspect_json(scheduler: str, timeout: float = 10.0) -> dict:
-    r = run_psctl("inspect", "--json", "--scheduler", scheduler, "--timeout", str(timeout))
-    assert r.returncode == 0, f"psctl inspect failed ({r.returncode}): {r.stderr}"
-    return json.loads(r.stdout)
+    """`psctl inspect --json`'s document, gathered in this process (see status_json)."""
+    return json.loads(json.dumps(ops.collect_inspect(scheduler, timeout, None, 0)))
 
 
 def tensors_by_name(inspect: dict) -> dict[str, dict]:

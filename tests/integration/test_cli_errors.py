@@ -1,4 +1,5 @@
-"""A bad flag or an unreachable address: exit code 2, one line on stderr, no traceback.
+"""A bad flag (exit code 2) or an unreachable address (a runtime failure, exit code 1): one
+line on stderr, no traceback.
 
 Fast tier: each case is one short `psctl` process; none starts a daemon (the wrong-role test,
 which starts a scheduler and a server, is in the slow tier).
@@ -26,10 +27,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("args,mentions", list(CASES.values()), ids=list(CASES))
-def test_usage_error_is_one_line_exit_2(args, mentions):
+RUNTIME_FAILURES = {"status-unreachable", "inspect-unreachable"}  # exit 1; every other case is usage, 2
+
+
+@pytest.mark.parametrize("args,mentions,code", [(*v, 1 if k in RUNTIME_FAILURES else 2) for k, v in CASES.items()],
+                         ids=list(CASES))
+def test_usage_error_is_one_line_exit_2(args, mentions, code):
     r = run_psctl(*args, timeout=90)
-    assert r.returncode == 2, f"exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
+    assert r.returncode == code, f"exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].strip(), f"expected one non-empty stderr line, got {lines!r}"
     assert mentions in lines[0], f"the message should name {mentions!r}: {lines[0]!r}"
@@ -52,14 +57,14 @@ def test_every_verb_names_the_role_it_reached_instead_of_the_scheduler(procs, tm
     for verb, args in WRONG_ROLE_VERBS.items():
         argv = [a.format(tmp=tmp_path) for a in args] + ["--scheduler", server.address]
         r = run_psctl(*argv, "--timeout", "10") if verb != "worker" else run_psctl(*argv)
-        assert r.returncode == 2, (verb, r.returncode, r.stderr)
+        assert r.returncode == 1, (verb, r.returncode, r.stderr)   # a runtime failure
         assert r.stderr.strip().splitlines()[-1] == (
             f"psctl: {server.address} is a shardps parameter server (shard 0); "
             "--scheduler wants the scheduler's gRPC address"), (verb, r.stderr)
         assert "Traceback" not in r.stderr
     metrics = metrics_address(sched)
     r = run_psctl("status", "--scheduler", metrics, "--timeout", "10")
-    assert r.returncode == 2 and r.stderr.strip() == (
+    assert r.returncode == 1 and r.stderr.strip() == (
         f"psctl: {metrics} is the Prometheus metrics endpoint of a shardps scheduler; "
         "--scheduler wants the scheduler's gRPC address"), r.stderr
 

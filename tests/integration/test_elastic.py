@@ -393,9 +393,11 @@ def test_ssp_paused_in_gate_rejoins(procs):
 # -- 4. psctl up --churn ----------------------------------------------------------------------
 # ssp keeps every worker within `staleness` clocks of worker 0, the one `up` slows down, so all
 # of them are mid-run from their first step until about UP_STEPS * UP_DELAY seconds later
-UP_STEPS = 200
+UP_STEPS = 250
 UP_DELAY = "0.12"
-KILL_AT, ADD_AT = 20, 22     # seconds after the workers start (they take 3-17 s to start here)
+# seconds after the workers start: they take 3-17 s to start alone, up to 25 s beside another
+# test (make test runs two at a time)
+KILL_AT, ADD_AT = 27, 29
 UP_WAIT_S = 280
 
 

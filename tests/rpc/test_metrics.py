@@ -169,6 +169,8 @@ SERVER_FAMILIES = {
     "shardps_server_parameter_bytes": "gauge",
     "shardps_server_optimizer_state_bytes": "gauge",
     "shardps_server_checkpoint_age_seconds": "gauge",
+    "shardps_server_step_rebases": "counter",
+    "shardps_server_reseeded_from_version": "gauge",
 }
 SCHEDULER_FAMILIES = {
     "shardps_scheduler_members": "gauge",
@@ -194,6 +196,8 @@ def test_server_metrics_follow_an_async_run(metered):
     assert sample(before, "shardps_server_pushes", shard="0") == 0
     assert sample(before, "shardps_server_updates_applied", shard="0") == 0
     assert sample(before, "shardps_server_checkpoint_age_seconds", shard="0") == -1
+    assert sample(before, "shardps_server_reseeded_from_version", shard="0") == -1
+    assert sample(before, "shardps_server_step_rebases", shard="0") == 0
     assert hist_count(before, "shardps_server_staleness", shard="0") == 0
     assert sample(before, "shardps_server_codec_seconds", shard="0", direction="push") == 0
 

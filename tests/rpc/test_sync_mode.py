@@ -7,7 +7,7 @@ import pytest
 from shardps.pscommon.config import JobSpec, OptimizerConfig
 from shardps.psserver.shard import WorkerView
 
-from .helpers import Background, declare, members, pull, push, shard_map, status, values
+from .helpers import Background, declare, members, poll, pull, push, shard_map, status, values
 
 LR = 0.1
 SHAPES = {"w": (2, 3), "b": (3,)}
@@ -164,10 +164,43 @@ def test_late_push_after_step_completed_is_aborted(sync_shard):
 
 def test_push_ahead_of_the_step_in_progress_is_refused(sync_shard):
     srv, fp = sync_shard, sync_shard.smap.fingerprint
+    for w in range(WORKERS):   # step 0 completes: the shard is past its start and not behind
+        push(srv.stub, fp, grad(w, srv.init), worker=w, step=0)
     with pytest.raises(grpc.RpcError) as err:
-        push(srv.stub, fp, grad(0, srv.init), worker=0, step=1)
+        push(srv.stub, fp, grad(0, srv.init), worker=0, step=2)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     st = status(srv.stub)
-    assert (st.pushes, st.completed_step) == (0, 0)
-    # the refusal left no ledger entry: step 0 from worker 0 is still taken
-    assert not push(srv.stub, fp, grad(0, srv.init), worker=0, step=0).duplicate
+    assert (st.pushes, st.completed_step, st.rebases) == (WORKERS, 1, 0)
+    # the refusal left no ledger entry: step 1 from worker 0 is still taken
+    assert not push(srv.stub, fp, grad(0, srv.init), worker=0, step=1).duplicate
+
+
+def test_a_restarted_shard_takes_the_step_the_workers_push(sync_shard):
+    # a fresh shard stands for one restored from an older checkpoint: the workers are at
+    # step 5 and their pushes move the shard there, where a shard in its normal course
+    # refuses them (above)
+    srv, fp = sync_shard, sync_shard.smap.fingerprint
+    for w in range(WORKERS):
+        assert not push(srv.stub, fp, grad(w, srv.init), worker=w, step=5).duplicate
+    st = status(srv.stub)
+    assert (st.completed_step, st.rebases) == (6, 1)
+    ref = reference_step(srv.init, range(WORKERS))
+    got = values(srv.stub, fp)
+    for k in SHAPES:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_drain_releases_pulls_waiting_at_the_gate_with_unavailable(sync_shard):
+    # worker 0 pushed step 0 and waits to pull step 1 (workers 1 and 2 have not pushed); the
+    # server starts draining: the pull gets UNAVAILABLE at once (retried at the shard's next
+    # server), not CANCELLED when the drain's grace period ends
+    srv, fp = sync_shard, sync_shard.smap.fingerprint
+    push(srv.stub, fp, grad(0, srv.init), worker=0, step=0)
+    waiting = Background(lambda: pull(srv.stub, fp, worker=0, step=1, timeout=60))
+    poll(lambda: srv.shard.waiting_pulls == 1, what="the pull to wait at the gate")
+    assert not waiting.done.is_set()
+    srv.shard.close_gates()
+    with pytest.raises(grpc.RpcError) as err:
+        waiting.join(30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()
+    assert status(srv.stub).completed_step == 0     # nothing changed

@@ -3,6 +3,7 @@ the shard as their executor (no network: Shard is driven directly)."""
 from __future__ import annotations
 
 import copy
+import threading
 
 import numpy as np
 import pytest
@@ -14,11 +15,13 @@ from shardps.pscommon.errors import Aborted, DeadlineExceeded, FailedPreconditio
 from shardps.pscommon.sharding import Key
 from shardps.pscommon.wire.v1 import job_pb2, tensor_pb2
 from shardps.psserver import consistency, ledger
-from shardps.psserver.consistency import HOLD, Accumulate, ApplyNow, CompleteStep, GateState, Refuse
+from shardps.psserver.consistency import (HOLD, Accumulate, ApplyNow, CompleteStep, Excuse, GateState, LearnClock,
+                                         Rebase, Refuse)
 from shardps.psserver.consistency.async_mode import AsyncMode
 from shardps.psserver.consistency.ssp import SSPMode
 from shardps.psserver.consistency.sync import SyncMode
 from shardps.psserver.shard import Shard, WorkerView
+from conftest import poll
 
 
 def _state(*workers: int, **kw) -> GateState:
@@ -49,6 +52,7 @@ def test_sync_decisions_leave_the_state_alone(live, pushed, completed, worker, s
     before = copy.deepcopy(state)
     mode = SyncMode()
     mode.on_push(state, worker, step, _g(1, 2))
+    mode.on_pull(state, worker, step)
     mode.on_view_change(state)
     mode.pull_ready(state, worker, step)
     mode.next_step(state, worker, step)
@@ -65,9 +69,50 @@ def test_sync_late_push_is_refused_with_aborted():
 
 
 def test_sync_push_for_a_future_step_is_refused_with_failed_precondition():
-    decision = SyncMode().on_push(_state(0, completed_step=3), 0, 4, _g(1))
+    decision = SyncMode().on_push(_state(0, completed_step=3, resuming=False), 0, 4, _g(1))
     assert isinstance(decision, Refuse) and isinstance(decision.error, FailedPrecondition)
     assert "step 4" in str(decision.error)
+
+
+def test_sync_shard_that_restarted_adopts_the_step_a_push_names():
+    # restored at step 3 while the workers are at 7: the push moves the shard, not the worker
+    mode, state = SyncMode(), _state(0, 1, completed_step=3, pending_from={0}, resuming=True)
+    assert mode.on_push(state, 1, 7, _g(1)) == Rebase(7)
+
+
+def test_sync_pull_from_a_worker_whose_push_went_to_the_previous_life_excuses_it():
+    # step 5 in progress; worker 0's push of 5 was lost with the restart, it now pulls 6
+    mode, state = SyncMode(), _state(0, 1, completed_step=5, resuming=True)
+    assert mode.on_pull(state, 0, 6) == Excuse(0)
+    state.excused.add(0)
+    assert mode.on_pull(state, 0, 6) is HOLD            # a second pull stream of the same step
+    state.pending_from.add(1)
+    assert mode.on_view_change(state) == CompleteStep()  # pushed by 1, excused 0: complete
+
+
+def test_sync_pull_ahead_of_a_restarted_shard_rebases_it():
+    mode = SyncMode()
+    assert mode.on_pull(_state(0, completed_step=2, resuming=True), 0, 9) == Rebase(8)
+    # a shard that has completed a step since it started is not behind: the pull waits
+    assert mode.on_pull(_state(0, completed_step=2, resuming=False), 0, 9) is HOLD
+
+
+def test_sync_pull_that_ends_the_step_completes_it():
+    mode, state = SyncMode(), _state(0, 1, completed_step=4, pending_from={1})
+    assert mode.on_pull(state, 0, 5) == CompleteStep(excuse=0)
+
+
+@pytest.mark.parametrize("step, kw", [
+    (3, {}),                              # a laggard: the step it names is done
+    (5, {"pending_from": {0}}),           # it pushed: the normal pull of the next step
+    (5, {"excused": {0}}),
+])
+def test_sync_pull_in_the_normal_course_decides_nothing(step, kw):
+    assert SyncMode().on_pull(_state(0, 1, completed_step=4, **kw), 0, step) is HOLD
+
+
+def test_sync_pull_by_a_non_member_excuses_nobody():
+    assert SyncMode().on_pull(_state(1, completed_step=4, resuming=True), 0, 5) is HOLD
 
 
 def test_sync_second_push_of_the_same_step_is_refused():
@@ -142,6 +187,25 @@ def test_ssp_joiner_counts_at_its_start_clock():
     assert not mode.pull_ready(state, 0, 6)
     state.clocks[1] = 5
     assert mode.pull_ready(state, 0, 6)
+
+
+def test_ssp_joiner_starts_at_the_exact_slowest_clock_of_the_others():
+    # the scheduler gave worker 2 clock 10 (heartbeats lag); the gate knows 0 and 1 are at 40, 37
+    mode = SSPMode(2)
+    state = GateState(live={0: 1, 1: 1, 2: 1}, clocks={0: 40, 1: 37}, start_clock={2: 10}, heard={0, 1})
+    assert mode.next_step(state, 2, 10) == 37
+    assert mode.next_step(state, 2, 50) == 50       # never moved back
+    assert mode.next_step(state, 0, 40) == 40       # a worker the shard hears from keeps its clock
+    assert mode.on_pull(state, 2, 37) == LearnClock(2, 37)
+    state.clocks[2] = 37
+    assert mode.on_pull(state, 2, 37) is HOLD       # already known
+    state.heard.add(2)
+    assert mode.on_pull(state, 2, 99) is HOLD       # heard from: its pushes set its clock
+
+
+def test_ssp_learns_no_clock_of_a_non_member():
+    state = GateState(live={0: 1}, clocks={0: 3})
+    assert SSPMode(2).on_pull(state, 7, 100) is HOLD
 
 
 def test_ssp_with_no_live_workers_is_ready():
@@ -325,3 +389,64 @@ def test_ledger_json_round_trip():
     ledger.record(book, 12, 1, -1)
     assert ledger.from_json(ledger.to_json(book)) == book
     assert book[0] == ledger.LedgerEntry(3, 7)
+
+
+# --- a shard that restarted behind the workers ----------------------------------------
+
+
+def test_restarted_sync_shard_takes_the_workers_step_and_excuses_the_lost_push():
+    # the shard came back at step 0; the workers are at step 7. Worker 0's push of step 7 went
+    # to the shard's previous life (it now pulls 8); worker 1 pushes step 7 after the restart.
+    shard = _shard("sync")
+    got = {}
+
+    def pull_8():
+        got["pull"] = shard.wait_pull(0, 1, 8, timeout_s=30.0)
+
+    t = threading.Thread(target=pull_8)
+    t.start()
+    poll(lambda: shard.gate.completed_step == 7 and shard.gate.excused == {0}, what="the rebase")
+    assert shard.rebases == 1 and not got
+    version, duplicate, _ = shard.push(1, 1, 7, 0, _g(2, 2, 2, 2))
+    t.join(30.0)
+    assert not duplicate and got["pull"][1] == 8
+    # step 7 averaged over the one gradient that reached this shard: worker 1's
+    np.testing.assert_array_equal(shard.entries["w"].value, [-2] * N)
+    assert (shard.gate.completed_step, shard.gate.resuming, shard.gate.excused) == (8, False, set())
+
+
+def test_restarted_sync_shard_completes_a_step_whose_pushes_were_all_lost():
+    # both workers pushed step 3 to the shard's previous life and now pull step 4
+    shard = _shard("sync")
+    results = []
+    threads = [threading.Thread(target=lambda w=w: results.append(shard.wait_pull(w, 1, 4, timeout_s=30.0)))
+               for w in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30.0)
+    assert len(results) == 2 and shard.gate.completed_step == 4
+    np.testing.assert_array_equal(shard.entries["w"].value, [0] * N)   # nothing to apply
+    assert shard.version == 0
+
+
+def test_sync_shard_in_its_normal_course_refuses_a_push_from_the_future():
+    shard, ones = _shard("sync"), _g(1, 1, 1, 1)
+    shard.push(0, 1, 0, 0, ones)
+    shard.push(1, 1, 0, 0, ones)          # a step completed: no longer resuming
+    with pytest.raises(FailedPrecondition, match="push for step 5 while step 1"):
+        shard.push(0, 1, 5, 1, ones)
+    assert shard.gate.completed_step == 1 and shard.rebases == 0
+
+
+def test_restarted_ssp_shard_learns_each_clock_from_the_pull():
+    # restored with stale clocks (both at 2) while the workers are at 9 and 10: each pull
+    # tells the shard its caller's clock, so neither waits for a worker it believes is at 2
+    shard = _shard("ssp", staleness=1)
+    shard.gate.clocks = {0: 2, 1: 2}
+    with pytest.raises(DeadlineExceeded):       # worker 0 still believed at 2: 10 - 2 > 1
+        shard.wait_pull(1, 1, 10, timeout_s=0.0)
+    assert shard.gate.clocks == {0: 2, 1: 10}   # ... but the refused pull told us 1's clock
+    shard.wait_pull(0, 1, 9, timeout_s=0.0)     # 0 at 9 is the slowest: admitted
+    shard.wait_pull(1, 1, 10, timeout_s=0.0)    # 10 - 9 <= 1
+    assert shard.gate.clocks == {0: 9, 1: 10}

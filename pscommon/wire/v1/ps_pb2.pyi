@@ -9,18 +9,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("at_step", "hold_s", "release")
+    AT_STEP_FIELD_NUMBER: _ClassVar[int]
+    HOLD_S_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    at_step: int
+    hold_s: float
+    release: bool
+    def __init__(self, at_step: _Optional[int] = ..., hold_s: _Optional[float] = ..., release: _Optional[bool] = ...) -> None: ...
 
 class CheckpointReply(_message.Message):
-    __slots__ = ("shard", "path", "shard_version")
+    __slots__ = ("shard", "path", "shard_version", "completed_step")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     SHARD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_STEP_FIELD_NUMBER: _ClassVar[int]
     shard: int
     path: str
     shard_version: int
-    def __init__(self, shard: _Optional[int] = ..., path: _Optional[str] = ..., shard_version: _Optional[int] = ...) -> None: ...
+    completed_step: int
+    def __init__(self, shard: _Optional[int] = ..., path: _Optional[str] = ..., shard_version: _Optional[int] = ..., completed_step: _Optional[int] = ...) -> None: ...
 
 class KeySpec(_message.Message):
     __slots__ = ("key", "param", "dtype", "param_shape", "offset", "length", "shard")
@@ -51,16 +59,38 @@ class Caller(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., observer: _Optional[bool] = ...) -> None: ...
 
 class DeclareHeader(_message.Message):
-    __slots__ = ("model_fingerprint", "shard", "keys", "job")
+    __slots__ = ("model_fingerprint", "shard", "keys", "job", "seed")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     shard: int
     keys: _containers.RepeatedCompositeFieldContainer[KeySpec]
     job: _job_pb2.JobSpec
-    def __init__(self, model_fingerprint: _Optional[str] = ..., shard: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeySpec, _Mapping]]] = ..., job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ...) -> None: ...
+    seed: SeedOffer
+    def __init__(self, model_fingerprint: _Optional[str] = ..., shard: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeySpec, _Mapping]]] = ..., job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., seed: _Optional[_Union[SeedOffer, _Mapping]] = ...) -> None: ...
+
+class SeedOffer(_message.Message):
+    __slots__ = ("caller", "version")
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    caller: Caller
+    version: int
+    def __init__(self, caller: _Optional[_Union[Caller, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class Reseed(_message.Message):
+    __slots__ = ("worker_id", "version", "offers", "uptime_s")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OFFERS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    worker_id: int
+    version: int
+    offers: int
+    uptime_s: float
+    def __init__(self, worker_id: _Optional[int] = ..., version: _Optional[int] = ..., offers: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class DeclareRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -71,12 +101,14 @@ class DeclareRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[DeclareHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class DeclareReply(_message.Message):
-    __slots__ = ("created", "existing")
+    __slots__ = ("created", "existing", "reseeded")
     CREATED_FIELD_NUMBER: _ClassVar[int]
     EXISTING_FIELD_NUMBER: _ClassVar[int]
+    RESEEDED_FIELD_NUMBER: _ClassVar[int]
     created: int
     existing: int
-    def __init__(self, created: _Optional[int] = ..., existing: _Optional[int] = ...) -> None: ...
+    reseeded: Reseed
+    def __init__(self, created: _Optional[int] = ..., existing: _Optional[int] = ..., reseeded: _Optional[_Union[Reseed, _Mapping]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("caller", "shard", "step", "keys", "codec", "model_fingerprint")
@@ -219,7 +251,7 @@ class TensorTraffic(_message.Message):
     def __init__(self, key: _Optional[str] = ..., logical_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., codec_seconds: _Optional[float] = ...) -> None: ...
 
 class ShardStatusReply(_message.Message):
-    __slots__ = ("shard", "keys", "bytes", "optimizer_bytes", "shard_version", "pushes", "pulls", "duplicates", "uptime_s", "staleness", "pull_wait_s", "push_traffic", "pull_traffic", "clocks", "completed_step", "membership_view", "mode", "checkpoint_age_s", "checkpoint_version")
+    __slots__ = ("shard", "keys", "bytes", "optimizer_bytes", "shard_version", "pushes", "pulls", "duplicates", "uptime_s", "staleness", "pull_wait_s", "push_traffic", "pull_traffic", "clocks", "completed_step", "membership_view", "mode", "checkpoint_age_s", "checkpoint_version", "reseeded", "rebases")
     class ClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +278,8 @@ class ShardStatusReply(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESEEDED_FIELD_NUMBER: _ClassVar[int]
+    REBASES_FIELD_NUMBER: _ClassVar[int]
     shard: int
     keys: int
     bytes: int
@@ -265,4 +299,6 @@ class ShardStatusReply(_message.Message):
     mode: _job_pb2.Mode
     checkpoint_age_s: float
     checkpoint_version: int
-    def __init__(self, shard: _Optional[int] = ..., keys: _Optional[int] = ..., bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., shard_version: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., duplicates: _Optional[int] = ..., uptime_s: _Optional[float] = ..., staleness: _Optional[_Union[Histogram, _Mapping]] = ..., pull_wait_s: _Optional[_Union[Histogram, _Mapping]] = ..., push_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., pull_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., clocks: _Optional[_Mapping[int, int]] = ..., completed_step: _Optional[int] = ..., membership_view: _Optional[int] = ..., mode: _Optional[_Union[_job_pb2.Mode, str]] = ..., checkpoint_age_s: _Optional[float] = ..., checkpoint_version: _Optional[int] = ...) -> None: ...
+    reseeded: Reseed
+    rebases: int
+    def __init__(self, shard: _Optional[int] = ..., keys: _Optional[int] = ..., bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., shard_version: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., duplicates: _Optional[int] = ..., uptime_s: _Optional[float] = ..., staleness: _Optional[_Union[Histogram, _Mapping]] = ..., pull_wait_s: _Optional[_Union[Histogram, _Mapping]] = ..., push_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., pull_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., clocks: _Optional[_Mapping[int, int]] = ..., completed_step: _Optional[int] = ..., membership_view: _Optional[int] = ..., mode: _Optional[_Union[_job_pb2.Mode, str]] = ..., checkpoint_age_s: _Optional[float] = ..., checkpoint_version: _Optional[int] = ..., reseeded: _Optional[_Union[Reseed, _Mapping]] = ..., rebases: _Optional[int] = ...) -> None: ...
