@@ -16,7 +16,6 @@ import json
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -578,12 +577,6 @@ def duration_s(text: str) -> float:
     return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([hms])", text))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def override(argv: list[str], **values) -> list[str]:
     """Replace (or with None drop) `--flag value` / `--flag=value` in argv; keys use _ for -."""
     out, skip = [], False
@@ -659,13 +652,15 @@ def test_health_checks_pass_against_real_daemons_and_fail_once_they_stop(tmp_pat
     server_name, server = sorted(by_role(services, "server").items())[0]
     token = tmp_path / "token"
     token.write_text("t0k3n-for-the-test\n")
+    # metrics on any free port (0): a port picked here and bound later may be taken meanwhile
+    # by a test running beside this one
     s_argv = override(compose_argv(sched), listen="127.0.0.1:0", state_dir=tmp_path / "state",
-                      servers=1, metrics_port=free_port(), token_file=token)
+                      servers=1, metrics_port=0, token_file=token)
     s_proc, s_addr = start(s_argv, tmp_path / "sched.ready", tmp_path)
     procs = [s_proc]
     try:
         p_argv = override(compose_argv(server), scheduler=s_addr, listen="127.0.0.1:0", advertise=None,
-                          shard_id=0, checkpoint_dir=tmp_path / "ckpt", metrics_port=free_port(),
+                          shard_id=0, checkpoint_dir=tmp_path / "ckpt", metrics_port=0,
                           token_file=token)
         p_proc, p_addr = start(p_argv, tmp_path / "server.ready", tmp_path)
         procs.append(p_proc)

@@ -192,18 +192,19 @@ def test_shard_killed_and_restored(procs, mode, checkpoints):
     their clocks) and catches up; restarted with no checkpoint, it is re-seeded from the
     workers' freshest copy. Either way every worker finishes and the model reaches the bar."""
     ckpt = procs.root / "ckpt"
-    # sync applies one averaged update per step where async applies three: the same budget of
-    # steps reaches the bar with a larger rate
+    # sync applies one averaged update per step where async applies three: it gets half as
+    # many steps again and a larger rate to reach the same bar
+    steps = SHARD_STEPS * 3 // 2 if mode == "sync" else SHARD_STEPS
     lr = ("--lr", "0.5") if mode == "sync" else ()
     sched = procs.scheduler("--mode", mode, "--servers", "2", "--heartbeat-timeout", str(HEARTBEAT_S), *lr)
     flags = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", CKPT_EVERY)
     shard0 = procs.server(sched.address, 0, *flags)
     shard1 = procs.server(sched.address, 1, *(flags if checkpoints else ()))
-    workers = [procs.worker(sched.address, i, SHARD_STEPS, "--step-delay", SHARD_DELAY, "--seed", str(i))
+    workers = [procs.worker(sched.address, i, steps, "--step-delay", SHARD_DELAY, "--seed", str(i))
                for i in range(3)]
 
     def checkpointed():
-        st = wait_training(sched.address, workers, SHARD_STEPS // 4)
+        st = wait_training(sched.address, workers, steps // 4)
         c = newest_checkpoint(ckpt, 1) if checkpoints else {"shard_version": 1}
         return st if c and c["shard_version"] > 0 else None
     before = poll(checkpointed, START_S, interval_s=0.5, what="training with a checkpoint of shard 1")
@@ -212,7 +213,7 @@ def test_shard_killed_and_restored(procs, mode, checkpoints):
     shard1.kill9()
     assert shard1.popen.returncode == -9
     if not checkpoints:
-        restarted_empty_and_reseeded(procs, sched, workers, shard1, fingerprint)
+        restarted_empty_and_reseeded(procs, sched, workers, shard1, steps)
         return
     last_ckpt = newest_checkpoint(ckpt, 1)   # nothing writes there any more
     assert last_ckpt["shard"] == 1 and last_ckpt["shard_version"] > 0
@@ -239,26 +240,26 @@ def test_shard_killed_and_restored(procs, mode, checkpoints):
 
     for w in workers:
         wait_ok(w)
-        assert_worker_metrics(w.metrics, SHARD_STEPS)
+        assert_worker_metrics(w.metrics, steps)
 
     final = status_json(sched.address)
     versions = {s["shard"]: s["version"] for s in final["servers"]}
     assert versions[1] >= last_ckpt["shard_version"]
     if mode == "async":
-        assert versions[0] == 3 * SHARD_STEPS, "shard 0 never lost an update"
+        assert versions[0] == 3 * steps, "shard 0 never lost an update"
     if mode == "sync":
         assert "resumes at step" in shard1b.log_text(), "the restored shard did not take the workers' step"
     acc = exported_accuracy(sched.address, procs.root / "model.safetensors")
     assert acc >= 0.95, f"served parameters reach {acc:.4f} held-out accuracy"
 
 
-def restarted_empty_and_reseeded(procs, sched, workers, shard1, fingerprint):
+def restarted_empty_and_reseeded(procs, sched, workers, shard1, steps):
     """Shard 1 comes back with no state: the workers re-seed it from the freshest copy."""
     shard1b = start_server(procs, sched.address, 1, "server-1-restarted")
     assert shard1b.address != shard1.address or shard1b.pid != shard1.pid
     for w in workers:
         wait_ok(w)
-        assert_worker_metrics(w.metrics, SHARD_STEPS)
+        assert_worker_metrics(w.metrics, steps)
     assert "re-seeded from worker" in shard1b.log_text()
     reseeded = [line for w in workers for line in w.log_text().splitlines() if "re-seeded from worker" in line]
     assert reseeded, "no worker logged the re-seed"
