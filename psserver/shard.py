@@ -269,10 +269,10 @@ class Shard:
         for _ in range(3):  # at most Rebase, Excuse, CompleteStep
             decision = self.mode.on_pull(self.gate, worker, step)
             if decision is consistency.HOLD:
-                break
+                return
             self._apply(self._take(decision), base_version=None)
             self._take_cut()
-        self.cond.notify_all()
+            self.cond.notify_all()
 
     def keys_for_pull(self, names: list[str]) -> list[str]:
         if not names:
