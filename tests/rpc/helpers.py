@@ -221,3 +221,13 @@ class Background:
         if self.error is not None:
             raise self.error
         return self.result
+
+
+KEY_W = sharding.Key("w", "w", tensor_pb2.DTYPE_FLOAT32, (2,), 0, 2, 0)   # one 2-float key on shard 0
+
+
+def bare_shard(job: JobSpec, workers: Iterable[int], now=None) -> Shard:
+    """A Shard driven directly (no server) whose membership view holds `workers` alive."""
+    shard = Shard(0, job) if now is None else Shard(0, job, now=now)
+    shard.set_view(1, [WorkerView(w, 1, True, 0) for w in workers])
+    return shard

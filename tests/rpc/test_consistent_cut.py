@@ -12,13 +12,13 @@ import torch
 from safetensors.numpy import load_file
 
 from shardps import PSClient
-from shardps.pscommon.config import JobSpec
+from shardps.pscommon.config import JobSpec, OptimizerConfig
 from shardps.pscommon.errors import Aborted
 from shardps.psctl import ops
 from shardps.psserver.daemon import ServerConfig, ServerProcess
 from shardps.worker import data, models
 
-from .helpers import poll
+from .helpers import KEY_W, bare_shard, poll
 
 STEPS = 30
 
@@ -117,15 +117,8 @@ def test_an_async_cut_holds_pushes_so_the_shards_are_one_push_apart(cluster, tmp
 
 
 def test_a_cut_refuses_a_shard_past_its_step_and_takes_one_behind_at_the_moment():
-    from shardps.pscommon.config import OptimizerConfig
-    from shardps.pscommon.sharding import Key
-    from shardps.pscommon.wire.v1 import tensor_pb2
-    from shardps.psserver.shard import Shard, WorkerView
-
-    shard = Shard(0, JobSpec(mode="sync", optimizer=OptimizerConfig(kind="sgd", lr=1.0)))
-    key = Key("w", "w", tensor_pb2.DTYPE_FLOAT32, (2,), 0, 2, 0)
-    shard.declare("fp", [key], {"w": np.zeros(2, np.float32)})
-    shard.set_view(1, [WorkerView(w, 1, True, 0) for w in (0, 1)])
+    shard = bare_shard(JobSpec(mode="sync", optimizer=OptimizerConfig(kind="sgd", lr=1.0)), (0, 1))
+    shard.declare("fp", [KEY_W], {"w": np.zeros(2, np.float32)})
     one = {"w": np.ones(2, np.float32)}
     got = {}
     waiter = threading.Thread(target=lambda: got.setdefault("snap", shard.cut_at(2, {}, timeout_s=30)))
