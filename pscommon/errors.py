@@ -69,6 +69,12 @@ class ShardEmpty(FailedPrecondition):
     the metadata name the `shard`."""
 
 
+class Superseded(FailedPrecondition):
+    """A newer server for this shard has claimed its checkpoint directory: this process's copy
+    is stale, and a checkpoint of it would become the newest one there. The metadata name the
+    `shard` and the claimant's `incarnation`."""
+
+
 class NotFound(PSError):
     code = grpc.StatusCode.NOT_FOUND
 
@@ -86,6 +92,12 @@ class Unavailable(PSError):
 
     code = grpc.StatusCode.UNAVAILABLE
     retryable = True
+
+
+class NotYetMember(Unavailable):
+    """A shard's membership view does not name the caller yet: its incarnation is newer than
+    any the view holds, so the worker joined after the view the shard last heard of. The
+    worker retries; the watch stream brings the view within moments."""
 
 
 class DeadlineExceeded(PSError):
@@ -115,8 +127,9 @@ class Internal(PSError):
     code = grpc.StatusCode.INTERNAL
 
 
-_CLASSES = (InvalidArgument, FailedPrecondition, StaleIncarnation, ShardHeld, ShardEmpty, NotFound, Unauthenticated,
-            ResourceExhausted, Unavailable, DeadlineExceeded, Aborted, Cancelled, Unimplemented, Internal)
+_CLASSES = (InvalidArgument, FailedPrecondition, StaleIncarnation, ShardHeld, ShardEmpty, Superseded, NotFound,
+            Unauthenticated, ResourceExhausted, Unavailable, NotYetMember, DeadlineExceeded, Aborted, Cancelled,
+            Unimplemented, Internal)
 # a status without our ErrorInfo (another server, grpc itself) is typed by its code alone
 _BY_CODE = {cls.code: cls for cls in _CLASSES if cls.__bases__ == (PSError,)}
 _BY_REASON = {cls.reason: cls for cls in _CLASSES}

@@ -1,12 +1,19 @@
 """Shard checkpoints: safetensors for tensors, a JSON sidecar for everything else.
 
-Layout under --checkpoint-dir: shard-<i>/ckpt-<seq>.safetensors and ckpt-<seq>.json. The
+Layout under --checkpoint-dir: shard-<i>/ckpt-<seq>.safetensors and ckpt-<seq>.json, and
+shard-<i>/owner.json, the fence: the server that registered for the shard last claims the
+directory there, and a writer that finds another claim refuses to write (Superseded). The
 shard copies its state under its lock (Shard.snapshot) and the copy is written outside it.
 The tensors file is written first (pscommon.files.write_atomic: temporary name, fsync,
 rename, fsync the directory); the JSON, which carries the tensors file's sha256, is written
 last the same way and is the commit marker. On load the JSON is checked against its schema
 and the tensors against the JSON; a checkpoint that fails any check is refused with a
 message naming the file and the problem, and the previous one is used. Nothing is pickled.
+
+The fence backs the lease. A server checks its lease with the scheduler before each checkpoint,
+but a server cut off from the scheduler cannot hear that it was replaced; its successor's claim
+in the directory tells it. Between the check and the write there is a window of one file read,
+which a filesystem without compare-and-swap cannot close.
 """
 from __future__ import annotations
 
@@ -21,18 +28,20 @@ import pathlib
 import re
 import threading
 import time
+import uuid
 from typing import Any, Callable
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from shardps.pscommon.errors import FailedPrecondition, Internal
+from shardps.pscommon.errors import FailedPrecondition, Internal, Superseded
 from shardps.pscommon.files import write_atomic
 from shardps.pscommon.wire.v1 import tensor_pb2
 
 log = logging.getLogger("shardps.checkpoint")
 FORMAT = "shardps-shard-checkpoint/1"
 KEEP = 3
+OWNER = "owner.json"
 STATE_SEP = "::"   # "<key>::<optimizer state name>" in the tensors file
 PENDING = "__pending"  # "<key>::__pending": sync mode's gradient sum of the step in progress
 
@@ -300,6 +309,30 @@ class CheckpointStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.shard = shard
 
+    def claim(self, incarnation: int) -> str:
+        """Make this directory ours: a newer claim than any earlier server's. Returns the token
+        that `check_owner` compares with; OSError when the claim cannot be written."""
+        token = uuid.uuid4().hex
+        body = {"token": token, "incarnation": incarnation, "pid": os.getpid(), "claimed": time.time()}
+        write_atomic(self.dir / OWNER, json.dumps(body, sort_keys=True).encode())
+        return token
+
+    def check_owner(self, token: str | None) -> None:
+        """Superseded when another server claimed the directory after `token` was taken. A
+        writer without a token (its claim failed) and a directory without a readable claim
+        are not fenced: the lease check alone guards them."""
+        if token is None:
+            return
+        try:
+            owner = json.loads((self.dir / OWNER).read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(owner, dict) and owner.get("token") not in (None, token):
+            raise Superseded(
+                f"shard {self.shard}'s checkpoint directory {self.dir} was claimed by a newer server "
+                f"(incarnation {owner.get('incarnation')}, pid {owner.get('pid')}): this copy is stale",
+                shard=self.shard, incarnation=owner.get("incarnation"))
+
     def _sequences(self) -> list[int]:
         seqs = []
         for p in self.dir.glob("ckpt-*.json"):
@@ -403,13 +436,30 @@ class Checkpointer:
         self.written = 0
         self.failures = 0
         self.last_snapshot_gate: dict = {}
+        self.token: str | None = None     # our claim on the directory (CheckpointStore.claim)
+        self.superseded = 0
+
+    def claim(self, incarnation: int) -> None:
+        """Fence out earlier servers of this shard; a failed claim (a full disk) is logged and
+        leaves this writer unfenced, as it would be without the fence."""
+        try:
+            self.token = self.store.claim(incarnation)
+        except OSError as exc:
+            log.warning("shard %d cannot claim %s (%s): its checkpoints are guarded by the lease alone",
+                        self.shard.shard_id, self.store.dir, describe(exc))
 
     def write(self, final: bool = False, snapshot: Snapshot | None = None) -> pathlib.Path:
         """Write one checkpoint: of the shard now, or of `snapshot` (a copy the shard took at a
         chosen moment: a consistent cut). A failure, whatever raised it (a full disk, EFBIG, a
         permission, safetensors), is counted, logged once as one line naming its cause and
-        raised as Internal; the previous checkpoint stays the newest one."""
+        raised as Internal; the previous checkpoint stays the newest one. Superseded, with
+        nothing written, once a newer server claimed the directory."""
         with self.lock:
+            try:
+                self.store.check_owner(self.token)
+            except Superseded:
+                self.superseded += 1
+                raise
             holder = {}
 
             def take(path):

@@ -13,8 +13,8 @@ from google.protobuf import json_format
 
 from shardps.pscommon import framing, grpcutil
 from shardps.pscommon.config import JobSpec, StreamLimits
-from shardps.pscommon.errors import (FailedPrecondition, InvalidArgument, NotFound, PSError, ShardHeld,
-                                      from_rpc_error)
+from shardps.pscommon.errors import (FailedPrecondition, InvalidArgument, NotFound, PSError, ShardHeld, Superseded,
+                                      Unavailable, from_rpc_error)
 from shardps.pscommon.interceptors import StreamGuard
 from shardps.pscommon.lifecycle import DaemonOptions, Telemetry, write_ready_file
 from shardps.pscommon.wire.v1 import ps_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -134,6 +134,7 @@ class ServerProcess:
         self.shard = Shard(reply.shard, job)
         if self.cfg.checkpoint_dir:
             self._restore(reply)
+            self.checkpointer.claim(reply.lease.incarnation)   # from here our predecessor writes nothing
         framing.add_parameter_server(
             ParameterServerServicer(self.shard, self.cfg.limits, self.checkpointer), self.grpc_server)
         if self.cfg.options.reflection:
@@ -180,6 +181,9 @@ class ServerProcess:
             try:
                 if self.checkpointer.due() and self._lease_holds():
                     self.checkpointer.write()
+            except Superseded as exc:
+                self._step_down(str(exc))
+                return
             except PSError:
                 pass   # the checkpointer logged the cause and counted it
             except Exception:  # noqa: BLE001 - a bug here must not end the timer either
@@ -233,14 +237,16 @@ class ServerProcess:
         new = successor(st.servers, self.shard.shard_id, incarnation)
         if new is None:
             return False
-        log.error("shard %d was taken over by the server at %s (incarnation %d); stepping down "
-                  "without a checkpoint: this process's copy is stale", self.shard.shard_id,
-                  new.address, new.incarnation)
+        self._step_down(f"shard {self.shard.shard_id} was taken over by the server at {new.address} "
+                        f"(incarnation {new.incarnation})")
+        return True
+
+    def _step_down(self, why: str) -> None:
+        log.error("%s; stepping down without a checkpoint: this process's copy is stale", why)
         self.stepped_down.set()
         self.stop.set()       # no more checkpoints either: they would hide the successor's
         grpcutil.set_serving(self.health, SERVICE, False)
         self.on_step_down()
-        return True
 
     def _adopt(self, view) -> None:
         self.shard.set_view(view.view, [
@@ -248,14 +254,25 @@ class ServerProcess:
             for w in view.workers])
 
     def _initial_view(self) -> None:
-        stream = self.sched.WatchMembership(scheduler_pb2.WatchMembershipRequest(after_view=0),
-                                            timeout=grpcutil.CONTROL_TIMEOUT_S)
+        """The shard admits only the members of a view it adopted, and a view-less shard checks
+        no one: so no serving before the first view. Waits as long as registering may."""
+        def first_view():
+            stream = self.sched.WatchMembership(scheduler_pb2.WatchMembershipRequest(after_view=0),
+                                                timeout=grpcutil.CONTROL_TIMEOUT_S)
+            try:
+                return next(iter(stream))
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from None
+            except StopIteration:
+                raise Unavailable("the membership watch ended before its first view") from None
+            finally:
+                stream.cancel()
         try:
-            self._adopt(next(iter(stream)))
-        except (grpc.RpcError, StopIteration) as exc:
-            log.warning("no membership view before serving (%s); the watch stream will bring it", exc)
-        finally:
-            stream.cancel()
+            view = grpcutil.retry(first_view, self.cfg.register_timeout_s)
+        except PSError as exc:
+            raise Unavailable(f"no membership view from the scheduler at {self.cfg.scheduler} within "
+                              f"{self.cfg.register_timeout_s:g}s ({exc}); not serving") from None
+        self._adopt(view)
 
     def _watch_loop(self) -> None:
         backoff, attempt = grpcutil.Backoff(cap_s=2.0), 0
@@ -294,6 +311,10 @@ class ServerProcess:
         if self.checkpointer is not None and self._lease_holds():
             try:
                 self.checkpointer.write(final=True)  # nothing applied is lost
+            except Superseded as exc:
+                self._step_down(str(exc))
+                self.telemetry.stop()
+                return True
             except PSError:
                 saved = False
         self._leave()

@@ -15,8 +15,8 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from shardps.pscommon.config import JobSpec
-from shardps.pscommon.errors import (Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, StaleIncarnation,
-                                     Unavailable)
+from shardps.pscommon.errors import (Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
+                                     NotYetMember, StaleIncarnation, Unavailable)
 from shardps.pscommon.sharding import Key
 from shardps.pscommon.stats import STALENESS_BOUNDS, WAIT_BOUNDS_S, Histogram
 from shardps.psserver import checkpoint, consistency, ledger, optim, reseed
@@ -68,6 +68,7 @@ class Shard:
         self.fingerprint = ""
         self.version = 0                 # pushes applied to this shard
         self.view = 0                    # the membership view number adopted last
+        self.newest_incarnation = 0      # the highest worker incarnation any adopted view named
         self.started = now()
         self.pushes = self.pulls = self.duplicates = 0
         self.rebases = 0                 # sync: times this shard caught up with the workers' step
@@ -187,6 +188,7 @@ class Shard:
             self.view = view
             live, start = {}, {}
             for m in members:
+                self.newest_incarnation = max(self.newest_incarnation, m.incarnation)
                 if m.alive:
                     if self.gate.live.get(m.worker) != m.incarnation:
                         self.gate.heard.discard(m.worker)   # a new incarnation starts afresh
@@ -212,6 +214,24 @@ class Shard:
                 f"worker {worker} incarnation {incarnation} is stale (current {live}); rejoin",
                 member=worker, incarnation=incarnation, current=live)
 
+    def _check_member(self, worker: int, incarnation: int) -> None:
+        """Only a live member of the adopted view may push or pull at a gate. Incarnations
+        come from one counter, so one newer than any in the view says the view is behind (a
+        worker that just joined, before the watch stream brought it here): retry. One the view
+        should name but does not is a worker that was pruned, or never joined: refuse. A shard
+        that never adopted a view has no membership to check (a shard used as a library; the
+        server daemon adopts a view before it serves)."""
+        self._check_caller(worker, incarnation)
+        if self.view == 0 or self.gate.live.get(worker) == incarnation:
+            return
+        if incarnation > self.newest_incarnation:
+            raise NotYetMember(
+                f"shard {self.shard_id} has not yet seen worker {worker} incarnation {incarnation} join "
+                f"(membership view {self.view}); retry", member=worker, incarnation=incarnation, view=self.view)
+        raise StaleIncarnation(
+            f"worker {worker} incarnation {incarnation} is not a member of shard {self.shard_id}'s "
+            f"membership view {self.view}; rejoin", member=worker, incarnation=incarnation, view=self.view)
+
     # -- pull ----------------------------------------------------------------------------
     def wait_pull(self, worker: int, incarnation: int, step: int, timeout_s: float,
                   observer: bool = False) -> tuple[int, int, float]:
@@ -225,7 +245,7 @@ class Shard:
         t0 = self.now()
         deadline = t0 + max(0.0, timeout_s)
         with self.cond:
-            self._check_caller(worker, incarnation)
+            self._check_member(worker, incarnation)
             self._check_open()
             self._learn_from_pull(worker, step)
             self.waiting_pulls += 1
@@ -315,7 +335,7 @@ class Shard:
         """Take one push exactly once. Returns (shard_version, duplicate, staleness)."""
         self.check_push_keys(grads)
         with self.cond:
-            self._check_caller(worker, incarnation)
+            self._check_member(worker, incarnation)
             self._wait_hold()
             if ledger.classify(self.ledger, worker, incarnation, step) is ledger.Verdict.DUPLICATE:
                 self.duplicates += 1

@@ -356,7 +356,9 @@ def test_ssp_paused_in_gate_rejoins(procs):
         return [r for r in read_metrics(w.metrics) if "step" in r] if w.metrics.exists() else []
 
     # pause it just after a push of the slow worker, once it waits in the gate again (clock =
-    # slow + staleness + 1): the slow worker's next push is a whole step (10 s) away
+    # slow + staleness + 1): the slow worker's next push is a whole step (10 s) away. Not
+    # before the slow worker's first push: when that comes is not known (its step began
+    # while the fast one started)
     seen = {"n": -1, "at": 0.0}
 
     def at_gate():
@@ -366,7 +368,7 @@ def test_ssp_paused_in_gate_rejoins(procs):
             seen["n"], seen["at"] = len(ss), time.monotonic()
         slow_clock = ss[-1]["clock"] if ss else 0
         fresh = time.monotonic() - seen["at"] < 2.0
-        return fresh and fs and fs[-1]["clock"] >= slow_clock + STALENESS + 1 and len(fs) < GATE_FAST_STEPS
+        return fresh and ss and fs and fs[-1]["clock"] >= slow_clock + STALENESS + 1 and len(fs) < GATE_FAST_STEPS
     poll(at_gate, 120, interval_s=0.05, what="the fast worker to wait in the gate after a slow push")
     slow_steps = seen["n"]
     fast.popen.send_signal(signal.SIGSTOP)

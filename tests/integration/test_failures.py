@@ -168,20 +168,16 @@ CKPT_EVERY = "2"
 
 
 def probe_shard(address: str, shard: int, fingerprint: str) -> tuple[int, int]:
-    """(health status, shard version) from one health check and one real Pull on `shard`."""
+    """(health status, shard version) from one health check and one real Pull on `shard`, as an
+    observer (the shard takes gated pulls from members only)."""
     with grpc.insecure_channel(address) as ch:
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
-        req = ps_pb2.PullRequest(caller=ps_pb2.Caller(worker_id=0, incarnation=0), shard=shard, step=0,
+        req = ps_pb2.PullRequest(caller=ps_pb2.Caller(worker_id=0, incarnation=0, observer=True), shard=shard, step=0,
                                  codec=CodecConfig.parse("fp32").to_proto(), model_fingerprint=fingerprint)
         replies = list(ps_pb2_grpc.ParameterServerStub(ch).Pull(req, timeout=10))
     assert replies and replies[0].WhichOneof("body") == "header"
     assert sum(1 for r in replies if r.WhichOneof("body") == "chunk") >= 1
     return health.status, replies[0].header.shard_version
-
-
-def shard_pulls(address: str) -> int:
-    with grpc.insecure_channel(address) as ch:
-        return ps_pb2_grpc.ParameterServerStub(ch).ShardStatus(ps_pb2.ShardStatusRequest(), timeout=10).pulls
 
 
 @pytest.mark.slow
@@ -218,13 +214,10 @@ def test_shard_killed_and_restored(procs, mode, checkpoints):
     last_ckpt = newest_checkpoint(ckpt, 1)   # nothing writes there any more
     assert last_ckpt["shard"] == 1 and last_ckpt["shard_version"] > 0
 
-    # shard 0 keeps serving through the outage: SERVING, real pulls answered, its counter moves
-    pulls = [shard_pulls(shard0.address)]
+    # shard 0 keeps serving through the outage: SERVING, and real pulls answered with its values
     for _ in range(3):
         status, _ = probe_shard(shard0.address, 0, fingerprint)
         assert status == health_pb2.HealthCheckResponse.SERVING
-        pulls.append(shard_pulls(shard0.address))
-    assert pulls == sorted(pulls) and pulls[-1] >= pulls[0] + 3, pulls
     check_running(workers)
 
     shard1b = start_server(procs, sched.address, 1, "server-1-restarted", *flags)

@@ -49,6 +49,7 @@ from hypothesis import strategies as st
 from shardps.pscommon import codecs
 from shardps.pscommon.codecs.bf16 import to_bf16_bits
 from shardps.pscommon.config import CodecConfig, JobSpec
+from shardps.pscommon.errors import NotYetMember, from_rpc_error
 from shardps.pscommon.tensors import ChunkAssembler, MAX_DIMS
 from shardps.pscommon.wire.v1 import job_pb2, ps_pb2, tensor_pb2
 from shardps.psserver.servicer import Limits
@@ -158,6 +159,9 @@ class Live:
             result = call()
         except grpc.RpcError as err:
             code, details = err.code(), err.details() or ""
+            if isinstance(from_rpc_error(err), NotYetMember):   # an incarnation newer than the view's
+                self.tally["NOT_YET_MEMBER"] += 1
+                return "NOT_YET_MEMBER"
             if code in REFUSED:
                 self.tally[code.name] += 1
                 return code.name
@@ -282,12 +286,20 @@ wrong_fingerprints = st.one_of(st.just(""), st.text(max_size=40), st.just(FP[:-1
 
 @st.composite
 def fresh_callers(draw):
-    """A caller that the shard accepts: not stale, not dead."""
+    """A caller that is neither stale nor dead (and, but for LIVE_WORKER, not a member either:
+    a push or pull at the gate from one is refused, a read as an observer is not)."""
     worker = draw(st.sampled_from([0, 3, 7, 2**32 - 1, LIVE_WORKER, DEAD_WORKER]))
     lo = LIVE_INC if worker == LIVE_WORKER else DEAD_INC + 1 if worker == DEAD_WORKER else 0
     return ps_pb2.Caller(worker_id=worker, incarnation=draw(st.integers(lo, 2**64 - 1)),
                          observer=draw(st.booleans()))
 
+
+member_callers = st.one_of(  # may pull: the live member, or any observer
+    st.just(ps_pb2.Caller(worker_id=LIVE_WORKER, incarnation=LIVE_INC)),
+    st.builds(lambda w, inc: ps_pb2.Caller(worker_id=w, incarnation=inc, observer=True),
+              st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)))
+non_members = st.builds(lambda w, inc: ps_pb2.Caller(worker_id=w, incarnation=inc),
+                        st.sampled_from([0, 3, 7, 2**32 - 1]), st.integers(0, 2**64 - 1))
 
 stale_callers = st.one_of(
     st.builds(lambda inc: ps_pb2.Caller(worker_id=LIVE_WORKER, incarnation=inc), st.integers(0, LIVE_INC - 1)),
@@ -828,8 +840,8 @@ def codec_specs(draw, valid: bool):
 @st.composite
 def pull_cases(draw):
     kind = draw(st.sampled_from(["valid", "valid", "wrong_shard", "wrong_fingerprint", "unknown_key", "codec",
-                                 "stale_caller", "too_many_keys"]))
-    req = ps_pb2.PullRequest(caller=draw(fresh_callers()), shard=0, step=draw(u64),
+                                 "stale_caller", "non_member", "too_many_keys"]))
+    req = ps_pb2.PullRequest(caller=draw(member_callers), shard=0, step=draw(u64),
                              keys=draw(st.lists(st.sampled_from(KEYS), max_size=3)),
                              codec=draw(codec_specs(valid=True)), model_fingerprint=FP)
     if kind == "wrong_shard":
@@ -842,6 +854,8 @@ def pull_cases(draw):
         req.codec.CopyFrom(draw(codec_specs(valid=False)))
     elif kind == "stale_caller":
         req.caller.CopyFrom(draw(stale_callers))
+    elif kind == "non_member":
+        req.caller.CopyFrom(draw(non_members))
     elif kind == "too_many_keys":
         req.keys[:] = ["w"] * (LIMITS.max_keys_per_call + draw(st.integers(1, 10)))
     return kind, req

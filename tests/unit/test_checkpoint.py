@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from shardps.pscommon import sharding
 from shardps.pscommon.config import JobSpec, OptimizerConfig
-from shardps.pscommon.errors import FailedPrecondition, Internal
+from shardps.pscommon.errors import FailedPrecondition, Internal, Superseded
 from shardps.pscommon.wire.v1 import tensor_pb2
 from shardps.psserver import checkpoint
 from shardps.psserver.checkpoint import KEEP, Checkpointer, CheckpointStore
@@ -135,6 +135,30 @@ def test_write_latest_restore_round_trip(tmp_path, mode):
     _train(restored, smap, range(3, 5))
     assert _state(restored) == _state(shard)
     assert writer.due()
+
+
+def test_a_newer_claim_fences_out_the_earlier_writer(tmp_path):
+    """The successor's claim on the directory stops its predecessor's writes (a server cut off
+    from the scheduler cannot hear it was replaced); the successor writes on, and a writer that
+    never claimed (its claim failed) is unfenced, as it was before the fence."""
+    job = _job()
+    shard, smap = _declared(job)
+    _train(shard, smap, range(1))
+    store, first = _store_and_writer(tmp_path, shard, job)
+    first.claim(2)
+    assert first.write().name == "ckpt-00000001.json"
+    second = Checkpointer(_fresh(job), CheckpointStore(tmp_path, 0), _job_json(job))
+    second.shard.restore(store.latest())
+    second.claim(4)
+    _train(shard, smap, range(1, 2))
+    with pytest.raises(Superseded, match=r"claimed by a newer server \(incarnation 4"):
+        first.write(final=True)
+    assert first.superseded == 1 and first.failures == 0 and first.last_version != shard.version
+    assert sorted(p.name for p in store.dir.glob("ckpt-*")) == ["ckpt-00000001.json", "ckpt-00000001.safetensors"]
+    assert second.write().name == "ckpt-00000002.json"
+    assert store.latest().shard_version == second.shard.version
+    unfenced = Checkpointer(shard, store, _job_json(job))
+    assert unfenced.write().name == "ckpt-00000003.json"
 
 
 def test_restore_refuses_another_shards_checkpoint(tmp_path):

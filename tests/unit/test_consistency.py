@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shardps.pscommon.config import MODES, JobSpec, OptimizerConfig
-from shardps.pscommon.errors import Aborted, DeadlineExceeded, FailedPrecondition
+from shardps.pscommon.errors import Aborted, DeadlineExceeded, FailedPrecondition, NotYetMember, StaleIncarnation
 from shardps.pscommon.sharding import Key
 from shardps.pscommon.wire.v1 import job_pb2, tensor_pb2
 from shardps.psserver import consistency, ledger
@@ -315,6 +315,7 @@ def test_shard_records_nothing_of_a_refused_push():
     shard.push(0, 1, 0, 0, ones)
     shard.push(1, 1, 0, 0, ones)          # step 0 complete
     shard.push(0, 1, 1, 1, ones)          # step 1 in progress
+    shard.set_view(2, [WorkerView(0, 1, True, 0), WorkerView(1, 1, True, 0), WorkerView(2, 2, True, 0)])
 
     def recorded():
         gate = shard.gate
@@ -322,10 +323,43 @@ def test_shard_records_nothing_of_a_refused_push():
                 gate.pending_sum["w"].tolist())
     before = recorded()
     with pytest.raises(Aborted, match="step 0 already completed"):
-        shard.push(2, 1, 0, 0, ones)      # a worker the view does not know yet, late
+        shard.push(2, 2, 0, 0, ones)      # a worker that just joined, late
     with pytest.raises(FailedPrecondition, match="pull first"):
         shard.push(1, 1, 2, 1, ones)      # ahead of the step in progress
     assert recorded() == before
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_only_members_of_the_view_push_or_pull(mode):
+    """A worker the view should name but does not (pruned, or never joined) is refused; one
+    newer than the view (joined after it) is told to retry, and is taken once the view names
+    it; neither changes anything meanwhile."""
+    shard, ones = _shard(mode, workers=(0, 1), staleness=1 if mode == "ssp" else 0), _g(1, 1, 1, 1)
+    before = (dict(shard.ledger), dict(shard.gate.clocks), shard.pushes, shard.pulls, shard.version)
+    with pytest.raises(StaleIncarnation, match="worker 7 incarnation 1 is not a member of shard 0's membership view 1"):
+        shard.push(7, 1, 0, 0, ones)
+    with pytest.raises(StaleIncarnation, match="not a member"):
+        shard.wait_pull(7, 1, 0, timeout_s=1.0)
+    with pytest.raises(NotYetMember, match="has not yet seen worker 2 incarnation 2 join"):
+        shard.push(2, 2, 0, 0, ones)
+    with pytest.raises(NotYetMember):
+        shard.wait_pull(2, 2, 0, timeout_s=1.0)
+    assert (dict(shard.ledger), dict(shard.gate.clocks), shard.pushes, shard.pulls, shard.version) == before
+    assert shard.wait_pull(0, 1, 0, timeout_s=1.0, observer=True)[0] == 0   # observers read without a gate
+    shard.set_view(2, [WorkerView(w, inc, True, 0) for w, inc in ((0, 1), (1, 1), (2, 2))])
+    shard.wait_pull(2, 2, 0, timeout_s=1.0)
+    assert shard.push(2, 2, 0, 0, ones)[1] is False
+    with pytest.raises(StaleIncarnation):      # the joiner's older incarnation, now that the view names it
+        shard.push(2, 1, 1, 0, ones)
+
+
+def test_a_shard_without_a_view_checks_no_membership():
+    """A shard used as a library, with no scheduler to name members; the server daemon adopts a
+    view before it serves."""
+    job = JobSpec(mode="async", optimizer=OptimizerConfig(kind="sgd", lr=1.0))
+    shard = Shard(0, job)
+    shard.declare("fp", [Key("w", "w", tensor_pb2.DTYPE_FLOAT32, (N,), 0, N, 0)], {"w": np.zeros(N, np.float32)})
+    assert shard.push(9, 3, 0, 0, _g(1, 1, 1, 1)) == (1, False, 0)
 
 
 @pytest.mark.parametrize("mode, measured", [("async", True), ("ssp", True), ("sync", False)])

@@ -74,7 +74,7 @@ def test_missing_details_fall_back_to_the_code_name():
 
 def test_retryable_errors_are_the_transient_ones():
     assert {c for c in ERROR_TYPES if c.retryable} == {
-        errors.Unavailable, errors.DeadlineExceeded, errors.Aborted}
+        errors.Unavailable, errors.NotYetMember, errors.DeadlineExceeded, errors.Aborted}
 
 
 # --- the servicer boundary, on a real in-process server --------------------------------
