@@ -8,7 +8,7 @@ Sections (M rows/s unless said otherwise; best of --reps):
           searchsorted (emb_limit[id64]'s index), rowstore.SortedIndex (sorted + delta),
           numpy open addressing, rowstore.HashIndex (pandas khash, when pandas is installed)
   dedupe  summing the gradients of duplicate ids of a raw batch (B ids, D dims): np.unique +
-          np.add.at, argsort + np.add.reduceat (rowstore.sum_duplicates), pandas.factorize +
+          np.add.at, argsort + np.add.reduceat (tables.sum_duplicates), pandas.factorize +
           np.add.at
   init    first values of new rows: rowstore.Initializer (counter-based, vectorized) against
           numpy's Philox keyed by (seed, id), one generator per row
@@ -48,6 +48,7 @@ PEERS = pathlib.Path(__file__).resolve().parent / "peers"
 sys.path.insert(0, str(PEERS))
 from emb_spec import ACC_INIT, EPS, GRAD_SCALE, LR, PRESETS, ROW_INIT, draw, id64  # noqa: E402
 
+from shardps.pscommon import tables  # noqa: E402
 from shardps.psserver import rowstore, sparse_optim  # noqa: E402
 
 SECTIONS = ("index", "dedupe", "init", "store", "peers")
@@ -207,7 +208,7 @@ def bench_dedupe(preset, steps, reps):
     grads = [np.random.default_rng(s).random((len(r), p["dim"]), np.float32) for s, r in enumerate(raws)]
     rows = sum(len(r) for r in raws)
     methods = {"np.unique + np.add.at": dedupe_unique_add_at,
-               "argsort + np.add.reduceat": rowstore.sum_duplicates}
+               "argsort + np.add.reduceat": tables.sum_duplicates}
     if rowstore.hash_index_available():
         methods["pandas.factorize + np.add.at"] = dedupe_factorize
     ref = [dedupe_unique_add_at(r, g) for r, g in zip(raws, grads)]

@@ -255,6 +255,9 @@ def build_parser() -> Parser:
                    help="concurrent streaming calls (pushes, pulls, declares) one connection may hold; 0: no cap")
     p.add_argument("--stream-idle-timeout", type=float, default=30.0,
                    help="end a push or declare stream that sends nothing for this many seconds; 0: never")
+    p.add_argument("--nonfinite", choices=("refuse", "skip"), default="refuse",
+                   help="a push with NaN or Inf gradients: refuse it whole (INVALID_ARGUMENT; the worker stops "
+                        "with that error) or skip those gradients and apply the rest; counted either way")
     _add_daemon_flags(p)
 
     p = sub.add_parser("worker", help="run a training worker")
@@ -295,7 +298,7 @@ def build_parser() -> Parser:
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--churn", default="", help="kill@SECONDS,add@SECONDS,...: SIGKILL the newest worker "
-                   "or start a new one at these times after the workers start")
+                   "or start a new one at these times, counted from when every worker has trained its first step")
     p.add_argument("--epochs", type=int, default=0, help="train on assigned data partitions instead of --steps")
     p.add_argument("--plot", default=None, help="write the training curves to this PNG at the end")
     p.add_argument("--min-accuracy", type=float, default=0.0,
@@ -386,6 +389,7 @@ def _run_scheduler(a) -> int:
 def _run_server(a) -> int:
     from shardps.pscommon.config import StreamLimits
     from shardps.psserver.daemon import ServerConfig, run
+    from shardps.psserver.servicer import Limits
     stop = _stop_event()
     streams = StreamLimits(max_streams_per_connection=a.max_streams_per_connection,
                            idle_timeout_s=a.stream_idle_timeout)
@@ -393,7 +397,8 @@ def _run_server(a) -> int:
                             shard_id=a.shard_id, ready_file=a.ready_file, checkpoint_dir=a.checkpoint_dir,
                             checkpoint_every_s=a.checkpoint_every,
                             start_empty_if_unreadable=a.start_empty_if_unreadable,
-                            options=options_from_args(a), streams=streams), stop)
+                            options=options_from_args(a), streams=streams,
+                            limits=Limits(nonfinite=a.nonfinite)), stop)
 
 
 def _run_worker(a) -> int:

@@ -74,6 +74,7 @@ def collect_status(address: str, timeout: float, security: Security = NO_SECURIT
                          pull_traffic=traffic_dict(ss.pull_traffic),
                          checkpoint_age_s=round(ss.checkpoint_age_s, 2),
                          checkpoint_version=ss.checkpoint_version, rebases=ss.rebases,
+                         nonfinite_pushes=ss.nonfinite_pushes,
                          reseeded=({"worker": ss.reseeded.worker_id, "version": ss.reseeded.version,
                                     "offers": ss.reseeded.offers, "at_uptime_s": round(ss.reseeded.uptime_s, 2)}
                                    if ss.HasField("reseeded") else None))

@@ -176,16 +176,31 @@ def evaluate_live(scheduler: str, model_name: str) -> float:
     return data.accuracy(model, split.x_test, split.y_test)
 
 
+def _trained(metrics: pathlib.Path) -> bool:
+    """The worker wrote its first step's record."""
+    try:
+        return '"step"' in metrics.read_text()
+    except FileNotFoundError:
+        return False
+
+
 def churn_and_wait(cluster: Cluster, workers: list, cfg: UpConfig, say) -> set[int]:
-    """Wait for the workers, applying churn events on the way; returns indices killed."""
-    start = time.monotonic()
-    deadline = start + cfg.timeout_s
+    """Wait for the workers, applying churn events on the way; returns indices killed. Churn
+    times count from the moment every first worker trained its first step, not from their
+    start: starting torch takes seconds to tens of seconds on a busy machine, and a kill
+    meant for the middle of training must not land before it."""
+    deadline = time.monotonic() + cfg.timeout_s
     pending, killed = list(cfg.churn), set()
+    first = [cluster.run_dir / f"worker-{i}.jsonl" for i in range(len(workers))]
+    start = None
     while any(w.poll() is None for w in workers) or pending:
         now = time.monotonic()
         if now > deadline:
             raise DeadlineExceeded(f"workers still running after {cfg.timeout_s:.0f}s")
-        while pending and now - start >= pending[0][1]:
+        if start is None and pending and all(_trained(m) or w.poll() is not None for m, w in zip(first, workers)):
+            start = now
+            say("churn: every worker has trained a step; churn times count from here")
+        while pending and start is not None and now - start >= pending[0][1]:
             action, _ = pending.pop(0)
             running = [i for i, w in enumerate(workers) if w.poll() is None]
             if action == "kill" and running:

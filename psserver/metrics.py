@@ -23,7 +23,7 @@ class ShardCollector:
                                     "consistency gate (sync/ssp).", s.pull_wait, label)
             live, view = len(s.gate.live), s.view
             param_bytes, opt_bytes = s.param_bytes(), s.optimizer_bytes()
-            rebases, reseeded = s.rebases, s.reseeded
+            rebases, reseeded, nonfinite = s.rebases, s.reseeded, s.nonfinite_pushes
         yield _counter("shardps_server_pushes_total", "Pushes taken (duplicates excluded).", label, pushes)
         yield _counter("shardps_server_pulls_total", "Pulls served.", label, pulls)
         yield _counter("shardps_server_duplicate_pushes_total", "Retried pushes acknowledged, not applied.",
@@ -47,6 +47,8 @@ class ShardCollector:
         yield _gauge("shardps_server_membership_view", "Membership view number the shard follows.", label, view)
         yield _gauge("shardps_server_parameter_bytes", "Parameter bytes held.", label, param_bytes)
         yield _gauge("shardps_server_optimizer_state_bytes", "Optimizer state bytes held.", label, opt_bytes)
+        yield _counter("shardps_server_nonfinite_pushes_total", "Pushes that carried NaN or Inf "
+                       "(refused, or applied without those gradients: --nonfinite).", label, nonfinite)
         yield _counter("shardps_server_step_rebases_total", "Sync: times the shard, restarted behind the "
                        "workers, took their step.", label, rebases)
         yield _gauge("shardps_server_reseeded_from_version", "The shard restarted empty and was re-seeded "

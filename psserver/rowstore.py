@@ -59,7 +59,8 @@ beside bench/peers/emb_limit.py run in the same invocation:
 a compact table caches better).
 
 Row initial values are a pure function of (seed, id, column): a counter-based generator
-(splitmix64's mixer over the id and the column, Box-Muller for normal), so a row's first value
+(splitmix64's mixer over the id and the column, Box-Muller for normal; pscommon/tables.py
+`initial_values`, the one implementation, shared with the table spec), so a row's first value
 does not depend on the order rows are created, on the shard that holds it or on eviction and
 re-creation. numpy's Philox keyed by the id gives the same property but needs a generator per
 row: 0.057 against 1.46 M rows/s at dim 16, 25x slower (bench/rowstore.py, "init").
@@ -90,6 +91,7 @@ import numbers
 import numpy as np
 
 from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from shardps.pscommon.tables import initial_values, mix64, sum_duplicates
 from shardps.psserver import sparse_optim
 
 U64 = np.uint64
@@ -99,21 +101,8 @@ SNAPSHOT_FORMAT = "shardps.rowstore/1"
 
 # ---------------------------------------------------------------- ids and counter-based hashing
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer, in place on a uint64 array (wraps mod 2**64)."""
-    x ^= x >> U64(30)
-    x *= U64(0xBF58476D1CE4E5B9)
-    x ^= x >> U64(27)
-    x *= U64(0x94D049BB133111EB)
-    x ^= x >> U64(31)
-    return x
-
-
-_GOLDEN = U64(0x9E3779B97F4A7C15)
-
-
 def _key(seed: int, salt: int) -> np.uint64:
-    return _mix64(np.array([seed ^ salt], U64))[0]
+    return mix64(np.array([seed ^ salt], U64))[0]
 
 
 def as_ids(ids, what: str = "ids") -> np.ndarray:
@@ -203,26 +192,7 @@ class Initializer:
         """float32 [len(ids), dim] initial values of rows `ids` (uint64)."""
         if self.kind in ("zeros", "constant"):
             return np.full((len(ids), dim), self.scale, np.float32)
-        if self.kind == "uniform":
-            u = self._unit(ids, dim, 0)
-            return ((2 * u - 1) * self.scale).astype(np.float32)
-        return (self._normal(ids, dim) * self.scale).astype(np.float32)
-
-    def _bits(self, ids, columns, salt):
-        row_key = _mix64(ids ^ _key(self.seed, salt))
-        counters = row_key[:, None] + _GOLDEN * np.arange(1, columns + 1, dtype=U64)
-        return _mix64(counters)
-
-    def _unit(self, ids, columns, salt):
-        """Uniform in [0, 1) with 53 random bits."""
-        return (self._bits(ids, columns, salt) >> U64(11)).astype(np.float64) * 2.0 ** -53
-
-    def _normal(self, ids, dim):
-        half = (dim + 1) // 2
-        u = self._unit(ids, 2 * half, 1)
-        radius = np.sqrt(-2.0 * np.log1p(-u[:, :half]))  # 1 - u in (0, 1]: log is finite
-        angle = 2 * np.pi * u[:, half:]
-        return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)], axis=1)[:, :dim]
+        return initial_values(self.kind, self.scale, self.seed, ids, dim)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -343,7 +313,7 @@ class AdmissionSketch:
         self._keys = [_key(r, 0x5EED) for r in range(self.DEPTH)]
 
     def _cells(self, ids):
-        return [(_mix64(ids ^ k) & U64(self.width - 1)).astype(np.intp) for k in self._keys]
+        return [(mix64(ids ^ k) & U64(self.width - 1)).astype(np.intp) for k in self._keys]
 
     def estimate(self, ids: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
         """(the cells of `ids`, their estimated touch counts), changing nothing."""
@@ -773,18 +743,3 @@ def _resized(a: np.ndarray, n: int) -> np.ndarray:
     out[:len(a)] = a
     return out
 
-
-def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(unique ids, their summed gradients); the input itself, in its order, when no id repeats.
-    Sort-based: a stable argsort, then np.add.reduceat over the runs. On emb-loop's raw batches
-    (bench/rowstore.py, "dedupe") 6.0 / 3.0 M rows/s (small / large) against 3.6 / 2.0 for
-    np.unique + np.add.at and 3.3 / 1.6 for pandas.factorize + np.add.at."""
-    if len(ids) < 2:
-        return ids, grads
-    order = np.argsort(ids, kind="stable")
-    s = ids[order]
-    starts_new = s[1:] != s[:-1]
-    if starts_new.all():
-        return ids, grads
-    starts = np.flatnonzero(np.concatenate(([True], starts_new)))
-    return s[starts], np.add.reduceat(grads[order], starts, axis=0)

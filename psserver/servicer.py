@@ -9,9 +9,10 @@ import time
 
 import numpy as np
 
-from shardps.pscommon import codecs
+from shardps.pscommon import codecs, tables
 from shardps.pscommon.config import CodecConfig
-from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ShardEmpty, servicer_errors
+from shardps.pscommon.errors import (FailedPrecondition, InvalidArgument, ResourceExhausted, ShardEmpty,
+                                     servicer_errors)
 from shardps.pscommon.grpcutil import DATA_TIMEOUT_S
 from shardps.pscommon.sharding import Key
 from shardps.pscommon.codecs.bf16 import from_bf16_bits
@@ -19,10 +20,12 @@ from shardps.pscommon.framing import BATCH_BYTES, batch, body_of, chunk_frames, 
 from shardps.pscommon.tensors import FLOAT_DTYPES, ChunkAssembler, check_shape, numel
 from shardps.pscommon.wire.v1 import job_pb2, ps_pb2, ps_pb2_grpc, tensor_pb2
 from shardps.psserver import consistency
+from shardps.psserver.embeddings import RowGrad, TableKey
 from shardps.psserver.shard import Shard
 
 
 MAX_HOLD_S = 60.0   # the longest a consistent cut may hold a shard's pushes
+NONFINITE = ("refuse", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +34,16 @@ class Limits:
     max_transfer_bytes: int = 4 << 30         # one Declare/Push stream
     max_elements: int = 1 << 28
     max_keys_per_call: int = 100_000
+    # a push carrying NaN or Inf: "refuse" it (INVALID_ARGUMENT, nothing applied) or "skip"
+    # those gradients (the push counts, its finite gradients apply); counted either way
+    nonfinite: str = "refuse"
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 1:
+            if f.type == "int" and getattr(self, f.name) < 1:
                 raise InvalidArgument(f"limit {f.name}={getattr(self, f.name)} must be >= 1")
+        if self.nonfinite not in NONFINITE:
+            raise InvalidArgument(f"nonfinite={self.nonfinite!r} must be one of {', '.join(NONFINITE)}")
 
 
 def _as_float32(meta: tensor_pb2.TensorMeta, value: np.ndarray) -> np.ndarray:
@@ -66,6 +74,12 @@ def _check_key_spec(k: Key) -> None:
     if k.length == 0 and numel(k.param_shape) != 0 or k.offset + k.length > numel(k.param_shape):
         raise InvalidArgument(f"key {k.key!r}: slice [{k.offset}, {k.offset + k.length}) does not fit "
                               f"parameter shape {list(k.param_shape)}")
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """One pass without a temporary: NaN and Inf survive a sum; a sum that overflows from
+    finite values is looked at element by element."""
+    return bool(np.isfinite(np.add.reduce(a, axis=None, dtype=np.float64))) or bool(np.isfinite(a).all())
 
 
 def _first_header(requests, kind: str):
@@ -123,14 +137,34 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         asm.finish()
         return out, received
 
-    @staticmethod
-    def _stream_chunks(requests, kind: str):
-        """The chunks of a Declare or Push stream after its header."""
+    def _stream_chunks(self, requests, kind: str, rows: list | None = None):
+        """The chunks of a Declare or Push stream after its header; a push's row blocks go
+        to `rows`, their bytes counted against the same cap as the tensors'."""
+        row_bytes = 0
         for req in requests:
             chunk = chunk_of(req)
-            if chunk is None:
-                raise InvalidArgument(f"{kind} stream: a second header after the first")
-            yield chunk
+            if chunk is not None:
+                yield chunk
+                continue
+            if rows is None or body_of(req) != "rows":
+                raise InvalidArgument(f"{kind} stream: a {body_of(req) or 'message without a body'} after the header")
+            row_bytes += len(req.rows.ids) + len(req.rows.values)
+            if row_bytes > self.limits.max_transfer_bytes:
+                raise ResourceExhausted(f"{kind} stream: more than {self.limits.max_transfer_bytes} bytes of rows")
+            rows.append(req.rows)
+
+    def _row_grads(self, blocks) -> dict[TableKey, RowGrad]:
+        """A push's row blocks as one RowGrad per table (duplicate ids summed), all checked
+        before any is applied."""
+        parts: dict[str, list] = {}
+        for block in blocks:
+            what = f"push rows of table {block.table!r}"
+            dtype = tables.row_dtype(block.dtype, what)
+            ids = tables.ids_from_bytes(block.ids, what)
+            dim = self.shard.check_rows(block.table, ids)
+            parts.setdefault(block.table, []).append((ids, tables.decode_rows(block.values, dtype, len(ids), dim, what)))
+        return {TableKey(t): RowGrad.of(np.concatenate([i for i, _ in p]), np.concatenate([g for _, g in p]))
+                for t, p in parts.items()}
 
     def _check_shard(self, shard: int):
         if shard != self.shard.shard_id:
@@ -160,21 +194,22 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             _check_key_spec(k)
         if len({k.key for k in keys}) != len(keys):
             raise InvalidArgument("Declare header lists a key twice")
+        specs = [tables.TableSpec.from_proto(t) for t in header.tables]
         values, _ = self._tensors(self._stream_chunks(request_iterator, "Declare"), "Declare", own=True)
         no_value = [name for name, v in values.items() if v is None]
         if no_value:
             raise InvalidArgument(f"Declare marks keys {no_value[:5]} no_gradient: a declaration carries values")
         if header.HasField("seed"):
-            return self._offer_seed(header, keys, values, context)
-        created, existing = self.shard.declare(header.model_fingerprint, keys, values)
+            return self._offer_seed(header, keys, values, specs, context)
+        created, existing = self.shard.declare(header.model_fingerprint, keys, values, specs)
         return ps_pb2.DeclareReply(created=created, existing=existing)
 
-    def _offer_seed(self, header, keys, values, context) -> ps_pb2.DeclareReply:
+    def _offer_seed(self, header, keys, values, specs, context) -> ps_pb2.DeclareReply:
         caller = header.seed.caller
         left = context.time_remaining() if context is not None else None
         taken = self.shard.offer_seed(caller.worker_id, caller.incarnation, header.seed.version,
                                       header.model_fingerprint, keys, values,
-                                      timeout_s=DATA_TIMEOUT_S if left is None else left)
+                                      timeout_s=DATA_TIMEOUT_S if left is None else left, tables=specs)
         return ps_pb2.DeclareReply(reseeded=_reseed_proto(taken))
 
     @servicer_errors
@@ -238,7 +273,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     @servicer_errors
     def Push(self, request_iterator, context):
         header = _first_header(request_iterator, "Push")
-        return self._push(header, self._stream_chunks(request_iterator, "Push"))
+        rows: list = []
+        return self._push(header, self._stream_chunks(request_iterator, "Push", rows), rows)
 
     @servicer_errors
     def PushBatch(self, request, context):
@@ -246,19 +282,60 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             raise InvalidArgument("PushBatch without a header")
         return self._push(request.header, request.chunks)
 
-    def _push(self, header, chunks):
+    def _push(self, header, chunks, rows=()):
         self._check_shard(header.shard)
         self._check_model(header.model_fingerprint)
         tensors, received = self._tensors(chunks, "Push")
         grads = {name: g for name, g in tensors.items() if g is not None}
+        grads.update(self._row_grads(rows))
+        grads = self._finite(header, grads)
         # keys without a gradient this step must still be this shard's: a typo is not a skip
         self.shard.check_keys_exist([name for name, g in tensors.items() if g is None])
         version, duplicate, staleness = self.shard.push(
             header.caller.worker_id, header.caller.incarnation, header.step, header.base_version, grads)
         if not duplicate:
-            for name, g in grads.items():
+            for name, g in tensors.items():
+                if g is None:
+                    continue
                 self.shard.count_traffic(self.shard.push_traffic, name, g.size * 4, *received[name])
         return ps_pb2.PushReply(shard_version=version, duplicate=duplicate, staleness=staleness)
+
+    def _finite(self, header, grads: dict) -> dict:
+        """The push's gradients without NaN or Inf: one diverged worker must not poison the
+        model. Refused whole (the default) or those gradients dropped, as the limits say."""
+        bad = [key for key, g in grads.items() if not _all_finite(g.grads if isinstance(key, TableKey) else g)]
+        if not bad:
+            return grads
+        self.shard.count_nonfinite()
+        names = [f"table {k.table}" if isinstance(k, TableKey) else k for k in bad]
+        if self.limits.nonfinite == "refuse":
+            raise InvalidArgument(f"push of worker {header.caller.worker_id} step {header.step}: NaN or Inf in the "
+                                  f"gradients of {names[:5]}; refused, nothing applied (--nonfinite refuse)")
+        return {k: g for k, g in grads.items() if k not in bad}
+
+    @servicer_errors
+    def PullRows(self, request, context):
+        """Rows by id through the pull gate; the reply's blocks follow the request's order."""
+        self._check_shard(request.shard)
+        self._check_model(request.model_fingerprint)
+        dtype = tables.row_dtype(request.dtype, "PullRows")
+        asks = []
+        for block in request.rows:
+            what = f"PullRows of table {block.table!r}"
+            if block.values:
+                raise InvalidArgument(f"{what}: a pull names ids only, it carries no values")
+            ids = tables.ids_from_bytes(block.ids, what)
+            self.shard.check_rows(block.table, ids)
+            asks.append((block.table, ids))
+        remaining = context.time_remaining()
+        version, next_step, waited = self.shard.wait_pull(
+            request.caller.worker_id, request.caller.incarnation, request.step,
+            (remaining if remaining is not None else DATA_TIMEOUT_S) * 0.8, observer=request.caller.observer)
+        values = self.shard.read_rows(asks, observer=request.caller.observer)
+        yield ps_pb2.PullRowsReply(header=ps_pb2.PullHeader(shard_version=version, wait_s=waited, next_step=next_step))
+        for (table, ids), rows in zip(asks, values):
+            for block in tables.row_blocks(table, ids, rows, dtype):
+                yield ps_pb2.PullRowsReply(rows=block)
 
     @servicer_errors
     def Inspect(self, request, context):
@@ -294,7 +371,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 membership_view=s.view, mode=consistency.mode_of(s.job),
                 checkpoint_age_s=self.checkpointer.age_s() if self.checkpointer else -1.0,
                 checkpoint_version=(self.checkpointer.last_version or 0) if self.checkpointer else 0,
-                reseeded=_reseed_proto(s.reseeded), rebases=s.rebases)
+                reseeded=_reseed_proto(s.reseeded), rebases=s.rebases, nonfinite_pushes=s.nonfinite_pushes)
 
     @servicer_errors
     def Checkpoint(self, request, context):

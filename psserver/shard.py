@@ -19,7 +19,7 @@ from shardps.pscommon.errors import (Aborted, DeadlineExceeded, FailedPreconditi
                                      NotYetMember, StaleIncarnation, Unavailable)
 from shardps.pscommon.sharding import Key
 from shardps.pscommon.stats import STALENESS_BOUNDS, WAIT_BOUNDS_S, Histogram
-from shardps.psserver import checkpoint, consistency, ledger, optim, reseed
+from shardps.psserver import checkpoint, consistency, embeddings, ledger, optim, reseed
 
 log = logging.getLogger("shardps.server")
 
@@ -62,6 +62,7 @@ class Shard:
         self.mode = consistency.for_job(job)
         self.optimizer = optim.build(job.optimizer)
         self.gate = consistency.GateState()
+        self.tables = embeddings.TableSet(shard_id, job.num_servers, job.optimizer)
         self.ledger: dict[int, ledger.LedgerEntry] = {}
         self.dead: dict[int, int] = {}   # worker -> incarnation declared dead/left
         self.entries: dict[str, KeyState] = {}
@@ -72,6 +73,7 @@ class Shard:
         self.started = now()
         self.pushes = self.pulls = self.duplicates = 0
         self.rebases = 0                 # sync: times this shard caught up with the workers' step
+        self.nonfinite_pushes = 0        # pushes with NaN or Inf (refused, or applied without them)
         self.collecting: reseed.Collecting | None = None   # offers to re-seed it, while empty
         self.reseeded: reseed.Reseeded | None = None
         self.reseed_window_s = reseed.WINDOW_S
@@ -85,8 +87,10 @@ class Shard:
         self.pull_traffic: dict[str, KeyTraffic] = {}
 
     # -- declaration -------------------------------------------------------------------
-    def declare(self, fingerprint: str, keys: list[Key], values: dict[str, np.ndarray]) -> tuple[int, int]:
-        """Create missing keys with their initial values; existing ones keep theirs.
+    def declare(self, fingerprint: str, keys: list[Key], values: dict[str, np.ndarray],
+                tables: list = ()) -> tuple[int, int]:
+        """Create missing keys with their initial values, and missing embedding tables;
+        existing ones keep theirs. All checks pass before anything is created.
 
         The shard takes `values` over: arrays that own writable float32 data become its
         storage without a copy, so the caller must not use them afterwards.
@@ -94,7 +98,10 @@ class Shard:
         self._check_values(keys, values)
         with self.cond:
             self._check_same_model(fingerprint, keys)
-            return self._create(fingerprint, keys, values)
+            self.tables.check_declare(list(tables))
+            created = self._create(fingerprint, keys, values)
+            self.tables.declare(list(tables))
+            return created
 
     def _check_values(self, keys: list[Key], values: dict[str, np.ndarray]) -> None:
         for k in keys:
@@ -131,16 +138,18 @@ class Shard:
 
     # -- re-seeding an empty shard (psserver.reseed decides) -----------------------------
     def offer_seed(self, worker: int, incarnation: int, version: int, fingerprint: str, keys: list[Key],
-                   values: dict[str, np.ndarray], timeout_s: float) -> reseed.Reseeded | None:
+                   values: dict[str, np.ndarray], timeout_s: float, tables: list = ()) -> reseed.Reseeded | None:
         """A worker's copy of this shard, offered because the shard restarted empty. Waits
         until the shard has decided which copy to take (see psserver.reseed) and returns what
         it took; None when the shard holds the model without having been re-seeded (a
-        declaration got there first)."""
+        declaration got there first). The embedding tables are declared again, their rows
+        starting from their initial values: a worker holds only the rows it pulled."""
         self._check_values(keys, values)
         offer = reseed.Offer(worker, version)
         deadline = self.now() + max(0.0, timeout_s)
         with self.cond:
             self._check_caller(worker, incarnation)
+            self.tables.check_declare(list(tables))
             if not self.fingerprint:
                 self._collect(offer, fingerprint, keys, values)
             while not self.fingerprint:
@@ -155,6 +164,7 @@ class Shard:
                                            f"within {timeout_s:.1f}s")
                 self.cond.wait(min(left, 0.2))
             self._check_same_model(fingerprint, keys)
+            self.tables.declare(list(tables))
             return self.reseeded
 
     def _collect(self, offer: reseed.Offer, fingerprint: str, keys: list[Key], values: dict[str, np.ndarray]):
@@ -316,6 +326,27 @@ class Shard:
             entry = self.entries[key]
             return encode(entry.value)
 
+    def count_nonfinite(self) -> None:
+        with self.cond:
+            self.nonfinite_pushes += 1
+
+    # -- embedding tables ----------------------------------------------------------------
+    def check_rows(self, table: str, ids: np.ndarray, dim: int | None = None) -> int:
+        """The table's dim, once `ids` are found to live here (and `dim` matches, if given)."""
+        with self.cond:
+            spec = self.tables.spec(table)
+        if dim is not None and dim != spec.dim:
+            raise InvalidArgument(f"table {table!r} has dim {spec.dim}, the rows sent have {dim}")
+        self.tables.check_ids(table, ids)
+        return spec.dim
+
+    def read_rows(self, requests: list[tuple[str, np.ndarray]], observer: bool) -> list[np.ndarray]:
+        """The rows of each (table, ids), under one lock acquisition: a consistent read. A
+        training pull creates the rows it touches; an observer's creates nothing."""
+        with self.cond:
+            read = self.tables.peek if observer else self.tables.lookup
+            return [read(table, ids) for table, ids in requests]
+
     # -- push ----------------------------------------------------------------------------
     def check_keys_exist(self, keys: Iterable[str]) -> None:
         missing = [k for k in keys if k not in self.entries]
@@ -324,6 +355,8 @@ class Shard:
 
     def check_push_keys(self, grads: dict[str, np.ndarray]) -> None:
         for key, g in grads.items():
+            if isinstance(key, embeddings.TableKey):
+                continue   # the servicer checked the rows against their table (check_rows)
             entry = self.entries.get(key)
             if entry is None:
                 raise NotFound(f"key {key!r} is not on shard {self.shard_id}")
@@ -388,6 +421,9 @@ class Shard:
     def _accumulate(self, worker: int, grads: Mapping[str, np.ndarray]) -> None:
         pending = self.gate.pending_sum
         for key, g in grads.items():
+            if isinstance(key, embeddings.TableKey):
+                pending[key] = embeddings.accumulate(pending.get(key), g)
+                continue
             acc = pending.get(key)
             if acc is None:
                 # a copy: the sum is added to in place, and the pushed array is the caller's
@@ -400,7 +436,8 @@ class Shard:
         """End the step in progress; returns its gradients averaged over the contributors
         (the excused sent none here, so they do not count)."""
         n = len(self.gate.pending_from)
-        avg = {k: v / np.float32(n) for k, v in self.gate.pending_sum.items()} if n else {}
+        avg = {k: embeddings.average(v, n) if isinstance(k, embeddings.TableKey) else v / np.float32(n)
+               for k, v in self.gate.pending_sum.items()} if n else {}
         self.gate.pending_sum, self.gate.pending_from, self.gate.excused = {}, set(), set()
         self.gate.completed_step += 1
         self.gate.resuming = False
@@ -425,6 +462,9 @@ class Shard:
             staleness = max(0, self.version - base_version)
             self.staleness.observe(staleness)
         for key, grad in grads.items():
+            if isinstance(key, embeddings.TableKey):
+                self.tables.apply(key.table, grad)
+                continue
             entry = self.entries[key]
             entry.version += 1
             self.optimizer.apply(entry.value, grad.reshape(-1), entry.state, entry.version)
@@ -440,7 +480,7 @@ class Shard:
             arrays.extend((f"{key}{checkpoint.STATE_SEP}{name}", arr) for name, arr in e.state.items())
         # sync: the step in progress
         arrays.extend((f"{key}{checkpoint.STATE_SEP}{checkpoint.PENDING}", arr)
-                      for key, arr in self.gate.pending_sum.items())
+                      for key, arr in self.gate.pending_sum.items() if isinstance(key, str))
         return arrays
 
     def snapshot(self, job_json: dict) -> checkpoint.Snapshot:

@@ -20,14 +20,17 @@ from typing import Callable, TypeVar
 import grpc
 import numpy as np
 
-from shardps.pscommon import codecs, grpcutil
+from shardps.pscommon import codecs, grpcutil, tables
 from shardps.pscommon.config import CodecConfig, JobSpec
-from shardps.pscommon.errors import FailedPrecondition, Internal, ShardEmpty, Unavailable, from_rpc_error
+from shardps.pscommon.errors import (FailedPrecondition, Internal, InvalidArgument, ShardEmpty, Unavailable,
+                                     from_rpc_error)
 from shardps.pscommon.framing import BATCH_BYTES, chunk_frames, chunk_of
 from shardps.pscommon.security import NO_SECURITY, Security
 from shardps.pscommon.sharding import Key, Param, ShardMap
+from shardps.pscommon.tables import TableSpec
 from shardps.pscommon.tensors import ChunkAssembler
 from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, tensor_pb2
+from shardps.worker import rows
 from shardps.worker.compression import ErrorFeedback
 from shardps.worker.push import StreamingPush, encoded_frames, push_call
 from shardps.worker.session import Identity, Session, SessionConfig
@@ -107,6 +110,7 @@ class ShardClient:
         self._shard_versions: dict[int, int] = {}
         self._compressor = ErrorFeedback()    # residuals per key: owned by the push side
         self._copy: dict[str, np.ndarray] | None = None   # the arrays our pulls fill
+        self._tables: dict[str, TableSpec] = {}  # the model's embedding tables, by name
 
     # -- identity, job and model, read-only ----------------------------------------------
     @property
@@ -136,6 +140,10 @@ class ShardClient:
     @property
     def shard_map(self) -> ShardMap | None:
         return self._plan.shard_map if self._plan else None
+
+    @property
+    def tables(self) -> dict[str, TableSpec]:
+        return dict(self._tables)
 
     @property
     def data_timeout_s(self) -> float:
@@ -196,11 +204,13 @@ class ShardClient:
         self._plan = _Plan.of(smap, self.job.num_servers, self.cfg.pull_streams)
 
     # -- model ---------------------------------------------------------------------------
-    def declare(self, initial: dict[str, np.ndarray]) -> ShardMap:
-        """Fix the parameter set at the scheduler and create the keys on every shard.
+    def declare(self, initial: dict[str, np.ndarray], embedding_tables: tuple[TableSpec, ...] = ()) -> ShardMap:
+        """Fix the parameter set at the scheduler and create the keys, and the embedding
+        tables, on every shard (each shard holds some rows of every table).
 
         Idempotent: a second worker (or a restart) with the same model keeps trained values.
         """
+        self._tables = {t.name: t for t in embedding_tables}
         params = [Param(name, tensor_pb2.DTYPE_FLOAT32, tuple(a.shape)) for name, a in initial.items()]
         req = scheduler_pb2.DeclareModelRequest(params=[
             scheduler_pb2.ParamSpec(name=p.name, dtype=p.dtype, shape=p.shape) for p in params])
@@ -219,7 +229,8 @@ class ShardClient:
         """A Declare stream's messages for one shard's keys, values sliced from `flat`."""
         keys = self.shard_map.keys_of(shard)
         header = ps_pb2.DeclareHeader(model_fingerprint=self.shard_map.fingerprint, shard=shard,
-                                      keys=[k.to_proto() for k in keys], job=self.job.to_proto(), seed=seed)
+                                      keys=[k.to_proto() for k in keys], job=self.job.to_proto(), seed=seed,
+                                      tables=[t.to_proto() for t in self._tables.values()])
 
         def requests():
             yield ps_pb2.DeclareRequest(header=header)
@@ -344,9 +355,12 @@ class ShardClient:
             self.traffic.decode_s += decode_s
 
     # -- push ----------------------------------------------------------------------------
-    def push(self, grads: dict[str, np.ndarray], no_gradient: tuple[str, ...] = ()) -> list[ps_pb2.PushReply]:
+    def push(self, grads: dict[str, np.ndarray], no_gradient: tuple[str, ...] = (),
+             row_grads: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[ps_pb2.PushReply]:
         """Push flat float32 gradients (by parameter name) for the current clock, then advance it.
         Parameters in `no_gradient` had none this step: the servers leave them untouched.
+        `row_grads` maps a table to (ids, float32 [len(ids), dim] gradients); a declared
+        table it leaves out had no rows this step.
 
         Raises Aborted in sync mode when the step completed without this worker: pull again.
         """
@@ -355,6 +369,9 @@ class ShardClient:
             stream.add(name, g)
         for name in no_gradient:
             stream.skip(name)
+        for table, spec in self._tables.items():
+            ids, g = (row_grads or {}).get(table, (np.zeros(0, np.int64), np.zeros((0, spec.dim), np.float32)))
+            stream.add_rows(table, ids, g)
         return stream.finish()
 
     def start_push(self, eager: bool = True) -> StreamingPush:
@@ -364,8 +381,64 @@ class ShardClient:
         return StreamingPush(self, self.session.identity.clock, self.shard_versions(), eager)
 
     def fits_batch(self, shard: int) -> bool:
-        """Whether a push of every key of `shard` goes as one PushBatch message."""
-        return shard in self._plan.batched
+        """Whether a push of every key of `shard` goes as one PushBatch message (never with
+        tables: row blocks travel in the Push stream only)."""
+        return shard in self._plan.batched and not self._tables
+
+    # -- embedding rows ------------------------------------------------------------------
+    def row_dtype(self, codec: CodecConfig) -> int:
+        """Rows travel in fp16 or bf16 when the job's codec says so, else in float32 (the
+        other codecs, int8 and top-k, compress whole tensors, not rows)."""
+        return {"fp16": tensor_pb2.DTYPE_FLOAT16, "bf16": tensor_pb2.DTYPE_BFLOAT16}.get(
+            codec.name, tensor_pb2.DTYPE_FLOAT32)
+
+    def pull_rows(self, asks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The rows of each table for its ids (any 64-bit ids, repeats allowed), float32
+        [len(ids), dim], in the asked order, read at the current clock through each shard's
+        gate. Each shard is asked once per unique id it holds."""
+        for table in asks:
+            if table not in self._tables:
+                raise InvalidArgument(f"table {table!r} is not one of the declared tables {sorted(self._tables)}")
+        plans = rows.plan_pull(asks, self.job.num_servers)
+        step = self.session.identity.clock
+        shards = [s for s in range(self.job.num_servers) if any(len(p.by_shard[s]) for p in plans.values())]
+        answers = self.transport.fan_out(shards, lambda s: self._pull_rows_shard(s, plans, step))
+        return {t: rows.assemble(p, {s: answers[s][t] for s in shards}, self._tables[t].dim)
+                for t, p in plans.items()}
+
+    def _pull_rows_shard(self, shard: int, plans: dict[str, "rows.TableAsk"], step: int) -> dict[str, np.ndarray]:
+        """One shard's rows of every table, in calls of at most ROW_BLOCK_BYTES of ids each."""
+        dtype = self.row_dtype(self.cfg.pull_codec or self.job.pull_codec)
+        per_call = tables.ROW_BLOCK_BYTES // 8
+        out = {}
+        for table, plan in plans.items():
+            ids = plan.unique[plan.by_shard[shard]]
+            parts = [self._pull_rows_call(shard, table, ids[i:i + per_call], step, dtype)
+                     for i in range(0, len(ids), per_call)]
+            out[table] = np.concatenate(parts) if parts else np.zeros((0, self._tables[table].dim), np.float32)
+        return out
+
+    def _pull_rows_call(self, shard: int, table: str, ids: np.ndarray, step: int, dtype: int) -> np.ndarray:
+        dim = self._tables[table].dim
+        req = ps_pb2.PullRowsRequest(caller=self._caller(), shard=shard, step=step, dtype=dtype,
+                                     model_fingerprint=self.shard_map.fingerprint,
+                                     rows=[ps_pb2.RowBlock(table=table, ids=tables.ids_to_bytes(ids))])
+
+        def once(stub):
+            replies = stub.PullRows(req, timeout=self.cfg.data_timeout_s)
+            first = next(replies, None)
+            if first is None or first.WhichOneof("body") != "header":
+                raise Internal(f"shard {shard} answered a row pull without a header first")
+            blocks = [r.rows for r in replies]
+            got = [tables.decode_rows(b.values, b.dtype, len(b.ids) // 8, dim, f"shard {shard} rows") for b in blocks]
+            values = np.concatenate(got) if got else np.zeros((0, dim), np.float32)
+            if len(values) != len(ids):
+                raise Internal(f"shard {shard} answered {len(values)} rows of table {table!r} for {len(ids)} ids")
+            with self._lock:
+                self.traffic.logical_received += values.nbytes
+                self.traffic.wire_received += sum(len(b.ids) + len(b.values) for b in blocks)
+            return values
+        return self._on_shard(shard, once)
 
     def submit(self, fn, *args):
         return self.transport.submit(fn, *args)
@@ -374,8 +447,12 @@ class ShardClient:
         """A push of `step` was acknowledged by every shard: the next step is ours to compute."""
         self.session.advance_clock(step + 1)
 
+    @property
+    def push_codec(self) -> CodecConfig:
+        return self.cfg.push_codec or self.job.push_codec
+
     def send_push(self, shard: int, step: int, base_version: int, feed) -> ps_pb2.PushReply:
-        codec = self.cfg.push_codec or self.job.push_codec
+        codec = self.push_codec
         header = ps_pb2.PushHeader(caller=self._caller(), shard=shard, step=step, base_version=base_version,
                                    model_fingerprint=self.shard_map.fingerprint)
         sizes = {"logical": 0, "wire": 0}

@@ -6,6 +6,7 @@ the training thread handing gradients over and the call streaming them out.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 from concurrent import futures
@@ -13,12 +14,23 @@ from typing import Callable
 
 import numpy as np
 
+from shardps.pscommon import tables
 from shardps.pscommon.errors import Aborted, DeadlineExceeded, InvalidArgument
 from shardps.pscommon.framing import batch, chunk_frames
 from shardps.pscommon.wire.v1 import ps_pb2, tensor_pb2
+from shardps.worker import rows
 
 # (shard, step, base_version, feed) -> the shard's reply: ShardClient.send_push
 SendPush = Callable[[int, int, int, "_Feed"], ps_pb2.PushReply]
+
+
+@dataclasses.dataclass(frozen=True)
+class RowsKey:
+    """A feed item's key for one table's row gradients on one shard (the item's `encoded`
+    is (unique ids, summed gradients))."""
+
+    table: str
+    dtype: int
 
 
 class _Feed:
@@ -77,6 +89,13 @@ def encoded_frames(feed: _Feed, encode, sizes: dict[str, int]):
     a payload-free meta marked no_gradient (its residual stays for the next step)."""
     sizes["logical"] = sizes["wire"] = 0  # a retry sends everything again
     for k, g, pre in feed:
+        if isinstance(k, RowsKey):
+            ids, grads = pre
+            sizes["logical"] += grads.nbytes
+            for block in tables.row_blocks(k.table, ids, grads, k.dtype):
+                sizes["wire"] += len(block.ids) + len(block.values)
+                yield ps_pb2.PushRequest(rows=block)
+            continue
         if g is None and pre is None:
             yield from chunk_frames(no_gradient_meta(k), b"")
             continue
@@ -101,10 +120,13 @@ class StreamingPush:
         # before every shard's call has started
         self.base_versions = base_versions
         smap = client.shard_map
-        self.feeds = {s: _Feed(len(smap.keys_of(s)), client.data_timeout_s)
+        # every shard holds rows of every table: with tables, each shard takes one item per
+        # table every step (empty where the batch touched none of its rows)
+        self.feeds = {s: _Feed(len(smap.keys_of(s)) + len(client.tables), client.data_timeout_s)
                       for s in range(client.job.num_servers)}
         self.futures: dict[int, futures.Future] = {}
         self.seen: set[str] = set()
+        self.seen_tables: set[str] = set()
         self.lock = threading.Lock()
 
     def add(self, name: str, grad: np.ndarray) -> None:
@@ -133,6 +155,24 @@ class StreamingPush:
         error-feedback residual waits for the next step that has a gradient."""
         self._add(name, lambda k: (None, None))
 
+    def add_rows(self, table: str, ids, grads: np.ndarray) -> None:
+        """Hand over the row gradients of `table` for a batch's ids (repeats are summed; a
+        float32 [len(ids), dim] array). Once per table per step; an empty id list when the
+        batch touched none of its rows."""
+        spec = self.client.tables.get(table)
+        if spec is None:
+            raise InvalidArgument(f"table {table!r} is not one of the declared tables {sorted(self.client.tables)}")
+        parts = rows.split_grads(table, ids, grads, spec.dim, self.client.job.num_servers)
+        with self.lock:
+            if table in self.seen_tables:
+                raise InvalidArgument(f"row gradients of table {table!r} added twice in step {self.step}")
+            self.seen_tables.add(table)
+            key = RowsKey(table, self.client.row_dtype(self.client.push_codec))
+            for shard, part in parts.items():
+                self.feeds[shard].put(key, None, part)
+                if self.eager and shard not in self.futures:
+                    self._start(shard)
+
     def _add(self, name: str, item) -> None:
         with self.lock:
             if name in self.seen:
@@ -160,6 +200,10 @@ class StreamingPush:
         """Parameters neither added nor skipped yet."""
         return [p.name for p in self.client.shard_map.params if p.name not in self.seen]
 
+    def missing_tables(self) -> list[str]:
+        """Tables whose row gradients were not added yet."""
+        return [t for t in self.client.tables if t not in self.seen_tables]
+
     def finish(self) -> list[ps_pb2.PushReply]:
         """Wait for every shard's stream; then the clock moves to the next step. Every
         parameter must have been added or skipped: a forgotten one is a caller's bug."""
@@ -167,6 +211,9 @@ class StreamingPush:
         if missing:
             raise InvalidArgument(f"no gradient for parameters {missing[:5]} in step {self.step}: "
                                   "add() it, or skip() it when it had none")
+        if self.missing_tables():
+            raise InvalidArgument(f"no row gradients for tables {self.missing_tables()[:5]} in step {self.step}: "
+                                  "add_rows() them, with no ids when the batch touched none")
         shards = [s for s, feed in self.feeds.items() if feed.expected]  # a shard may hold no keys
         if not self.eager and len(shards) == 1:  # one call: no hand-off to a pool thread
             replies = [self._send(shards[0])]

@@ -399,9 +399,9 @@ def test_ssp_paused_in_gate_rejoins(procs):
 # of them are mid-run from their first step until about UP_STEPS * UP_DELAY seconds later
 UP_STEPS = 250
 UP_DELAY = "0.12"
-# seconds after the workers start: they take 3-17 s to start alone, up to 25 s beside another
-# test (make test runs two at a time)
-KILL_AT, ADD_AT = 27, 29
+# seconds after every worker trained its first step (psctl up counts churn from there, however
+# long torch took to start): mid-run, with most of the 30 s of steps still to come
+KILL_AT, ADD_AT = 6, 8
 UP_WAIT_S = 280
 
 

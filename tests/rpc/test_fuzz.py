@@ -106,6 +106,7 @@ RAW_METHODS = {  # method -> (request type, kind of call)
     "Inspect": (ps_pb2.InspectRequest, "unary-unary"),
     "ShardStatus": (ps_pb2.ShardStatusRequest, "unary-unary"),
     "Checkpoint": (ps_pb2.CheckpointRequest, "unary-unary"),
+    "PullRows": (ps_pb2.PullRowsRequest, "unary-stream"),
 }
 
 def fuzz(max_examples: int):
@@ -940,6 +941,10 @@ def valid_serialized(method: str) -> list[bytes]:
     if method == "PushBatch":
         head = ps_pb2.PushHeader(caller=ps_pb2.Caller(worker_id=DEAD_WORKER, incarnation=1), model_fingerprint=FP)
         return [ps_pb2.PushBatchRequest(header=head, chunks=good_chunks("zz", GRAD["w"], step=16)).SerializeToString()]
+    if method == "PullRows":   # the fuzzed shard holds no table: a decodable ask names an unknown one
+        return [ps_pb2.PullRowsRequest(caller=ps_pb2.Caller(worker_id=3, incarnation=1, observer=True),
+                                       model_fingerprint=FP,
+                                       rows=[ps_pb2.RowBlock(table="t", ids=bytes(16))]).SerializeToString()]
     if method in ("Pull", "PullBatch"):
         return [ps_pb2.PullRequest(caller=ps_pb2.Caller(worker_id=3, incarnation=1, observer=True),
                                    keys=["w"], model_fingerprint=FP).SerializeToString()]
@@ -1015,11 +1020,11 @@ def test_raw_bytes_to_every_method(live):
             if call_kind == "unary-stream":
                 return list(calls[method](msgs[0], timeout=DEADLINE_S))
             return calls[method](msgs[0], timeout=DEADLINE_S)
-        # harmless when they decode: ShardStatus ignores unknown fields; Inspect and Pull read (a mutated
+        # harmless when they decode: ShardStatus ignores unknown fields; Inspect, Pull and PullRows read (a mutated
         # real pull may still be valid); a Declare can at most repeat the existing declaration
         result = live.outcome(f"{method} decodable={ok_decode}", call,
                               may_succeed=ok_decode and method in ("ShardStatus", "Inspect", "Pull", "PullBatch",
-                                                                  "Declare"))
+                                                                  "PullRows", "Declare"))
         if result == "undecodable-request-is-INTERNAL":
             assert not ok_decode, f"{method}: a decodable request got the deserialization error"
     run()

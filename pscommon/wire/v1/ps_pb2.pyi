@@ -8,6 +8,56 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TableSpec(_message.Message):
+    __slots__ = ("name", "dim", "initializer", "scale", "seed")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    INITIALIZER_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dim: int
+    initializer: str
+    scale: float
+    seed: int
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., initializer: _Optional[str] = ..., scale: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class RowBlock(_message.Message):
+    __slots__ = ("table", "ids", "values", "dtype")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    values: bytes
+    dtype: _tensor_pb2.DType
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
+
+class PullRowsRequest(_message.Message):
+    __slots__ = ("caller", "shard", "step", "model_fingerprint", "rows", "dtype")
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    caller: Caller
+    shard: int
+    step: int
+    model_fingerprint: str
+    rows: _containers.RepeatedCompositeFieldContainer[RowBlock]
+    dtype: _tensor_pb2.DType
+    def __init__(self, caller: _Optional[_Union[Caller, _Mapping]] = ..., shard: _Optional[int] = ..., step: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
+
+class PullRowsReply(_message.Message):
+    __slots__ = ("header", "rows")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    header: PullHeader
+    rows: RowBlock
+    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., rows: _Optional[_Union[RowBlock, _Mapping]] = ...) -> None: ...
+
 class CheckpointRequest(_message.Message):
     __slots__ = ("at_step", "hold_s", "release")
     AT_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -59,18 +109,20 @@ class Caller(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., observer: _Optional[bool] = ...) -> None: ...
 
 class DeclareHeader(_message.Message):
-    __slots__ = ("model_fingerprint", "shard", "keys", "job", "seed")
+    __slots__ = ("model_fingerprint", "shard", "keys", "job", "seed", "tables")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     shard: int
     keys: _containers.RepeatedCompositeFieldContainer[KeySpec]
     job: _job_pb2.JobSpec
     seed: SeedOffer
-    def __init__(self, model_fingerprint: _Optional[str] = ..., shard: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeySpec, _Mapping]]] = ..., job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., seed: _Optional[_Union[SeedOffer, _Mapping]] = ...) -> None: ...
+    tables: _containers.RepeatedCompositeFieldContainer[TableSpec]
+    def __init__(self, model_fingerprint: _Optional[str] = ..., shard: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeySpec, _Mapping]]] = ..., job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., seed: _Optional[_Union[SeedOffer, _Mapping]] = ..., tables: _Optional[_Iterable[_Union[TableSpec, _Mapping]]] = ...) -> None: ...
 
 class SeedOffer(_message.Message):
     __slots__ = ("caller", "version")
@@ -159,12 +211,14 @@ class PushHeader(_message.Message):
     def __init__(self, caller: _Optional[_Union[Caller, _Mapping]] = ..., shard: _Optional[int] = ..., step: _Optional[int] = ..., base_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "rows")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     chunk: _tensor_pb2.TensorChunk
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+    rows: RowBlock
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., rows: _Optional[_Union[RowBlock, _Mapping]] = ...) -> None: ...
 
 class PullBatchReply(_message.Message):
     __slots__ = ("header", "chunks")
@@ -251,7 +305,7 @@ class TensorTraffic(_message.Message):
     def __init__(self, key: _Optional[str] = ..., logical_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., codec_seconds: _Optional[float] = ...) -> None: ...
 
 class ShardStatusReply(_message.Message):
-    __slots__ = ("shard", "keys", "bytes", "optimizer_bytes", "shard_version", "pushes", "pulls", "duplicates", "uptime_s", "staleness", "pull_wait_s", "push_traffic", "pull_traffic", "clocks", "completed_step", "membership_view", "mode", "checkpoint_age_s", "checkpoint_version", "reseeded", "rebases")
+    __slots__ = ("shard", "keys", "bytes", "optimizer_bytes", "shard_version", "pushes", "pulls", "duplicates", "uptime_s", "staleness", "pull_wait_s", "push_traffic", "pull_traffic", "clocks", "completed_step", "membership_view", "mode", "checkpoint_age_s", "checkpoint_version", "reseeded", "rebases", "nonfinite_pushes")
     class ClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +334,7 @@ class ShardStatusReply(_message.Message):
     CHECKPOINT_VERSION_FIELD_NUMBER: _ClassVar[int]
     RESEEDED_FIELD_NUMBER: _ClassVar[int]
     REBASES_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_PUSHES_FIELD_NUMBER: _ClassVar[int]
     shard: int
     keys: int
     bytes: int
@@ -301,4 +356,5 @@ class ShardStatusReply(_message.Message):
     checkpoint_version: int
     reseeded: Reseed
     rebases: int
-    def __init__(self, shard: _Optional[int] = ..., keys: _Optional[int] = ..., bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., shard_version: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., duplicates: _Optional[int] = ..., uptime_s: _Optional[float] = ..., staleness: _Optional[_Union[Histogram, _Mapping]] = ..., pull_wait_s: _Optional[_Union[Histogram, _Mapping]] = ..., push_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., pull_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., clocks: _Optional[_Mapping[int, int]] = ..., completed_step: _Optional[int] = ..., membership_view: _Optional[int] = ..., mode: _Optional[_Union[_job_pb2.Mode, str]] = ..., checkpoint_age_s: _Optional[float] = ..., checkpoint_version: _Optional[int] = ..., reseeded: _Optional[_Union[Reseed, _Mapping]] = ..., rebases: _Optional[int] = ...) -> None: ...
+    nonfinite_pushes: int
+    def __init__(self, shard: _Optional[int] = ..., keys: _Optional[int] = ..., bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., shard_version: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., duplicates: _Optional[int] = ..., uptime_s: _Optional[float] = ..., staleness: _Optional[_Union[Histogram, _Mapping]] = ..., pull_wait_s: _Optional[_Union[Histogram, _Mapping]] = ..., push_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., pull_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., clocks: _Optional[_Mapping[int, int]] = ..., completed_step: _Optional[int] = ..., membership_view: _Optional[int] = ..., mode: _Optional[_Union[_job_pb2.Mode, str]] = ..., checkpoint_age_s: _Optional[float] = ..., checkpoint_version: _Optional[int] = ..., reseeded: _Optional[_Union[Reseed, _Mapping]] = ..., rebases: _Optional[int] = ..., nonfinite_pushes: _Optional[int] = ...) -> None: ...

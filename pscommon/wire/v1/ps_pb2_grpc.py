@@ -74,6 +74,11 @@ class ParameterServerStub:
                 request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointReply.FromString,
                 _registered_method=True)
+        self.PullRows = channel.unary_stream(
+                '/shardps.pscommon.wire.v1.ParameterServer/PullRows',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -137,6 +142,15 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullRows(self, request, context):
+        """Rows of embedding tables by id (created on first touch), through the same gate as Pull.
+        Row gradients travel in Push (RowBlock bodies), so a step's dense and row gradients to a
+        shard are one push: one ledger entry, one clock tick.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +193,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Checkpoint,
                     request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointRequest.FromString,
                     response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointReply.SerializeToString,
+            ),
+            'PullRows': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullRows,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +416,33 @@ class ParameterServer:
             '/shardps.pscommon.wire.v1.ParameterServer/Checkpoint',
             shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointRequest.SerializeToString,
             shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.CheckpointReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shardps.pscommon.wire.v1.ParameterServer/PullRows',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsReply.FromString,
             options,
             channel_credentials,
             insecure,
