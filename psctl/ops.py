@@ -75,6 +75,10 @@ def collect_status(address: str, timeout: float, security: Security = NO_SECURIT
                          checkpoint_age_s=round(ss.checkpoint_age_s, 2),
                          checkpoint_version=ss.checkpoint_version, rebases=ss.rebases,
                          nonfinite_pushes=ss.nonfinite_pushes,
+                         tables={t.name: {"dim": t.dim, "rows": t.rows, "bytes": t.bytes, "admitted": t.admitted,
+                                          "evicted_idle": t.evicted_idle, "evicted_lru": t.evicted_lru,
+                                          "dropped_gradients": t.dropped_gradients,
+                                          "unadmitted_lookups": t.unadmitted_lookups} for t in ss.tables},
                          reseeded=({"worker": ss.reseeded.worker_id, "version": ss.reseeded.version,
                                     "offers": ss.reseeded.offers, "at_uptime_s": round(ss.reseeded.uptime_s, 2)}
                                    if ss.HasField("reseeded") else None))

@@ -1,6 +1,8 @@
 """Shard checkpoints: safetensors for tensors, a JSON sidecar for everything else.
 
-Layout under --checkpoint-dir: shard-<i>/ckpt-<seq>.safetensors and ckpt-<seq>.json, and
+Layout under --checkpoint-dir: shard-<i>/ckpt-<seq>.safetensors and ckpt-<seq>.json (with
+embedding tables also ckpt-<seq>.tables.safetensors: ids, rows, optimizer state and touch
+bookkeeping, "<table>/<array>", whose sha256 the JSON carries too), and
 shard-<i>/owner.json, the fence: the server that registered for the shard last claims the
 directory there, and a writer that finds another claim refuses to write (Superseded). The
 shard copies its state under its lock (Shard.snapshot) and the copy is written outside it.
@@ -37,6 +39,7 @@ from safetensors.numpy import load_file, save_file
 from shardps.pscommon.errors import FailedPrecondition, Internal, Superseded
 from shardps.pscommon.files import write_atomic
 from shardps.pscommon.wire.v1 import tensor_pb2
+from shardps.psserver import rowstore
 
 log = logging.getLogger("shardps.checkpoint")
 FORMAT = "shardps-shard-checkpoint/1"
@@ -44,6 +47,7 @@ KEEP = 3
 OWNER = "owner.json"
 STATE_SEP = "::"   # "<key>::<optimizer state name>" in the tensors file
 PENDING = "__pending"  # "<key>::__pending": sync mode's gradient sum of the step in progress
+TABLE_SEP = "/"        # "<table>/<array>" in the tables file
 
 
 @dataclasses.dataclass
@@ -60,6 +64,8 @@ class Snapshot:
     gate: dict                      # completed_step, clocks, pending_from
     tensors: dict[str, np.ndarray]  # key -> values, "key::state" -> optimizer state
     path: str = ""                  # the JSON it was loaded from
+    # embedding tables: name -> (TableSpec JSON, the row store's snapshot)
+    tables: dict[str, tuple[dict, rowstore.Snapshot]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +191,7 @@ _SCHEMA = _record({
                      "pending_from": _list_of(_integer(0))}),
     "tensors_file": _text, "sha256": _text,
 })
+_TABLES = _record({"file": _text, "sha256": _text, "specs": _map_of(_any_object), "stores": _map_of(_any_object)})
 
 
 def check_meta(meta: Any, shard: int, seq: int) -> None:
@@ -196,8 +203,15 @@ def check_meta(meta: Any, shard: int, seq: int) -> None:
         raise _Unusable(f"unknown format {meta.get('format')!r}")
     if "shard" in meta and meta["shard"] != shard:
         raise _Unusable(f"is of shard {_short(meta['shard'])}, not {shard}")
-    _SCHEMA(meta, "")
+    _SCHEMA({k: v for k, v in meta.items() if k != "tables"}, "")
     name = f"ckpt-{seq:08d}"
+    if "tables" in meta:
+        _TABLES(meta["tables"], "tables")
+        if meta["tables"]["file"] != f"{name}.tables.safetensors":
+            raise _Unusable(f"field 'tables.file' must be '{name}.tables.safetensors', not "
+                            f"{_short(meta['tables']['file'])}")
+        if set(meta["tables"]["specs"]) != set(meta["tables"]["stores"]):
+            raise _Unusable("fields 'tables.specs' and 'tables.stores' name different tables")
     if meta["seq"] != seq:
         raise _Unusable(f"field 'seq' is {meta['seq']} in {name}.json")
     if meta["tensors_file"] != f"{name}.safetensors":   # never a path out of this folder
@@ -356,6 +370,8 @@ class CheckpointStore:
                 "fingerprint": snap.fingerprint, "job": snap.job, "keys": snap.keys,
                 "versions": snap.versions, "shard_version": snap.shard_version, "ledger": snap.ledger,
                 "gate": snap.gate, "tensors_file": tensors_path.name, "sha256": _sha256(tensors_path)}
+        if snap.tables:
+            meta["tables"] = self._write_tables(seq, snap.tables)
         json_path = self._json(seq)
         write_atomic(json_path, json.dumps(meta, sort_keys=True).encode())
         try:
@@ -365,9 +381,38 @@ class CheckpointStore:
                         describe(exc))
         return json_path
 
+    def _write_tables(self, seq: int, tables: dict) -> dict:
+        path = self.dir / f"ckpt-{seq:08d}.tables.safetensors"
+        arrays = {f"{name}{TABLE_SEP}{k}": a for name, (_, snap) in tables.items() for k, a in snap.arrays.items()}
+        write_atomic(path, lambda tmp: save_file(arrays, tmp))
+        return {"file": path.name, "sha256": _sha256(path), "specs": {n: spec for n, (spec, _) in tables.items()},
+                "stores": {n: snap.meta for n, (_, snap) in tables.items()}}
+
+    def _load_tables(self, meta: dict) -> dict:
+        path = self.dir / meta["file"]
+        try:
+            digest = _sha256(path)
+        except FileNotFoundError:
+            raise _Unusable(f"tables file {path.name} is missing") from None
+        except OSError as exc:
+            raise _Unusable(f"tables file {path.name} is unreadable: {describe(exc)}") from None
+        if digest != meta["sha256"]:
+            raise _Unusable(f"tables file {path.name} is corrupt (sha256 mismatch)")
+        try:
+            arrays = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise _Unusable(f"tables file {path.name} cannot be parsed: {_one_line(exc)}") from None
+        by_table: dict[str, dict] = {n: {} for n in meta["specs"]}
+        for name, a in arrays.items():
+            table, _, array = name.rpartition(TABLE_SEP)
+            if table not in by_table:
+                raise _Unusable(f"tables file {path.name}: array {name!r} belongs to no table")
+            by_table[table][array] = a
+        return {n: (meta["specs"][n], rowstore.Snapshot(by_table[n], meta["stores"][n])) for n in meta["specs"]}
+
     def _prune(self) -> None:
         for seq in self._sequences()[:-KEEP]:
-            for suffix in (".json", ".safetensors"):
+            for suffix in (".json", ".safetensors", ".tables.safetensors"):
                 (self.dir / f"ckpt-{seq:08d}{suffix}").unlink(missing_ok=True)
 
     def _load(self, seq: int) -> Snapshot:
@@ -391,8 +436,9 @@ class CheckpointStore:
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             raise _Unusable(f"tensors file {tensors_path.name} cannot be parsed: {_one_line(exc)}") from None
         check_tensors(meta, tensors)
+        tables = self._load_tables(meta["tables"]) if "tables" in meta else {}
         return Snapshot(meta["shard"], meta["fingerprint"], meta["job"], meta["keys"], meta["versions"],
-                        meta["shard_version"], meta["ledger"], meta["gate"], tensors, str(json_path))
+                        meta["shard_version"], meta["ledger"], meta["gate"], tensors, str(json_path), tables)
 
     def load(self, seq: int) -> Snapshot:
         """One checkpoint, verified; FailedPrecondition naming the file and the problem otherwise."""

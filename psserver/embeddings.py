@@ -26,7 +26,7 @@ from shardps.pscommon import tables
 from shardps.pscommon.config import OptimizerConfig
 from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, NotFound
 from shardps.pscommon.tables import TableSpec, sum_duplicates
-from shardps.psserver import sparse_optim
+from shardps.psserver import rowstore, sparse_optim
 from shardps.psserver.rowstore import Initializer, RowStore, RowStoreConfig
 
 MAX_TABLES = 256
@@ -132,6 +132,23 @@ class TableSet:
 
     def apply(self, table: str, grad: RowGrad) -> int:
         return self.stores[table].apply(grad.ids, grad.grads)
+
+    def snapshot(self) -> dict[str, tuple[dict, rowstore.Snapshot]]:
+        """Copies of every table (under the shard's lock, with its dense keys: one moment)."""
+        return {name: (self.specs[name].to_json(), store.snapshot()) for name, store in self.stores.items()}
+
+    def restore(self, snaps: dict[str, tuple[dict, rowstore.Snapshot]]) -> None:
+        """Tables from a checkpoint, into this empty set; FailedPrecondition naming the table
+        when one does not fit (its spec, or its arrays against the spec and the optimizer)."""
+        for name, (spec_json, snap) in snaps.items():
+            try:
+                spec = TableSpec.from_json(spec_json)
+                if spec.name != name:
+                    raise InvalidArgument(f"its spec names table {spec.name!r}")
+                self.declare([spec])
+                self.stores[name].restore(snap)
+            except (InvalidArgument, FailedPrecondition) as exc:
+                raise FailedPrecondition(f"checkpoint table {name!r}: {exc}") from None
 
 
 def accumulate(pending: list[RowGrad] | None, grad: RowGrad) -> list[RowGrad]:

@@ -24,6 +24,7 @@ class ShardCollector:
             live, view = len(s.gate.live), s.view
             param_bytes, opt_bytes = s.param_bytes(), s.optimizer_bytes()
             rebases, reseeded, nonfinite = s.rebases, s.reseeded, s.nonfinite_pushes
+            tables = {name: store.stats() for name, store in s.tables.stores.items()}
         yield _counter("shardps_server_pushes_total", "Pushes taken (duplicates excluded).", label, pushes)
         yield _counter("shardps_server_pulls_total", "Pulls served.", label, pulls)
         yield _counter("shardps_server_duplicate_pushes_total", "Retried pushes acknowledged, not applied.",
@@ -47,6 +48,15 @@ class ShardCollector:
         yield _gauge("shardps_server_membership_view", "Membership view number the shard follows.", label, view)
         yield _gauge("shardps_server_parameter_bytes", "Parameter bytes held.", label, param_bytes)
         yield _gauge("shardps_server_optimizer_state_bytes", "Optimizer state bytes held.", label, opt_bytes)
+        rows = GaugeMetricFamily("shardps_server_table_rows", "Rows of each embedding table held.",
+                                 labels=["shard", "table"])
+        held = GaugeMetricFamily("shardps_server_table_bytes", "Bytes each embedding table holds (values, "
+                                 "optimizer state, bookkeeping, index).", labels=["shard", "table"])
+        for name, st in sorted(tables.items()):
+            rows.add_metric([label["shard"], name], st.rows)
+            held.add_metric([label["shard"], name], st.bytes)
+        yield rows
+        yield held
         yield _counter("shardps_server_nonfinite_pushes_total", "Pushes that carried NaN or Inf "
                        "(refused, or applied without those gradients: --nonfinite).", label, nonfinite)
         yield _counter("shardps_server_step_rebases_total", "Sync: times the shard, restarted behind the "

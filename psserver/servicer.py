@@ -76,6 +76,12 @@ def _check_key_spec(k: Key) -> None:
                               f"parameter shape {list(k.param_shape)}")
 
 
+def _table_status(name: str, dim: int, st) -> ps_pb2.TableStatus:
+    return ps_pb2.TableStatus(name=name, dim=dim, rows=st.rows, bytes=st.bytes, admitted=st.admitted,
+                              evicted_idle=st.evicted_idle, evicted_lru=st.evicted_lru,
+                              dropped_gradients=st.dropped_gradients, unadmitted_lookups=st.unadmitted_lookups)
+
+
 def _all_finite(a: np.ndarray) -> bool:
     """One pass without a temporary: NaN and Inf survive a sum; a sum that overflows from
     finite values is looked at element by element."""
@@ -371,7 +377,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 membership_view=s.view, mode=consistency.mode_of(s.job),
                 checkpoint_age_s=self.checkpointer.age_s() if self.checkpointer else -1.0,
                 checkpoint_version=(self.checkpointer.last_version or 0) if self.checkpointer else 0,
-                reseeded=_reseed_proto(s.reseeded), rebases=s.rebases, nonfinite_pushes=s.nonfinite_pushes)
+                reseeded=_reseed_proto(s.reseeded), rebases=s.rebases, nonfinite_pushes=s.nonfinite_pushes,
+                tables=[_table_status(name, s.tables.specs[name].dim, store.stats())
+                        for name, store in sorted(s.tables.stores.items())])
 
     @servicer_errors
     def Checkpoint(self, request, context):

@@ -511,7 +511,7 @@ class Shard:
             gate={"completed_step": self.gate.completed_step,
                   "clocks": {str(w): c for w, c in self.gate.clocks.items()},
                   "pending_from": sorted(self.gate.pending_from)},
-            tensors=tensors)
+            tensors=tensors, tables=self.tables.snapshot())
 
     # -- consistent cuts across shards (psctl checkpoint --consistent) --------------------
     def cut_at(self, step: int, job_json: dict, timeout_s: float) -> checkpoint.Snapshot:
@@ -586,7 +586,10 @@ class Shard:
         strays = sorted(set(pending) - set(entries))
         if strays:
             raise FailedPrecondition(f"checkpoint has pending sums of keys it does not hold: {strays[:5]}")
+        tables = embeddings.TableSet(self.shard_id, self.job.num_servers, self.job.optimizer)
+        tables.restore(snap.tables)
         with self.cond:
+            self.tables = tables
             self.entries = entries
             self.fingerprint = snap.fingerprint
             self.version = snap.shard_version

@@ -11,7 +11,7 @@ from shardps.pscommon.config import JobSpec, OptimizerConfig
 from shardps.pscommon.tables import TableSpec
 from shardps.pscommon.wire.v1 import ps_pb2, tensor_pb2
 
-from .helpers import TIMEOUT_S, caller, declare_requests, members, push_header, shard_map, tensor_chunks
+from .helpers import TIMEOUT_S, caller, declare_requests, members, push_header, shard_map, status, tensor_chunks
 
 EMB = TableSpec("emb", 4, "normal", 0.1, 7)
 SHAPES = {"w": (3,)}
@@ -81,6 +81,8 @@ def test_rows_are_created_on_first_touch_and_updated_by_their_gradients_only(sha
     np.testing.assert_allclose(got["emb"][:3], expect, rtol=0, atol=1e-7)
     assert np.array_equal(got["emb"][3], tables.initial_rows(EMB, ids_of(99))[0])   # untouched: as created
     assert srv.shard.tables.stores["emb"].stats().rows == 4
+    (st,) = status(srv.stub).tables          # what psctl status and the metrics show
+    assert (st.name, st.dim, st.rows, st.admitted) == ("emb", 4, 4, 4) and st.bytes > 4 * 4 * 4
 
 
 def test_a_retried_push_applies_its_rows_once(shard_server):

@@ -105,3 +105,26 @@ def test_rows_of_an_undeclared_table_are_refused_before_anything_moves(cluster):
         w.push({"bias": np.zeros(4, np.float32)}, row_grads={"emb": (np.array([1, 2]), np.zeros((3, 8), np.float32))})
     assert w.clock == clock and all(s.shard.version == 0 for s in c.servers)
     w.leave()
+
+
+def test_rows_come_back_when_a_server_restarts_from_its_checkpoint(cluster, tmp_path):
+    """Drained (final checkpoint) and started again on the same folder, the shard serves the
+    rows it had, not their initial values; training goes on from them."""
+    from shardps.psserver.daemon import ServerConfig, ServerProcess
+    c = cluster(JobSpec(num_servers=1, heartbeat_timeout_s=2.0, optimizer=OptimizerConfig(kind="adagrad", lr=LR)))
+    c.servers[0].drain()   # the cluster's own server has no checkpoint folder: replace it
+    cfg = ServerConfig(scheduler=c.address, shard_id=0, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_s=3600)
+    c.servers[0] = ServerProcess(cfg)
+    c.servers[0].start()
+    w = client(c, "w0")
+    ids = np.array([4, -9, 2**61, 4], np.int64)
+    train(w, ids, 5)
+    before = w.pull_rows({"emb": ids})["emb"]
+    assert not np.array_equal(before, tables.initial_rows(EMB, ids))
+    c.servers[0].drain()
+    c.servers[0] = ServerProcess(cfg)
+    c.servers[0].start()
+    assert c.servers[0].shard.tables.stores["emb"].stats().rows == 3
+    np.testing.assert_array_equal(w.pull_rows({"emb": ids})["emb"], before)
+    train(w, ids, 2)
+    w.leave()

@@ -23,6 +23,8 @@ from shardps.pscommon.wire.v1 import tensor_pb2
 from shardps.psserver import checkpoint
 from shardps.psserver.checkpoint import KEEP, Checkpointer, CheckpointStore
 from shardps.psserver.metrics import ShardCollector
+from shardps.pscommon.tables import TableSpec
+from shardps.psserver.embeddings import RowGrad, TableKey
 from shardps.psserver.shard import Shard, WorkerView
 
 F32 = tensor_pb2.DTYPE_FLOAT32
@@ -653,3 +655,59 @@ def test_a_failed_write_is_counted_named_and_the_next_one_succeeds(tmp_path):
     assert not writer.due() and store.latest().shard_version == shard.version
     assert _metric(collector, "shardps_server_checkpoints_total") == 2
     assert _metric(collector, "shardps_server_checkpoint_failures_total") == 2
+
+
+# -- embedding tables ------------------------------------------------------------------------
+EMB = TableSpec("emb", 3, "normal", 0.1, 5)
+
+
+def _with_rows(job: JobSpec) -> tuple[Shard, sharding.ShardMap]:
+    """A declared shard with a table whose rows (and adam state) moved."""
+    smap = _smap(job)
+    shard = _fresh(job)
+    shard.declare(smap.fingerprint, smap.keys_of(0), {k.key: np.zeros(k.length, np.float32) for k in smap.keys_of(0)},
+                  [EMB])
+    rng = np.random.default_rng(1)
+    for step in range(3):
+        ids = rng.integers(-50, 50, 20).astype(np.uint64)
+        rows = {TableKey("emb"): RowGrad.of(ids, rng.standard_normal((20, 3)).astype(np.float32))}
+        shard.push(1, INCARNATION, step, shard.version, {**_grads(smap, step), **rows})
+    return shard, smap
+
+
+def _rows(shard: Shard) -> dict:
+    snap = shard.tables.stores["emb"].snapshot()
+    order = np.argsort(snap.arrays["ids"])
+    return {k: v[order].tolist() for k, v in snap.arrays.items()} | {"step": snap.meta["step"]}
+
+
+def test_tables_round_trip_through_a_checkpoint(tmp_path):
+    job = _job()
+    shard, smap = _with_rows(job)
+    store, writer = _store_and_writer(tmp_path, shard, job)
+    path = writer.write()
+    assert (path.parent / "ckpt-00000001.tables.safetensors").exists()
+    restored = _fresh(job)
+    restored.restore(store.latest())
+    assert restored.tables.specs == {"emb": EMB} and _rows(restored) == _rows(shard)
+    # the restored table continues exactly as the original (same rows, adam moments, step)
+    ids = np.array([3, 7, 3], np.uint64)
+    g = {TableKey("emb"): RowGrad.of(ids, np.ones((3, 3), np.float32))}
+    for s in (shard, restored):
+        s.push(1, INCARNATION, 3, s.version, {**_grads(smap, 3), **g})
+    assert _rows(restored) == _rows(shard)
+
+
+def test_a_corrupt_tables_file_refuses_its_checkpoint(tmp_path):
+    job = _job()
+    shard, _ = _with_rows(job)
+    store, writer = _store_and_writer(tmp_path, shard, job)
+    writer.write()
+    writer.write()
+    tables_file = store.dir / "ckpt-00000002.tables.safetensors"
+    data = bytearray(tables_file.read_bytes())
+    data[-1] ^= 0xFF
+    tables_file.write_bytes(bytes(data))
+    found, refused = store.newest()
+    assert found.path.endswith("ckpt-00000001.json")
+    assert "tables file ckpt-00000002.tables.safetensors is corrupt (sha256 mismatch)" in refused[0].why

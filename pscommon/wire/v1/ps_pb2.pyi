@@ -34,6 +34,28 @@ class RowBlock(_message.Message):
     dtype: _tensor_pb2.DType
     def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
 
+class TableStatus(_message.Message):
+    __slots__ = ("name", "dim", "rows", "bytes", "admitted", "evicted_idle", "evicted_lru", "dropped_gradients", "unadmitted_lookups")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_IDLE_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_LRU_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    UNADMITTED_LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dim: int
+    rows: int
+    bytes: int
+    admitted: int
+    evicted_idle: int
+    evicted_lru: int
+    dropped_gradients: int
+    unadmitted_lookups: int
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., rows: _Optional[int] = ..., bytes: _Optional[int] = ..., admitted: _Optional[int] = ..., evicted_idle: _Optional[int] = ..., evicted_lru: _Optional[int] = ..., dropped_gradients: _Optional[int] = ..., unadmitted_lookups: _Optional[int] = ...) -> None: ...
+
 class PullRowsRequest(_message.Message):
     __slots__ = ("caller", "shard", "step", "model_fingerprint", "rows", "dtype")
     CALLER_FIELD_NUMBER: _ClassVar[int]
@@ -305,7 +327,7 @@ class TensorTraffic(_message.Message):
     def __init__(self, key: _Optional[str] = ..., logical_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., codec_seconds: _Optional[float] = ...) -> None: ...
 
 class ShardStatusReply(_message.Message):
-    __slots__ = ("shard", "keys", "bytes", "optimizer_bytes", "shard_version", "pushes", "pulls", "duplicates", "uptime_s", "staleness", "pull_wait_s", "push_traffic", "pull_traffic", "clocks", "completed_step", "membership_view", "mode", "checkpoint_age_s", "checkpoint_version", "reseeded", "rebases", "nonfinite_pushes")
+    __slots__ = ("shard", "keys", "bytes", "optimizer_bytes", "shard_version", "pushes", "pulls", "duplicates", "uptime_s", "staleness", "pull_wait_s", "push_traffic", "pull_traffic", "clocks", "completed_step", "membership_view", "mode", "checkpoint_age_s", "checkpoint_version", "reseeded", "rebases", "nonfinite_pushes", "tables")
     class ClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -335,6 +357,7 @@ class ShardStatusReply(_message.Message):
     RESEEDED_FIELD_NUMBER: _ClassVar[int]
     REBASES_FIELD_NUMBER: _ClassVar[int]
     NONFINITE_PUSHES_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     shard: int
     keys: int
     bytes: int
@@ -357,4 +380,5 @@ class ShardStatusReply(_message.Message):
     reseeded: Reseed
     rebases: int
     nonfinite_pushes: int
-    def __init__(self, shard: _Optional[int] = ..., keys: _Optional[int] = ..., bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., shard_version: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., duplicates: _Optional[int] = ..., uptime_s: _Optional[float] = ..., staleness: _Optional[_Union[Histogram, _Mapping]] = ..., pull_wait_s: _Optional[_Union[Histogram, _Mapping]] = ..., push_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., pull_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., clocks: _Optional[_Mapping[int, int]] = ..., completed_step: _Optional[int] = ..., membership_view: _Optional[int] = ..., mode: _Optional[_Union[_job_pb2.Mode, str]] = ..., checkpoint_age_s: _Optional[float] = ..., checkpoint_version: _Optional[int] = ..., reseeded: _Optional[_Union[Reseed, _Mapping]] = ..., rebases: _Optional[int] = ..., nonfinite_pushes: _Optional[int] = ...) -> None: ...
+    tables: _containers.RepeatedCompositeFieldContainer[TableStatus]
+    def __init__(self, shard: _Optional[int] = ..., keys: _Optional[int] = ..., bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., shard_version: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., duplicates: _Optional[int] = ..., uptime_s: _Optional[float] = ..., staleness: _Optional[_Union[Histogram, _Mapping]] = ..., pull_wait_s: _Optional[_Union[Histogram, _Mapping]] = ..., push_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., pull_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., clocks: _Optional[_Mapping[int, int]] = ..., completed_step: _Optional[int] = ..., membership_view: _Optional[int] = ..., mode: _Optional[_Union[_job_pb2.Mode, str]] = ..., checkpoint_age_s: _Optional[float] = ..., checkpoint_version: _Optional[int] = ..., reseeded: _Optional[_Union[Reseed, _Mapping]] = ..., rebases: _Optional[int] = ..., nonfinite_pushes: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStatus, _Mapping]]] = ...) -> None: ...
