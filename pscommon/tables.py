@@ -35,7 +35,7 @@ from shardps.pscommon.codecs.bf16 import from_bf16_bits, to_bf16_bits
 from shardps.pscommon.errors import InvalidArgument
 from shardps.pscommon.wire.v1 import ps_pb2, tensor_pb2
 
-INITIALIZERS = ("zeros", "normal", "uniform")
+INITIALIZERS = ("zeros", "constant", "normal", "uniform")
 MAX_NAME = 128
 MAX_DIM = 4096
 MAX_SEED = 2**63 - 1
@@ -56,7 +56,7 @@ class TableSpec:
     """One embedding table: rows of `dim` float32, created on first touch by `initializer`.
 
     `scale` is the standard deviation for "normal", the bound a of U(-a, a) for "uniform",
-    and must be 0 for "zeros". `seed` picks the initial values (see `initial_rows`).
+    every element's value for "constant" (any finite number), and must be 0 for "zeros". `seed` picks the initial values (see `initial_rows`).
     """
 
     name: str
@@ -187,9 +187,10 @@ def _check_initializer(initializer: object) -> None:
 
 
 def _check_scale(initializer: str, scale: object) -> None:
-    if (not isinstance(scale, (int, float)) or isinstance(scale, bool)
-            or not math.isfinite(scale) or scale < 0):
-        raise InvalidArgument(f"scale={scale!r} must be a finite number >= 0")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise InvalidArgument(f"scale={scale!r} must be a finite number")
+    if initializer != "constant" and scale < 0:
+        raise InvalidArgument(f"scale={scale!r} must be >= 0 for the {initializer} initializer")
     if initializer == "zeros" and scale != 0:
         raise InvalidArgument(f"scale={scale!r} must be 0 for the zeros initializer")
 
@@ -246,6 +247,9 @@ def initial_values(initializer: str, scale: float, seed: int, ids: np.ndarray, d
     row's first value is computed, for the table spec and the row store alike."""
     keys = _row_keys(seed, ids)
     out = np.zeros((len(keys), dim), dtype=np.float32)
+    if initializer == "constant":
+        out.fill(scale)
+        return out
     if initializer == "zeros" or scale == 0:
         return out
     per_block = max(1, _BLOCK_ELEMENTS // dim)

@@ -323,3 +323,11 @@ def test_initial_rows_refuses_bad_ids():
         initial_rows(spec(), np.arange(4.0))
     with pytest.raises(InvalidArgument):
         initial_rows(spec(), np.arange(4).reshape(2, 2))
+
+
+def test_constant_rows_are_the_scale_everywhere():
+    spec = TableSpec("c", 5, "constant", -1.5, 0)
+    rows = initial_rows(spec, np.array([0, -1, 2**40], np.int64))
+    assert rows.dtype == np.float32 and rows.shape == (3, 5) and (rows == -1.5).all()
+    with pytest.raises(InvalidArgument, match="must be >= 0 for the normal initializer"):
+        TableSpec("n", 5, "normal", -1.0, 0)
