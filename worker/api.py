@@ -18,6 +18,7 @@ import signal
 import threading
 from concurrent import futures
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,6 +26,7 @@ from shardps.pscommon.config import CodecConfig
 from shardps.pscommon.errors import Aborted, InvalidArgument, StaleIncarnation
 from shardps.worker import device_codec
 from shardps.worker.client import ClientConfig, ShardClient
+from shardps.worker.embedding import sharded_embeddings
 from shardps.worker.push import StreamingPush
 
 log = logging.getLogger("shardps.worker")
@@ -104,7 +106,8 @@ class PSClient:
         try:
             client.wait_for_servers()
             client.declare({n: p.detach().to("cpu", torch.float32).numpy()
-                            for n, p in model.named_parameters()})
+                            for n, p in model.named_parameters()},
+                           embedding_tables=tuple(m.spec for m in sharded_embeddings(model)))
             ps = cls(client, model, overlap=overlap, device_compression=device_compression)
             ps.pull()
             return ps
@@ -148,9 +151,11 @@ class PSClient:
             self.client.rejoin(incarnation)
             self.client.pull(self.weights.arrays)
 
-    def push(self) -> bool:
-        """Push the gradients of model.parameters(); False when the step did not count (sync
-        mode completed it without us, or we had to rejoin) and the next pull catches up."""
+    def push(self, row_grads: dict | None = None) -> bool:
+        """Push the gradients of model.parameters(), and `row_grads` of the model's sharded
+        embedding tables ({table: (ids, grads)}, as EmbeddingClient.row_grads() gives them; a
+        table left out had no rows this step); False when the step did not count (sync mode
+        completed it without us, or we had to rejoin) and the next pull catches up."""
         stream, self._stream = self._stream, None
         if stream is None:
             stream = self.client.start_push(eager=False)
@@ -159,6 +164,10 @@ class PSClient:
                     self._add_grad(stream, n, p.grad)
         try:
             self._settle_handoffs()
+            for table, (ids, g) in (row_grads or {}).items():
+                stream.add_rows(table, ids, g)
+            for table in stream.missing_tables():
+                stream.add_rows(table, np.zeros(0, np.int64), np.zeros((0, self.client.tables[table].dim), np.float32))
         except BaseException:
             stream.abandon()
             raise
