@@ -2,7 +2,10 @@
 
 The file holds the model under its original parameter names and shapes (float32), so
 `model.load_state_dict(safetensors.torch.load_file(path), strict=True)` works on a fresh
-torch model. Read-only: the exporter attaches as an observer and never joins the job.
+torch model. A model with embedding tables gets a second file beside it,
+`<name>.tables.safetensors`: per table `<table>.ids` (uint64) and `<table>.values` (float32
+[rows, dim]), every stored row of every shard; the first file stays loadable strictly.
+Read-only: the exporter attaches as an observer and never joins the job.
 """
 from __future__ import annotations
 
@@ -75,8 +78,9 @@ def _check_complete(shard_map: ShardMap, buffers: dict[str, _Recorded]) -> None:
 
 
 def gather(scheduler: str, timeout: float, security: Security = NO_SECURITY
-           ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The served parameters by original name and shape (float32), and metadata (all str)."""
+           ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, np.ndarray]]:
+    """The served parameters by original name and shape (float32), metadata (all str), and
+    the embedding tables' rows (`<table>.ids`, `<table>.values`; empty without tables)."""
     from shardps.worker.client import ClientConfig, ShardClient
 
     client = ShardClient(ClientConfig(scheduler=scheduler, control_timeout_s=timeout,
@@ -101,6 +105,9 @@ def gather(scheduler: str, timeout: float, security: Security = NO_SECURITY
         client.pull(buffers)
         _check_complete(shard_map, buffers)
         tensors = {p.name: buffers[p.name].array.reshape(p.shape) for p in shard_map.params}
+        rows = {}
+        for table, dim in sorted(client.table_dims().items()):
+            rows[f"{table}.ids"], rows[f"{table}.values"] = client.scan_rows(table, dim)
         versions = dict(sorted(client.shard_versions().items()))
         metadata = {
             "format": "pt",
@@ -112,7 +119,7 @@ def gather(scheduler: str, timeout: float, security: Security = NO_SECURITY
             .isoformat(timespec="seconds"),
             META_PREFIX + "scheduler": scheduler,
         }
-        return tensors, metadata
+        return tensors, metadata, rows
     finally:
         client.leave()  # an observer never joined: this only stops its thread pool
 
@@ -166,7 +173,8 @@ def write(out: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict
     from safetensors.numpy import save_file
 
     out = target(pathlib.Path(out), follow_symlinks)
-    arrays = {n: np.ascontiguousarray(a, np.float32) for n, a in tensors.items()}
+    # float32 parameters; a tables file's ids stay uint64
+    arrays = {n: np.ascontiguousarray(a, a.dtype if a.dtype == np.uint64 else np.float32) for n, a in tensors.items()}
     try:
         write_atomic(out, lambda tmp: save_file(arrays, tmp, metadata))
     except OSError as exc:
@@ -178,10 +186,20 @@ def run(scheduler: str, out: str, timeout: float, security: Security = NO_SECURI
         follow_symlinks: bool = False) -> int:
     path = pathlib.Path(out)
     _check_writable(target(path, follow_symlinks))
-    tensors, metadata = gather(scheduler, timeout, security)
+    tensors, metadata, rows = gather(scheduler, timeout, security)
     size = write(path, tensors, metadata, follow_symlinks)
     versions = json.loads(metadata[META_PREFIX + "shard_versions"])
     print(f"{path}: {len(tensors)} tensors, {size} bytes "
           f"(model {metadata[META_PREFIX + 'model_fingerprint']}, shard versions "
           f"{' '.join(f'{s}:{v}' for s, v in versions.items())})", flush=True)
+    if rows:
+        side = tables_path(path)
+        size = write(side, rows, metadata, follow_symlinks)
+        counts = ", ".join(f"{n[:-len('.ids')]} {len(a)} rows" for n, a in rows.items() if n.endswith(".ids"))
+        print(f"{side}: {counts}, {size} bytes", flush=True)
     return 0
+
+
+def tables_path(out: pathlib.Path) -> pathlib.Path:
+    """Where export writes the embedding tables of a model exported to `out`."""
+    return out.with_name(f"{out.stem}.tables{out.suffix or '.safetensors'}")

@@ -357,7 +357,27 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                                       norm=float(np.linalg.norm(value.astype(np.float64))),
                                       sample=value[:sample].tolist())
             out.append(shard.read(name, info))
-        return ps_pb2.InspectReply(shard=shard.shard_id, keys=out)
+        return ps_pb2.InspectReply(shard=shard.shard_id, keys=out, tables=self._table_infos(sample))
+
+    def _table_infos(self, sample: int) -> list[ps_pb2.TableInfo]:
+        s = self.shard
+        with s.cond:
+            infos = []
+            for name, store in sorted(s.tables.stores.items()):
+                ids, touches = store.hottest(sample)
+                infos.append(ps_pb2.TableInfo(status=_table_status(name, s.tables.specs[name].dim, store.stats()),
+                                              hottest_ids=ids.tolist(), hottest_touches=touches.tolist()))
+            return infos
+
+    @servicer_errors
+    def ScanRows(self, request, context):
+        """A table's rows on this shard as one copy, streamed in blocks (float32)."""
+        self._check_model(request.model_fingerprint)
+        version, ids, values = self.shard.scan_rows(request.table)
+        yield ps_pb2.PullRowsReply(header=ps_pb2.PullHeader(shard_version=version))
+        if len(ids):
+            yield from (ps_pb2.PullRowsReply(rows=b)
+                        for b in tables.row_blocks(request.table, ids, values, tensor_pb2.DTYPE_FLOAT32))
 
     @servicer_errors
     def ShardStatus(self, request, context):

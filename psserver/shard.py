@@ -340,6 +340,13 @@ class Shard:
         self.tables.check_ids(table, ids)
         return spec.dim
 
+    def scan_rows(self, table: str) -> tuple[int, np.ndarray, np.ndarray]:
+        """(shard version, ids, rows) of every stored row of `table`: copies, one moment."""
+        with self.cond:
+            self.tables.spec(table)
+            snap = self.tables.stores[table].snapshot()
+            return self.version, snap.arrays["ids"], snap.arrays["values"]
+
     def read_rows(self, requests: list[tuple[str, np.ndarray]], observer: bool) -> list[np.ndarray]:
         """The rows of each (table, ids), under one lock acquisition: a consistent read. A
         training pull creates the rows it touches; an observer's creates nothing."""

@@ -406,6 +406,29 @@ class ShardClient:
         return {t: rows.assemble(p, {s: answers[s][t] for s in shards}, self._tables[t].dim)
                 for t, p in plans.items()}
 
+    def table_dims(self) -> dict[str, int]:
+        """The embedding tables the shards hold (name -> dim), as shard 0 reports them: an
+        observer (export) learns them there, since the scheduler keeps no table specs."""
+        reply = self.transport.call(0, lambda stub: stub.ShardStatus(ps_pb2.ShardStatusRequest(),
+                                                                     timeout=self.cfg.control_timeout_s))
+        return {t.name: t.dim for t in reply.tables}
+
+    def scan_rows(self, table: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every stored row of `table` on every shard: (ids uint64, float32 [n, dim]), each
+        shard's part read at one moment (shards at slightly different ones)."""
+        req = ps_pb2.ScanRowsRequest(table=table, model_fingerprint=self.shard_map.fingerprint)
+
+        def once(stub):
+            blocks = [r.rows for r in stub.ScanRows(req, timeout=self.cfg.data_timeout_s) if r.WhichOneof("body") == "rows"]
+            ids = [tables.ids_from_bytes(b.ids, f"scan of table {table!r}") for b in blocks]
+            values = [tables.decode_rows(b.values, b.dtype, len(i), dim, f"scan of table {table!r}")
+                      for b, i in zip(blocks, ids)]
+            return (np.concatenate(ids) if ids else np.zeros(0, np.uint64),
+                    np.concatenate(values) if values else np.zeros((0, dim), np.float32))
+        parts = self.transport.fan_out(range(self.job.num_servers), lambda s: self.transport.call(s, once))
+        return (np.concatenate([parts[s][0] for s in sorted(parts)]),
+                np.concatenate([parts[s][1] for s in sorted(parts)]))
+
     def _pull_rows_shard(self, shard: int, plans: dict[str, "rows.TableAsk"], step: int) -> dict[str, np.ndarray]:
         """One shard's rows of every table, in calls of at most ROW_BLOCK_BYTES of ids each."""
         dtype = self.row_dtype(self.cfg.pull_codec or self.job.pull_codec)

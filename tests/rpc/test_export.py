@@ -105,7 +105,8 @@ def test_export_reads_fp32_master_weights_even_when_the_job_pulls_bf16(cluster, 
     lossy.leave()  # stops its fan-out pool (an observer never joined)
     assert not np.array_equal(pulled["0.weight"], initial["0.weight"])  # the premise: bf16 loses bits
 
-    tensors, meta = export.gather(c.address, 30.0)
+    tensors, meta, rows = export.gather(c.address, 30.0)
+    assert rows == {}   # a model without embedding tables
     assert json.loads(meta["shardps.job"])["pull_codec"] == "bf16"
     for name, value in initial.items():
         assert np.array_equal(tensors[name].reshape(-1), value), name

@@ -107,6 +107,7 @@ RAW_METHODS = {  # method -> (request type, kind of call)
     "ShardStatus": (ps_pb2.ShardStatusRequest, "unary-unary"),
     "Checkpoint": (ps_pb2.CheckpointRequest, "unary-unary"),
     "PullRows": (ps_pb2.PullRowsRequest, "unary-stream"),
+    "ScanRows": (ps_pb2.ScanRowsRequest, "unary-stream"),
 }
 
 def fuzz(max_examples: int):
@@ -945,6 +946,8 @@ def valid_serialized(method: str) -> list[bytes]:
         return [ps_pb2.PullRowsRequest(caller=ps_pb2.Caller(worker_id=3, incarnation=1, observer=True),
                                        model_fingerprint=FP,
                                        rows=[ps_pb2.RowBlock(table="t", ids=bytes(16))]).SerializeToString()]
+    if method == "ScanRows":
+        return [ps_pb2.ScanRowsRequest(table="t", model_fingerprint=FP).SerializeToString()]
     if method in ("Pull", "PullBatch"):
         return [ps_pb2.PullRequest(caller=ps_pb2.Caller(worker_id=3, incarnation=1, observer=True),
                                    keys=["w"], model_fingerprint=FP).SerializeToString()]
@@ -1024,7 +1027,7 @@ def test_raw_bytes_to_every_method(live):
         # real pull may still be valid); a Declare can at most repeat the existing declaration
         result = live.outcome(f"{method} decodable={ok_decode}", call,
                               may_succeed=ok_decode and method in ("ShardStatus", "Inspect", "Pull", "PullBatch",
-                                                                  "PullRows", "Declare"))
+                                                                  "PullRows", "ScanRows", "Declare"))
         if result == "undecodable-request-is-INTERNAL":
             assert not ok_decode, f"{method}: a decodable request got the deserialization error"
     run()

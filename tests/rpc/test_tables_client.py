@@ -128,3 +128,31 @@ def test_rows_come_back_when_a_server_restarts_from_its_checkpoint(cluster, tmp_
     np.testing.assert_array_equal(w.pull_rows({"emb": ids})["emb"], before)
     train(w, ids, 2)
     w.leave()
+
+
+def test_export_writes_every_stored_row_beside_the_model_and_inspect_names_the_hottest(cluster, tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    from shardps.psctl import export
+    from shardps.pscommon.wire.v1 import ps_pb2
+    c = cluster(JobSpec(num_servers=2, optimizer=OptimizerConfig(kind="sgd", lr=LR)))
+    w = client(c, "w0")
+    ids = np.array([5, -7, 2**40 + 1, 12, 5, 5, 999], dtype=np.int64)
+    train(w, ids, 3)
+    assert export.run(c.address, str(tmp_path / "m.safetensors"), 30.0) == 0
+    model = load_file(str(tmp_path / "m.safetensors"))
+    assert sorted(model) == ["bias"]                      # the model file stays loadable strictly
+    side = load_file(str(tmp_path / "m.tables.safetensors"))
+    assert side["emb.ids"].dtype == np.uint64 and side["emb.values"].shape == (5, EMB.dim)
+    order = np.argsort(side["emb.ids"])
+    unique = np.unique(ids.view(np.uint64))
+    assert np.array_equal(side["emb.ids"][order], unique)
+    np.testing.assert_array_equal(side["emb.values"][order], w.pull_rows({"emb": unique})["emb"])
+    assert "m.tables.safetensors: emb 5 rows" in capsys.readouterr().out
+    # inspect names each shard's most looked-up rows: every id was read once a pull (4 pulls)
+    for shard in range(2):
+        (info,) = w.transport.call(shard, lambda stub: stub.Inspect(ps_pb2.InspectRequest(sample=2), timeout=10)).tables
+        held = unique[tables.shard_of(unique, 2) == shard]
+        assert info.status.name == "emb" and info.status.rows == len(held)
+        assert set(info.hottest_ids) <= set(held.tolist()) and list(info.hottest_touches) == [4] * min(2, len(held))
+    w.leave()

@@ -72,6 +72,14 @@ class PullRowsRequest(_message.Message):
     dtype: _tensor_pb2.DType
     def __init__(self, caller: _Optional[_Union[Caller, _Mapping]] = ..., shard: _Optional[int] = ..., step: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., rows: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
 
+class ScanRowsRequest(_message.Message):
+    __slots__ = ("table", "model_fingerprint")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    model_fingerprint: str
+    def __init__(self, table: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
 class PullRowsReply(_message.Message):
     __slots__ = ("header", "rows")
     HEADER_FIELD_NUMBER: _ClassVar[int]
@@ -289,12 +297,24 @@ class KeyInfo(_message.Message):
     def __init__(self, spec: _Optional[_Union[KeySpec, _Mapping]] = ..., version: _Optional[int] = ..., norm: _Optional[float] = ..., sample: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class InspectReply(_message.Message):
-    __slots__ = ("shard", "keys")
+    __slots__ = ("shard", "keys", "tables")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     shard: int
     keys: _containers.RepeatedCompositeFieldContainer[KeyInfo]
-    def __init__(self, shard: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyInfo, _Mapping]]] = ...) -> None: ...
+    tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
+    def __init__(self, shard: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyInfo, _Mapping]]] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ...) -> None: ...
+
+class TableInfo(_message.Message):
+    __slots__ = ("status", "hottest_ids", "hottest_touches")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    HOTTEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    HOTTEST_TOUCHES_FIELD_NUMBER: _ClassVar[int]
+    status: TableStatus
+    hottest_ids: _containers.RepeatedScalarFieldContainer[int]
+    hottest_touches: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, status: _Optional[_Union[TableStatus, _Mapping]] = ..., hottest_ids: _Optional[_Iterable[int]] = ..., hottest_touches: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShardStatusRequest(_message.Message):
     __slots__ = ()

@@ -79,6 +79,11 @@ class ParameterServerStub:
                 request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsRequest.SerializeToString,
                 response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsReply.FromString,
                 _registered_method=True)
+        self.ScanRows = channel.unary_stream(
+                '/shardps.pscommon.wire.v1.ParameterServer/ScanRows',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.ScanRowsRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -151,6 +156,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScanRows(self, request, context):
+        """Every row of a table on this shard, in float32 (export): an observer's read, no gate,
+        nothing created; a copy taken at one moment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +210,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
             'PullRows': grpc.unary_stream_rpc_method_handler(
                     servicer.PullRows,
                     request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsReply.SerializeToString,
+            ),
+            'ScanRows': grpc.unary_stream_rpc_method_handler(
+                    servicer.ScanRows,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.ScanRowsRequest.FromString,
                     response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsReply.SerializeToString,
             ),
     }
@@ -442,6 +460,33 @@ class ParameterServer:
             target,
             '/shardps.pscommon.wire.v1.ParameterServer/PullRows',
             shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScanRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shardps.pscommon.wire.v1.ParameterServer/ScanRows',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.ScanRowsRequest.SerializeToString,
             shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsReply.FromString,
             options,
             channel_credentials,
