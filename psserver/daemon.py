@@ -20,6 +20,7 @@ from shardps.pscommon.lifecycle import DaemonOptions, Telemetry, write_ready_fil
 from shardps.pscommon.wire.v1 import ps_pb2, scheduler_pb2, scheduler_pb2_grpc
 from shardps.psserver import checkpoint
 from shardps.psserver.checkpoint import Checkpointer, CheckpointStore
+from shardps.psserver.embeddings import TablePolicy
 from shardps.psserver.metrics import ShardCollector
 from shardps.psserver.servicer import Limits, ParameterServerServicer
 from shardps.psserver.shard import Shard, WorkerView
@@ -38,6 +39,7 @@ class ServerConfig:
     register_timeout_s: float = 60.0
     drain_grace_s: float = 10.0
     limits: Limits = Limits()
+    tables: TablePolicy = TablePolicy()      # admission, idle eviction, row cap of embedding tables
     streams: StreamLimits = StreamLimits()   # per-connection stream cap, idle timeout, health's pool
     checkpoint_dir: str | None = None
     checkpoint_every_s: float = 30.0
@@ -131,7 +133,7 @@ class ServerProcess:
         reply = self._register()
         self.lease = reply.lease
         job = JobSpec.from_proto(reply.job)
-        self.shard = Shard(reply.shard, job)
+        self.shard = Shard(reply.shard, job, table_policy=self.cfg.tables)
         if self.cfg.checkpoint_dir:
             self._restore(reply)
             self.checkpointer.claim(reply.lease.incarnation)   # from here our predecessor writes nothing

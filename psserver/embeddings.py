@@ -33,6 +33,28 @@ MAX_TABLES = 256
 
 
 @dataclasses.dataclass(frozen=True)
+class TablePolicy:
+    """How a server keeps its rows (psctl server flags; the same on every server of a job is
+    the sane choice, but nothing breaks if they differ). `admit_after`: an id gets a stored
+    row from its N-th lookup (before: the initial value is answered and its gradients are
+    dropped, counted). `evict_idle_steps`: rows no pull or push touched for that many steps
+    (the fastest worker's clock at this shard) are dropped, counted. `max_rows`: a cap per
+    table on this shard; past it the least recently used rows go, counted."""
+
+    admit_after: int = 1
+    evict_idle_steps: int | None = None
+    max_rows: int | None = None
+
+    def __post_init__(self):
+        for name, low in (("admit_after", 1), ("evict_idle_steps", 1), ("max_rows", 1)):
+            value = getattr(self, name)
+            if value is None and name != "admit_after":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidArgument(f"{name}={value!r} must be an integer >= {low}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TableKey:
     """The key of a table's row gradients in a push's gradient mapping."""
 
@@ -68,10 +90,12 @@ def sparse_optimizer(cfg: OptimizerConfig) -> sparse_optim.SparseOptimizer:
 class TableSet:
     """The tables of one shard. Not thread-safe: the shard calls it under its lock."""
 
-    def __init__(self, shard_id: int, num_shards: int, optimizer: OptimizerConfig):
-        self.shard_id, self.num_shards, self.optimizer = shard_id, num_shards, optimizer
+    def __init__(self, shard_id: int, num_shards: int, optimizer: OptimizerConfig,
+                 policy: TablePolicy = TablePolicy()):
+        self.shard_id, self.num_shards, self.optimizer, self.policy = shard_id, num_shards, optimizer, policy
         self.specs: dict[str, TableSpec] = {}
         self.stores: dict[str, RowStore] = {}
+        self._swept_at = 0
 
     def check_declare(self, specs: list[TableSpec]) -> None:
         """Refuse, before anything changes, a table declared twice in one call, one that
@@ -96,8 +120,9 @@ class TableSet:
             if spec.name in self.specs:
                 continue
             init = Initializer(spec.initializer, spec.scale, spec.seed)
-            self.stores[spec.name] = RowStore(RowStoreConfig(dim=spec.dim, initializer=init),
-                                              sparse_optimizer(self.optimizer))
+            cfg = RowStoreConfig(dim=spec.dim, initializer=init, admit_after=self.policy.admit_after,
+                                 evict_idle=self.policy.evict_idle_steps, max_rows=self.policy.max_rows)
+            self.stores[spec.name] = RowStore(cfg, sparse_optimizer(self.optimizer))
             self.specs[spec.name] = spec
             created += 1
         return created
@@ -132,6 +157,20 @@ class TableSet:
 
     def apply(self, table: str, grad: RowGrad) -> int:
         return self.stores[table].apply(grad.ids, grad.grads)
+
+    def tick(self, step: int) -> int:
+        """The shard's step clock moved to `step`: rows are stamped with it from now on, and
+        rows idle for `evict_idle_steps` are swept (every eighth of that, not every push: the
+        sweep scans the table). Returns the rows evicted."""
+        evicted = 0
+        for store in self.stores.values():
+            if step > store.clock:
+                store.advance(step)
+        idle = self.policy.evict_idle_steps
+        if idle and step - self._swept_at >= max(1, idle // 8):
+            self._swept_at = step
+            evicted = sum(store.evict_idle() for store in self.stores.values())
+        return evicted
 
     def snapshot(self) -> dict[str, tuple[dict, rowstore.Snapshot]]:
         """Copies of every table (under the shard's lock, with its dense keys: one moment)."""

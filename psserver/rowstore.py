@@ -580,6 +580,10 @@ class RowStore:
             self._last[slots] = self._clock
         return len(slots)
 
+    @property
+    def clock(self) -> float:
+        return self._clock
+
     def advance(self, now: float | None = None) -> None:
         """Move the clock to `now` (steps or seconds, never backwards), or by 1."""
         now = self._clock + 1 if now is None else now

@@ -54,7 +54,8 @@ class KeyTraffic:
 
 
 class Shard:
-    def __init__(self, shard_id: int, job: JobSpec, now: Callable[[], float] = time.monotonic):
+    def __init__(self, shard_id: int, job: JobSpec, now: Callable[[], float] = time.monotonic,
+                 table_policy: embeddings.TablePolicy = embeddings.TablePolicy()):
         self.shard_id = shard_id
         self.job = job
         self.now = now
@@ -62,7 +63,7 @@ class Shard:
         self.mode = consistency.for_job(job)
         self.optimizer = optim.build(job.optimizer)
         self.gate = consistency.GateState()
-        self.tables = embeddings.TableSet(shard_id, job.num_servers, job.optimizer)
+        self.tables = embeddings.TableSet(shard_id, job.num_servers, job.optimizer, table_policy)
         self.ledger: dict[int, ledger.LedgerEntry] = {}
         self.dead: dict[int, int] = {}   # worker -> incarnation declared dead/left
         self.entries: dict[str, KeyState] = {}
@@ -391,6 +392,8 @@ class Shard:
             self.gate.clocks[worker] = max(self.gate.clocks.get(worker, 0), step + 1)
             self.pushes += 1
             staleness = self._apply(apply_now, base_version)
+            if self.tables.stores:
+                self.tables.tick(max(self.gate.clocks.values()))
             self._take_cut()
             self.cond.notify_all()
             return self.version, False, staleness
@@ -593,7 +596,7 @@ class Shard:
         strays = sorted(set(pending) - set(entries))
         if strays:
             raise FailedPrecondition(f"checkpoint has pending sums of keys it does not hold: {strays[:5]}")
-        tables = embeddings.TableSet(self.shard_id, self.job.num_servers, self.job.optimizer)
+        tables = embeddings.TableSet(self.shard_id, self.job.num_servers, self.job.optimizer, self.tables.policy)
         tables.restore(snap.tables)
         with self.cond:
             self.tables = tables

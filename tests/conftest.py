@@ -28,8 +28,8 @@ def poll(predicate, timeout_s: float = 30.0, interval_s: float = 0.05, what: str
 class ShardServer:
     """One ParameterServer shard on 127.0.0.1:0, no scheduler; tests drive membership directly."""
 
-    def __init__(self, job: JobSpec, shard_id: int = 0, limits: Limits = Limits()):
-        self.shard = Shard(shard_id, job)
+    def __init__(self, job: JobSpec, shard_id: int = 0, limits: Limits = Limits(), table_policy=None):
+        self.shard = Shard(shard_id, job) if table_policy is None else Shard(shard_id, job, table_policy=table_policy)
         self.server = grpcutil.make_server()
         framing.add_parameter_server(ParameterServerServicer(self.shard, limits), self.server)
         self.address = grpcutil.bind(self.server, "127.0.0.1:0")
@@ -47,8 +47,8 @@ def shard_server():
     """Factory: shard_server(job=JobSpec(...), shard_id=0) -> ShardServer, stopped after the test."""
     made = []
 
-    def make(job: JobSpec | None = None, shard_id: int = 0, limits: Limits = Limits()):
-        s = ShardServer(job or JobSpec(), shard_id, limits)
+    def make(job: JobSpec | None = None, shard_id: int = 0, limits: Limits = Limits(), table_policy=None):
+        s = ShardServer(job or JobSpec(), shard_id, limits, table_policy)
         made.append(s)
         return s
     yield make

@@ -8,8 +8,10 @@ import pytest
 
 from shardps.pscommon import tables
 from shardps.pscommon.config import JobSpec, OptimizerConfig
+from shardps.pscommon.errors import InvalidArgument
 from shardps.pscommon.tables import TableSpec
 from shardps.pscommon.wire.v1 import ps_pb2, tensor_pb2
+from shardps.psserver.embeddings import TablePolicy
 
 from .helpers import TIMEOUT_S, caller, declare_requests, members, push_header, shard_map, status, tensor_chunks
 
@@ -188,3 +190,53 @@ def test_momentum_has_no_sparse_form(shard_server):
         declare(srv)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no sparse form" in err.value.details()
     assert not srv.shard.entries and not srv.shard.tables.specs
+
+
+def test_admission_stores_an_id_from_its_nth_lookup_and_drops_gradients_before(shard_server):
+    srv = shard_server(job=job(), table_policy=TablePolicy(admit_after=2))
+    declare(srv)
+    ids, g = ids_of(1, 2), np.ones((2, 4), np.float32)
+    _, first = pull_rows(srv, {"emb": ids})                     # first touch: not stored
+    assert np.array_equal(first["emb"], tables.initial_rows(EMB, ids))
+    push_rows(srv, {"emb": (ids, g)}, step=0)                   # dropped: no row yet
+    (st,) = status(srv.stub).tables
+    assert (st.rows, st.dropped_gradients, st.unadmitted_lookups) == (0, 2, 2)
+    _, second = pull_rows(srv, {"emb": ids_of(1)}, step=1)     # id 1's second lookup: admitted
+    assert np.array_equal(second["emb"], tables.initial_rows(EMB, ids_of(1)))
+    push_rows(srv, {"emb": (ids, g)}, step=1)                   # id 1 applied, id 2 dropped
+    _, after = pull_rows(srv, {"emb": ids}, step=2, observer=True)
+    np.testing.assert_allclose(after["emb"][0], tables.initial_rows(EMB, ids_of(1))[0] - LR, atol=1e-7)
+    assert np.array_equal(after["emb"][1], tables.initial_rows(EMB, ids_of(2))[0])
+    (st,) = status(srv.stub).tables
+    assert (st.rows, st.admitted, st.dropped_gradients) == (1, 1, 3)
+
+
+def test_rows_idle_for_n_steps_are_evicted_and_come_back_as_new(shard_server):
+    srv = shard_server(job=job(), table_policy=TablePolicy(evict_idle_steps=4))
+    declare(srv)
+    hot, cold = ids_of(1), ids_of(2)
+    push_rows(srv, {"emb": (np.concatenate([hot, cold]), np.ones((2, 4), np.float32))}, step=0)
+    for step in range(1, 8):                                    # only the hot row is touched
+        pull_rows(srv, {"emb": hot}, step=step)
+        push_rows(srv, {"emb": (hot, np.ones((1, 4), np.float32))}, step=step)
+    (st,) = status(srv.stub).tables
+    assert (st.rows, st.evicted_idle) == (1, 1)
+    _, got = pull_rows(srv, {"emb": cold}, step=8)             # created again: its update is gone
+    assert np.array_equal(got["emb"], tables.initial_rows(EMB, cold))
+
+
+def test_the_row_cap_evicts_the_least_recently_used(shard_server):
+    srv = shard_server(job=job(), table_policy=TablePolicy(max_rows=100))
+    declare(srv)
+    for step in range(3):
+        ids = np.arange(step * 80, step * 80 + 80, dtype=np.int64)
+        pull_rows(srv, {"emb": ids}, step=step)
+        push_rows(srv, {"emb": (ids, np.ones((80, 4), np.float32))}, step=step)
+    (st,) = status(srv.stub).tables
+    assert st.rows <= 101 and st.evicted_lru >= 140 and st.rows + st.evicted_lru == 240
+
+
+def test_a_bad_policy_is_refused():
+    for bad in (dict(admit_after=0), dict(evict_idle_steps=0), dict(max_rows=-1), dict(admit_after=True)):
+        with pytest.raises(InvalidArgument, match="must be an integer >= 1"):
+            TablePolicy(**bad)
