@@ -83,6 +83,12 @@ class Unauthenticated(PSError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class BadCredential(Unauthenticated):
+    """A call made as a member (a heartbeat, a leave, a rejoin, a push or pull) without that
+    member's credential, or with another's. Nothing changed; the metadata name the `member`
+    and `incarnation` the call claimed."""
+
+
 class ResourceExhausted(PSError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -128,8 +134,8 @@ class Internal(PSError):
 
 
 _CLASSES = (InvalidArgument, FailedPrecondition, StaleIncarnation, ShardHeld, ShardEmpty, Superseded, NotFound,
-            Unauthenticated, ResourceExhausted, Unavailable, NotYetMember, DeadlineExceeded, Aborted, Cancelled,
-            Unimplemented, Internal)
+            Unauthenticated, BadCredential, ResourceExhausted, Unavailable, NotYetMember, DeadlineExceeded,
+            Aborted, Cancelled, Unimplemented, Internal)
 # a status without our ErrorInfo (another server, grpc itself) is typed by its code alone
 _BY_CODE = {cls.code: cls for cls in _CLASSES if cls.__bases__ == (PSError,)}
 _BY_REASON = {cls.reason: cls for cls in _CLASSES}

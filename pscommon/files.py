@@ -14,9 +14,11 @@ T = TypeVar("T")
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | Callable[[str], T], durable: bool = True) -> T | None:
+def write_atomic(path: str | os.PathLike, data: bytes | Callable[[str], T], durable: bool = True,
+                 mode: int = 0o666) -> T | None:
     """Replace `path` with `data`: bytes, or a writer called with the temporary file's path
-    (for libraries that write by file name); returns what the writer returns.
+    (for libraries that write by file name); returns what the writer returns. `mode` (before
+    the umask) is the new file's from its creation: 0o600 for a secret is never wider.
 
     The temporary file sits in the same directory (so the rename cannot cross filesystems)
     and is removed if anything fails. `durable`: fsync the file before the rename and the
@@ -24,7 +26,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[str], T], dura
     """
     final = pathlib.Path(path)
     tmp = final.with_name(f".{final.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, _CREATE, 0o666)
+    fd = os.open(tmp, _CREATE, mode)
     try:
         result = _fill(fd, tmp, data)
         if durable:

@@ -133,6 +133,17 @@ def _address(text: str) -> str:
 CODEC_PARAMETERS = {"int8": "[:BLOCK]", "topk": "[:DENSITY]"}
 
 
+def _rate_window(text: str) -> float:
+    """--rate-window: seconds, 0 to 60 (0: no rates)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.0 <= value <= 60.0:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: 0 (no rates) to 60 seconds")
+    return value
+
+
 def codec_choices(pull: bool = False) -> str:
     """Every codec name the job accepts, from the registry (pscommon.config.CODECS)."""
     names = [n for n in CODECS if not pull or n in PULL_CODECS]
@@ -255,6 +266,14 @@ def build_parser() -> Parser:
                    help="concurrent streaming calls (pushes, pulls, declares) one connection may hold; 0: no cap")
     p.add_argument("--stream-idle-timeout", type=float, default=30.0,
                    help="end a push or declare stream that sends nothing for this many seconds; 0: never")
+    p.add_argument("--admit-after", type=int, default=1,
+                   help="an embedding-table id gets a stored row from its N-th lookup; before, it reads the "
+                        "initial value and its gradients are dropped (counted)")
+    p.add_argument("--evict-idle-steps", type=int, default=0,
+                   help="drop embedding-table rows no pull or push touched for this many steps; 0: never")
+    p.add_argument("--max-rows", type=int, default=0,
+                   help="at most this many rows per embedding table on this server, least recently used "
+                        "evicted first; 0: no cap")
     p.add_argument("--nonfinite", choices=("refuse", "skip"), default="refuse",
                    help="a push with NaN or Inf gradients: refuse it whole (INVALID_ARGUMENT; the worker stops "
                         "with that error) or skip those gradients and apply the rest; counted either way")
@@ -262,7 +281,8 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("worker", help="run a training worker")
     p.add_argument("--scheduler", type=_address, required=True)
-    p.add_argument("--model", default="digits-mlp", help="digits-mlp, digits-cnn, ctr, or module:function")
+    p.add_argument("--model", default="digits-mlp",
+                   help="digits-mlp, digits-cnn, ctr, ctr-sparse (embedding tables), or module:function")
     p.add_argument("--data", default=None, help="module:function returning the data of a custom --model")
     p.add_argument("--overlap", action="store_true", help="push gradients during backward, prefetch pulls")
     p.add_argument("--min-workers", type=int, default=0, help="wait until this many workers are alive "
@@ -310,6 +330,10 @@ def build_parser() -> Parser:
         p.add_argument("--json", action="store_true")
         p.add_argument("--timeout", type=float, default=10.0)
         _add_security_flags(p)
+        if name == "status":
+            p.add_argument("--rate-window", type=_rate_window, default=1.0, metavar="SECONDS",
+                           help="ask every shard twice this many seconds apart and show rates over that "
+                                "window (updates/s, each worker's steps/s); 0: ask once, show no rates")
         if name == "inspect":
             p.add_argument("--shard", type=int, default=None)
             p.add_argument("--sample", type=int, default=4, help="values shown per tensor")
@@ -389,8 +413,11 @@ def _run_scheduler(a) -> int:
 def _run_server(a) -> int:
     from shardps.pscommon.config import StreamLimits
     from shardps.psserver.daemon import ServerConfig, run
+    from shardps.psserver.embeddings import TablePolicy
     from shardps.psserver.servicer import Limits
     stop = _stop_event()
+    tables = TablePolicy(admit_after=a.admit_after, evict_idle_steps=a.evict_idle_steps or None,
+                         max_rows=a.max_rows or None)
     streams = StreamLimits(max_streams_per_connection=a.max_streams_per_connection,
                            idle_timeout_s=a.stream_idle_timeout)
     return run(ServerConfig(scheduler=a.scheduler, listen=a.listen, advertise=a.advertise or "",
@@ -398,7 +425,7 @@ def _run_server(a) -> int:
                             checkpoint_every_s=a.checkpoint_every,
                             start_empty_if_unreadable=a.start_empty_if_unreadable,
                             options=options_from_args(a), streams=streams,
-                            limits=Limits(nonfinite=a.nonfinite)), stop)
+                            limits=Limits(nonfinite=a.nonfinite), tables=tables), stop)
 
 
 def _run_worker(a) -> int:
@@ -428,7 +455,7 @@ def _run_up(a) -> int:
 
 def _run_status(a) -> int:
     from shardps.psctl import ops
-    return ops.status(a.scheduler, a.json, a.timeout, security_from_args(a))
+    return ops.status(a.scheduler, a.json, a.timeout, security_from_args(a), rate_window_s=a.rate_window)
 
 
 def _run_inspect(a) -> int:

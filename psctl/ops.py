@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent import futures
 
 from shardps.pscommon import grpcutil
@@ -51,21 +52,75 @@ def traffic_dict(entries) -> dict:
                         for t in entries}}
 
 
-def collect_status(address: str, timeout: float, security: Security = NO_SECURITY) -> dict:
+RATE_WINDOW_S = 1.0      # psctl status: seconds between the two ShardStatus samples rates come from
+MAX_RATE_WINDOW_S = 60.0
+
+
+def _rates(a, b) -> dict | None:
+    """Per-second rates between two ShardStatus replies of one server, over the server's own
+    uptime clock; None when it restarted in between (its counters started again)."""
+    dt = b.uptime_s - a.uptime_s
+    if dt <= 0 or b.shard_version < a.shard_version or b.pushes < a.pushes or b.pulls < a.pulls:
+        return None
+
+    def per_s(x, y) -> float:
+        return round((y - x) / dt, 2)
+    wire = (lambda r, which: sum(t.wire_bytes for t in getattr(r, which)))
+    return {"window_s": round(dt, 3), "updates_per_s": per_s(a.shard_version, b.shard_version),
+            "pushes_per_s": per_s(a.pushes, b.pushes), "pulls_per_s": per_s(a.pulls, b.pulls),
+            "push_wire_bytes_per_s": per_s(wire(a, "push_traffic"), wire(b, "push_traffic")),
+            "pull_wire_bytes_per_s": per_s(wire(a, "pull_traffic"), wire(b, "pull_traffic"))}
+
+
+def _step_rates(first: dict, second: dict) -> dict[int, float]:
+    """Steps per second of each worker over the window, from the clocks the shards record
+    (the last step each worker pushed there; the scheduler's copy moves once a heartbeat)."""
+    out: dict[int, float] = {}
+    for shard, b in second.items():
+        a = first.get(shard)
+        if not isinstance(a, ps_pb2.ShardStatusReply) or not isinstance(b, ps_pb2.ShardStatusReply):
+            continue
+        dt = b.uptime_s - a.uptime_s
+        if dt <= 0:
+            continue
+        for worker, clock in b.clocks.items():
+            if worker in a.clocks and clock >= a.clocks[worker]:
+                out[worker] = max(out.get(worker, 0.0), round((clock - a.clocks[worker]) / dt, 2))
+    return out
+
+
+def collect_status(address: str, timeout: float, security: Security = NO_SECURITY,
+                   rate_window_s: float = 0.0) -> dict:
+    """The cluster as `psctl status --json` prints it. With rate_window_s > 0 every live
+    shard is asked twice, that many seconds apart, and the rates (updates, pushes, pulls,
+    wire bytes per second; each worker's steps per second) are over that window; with 0 it
+    is asked once and no rate is given (a counter divided by an uptime is no rate: it stays
+    high long after training stopped)."""
     st = _reach("scheduler", address, lambda: grpcutil.call(
         _scheduler(address, security).Status, scheduler_pb2.StatusRequest(), timeout))
     job = JobSpec.from_proto(st.job)
-    shard_status = _shard_calls(st.servers, "ShardStatus", ps_pb2.ShardStatusRequest(), timeout, security)
+    request = ps_pb2.ShardStatusRequest()
+    first = _shard_calls(st.servers, "ShardStatus", request, timeout, security)
+    second: dict[int, object] = {}
+    window = min(max(0.0, rate_window_s), MAX_RATE_WINDOW_S)
+    if window > 0 and any(isinstance(r, ps_pb2.ShardStatusReply) for r in first.values()):
+        time.sleep(window)   # the measurement window itself, bounded above
+        second = _shard_calls(st.servers, "ShardStatus", request, timeout, security)
+    else:
+        window = 0.0
+    steps_per_s = _step_rates(first, second)
     servers = []
     for s in st.servers:
         entry = {"shard": s.shard, "address": s.address, "state": STATE[s.state],
                  "member_id": s.member_id, "incarnation": s.incarnation}
-        ss = shard_status.get(s.shard)
+        ss = second.get(s.shard, first.get(s.shard))
         if isinstance(ss, ps_pb2.ShardStatusReply):
+            earlier = first.get(s.shard)
+            rates = (_rates(earlier, ss) if window and ss is not earlier
+                     and isinstance(earlier, ps_pb2.ShardStatusReply) else None)
             entry.update(keys=ss.keys, bytes=ss.bytes, optimizer_bytes=ss.optimizer_bytes,
                          version=ss.shard_version, pushes=ss.pushes, pulls=ss.pulls,
-                         duplicates=ss.duplicates, uptime_s=round(ss.uptime_s, 2),
-                         update_rate=round(ss.shard_version / ss.uptime_s, 2) if ss.uptime_s else 0.0,
+                         duplicates=ss.duplicates, uptime_s=round(ss.uptime_s, 2), rates=rates,
                          completed_step=ss.completed_step, membership_view=ss.membership_view,
                          clocks={str(k): v for k, v in sorted(ss.clocks.items())},
                          staleness=histogram_dict(ss.staleness),
@@ -85,8 +140,17 @@ def collect_status(address: str, timeout: float, security: Security = NO_SECURIT
         elif ss is not None:
             entry["error"] = str(ss)
         servers.append(entry)
+    # one entry per shard: a shard no server ever registered for is listed as missing (a
+    # shard whose server died or left keeps that member's entry, state dead or left)
+    known = {s.shard for s in st.servers}
+    servers += [{"shard": shard, "address": "", "state": "missing", "member_id": 0, "incarnation": 0}
+                for shard in range(st.job.num_servers) if shard not in known]
+    servers.sort(key=lambda v: v["shard"])
+    live = {s.shard for s in st.servers if s.state == scheduler_pb2.MEMBER_STATE_ALIVE}
     workers = [{"id": w.worker_id, "incarnation": w.incarnation, "state": STATE[w.state],
-                "clock": w.clock, "lease_age_s": round(w.lease_age_s, 2), "name": w.name}
+                "clock": w.clock, "lease_age_s": round(w.lease_age_s, 2), "name": w.name,
+                "steps_per_s": steps_per_s.get(w.worker_id) if window and w.state == scheduler_pb2.MEMBER_STATE_ALIVE
+                else None}
                for w in st.workers]
     d = st.data
     data = {"epoch": d.epoch, "max_epochs": d.max_epochs, "partitions": d.partitions, "done": d.done,
@@ -95,7 +159,9 @@ def collect_status(address: str, timeout: float, security: Security = NO_SECURIT
                         for r in d.history}}
     return {"view": st.view, "mode": job.mode, "job": job.describe(),
             "model_fingerprint": st.model_fingerprint, "keys": st.keys,
-            "uptime_s": round(st.uptime_s, 2), "workers": workers, "servers": servers, "data": data}
+            "uptime_s": round(st.uptime_s, 2), "rate_window_s": window,
+            "missing_shards": [shard for shard in range(st.job.num_servers) if shard not in live],
+            "workers": workers, "servers": servers, "data": data}
 
 
 def _fmt_bytes(n: int) -> str:
@@ -115,32 +181,69 @@ def shown(text) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _fmt_rate(n: float) -> str:
+    return f"{n:.0f}" if n >= 100 else f"{n:.1f}"
+
+
+def _server_details(v: dict, mode: str) -> str:
+    """The second line of a live server: pull wait, codec seconds, checkpoint age."""
+    wait = v["pull_wait_s"]
+    age = v["checkpoint_age_s"]
+    checkpoint = ("no checkpoint yet" if age < 0 else
+                  f"checkpoint {age:.0f} s ago (version {v['checkpoint_version']})")
+    pulls = (f"pull wait {wait['mean'] * 1e3:.1f} ms mean, {wait['max'] * 1e3:.1f} ms max" if wait["total"]
+             else "pull wait - (async: pulls never wait)" if mode == "async" else "pull wait - (none yet)")
+    return (f"{pulls}  codec {v['push_traffic']['codec_s']:.3f} s push, {v['pull_traffic']['codec_s']:.3f} s pull"
+            f"  {checkpoint}")
+
+
+def _no_server(v: dict, uptime_s: float) -> str:
+    """Why a shard has no live server, in the words of its row."""
+    if v["state"] == "missing":
+        return f"no server yet (missing since the scheduler started, {uptime_s:.0f} s ago)"
+    how = {"dead": "missed its lease", "left": "left"}.get(v["state"], v["state"])
+    return f"no server (member {v['member_id']} {how}; workers wait for this shard)"
+
+
 def render_status(s: dict) -> str:
     job = s["job"]
+    window = s.get("rate_window_s", 0.0)
     lines = [f"mode {shown(s['mode'])}" + (f"(staleness {job['staleness']})" if s["mode"] == "ssp" else "")
              + f"  optimizer {shown(job['optimizer']['kind'])} lr {job['optimizer']['lr']:g}"
              + f"  push {shown(job['push_codec'])}  pull {shown(job['pull_codec'])}",
              f"membership view {s['view']}  model {shown(s['model_fingerprint']) or '-'} ({s['keys']} keys)"
-             f"  uptime {s['uptime_s']:.0f}s", "",
-             "workers:", f"  {'id':>3} {'inc':>4} {'state':<6} {'clock':>7} {'lease age':>9}  name"]
+             f"  uptime {s['uptime_s']:.0f}s", ""]
+    if window:
+        lines += [f"rates over the last {window:g} s", ""]
+    lines += ["workers:", f"  {'id':>3} {'inc':>4} {'state':<6} {'clock':>7}"
+              + (f" {'steps/s':>7}" if window else "") + f" {'lease age':>9}  name"]
     for w in s["workers"]:
-        lines.append(f"  {w['id']:>3} {w['incarnation']:>4} {w['state']:<6} {w['clock']:>7} "
-                     f"{w['lease_age_s']:>8.1f}s  {shown(w['name'])}")
+        rate = w.get("steps_per_s")
+        lines.append(f"  {w['id']:>3} {w['incarnation']:>4} {w['state']:<6} {w['clock']:>7}"
+                     + (f" {(_fmt_rate(rate) if rate is not None else '-'):>7}" if window else "")
+                     + f" {w['lease_age_s']:>8.1f}s  {shown(w['name'])}")
     d = s["data"]
     if d["partitions"]:
         lines += ["", f"data: epoch {d['epoch']}/{d['max_epochs']}  partitions {d['done']} done, "
                   f"{d['assigned']} assigned, {d['queued']} queued" + ("  (finished)" if d["finished"] else "")]
-    lines += ["", "servers:", f"  {'shard':>5} {'state':<6} {'address':<21} {'keys':>5} {'bytes':>10} "
-              f"{'version':>8} {'upd/s':>7} {'stale':>6} {'wire':>6}"]
+    lines += ["", "servers:", f"  {'shard':>5} {'state':<7} {'address':<21} {'keys':>5} {'bytes':>10} "
+              f"{'version':>8}" + (f" {'upd/s':>7}" if window else "") + f" {'stale':>6} {'wire':>6}"]
     for v in s["servers"]:
+        if v["state"] != "alive":
+            lines.append(f"  {v['shard']:>5} {v['state']:<7} {shown(v['address']) or '-':<21} "
+                         f"{_no_server(v, s['uptime_s'])}")
+            continue
         if "keys" not in v:
-            lines.append(f"  {v['shard']:>5} {v['state']:<6} {shown(v['address']):<21} "
+            lines.append(f"  {v['shard']:>5} {v['state']:<7} {shown(v['address']):<21} "
                          f"{shown(v.get('error', ''))}")
             continue
         ratio = v["push_traffic"]["ratio"]
-        lines.append(f"  {v['shard']:>5} {v['state']:<6} {shown(v['address']):<21} {v['keys']:>5} "
-                     f"{_fmt_bytes(v['bytes']):>10} {v['version']:>8} {v['update_rate']:>7.1f} "
-                     f"{v['staleness']['mean']:>6.2f} {(f'{ratio:.2f}x' if ratio else '-'):>6}")
+        rates = v.get("rates")
+        lines.append(f"  {v['shard']:>5} {v['state']:<7} {shown(v['address']):<21} {v['keys']:>5} "
+                     f"{_fmt_bytes(v['bytes']):>10} {v['version']:>8}"
+                     + (f" {(_fmt_rate(rates['updates_per_s']) if rates else '-'):>7}" if window else "")
+                     + f" {v['staleness']['mean']:>6.2f} {(f'{ratio:.2f}x' if ratio else '-'):>6}")
+        lines.append(f"        {_server_details(v, s['mode'])}")
         r = v.get("reseeded")
         if r:
             lines.append(f"        restarted empty; re-seeded from worker {r['worker']}'s copy at version "
@@ -148,8 +251,9 @@ def render_status(s: dict) -> str:
     return "\n".join(lines)
 
 
-def status(address: str, as_json: bool, timeout: float, security: Security = NO_SECURITY) -> int:
-    s = collect_status(address, timeout, security)
+def status(address: str, as_json: bool, timeout: float, security: Security = NO_SECURITY,
+           rate_window_s: float = RATE_WINDOW_S) -> int:
+    s = collect_status(address, timeout, security, rate_window_s)
     print(json.dumps(s, indent=2) if as_json else render_status(s))
     return 0
 

@@ -1,7 +1,10 @@
 """`psctl up`: a local cluster of real processes on free loopback ports.
 
 The scheduler, each server and each worker is its own interpreter (`python -m shardps.psctl ...`),
-never a fork of this one. Ctrl-C or a worker failure tears everything down.
+never a fork of this one, in a process group of its own: Ctrl-C on the terminal reaches
+`psctl up` alone, which then stops the workers first (they leave while the servers and the
+scheduler still answer), then the servers, then the scheduler, and exits 130. SIGTERM and
+SIGHUP (the terminal closed) stop it the same way; a second Ctrl-C kills what is left.
 """
 from __future__ import annotations
 
@@ -19,6 +22,21 @@ from shardps.pscommon.config import JobSpec
 from shardps.pscommon.errors import DeadlineExceeded, InvalidArgument, Unavailable
 
 READY_TIMEOUT_S = 60.0
+STOP_GRACE_S = {"worker": 15.0, "server": 15.0, "scheduler": 10.0}   # SIGTERM, then SIGKILL past this
+EXIT_INTERRUPTED = 130
+TIERS = (("worker", "worker", "workers"), ("server", "server", "servers"), ("scheduler", "scheduler", "schedulers"))
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP reached `psctl up` (a KeyboardInterrupt: psctl exits 130)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +103,11 @@ class Cluster:
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.run_dir / f"{name}.log", "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # a process group of its own: the terminal's Ctrl-C reaches `psctl up` alone, which stops
+        # the roles in order (stop) instead of every process draining at once
+        group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
         proc = subprocess.Popen([sys.executable, "-m", "shardps.psctl", *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env)
+                                stdin=subprocess.DEVNULL, env=env, **group)
         log.close()
         self.procs[name] = proc
         return proc
@@ -129,23 +150,50 @@ class Cluster:
             args += ["--step-delay", str(cfg.straggler_delay_s)]
         return self.spawn(f"worker-{index}", args)
 
-    def stop(self, grace_s: float = 15.0) -> None:
+    def stop(self, grace_s: dict[str, float] | float | None = None, report=None) -> None:
         """SIGTERM what is still running, workers first (they leave while the servers and the
         scheduler can still answer), then servers (final checkpoints), then the scheduler;
-        SIGKILL whatever does not drain within the grace period."""
-        tiers = [[p for n, p in self.procs.items() if n.startswith(prefix)]
-                 for prefix in ("worker", "server", "scheduler")]
-        for tier in tiers:
-            for proc in tier:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            for proc in tier:
-                try:
-                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        SIGKILL whatever does not drain within its tier's grace period (one number: the same
+        for every tier). `report(line)` gets a line per tier stopped. An interrupt while
+        stopping SIGKILLs whatever is left."""
+        if isinstance(grace_s, (int, float)):
+            grace_s = dict.fromkeys(STOP_GRACE_S, float(grace_s))
+        grace_s = grace_s or STOP_GRACE_S
+        try:
+            for prefix, one, many in TIERS:
+                running = {n: p for n, p in self.procs.items() if n.startswith(prefix) and p.poll() is None}
+                if running:
+                    line = self._stop_tier(running, grace_s[prefix])
+                    if report:
+                        what = "the scheduler" if prefix == "scheduler" else \
+                            f"{len(running)} {one if len(running) == 1 else many} ({', '.join(running)})"
+                        report(f"stopped {what} {line}")
+        except KeyboardInterrupt:  # Interrupted too
+            left = {n: p for n, p in self.procs.items() if p.poll() is None}
+            for proc in left.values():
+                proc.kill()
+            for proc in left.values():
+                proc.wait()
+            if report:
+                report("interrupted again: killed " + (", ".join(left) or "nothing") + " (SIGKILL)")
+
+    @staticmethod
+    def _stop_tier(running: dict[str, subprocess.Popen], grace_s: float) -> str:
+        t0 = time.monotonic()
+        for proc in running.values():
+            proc.send_signal(signal.SIGTERM)
+        killed = []
+        for name, proc in running.items():
+            try:
+                proc.wait(timeout=max(0.1, t0 + grace_s - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                killed.append(name)
+        line = f"in {time.monotonic() - t0:.1f} s"
+        if killed:
+            line += f"; {', '.join(killed)} did not stop within {grace_s:g} s: killed (SIGKILL)"
+        return line
 
 
 def last_record(path: pathlib.Path) -> dict:
@@ -156,24 +204,11 @@ def last_record(path: pathlib.Path) -> dict:
         return {}
 
 
-def evaluate_live(scheduler: str, model_name: str) -> float:
-    """Held-out accuracy of the parameters the servers hold now."""
-    import numpy as np
-    import torch
-
-    from shardps.worker import data, models
-    from shardps.worker.client import ClientConfig, ShardClient
-
-    model = models.build(model_name)
-    client = ShardClient(ClientConfig(scheduler=scheduler))
-    client.attach()
-    flat = {n: np.empty(p.numel(), np.float32) for n, p in model.named_parameters()}
-    client.pull(flat)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(torch.from_numpy(flat[n]).view(p.shape))
-    split = models.BUILTIN[model_name].dataset()
-    return data.accuracy(model, split.x_test, split.y_test)
+def evaluate_live(scheduler: str, model_name: str) -> dict:
+    """Held-out metrics of the parameters the servers hold now, by the model's task:
+    {"eval_accuracy"}, or for ctr-sparse {"eval_auc", "eval_logloss", "teacher_auc", ...}."""
+    from shardps.worker.train import evaluate_served
+    return evaluate_served(scheduler, model_name)
 
 
 def _trained(metrics: pathlib.Path) -> bool:
@@ -232,6 +267,8 @@ def run(cfg: UpConfig) -> int:
     cluster = Cluster(run_dir)
     t0 = time.time()
     say = (lambda *a: None) if cfg.as_json else (lambda *a: print(*a, flush=True))
+    interrupted = None
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         address = cluster.start_scheduler(cfg.job)
         say(f"scheduler  {address}  (logs in {run_dir})")
@@ -247,11 +284,15 @@ def run(cfg: UpConfig) -> int:
             rec = last_record(run_dir / f"worker-{i}.jsonl")
             results.append({"worker": i, "exit_code": w.returncode, "killed": i in killed,
                             "steps": rec.get("steps"), "eval_accuracy": rec.get("eval_accuracy"),
-                            "wall_s": rec.get("wall_s")})
+                            "eval_auc": rec.get("eval_auc"), "wall_s": rec.get("wall_s")})
         failed = [r for r in results if r["exit_code"] != 0 and not r["killed"]]
+        final = evaluate_live(address, cfg.model)
+        # the metric --min-accuracy bounds: accuracy, or for a click model the held-out AUC
+        score_name, score = ("auc", final["eval_auc"]) if "eval_auc" in final else ("accuracy", final["eval_accuracy"])
         summary = {"run_dir": str(run_dir), "scheduler": address, "mode": cfg.job.mode,
                    "wall_s": round(time.time() - t0, 2), "workers": results,
-                   "final_accuracy": round(evaluate_live(address, cfg.model), 4),
+                   "final_accuracy": final.get("eval_accuracy"), "final_auc": final.get("eval_auc"),
+                   "teacher_auc": final.get("teacher_auc"),
                    "status": ops.collect_status(address, 10.0),
                    "inspect": ops.collect_inspect(address, 10.0, None, 4)}
         if cfg.as_json:
@@ -268,19 +309,28 @@ def run(cfg: UpConfig) -> int:
             print(ops.render_inspect(summary["inspect"]))
             print()
             for r in results:
-                print(f"worker {r['worker']}: exit {r['exit_code']}, {r['steps']} steps, "
-                      f"held-out accuracy {r['eval_accuracy']}")
-            print(f"final held-out accuracy of the served parameters: {summary['final_accuracy']:.4f} "
+                metric = (f"held-out AUC {r['eval_auc']}" if score_name == "auc"
+                          else f"held-out accuracy {r['eval_accuracy']}")
+                print(f"worker {r['worker']}: exit {r['exit_code']}, {r['steps']} steps, {metric}")
+            teacher = f", teacher {summary['teacher_auc']:.4f}" if score_name == "auc" else ""
+            print(f"final held-out {score_name} of the served parameters: {score:.4f}{teacher} "
                   f"({summary['wall_s']:.1f}s)")
             if cfg.plot:  # last: `make demo` ends with the curve's path
                 plot_curves(run_dir, cfg.plot, sys.stdout)
-        if summary["final_accuracy"] < cfg.min_accuracy:
-            print(f"psctl up: final accuracy {summary['final_accuracy']:.4f} is below --min-accuracy "
+        if score < cfg.min_accuracy:
+            print(f"psctl up: final {score_name} {score:.4f} is below --min-accuracy "
                   f"{cfg.min_accuracy}", file=sys.stderr)
             return 1
         return 1 if failed else 0
-    except KeyboardInterrupt:
-        print("interrupted: stopping the cluster", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Interrupted too
+        interrupted = exc
+        name = exc.args[0] if isinstance(exc, Interrupted) else "SIGINT"
+        print(f"psctl up: {name}: stopping the workers, then the servers, then the scheduler",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     finally:
-        cluster.stop()
+        try:
+            cluster.stop(report=(lambda line: print(line, file=sys.stderr, flush=True)) if interrupted else None)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -137,8 +137,9 @@ class ServerProcess:
         if self.cfg.checkpoint_dir:
             self._restore(reply)
             self.checkpointer.claim(reply.lease.incarnation)   # from here our predecessor writes nothing
-        framing.add_parameter_server(
-            ParameterServerServicer(self.shard, self.cfg.limits, self.checkpointer), self.grpc_server)
+        self.servicer = ParameterServerServicer(self.shard, self.cfg.limits, self.checkpointer,
+                                                member_key=reply.member_key)
+        framing.add_parameter_server(self.servicer, self.grpc_server)
         if self.cfg.options.reflection:
             grpcutil.enable_reflection(self.grpc_server, [SERVICE])
         self._initial_view()  # sync gates must know the live workers before the first push
@@ -196,7 +197,7 @@ class ServerProcess:
         """One heartbeat: the scheduler's refusal of our lease, or None (also when it cannot
         be reached: then we keep serving on the last view)."""
         req = scheduler_pb2.HeartbeatRequest(role=scheduler_pb2.ROLE_SERVER, member_id=self.lease.member_id,
-                                             incarnation=incarnation)
+                                             incarnation=incarnation, credential=self.lease.credential)
         try:
             grpcutil.call(self.sched.Heartbeat, req, grpcutil.CONTROL_TIMEOUT_S)
         except (FailedPrecondition, NotFound) as exc:
@@ -226,7 +227,9 @@ class ServerProcess:
                 return
             log.warning("scheduler no longer holds this server's lease (%s); registering again", refused)
             try:
-                self.lease = self._register().lease
+                reply = self._register()
+                self.lease = reply.lease
+                self.servicer.member_key = reply.member_key   # a scheduler restarted without its state has a new one
             except PSError as exc:
                 log.warning("re-registration failed: %s", exc)
 
@@ -328,7 +331,7 @@ class ServerProcess:
         if self.lease is None:
             return
         req = scheduler_pb2.LeaveRequest(role=scheduler_pb2.ROLE_SERVER, member_id=self.lease.member_id,
-                                         incarnation=self.lease.incarnation)
+                                         incarnation=self.lease.incarnation, credential=self.lease.credential)
         try:
             grpcutil.call(self.sched.Leave, req, 2.0)
         except PSError as exc:

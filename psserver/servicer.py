@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from shardps.pscommon import codecs, tables
+from shardps.pscommon import codecs, credentials, tables
 from shardps.pscommon.config import CodecConfig
 from shardps.pscommon.errors import (FailedPrecondition, InvalidArgument, ResourceExhausted, ShardEmpty,
                                      servicer_errors)
@@ -107,10 +107,19 @@ BATCH_KEY_OVERHEAD = 160
 
 
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
-    def __init__(self, shard: Shard, limits: Limits = Limits(), checkpointer=None):
+    def __init__(self, shard: Shard, limits: Limits = Limits(), checkpointer=None, member_key: bytes = b""):
         self.shard = shard
         self.limits = limits
         self.checkpointer = checkpointer
+        # the job key the scheduler handed over at registration; without one (a shard used
+        # alone, the tests' bare servers) callers' credentials are not checked
+        self.member_key = member_key
+
+    def _check_credential(self, caller: ps_pb2.Caller) -> None:
+        """A push or gated pull made as a worker must carry that worker's credential; an
+        observer's read needs none (it has no gate, no clock and changes nothing)."""
+        if self.member_key and not caller.observer:
+            credentials.check(self.member_key, "worker", caller.worker_id, caller.incarnation, caller.credential)
 
     # -- helpers -------------------------------------------------------------------------
     def _tensors(self, chunks, kind: str, own: bool = False):
@@ -213,6 +222,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     def _offer_seed(self, header, keys, values, specs, context) -> ps_pb2.DeclareReply:
         caller = header.seed.caller
+        self._check_credential(caller)
         left = context.time_remaining() if context is not None else None
         taken = self.shard.offer_seed(caller.worker_id, caller.incarnation, header.seed.version,
                                       header.model_fingerprint, keys, values,
@@ -235,6 +245,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
         With max_bytes, a pull whose reply could exceed it is refused before anything else."""
         self._check_shard(request.shard)
+        self._check_credential(request.caller)
         self._check_model(request.model_fingerprint)
         if len(request.keys) > self.limits.max_keys_per_call:
             raise InvalidArgument(f"more than {self.limits.max_keys_per_call} keys in one Pull")
@@ -291,6 +302,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     def _push(self, header, chunks, rows=()):
         self._check_shard(header.shard)
+        self._check_credential(header.caller)
         self._check_model(header.model_fingerprint)
         tensors, received = self._tensors(chunks, "Push")
         grads = {name: g for name, g in tensors.items() if g is not None}
@@ -324,6 +336,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def PullRows(self, request, context):
         """Rows by id through the pull gate; the reply's blocks follow the request's order."""
         self._check_shard(request.shard)
+        self._check_credential(request.caller)
         self._check_model(request.model_fingerprint)
         dtype = tables.row_dtype(request.dtype, "PullRows")
         asks = []

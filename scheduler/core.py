@@ -10,17 +10,38 @@ from typing import Callable
 
 from google.protobuf import json_format
 
-from shardps.pscommon import sharding
+from shardps.pscommon import credentials, sharding
 from shardps.pscommon.config import JobSpec
 from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, StaleIncarnation
 from shardps.pscommon.wire.v1 import job_pb2, scheduler_pb2
 from shardps.scheduler import assignments, bounds
 from shardps.scheduler import membership as mb
 from shardps.scheduler.limits import MembershipLimits
+from shardps.pscommon.files import write_atomic
 from shardps.scheduler.persist import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 STATE_FILE = "scheduler-state.json"
+KEY_FILE = "member.key"
+
+
+def _member_key(state_dir: pathlib.Path | None) -> bytes:
+    """The job key that member credentials are made with. Kept beside the state (owner-only),
+    so a restarted scheduler honours the credentials it issued; without a state dir, a new
+    one per process (the members it knew are gone with it anyway)."""
+    if state_dir is None:
+        return credentials.new_key()
+    path = state_dir / KEY_FILE
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        key = credentials.new_key()
+        write_atomic(path, key, mode=0o600)
+        return key
+    key = path.read_bytes()
+    if len(key) != credentials.KEY_BYTES:
+        raise FailedPrecondition(f"{path} holds {len(key)} bytes, a member key has {credentials.KEY_BYTES}: "
+                                 "remove it to start a new key (every member must join again)")
+    return key
 
 
 class SchedulerCore:
@@ -34,6 +55,7 @@ class SchedulerCore:
         self.shard_map: sharding.ShardMap | None = None
         self.data = assignments.DataState()
         self.started = now()
+        self.member_key = _member_key(pathlib.Path(state_dir) if state_dir else None)
         self.state_path = pathlib.Path(state_dir) / STATE_FILE if state_dir else None
         if self.state_path:
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +118,18 @@ class SchedulerCore:
         with self.cond:
             ms, member = mb.register_server(self.members, self.now(), self.ttl, address, shard,
                                             self.job.num_servers)
+            before = self.members.members.get(member.member_id)
             self._commit(ms)
+            if before is None:
+                log.info("%s registered at %s: incarnation %d, view %d", who(member), _shown(address),
+                         member.incarnation, ms.view)
+            elif before.state == mb.LEFT:
+                log.info("%s registered again at %s: incarnation %d (incarnation %d had left), view %d",
+                         who(member), _shown(address), member.incarnation, before.incarnation, ms.view)
+            else:  # the shard's member id stays; a dead or lapsed incarnation is replaced
+                log.warning("%s taken over at %s: incarnation %d replaces incarnation %d (%s, at %s), view %d",
+                            who(member), _shown(address), member.incarnation, before.incarnation,
+                            "its lease lapsed" if before.alive else "dead", _shown(before.address), ms.view)
             return member
 
     def join_worker(self, name: str, rejoin_id: int | None) -> mb.Member:
@@ -105,6 +138,8 @@ class SchedulerCore:
             if rejoin_id is not None:  # the old incarnation's unfinished partitions are orphans
                 self.data = assignments.release(self.data, rejoin_id)
             self._commit(ms)
+            log.info("%s %s: incarnation %d, view %d", who(member), "rejoined" if rejoin_id is not None else "joined",
+                     member.incarnation, ms.view)
             return member
 
     def heartbeat(self, member_id: int, incarnation: int, clock: int | None) -> int:
@@ -115,6 +150,9 @@ class SchedulerCore:
     def leave(self, member_id: int, incarnation: int, clock: int | None = None) -> int:
         with self.cond:
             self._commit(mb.leave(self.members, member_id, incarnation, clock))
+            m = self.members.members[member_id]
+            log.info("%s left: incarnation %d%s, view %d", who(m), m.incarnation,
+                     f", clock {m.clock}" if m.role == mb.WORKER else "", self.members.view)
             return self.members.view
 
     def reap(self) -> list[mb.Member]:
@@ -125,8 +163,8 @@ class SchedulerCore:
             if gone:
                 self._commit(mb.expire(self.members, self.now()))
                 for m in gone:
-                    log.warning("%s %d (incarnation %d) missed its lease: dead, membership view %d",
-                                m.role, m.member_id, m.incarnation, self.members.view)
+                    log.warning("%s missed its lease: dead, incarnation %d, view %d", who(m), m.incarnation,
+                                self.members.view)
             self.prune()
             return gone
 
@@ -191,6 +229,19 @@ class SchedulerCore:
         """Wait until the membership view passes `after`; False on timeout."""
         with self.cond:
             return self.cond.wait_for(lambda: self.members.view > after, timeout=timeout_s)
+
+
+def _shown(text: str) -> str:
+    """A caller's string in a log line: as is when printable, else repr-escaped (state files
+    written by older versions may hold names that were not checked)."""
+    return text if text.isprintable() else repr(text)
+
+
+def who(m: mb.Member) -> str:
+    """A member as the logs name it: by role and shard, or by role, id and name."""
+    if m.role == mb.SERVER:
+        return f"server for shard {m.shard} (member {m.member_id})"
+    return f"worker {m.member_id}" + (f" (name {_shown(m.name)})" if m.name else "")
 
 
 def _job_to_json(job: JobSpec) -> dict:

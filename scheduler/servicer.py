@@ -1,6 +1,7 @@
 """The Scheduler gRPC servicer: a thin layer that applies membership transitions."""
 from __future__ import annotations
 
+from shardps.pscommon import credentials
 from shardps.pscommon.errors import servicer_errors
 from shardps.pscommon.interceptors import peer_host
 from shardps.pscommon.wire.v1 import scheduler_pb2 as pb
@@ -14,8 +15,12 @@ _STATE = {mb.ALIVE: pb.MEMBER_STATE_ALIVE, mb.DEAD: pb.MEMBER_STATE_DEAD, mb.LEF
 WATCH_REFRESH_S = 2.0   # a watch stream re-sends the view this often (carries fresh clocks)
 
 
-def _lease(m: mb.Member, ttl: float) -> pb.Lease:
-    return pb.Lease(member_id=m.member_id, incarnation=m.incarnation, ttl_s=ttl)
+def _lease(m: mb.Member, ttl: float, key: bytes) -> pb.Lease:
+    return pb.Lease(member_id=m.member_id, incarnation=m.incarnation, ttl_s=ttl,
+                    credential=credentials.issue(key, m.role, m.member_id, m.incarnation))
+
+
+_ROLE = {pb.ROLE_WORKER: mb.WORKER, pb.ROLE_SERVER: mb.SERVER}
 
 
 def server_infos(ms: mb.Membership) -> list[pb.ServerInfo]:
@@ -53,6 +58,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         connection is no new budget), before the request is even checked."""
         self.admission.admit(peer_host(context.peer()), method)
 
+    def _check(self, role: int | str, member_id: int, incarnation: int, credential: bytes) -> None:
+        """A call made as a member must carry that member's credential (BadCredential, and
+        nothing changes, otherwise); checked before the membership transition, so a stale
+        incarnation with its own credential still learns it is stale."""
+        credentials.check(self.core.member_key, _ROLE.get(role, role) if isinstance(role, str) else _ROLE.get(role, f"role {role}"),
+                          member_id, incarnation, credential)
+
     def _job_info(self) -> pb.JobInfo:
         core = self.core
         with core.cond:
@@ -64,20 +76,31 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def RegisterServer(self, request, context):
         self._admit(context, "RegisterServer")
         m = self.core.register_server(request.address, request.shard)
-        return pb.RegisterServerReply(lease=_lease(m, self.core.ttl), shard=m.shard,
-                                      job=self.core.job.to_proto(), view=self.core.members.view)
+        return pb.RegisterServerReply(lease=_lease(m, self.core.ttl, self.core.member_key), shard=m.shard,
+                                      job=self.core.job.to_proto(), view=self.core.members.view,
+                                      member_key=self.core.member_key)
 
     @servicer_errors
     def JoinWorker(self, request, context):
         self._admit(context, "JoinWorker")
         name = bounds.check_worker_name(request.name)
-        m = self.core.join_worker(name, bounds.rejoin_id(request.worker_id))
-        return pb.JoinWorkerReply(lease=_lease(m, self.core.ttl), job=self.core.job.to_proto(),
+        rejoin = bounds.rejoin_id(request.worker_id)
+        with self.core.cond:
+            ms = self.core.members
+            held = ms.members.get(rejoin) if rejoin is not None else None
+            # an id once issued to a worker (alive, dead, or pruned since): a rejoin takes it
+            # over, so only that worker may; a server's id or one never issued is refused below
+            worker_id_issued = rejoin is not None and rejoin < ms.next_id and (held is None or held.role == mb.WORKER)
+        if worker_id_issued:
+            self._check(mb.WORKER, rejoin, request.incarnation, request.credential)
+        m = self.core.join_worker(name, rejoin)
+        return pb.JoinWorkerReply(lease=_lease(m, self.core.ttl, self.core.member_key), job=self.core.job.to_proto(),
                                   view=self.core.members.view, start_clock=m.clock)
 
     @servicer_errors
     def Heartbeat(self, request, context):
         bounds.check_clock(request.clock, "heartbeat")
+        self._check(request.role, request.member_id, request.incarnation, request.credential)
         clock = request.clock if request.role == pb.ROLE_WORKER else None
         view = self.core.heartbeat(request.member_id, request.incarnation, clock)
         return pb.HeartbeatReply(view=view)
@@ -85,6 +108,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     @servicer_errors
     def Leave(self, request, context):
         bounds.check_clock(request.clock, "leave")
+        self._check(request.role, request.member_id, request.incarnation, request.credential)
         clock = request.clock if request.role == pb.ROLE_WORKER else None
         return pb.LeaveReply(view=self.core.leave(request.member_id, request.incarnation, clock))
 
@@ -126,6 +150,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @servicer_errors
     def AcquirePartition(self, request, context):
+        self._check(mb.WORKER, request.worker_id, request.incarnation, request.credential)
         status, epoch, partition = self.core.acquire_partition(
             request.worker_id, request.incarnation, request.num_partitions, request.max_epochs)
         return pb.AcquirePartitionReply(status=_ASSIGNMENT[status], epoch=epoch, partition=max(partition, 0),
@@ -133,6 +158,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @servicer_errors
     def CompletePartition(self, request, context):
+        self._check(mb.WORKER, request.worker_id, request.incarnation, request.credential)
         state = self.core.complete_partition(request.worker_id, request.incarnation, request.epoch,
                                              request.partition)
         return pb.CompletePartitionReply(data=data_progress(state))

@@ -190,9 +190,11 @@ class ShardClient:
     def _live_servers(self) -> dict[int, str]:
         return self.session.live_servers()
 
-    def attach(self) -> ShardMap:
+    def attach(self, embedding_tables: tuple[TableSpec, ...] = ()) -> ShardMap:
         """Read-only access (operators, evaluation, export): learn the job, its servers and
-        shard map without joining; pulls skip the consistency gate."""
+        shard map without joining; pulls skip the consistency gate. `embedding_tables`: the
+        model's tables, to read their rows (the scheduler does not know them)."""
+        self._tables = {t.name: t for t in embedding_tables}
         info = self.session.attach()
         if not info.shard_map.fingerprint:
             raise FailedPrecondition("no model has been declared in this job yet")
@@ -269,7 +271,8 @@ class ShardClient:
 
     def _caller(self) -> ps_pb2.Caller:
         me = self.session.identity
-        return ps_pb2.Caller(worker_id=max(me.worker_id, 0), incarnation=me.incarnation, observer=me.observer)
+        return ps_pb2.Caller(worker_id=max(me.worker_id, 0), incarnation=me.incarnation, observer=me.observer,
+                             credential=me.credential)
 
     # -- pull ----------------------------------------------------------------------------
     def pull(self, into: dict[str, np.ndarray]) -> None:
@@ -430,22 +433,34 @@ class ShardClient:
                 np.concatenate([parts[s][1] for s in sorted(parts)]))
 
     def _pull_rows_shard(self, shard: int, plans: dict[str, "rows.TableAsk"], step: int) -> dict[str, np.ndarray]:
-        """One shard's rows of every table, in calls of at most ROW_BLOCK_BYTES of ids each."""
+        """One shard's rows of every table: every table in one call (a call per table would
+        pay a round trip each), calls of at most ROW_BLOCK_BYTES of ids."""
         dtype = self.row_dtype(self.cfg.pull_codec or self.job.pull_codec)
         per_call = tables.ROW_BLOCK_BYTES // 8
-        out = {}
+        calls, current, size = [], [], 0
         for table, plan in plans.items():
             ids = plan.unique[plan.by_shard[shard]]
-            parts = [self._pull_rows_call(shard, table, ids[i:i + per_call], step, dtype)
-                     for i in range(0, len(ids), per_call)]
-            out[table] = np.concatenate(parts) if parts else np.zeros((0, self._tables[table].dim), np.float32)
-        return out
+            for i in range(0, len(ids), per_call):
+                piece = ids[i:i + per_call]
+                if size + len(piece) > per_call and current:
+                    calls.append(current)
+                    current, size = [], 0
+                current.append((table, piece))
+                size += len(piece)
+        if current:
+            calls.append(current)
+        got: dict[str, list[np.ndarray]] = {t: [] for t in plans}
+        for call in calls:
+            for table, values in self._pull_rows_call(shard, call, step, dtype):
+                got[table].append(values)
+        return {t: np.concatenate(v) if v else np.zeros((0, self._tables[t].dim), np.float32) for t, v in got.items()}
 
-    def _pull_rows_call(self, shard: int, table: str, ids: np.ndarray, step: int, dtype: int) -> np.ndarray:
-        dim = self._tables[table].dim
+    def _pull_rows_call(self, shard: int, asks: list[tuple[str, np.ndarray]], step: int, dtype: int
+                        ) -> list[tuple[str, np.ndarray]]:
+        """One PullRows call: each (table, ids) answered with its rows, in the order asked."""
         req = ps_pb2.PullRowsRequest(caller=self._caller(), shard=shard, step=step, dtype=dtype,
                                      model_fingerprint=self.shard_map.fingerprint,
-                                     rows=[ps_pb2.RowBlock(table=table, ids=tables.ids_to_bytes(ids))])
+                                     rows=[ps_pb2.RowBlock(table=t, ids=tables.ids_to_bytes(i)) for t, i in asks])
 
         def once(stub):
             replies = stub.PullRows(req, timeout=self.cfg.data_timeout_s)
@@ -453,14 +468,24 @@ class ShardClient:
             if first is None or first.WhichOneof("body") != "header":
                 raise Internal(f"shard {shard} answered a row pull without a header first")
             blocks = [r.rows for r in replies]
-            got = [tables.decode_rows(b.values, b.dtype, len(b.ids) // 8, dim, f"shard {shard} rows") for b in blocks]
-            values = np.concatenate(got) if got else np.zeros((0, dim), np.float32)
-            if len(values) != len(ids):
-                raise Internal(f"shard {shard} answered {len(values)} rows of table {table!r} for {len(ids)} ids")
+            by_table: dict[str, list[np.ndarray]] = {}
+            for b in blocks:
+                if b.table not in self._tables:
+                    raise Internal(f"shard {shard} answered rows of table {b.table!r}, which was not asked")
+                by_table.setdefault(b.table, []).append(tables.decode_rows(
+                    b.values, b.dtype, len(b.ids) // 8, self._tables[b.table].dim, f"shard {shard} rows"))
+            out = []
+            for table, ids in asks:   # a table asked twice in one call (a long list) is answered in order
+                parts = by_table.get(table, [])
+                values = np.concatenate(parts) if parts else np.zeros((0, self._tables[table].dim), np.float32)
+                if len(values) < len(ids):
+                    raise Internal(f"shard {shard} answered {len(values)} rows of table {table!r} for {len(ids)} ids")
+                out.append((table, values[:len(ids)]))
+                by_table[table] = [values[len(ids):]]
             with self._lock:
-                self.traffic.logical_received += values.nbytes
+                self.traffic.logical_received += sum(v.nbytes for _, v in out)
                 self.traffic.wire_received += sum(len(b.ids) + len(b.values) for b in blocks)
-            return values
+            return out
         return self._on_shard(shard, once)
 
     def submit(self, fn, *args):

@@ -39,6 +39,7 @@ class Identity:
     view: int = 0      # the membership view number last seen
     clock: int = 0     # the next step this worker computes
     observer: bool = False
+    credential: bytes = b""   # the lease's: shown on every call made as this worker
 
 
 class Session:
@@ -105,7 +106,10 @@ class Session:
         return identity
 
     def _join(self, worker_id: int) -> Identity:
-        req = scheduler_pb2.JoinWorkerRequest(name=self.cfg.name, worker_id=worker_id)
+        me = self._identity   # a rejoin proves it is this worker with its last credential
+        req = scheduler_pb2.JoinWorkerRequest(name=self.cfg.name, worker_id=worker_id,
+                                              incarnation=me.incarnation if worker_id > 0 else 0,
+                                              credential=me.credential if worker_id > 0 else b"")
         reply = grpcutil.retry(lambda: grpcutil.call(self._sched.JoinWorker, req, self.cfg.control_timeout_s),
                                self.cfg.connect_timeout_s, waiting=self._waiting_for("the scheduler at "
                                                                                      + self.cfg.scheduler))
@@ -113,7 +117,8 @@ class Session:
             self._job = JobSpec.from_proto(reply.job)
             current = self._identity
             self._identity = Identity(worker_id=reply.lease.member_id, incarnation=reply.lease.incarnation,
-                                      view=reply.view, clock=max(current.clock, reply.start_clock))
+                                      view=reply.view, clock=max(current.clock, reply.start_clock),
+                                      credential=reply.lease.credential)
             return self._identity
 
     def attach(self) -> scheduler_pb2.JobInfo:
@@ -129,7 +134,8 @@ class Session:
         while not self._stop.wait(min(1.0, self.job.heartbeat_timeout_s / 3)):
             me = self._identity
             req = scheduler_pb2.HeartbeatRequest(role=scheduler_pb2.ROLE_WORKER, member_id=me.worker_id,
-                                                 incarnation=me.incarnation, clock=me.clock)
+                                                 incarnation=me.incarnation, clock=me.clock,
+                                                 credential=me.credential)
             try:
                 view = grpcutil.call(self._sched.Heartbeat, req, self.cfg.control_timeout_s).view
             except StaleIncarnation as exc:
@@ -149,7 +155,7 @@ class Session:
         if me.worker_id < 0:
             return
         req = scheduler_pb2.LeaveRequest(role=scheduler_pb2.ROLE_WORKER, member_id=me.worker_id,
-                                         incarnation=me.incarnation, clock=me.clock)
+                                         incarnation=me.incarnation, clock=me.clock, credential=me.credential)
         try:
             grpcutil.call(self._sched.Leave, req, self.cfg.control_timeout_s)
         except PSError as exc:
@@ -202,7 +208,8 @@ class Session:
         """(AssignmentStatus, data epoch, partition) from the scheduler."""
         me = self._identity
         req = scheduler_pb2.AcquirePartitionRequest(worker_id=me.worker_id, incarnation=me.incarnation,
-                                                    num_partitions=num_partitions, max_epochs=max_epochs)
+                                                    num_partitions=num_partitions, max_epochs=max_epochs,
+                                                    credential=me.credential)
         reply = grpcutil.retry(lambda: grpcutil.call(self._sched.AcquirePartition, req, self.cfg.control_timeout_s),
                                self.cfg.retry_deadline_s)
         return reply.status, reply.epoch, reply.partition
@@ -210,6 +217,6 @@ class Session:
     def complete_partition(self, epoch: int, partition: int) -> None:
         me = self._identity
         req = scheduler_pb2.CompletePartitionRequest(worker_id=me.worker_id, incarnation=me.incarnation,
-                                                     epoch=epoch, partition=partition)
+                                                     epoch=epoch, partition=partition, credential=me.credential)
         grpcutil.retry(lambda: grpcutil.call(self._sched.CompletePartition, req, self.cfg.control_timeout_s),
                        self.cfg.retry_deadline_s)

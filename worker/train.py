@@ -9,14 +9,18 @@ import sys
 import threading
 import time
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-from shardps.pscommon.errors import FailedPrecondition, InvalidArgument
+from shardps.pscommon import tables
+from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, PSError
 from shardps.pscommon.lifecycle import DaemonOptions, Telemetry
+from shardps.pscommon.security import NO_SECURITY, Security
 from shardps.pscommon.wire.v1 import scheduler_pb2 as pb
 from shardps.worker import data, models
 from shardps.worker.api import PSClient
+from shardps.worker.client import ClientConfig, ShardClient
+from shardps.worker.embedding import EmbeddingClient, sharded_embeddings
 from shardps.worker.metrics import WorkerCollector
 
 log = logging.getLogger("shardps.worker")
@@ -101,31 +105,49 @@ def _progress(total: int, enabled: bool | None):
 
 
 class Loop:
-    """One worker's training: steps on random batches, or epochs of assigned partitions."""
+    """One worker's training: steps on random batches, or epochs of assigned partitions.
 
-    def __init__(self, cfg: TrainConfig, ps: PSClient, model, device, split: data.Split,
-                 metrics: MetricsWriter, stop: threading.Event):
+    What a step computes comes from the model's task (data.Classification,
+    ctr_sparse.ClickPrediction): the batch's inputs and targets, the loss. A model with
+    sharded embedding tables names the ids each of them reads (`model.row_ids(*inputs)`); the
+    loop fetches those rows before the forward and pushes their gradients with the dense
+    ones, and with `overlap` (async, ssp) prefetches the next batch's rows once the push is
+    acknowledged."""
+
+    def __init__(self, cfg: TrainConfig, ps: PSClient, model, device, split,
+                 metrics: MetricsWriter, stop: threading.Event, task=None):
         self.cfg, self.ps, self.model, self.device = cfg, ps, model, device
         self.split, self.metrics, self.stop = split, metrics, stop
+        self.task = task or models.entry(cfg.model, cfg.data).task
+        modules = sharded_embeddings(model)
+        self.rows = EmbeddingClient(ps.client, modules) if modules else None
+        self.prefetch_rows = bool(self.rows and cfg.overlap and self.rows.prefetch_enabled)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + ps.worker_id)
         self.bar = _progress(cfg.steps if not cfg.epochs else None, cfg.progress)
         self.done = self.skipped = 0
         self.loss = float("nan")
+        self.upcoming: torch.Tensor | None = None   # the next batch, when known
 
     def step(self, idx: torch.Tensor) -> bool:
-        """pull, forward/backward on the batch `idx`, push. False: sync skipped the step."""
+        """pull, forward/backward on the batch `idx`, push. False: sync skipped the step.
+        With rows to prefetch, the batch after this one is `self.upcoming` (run_* set it)."""
         ps, model = self.ps, self.model
+        inputs, y = self.task.batch(self.split, idx, self.device)
         ps.pull()
+        if self.rows:
+            self.rows.fetch(model.row_ids(*inputs))
         model.zero_grad(set_to_none=True)
-        out = model(self.split.x_train[idx].to(self.device))
-        loss_t = F.cross_entropy(out, self.split.y_train[idx].to(self.device))
+        loss_t = self.task.loss(model(*inputs), y)
         loss_t.backward()
         self.loss = float(loss_t.detach())
         if self.cfg.step_delay_s:
             time.sleep(self.cfg.step_delay_s)  # a deliberate straggler (benchmarks)
-        if not ps.push():
+        if not ps.push(row_grads=self.rows.row_grads() if self.rows else None):
             self.skipped += 1
             return False
+        if self.prefetch_rows and self.upcoming is not None:
+            # after the acknowledgement: the prefetched rows include this push
+            self.rows.prefetch(model.row_ids(*self.task.batch(self.split, self.upcoming, self.device)[0]))
         self.done += 1
         self.metrics.write(step=self.done, clock=ps.clock, loss=round(self.loss, 5), worker=ps.worker_id)
         if self.bar:
@@ -134,13 +156,23 @@ class Loop:
         return True
 
     def run_steps(self) -> None:
-        n = len(self.split.x_train)
+        n = self.task.size(self.split)
+
+        def draw() -> torch.Tensor:
+            return torch.randint(n, (self.cfg.batch_size,), generator=self.gen)
+        # one batch drawn ahead, for the prefetch: the same batches in the same order (none
+        # is prefetched after the last step)
+        idx = draw()
         while self.done < self.cfg.steps and not self.stop.is_set():
-            self.step(torch.randint(n, (self.cfg.batch_size,), generator=self.gen))
+            upcoming = draw()
+            self.upcoming = upcoming if self.done + 1 < self.cfg.steps else None
+            self.step(idx)
+            idx = upcoming
 
     def run_epochs(self) -> None:
         """Take partition assignments until the scheduler says every epoch is done."""
         client = self.ps.client
+        n = self.task.size(self.split)
         while not self.stop.is_set():
             status, epoch, partition = client.acquire_partition(self.cfg.partitions, self.cfg.epochs)
             if status == pb.ASSIGNMENT_STATUS_DONE:
@@ -149,12 +181,13 @@ class Loop:
                 self.stop.wait(0.05)  # others hold the last assignments of this epoch
                 continue
             assigned_as = client.incarnation
-            for idx in partition_batches(len(self.split.x_train), self.cfg.partitions, epoch, partition,
-                                         self.cfg.batch_size, self.cfg.seed):
+            batches = partition_batches(n, self.cfg.partitions, epoch, partition, self.cfg.batch_size, self.cfg.seed)
+            for i, idx in enumerate(batches):
                 if self.stop.is_set():
                     return
                 if client.incarnation != assigned_as:
                     break
+                self.upcoming = batches[i + 1] if i + 1 < len(batches) else None
                 while not self.step(idx) and not self.stop.is_set():
                     pass  # sync skipped the step: the same batch on the current parameters
             if client.incarnation != assigned_as:
@@ -173,6 +206,10 @@ class Loop:
             self.metrics.write(event="partition_done", epoch=epoch, partition=partition,
                                worker=self.ps.worker_id)
 
+    def close(self) -> None:
+        if self.rows:
+            self.rows.close()
+
 
 def partition_batches(n: int, partitions: int, epoch: int, partition: int, batch_size: int, seed: int):
     """The batches of one partition: a per-epoch permutation of the samples, cut into
@@ -182,15 +219,21 @@ def partition_batches(n: int, partitions: int, epoch: int, partition: int, batch
     return list(torch.split(part, batch_size))
 
 
-def check_fits(model, split: data.Split, device, cfg: TrainConfig) -> None:
+def check_fits(model, split, device, cfg: TrainConfig, task=data.CLASSIFICATION) -> None:
     """One forward and loss on two samples: a model that cannot train on the data is a
-    usage error, reported in one line before anything joins the job."""
-    idx = torch.arange(min(2, len(split.x_train)))
+    usage error, reported in one line before anything joins the job. Sharded embedding
+    modules get their rows' initial values here, since no server is asked yet."""
     was_training = model.training
     model.eval()
     try:
+        inputs, y = task.batch(split, torch.arange(min(2, task.size(split))), device)
+        if sharded_embeddings(model):
+            if not callable(getattr(model, "row_ids", None)):
+                raise InvalidArgument("a model with sharded embedding tables must define row_ids(*inputs) -> "
+                                      "{module: ids}: the rows to fetch before each forward")
+            initial_rows(model.row_ids(*inputs))
         with torch.no_grad():
-            F.cross_entropy(model(split.x_train[idx].to(device)), split.y_train[idx].to(device))
+            task.loss(model(*inputs), y)
     except Exception as exc:  # noqa: BLE001 - user model/data: one line, not a traceback
         first = (str(exc).strip().splitlines() or [""])[0]
         raise InvalidArgument(f"--model {cfg.model!r} cannot train on "
@@ -198,6 +241,89 @@ def check_fits(model, split: data.Split, device, cfg: TrainConfig) -> None:
                               f"{type(exc).__name__}: {first}") from None
     finally:
         model.train(was_training)
+        for m in sharded_embeddings(model):
+            m.clear()
+
+
+def _unique_ids(ids) -> np.ndarray:
+    """Sorted unique int64 ids of a tensor or array (uint64 ids by their bits)."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().to("cpu").numpy()
+    flat = np.asarray(ids).reshape(-1)
+    return np.unique(flat.view(np.int64) if flat.dtype == np.uint64 else flat.astype(np.int64, copy=False))
+
+
+def initial_rows(ids_by_module: dict) -> None:
+    """Load each module's rows at their initial values (no server): what a table holds
+    before anyone trained."""
+    for m, ids in ids_by_module.items():
+        unique = _unique_ids(ids)
+        m.load(unique, tables.initial_rows(m.spec, unique))
+
+
+class ObservedRows:
+    """Rows of a model's sharded tables read as an observer, for evaluation: no gate, no
+    clock, and nothing created (rows no one trained read as their initial value, as the
+    shard answers an observer), so a held-out set's ids leave no rows behind. Only the ids
+    asked for move: the worker holds the test set's rows, never the table."""
+
+    def __init__(self, scheduler: str, modules, security: Security = NO_SECURITY):
+        self.client = ShardClient(ClientConfig(scheduler=scheduler, name="evaluation", security=security))
+        try:
+            # the specs come from the model: the scheduler keeps none
+            self.client.attach(embedding_tables=tuple(m.spec for m in modules))
+        except BaseException:
+            self.client.leave()
+            raise
+
+    def fetch(self, ids_by_module: dict) -> None:
+        asks = {m: _unique_ids(ids) for m, ids in ids_by_module.items()}
+        got = self.client.pull_rows({m.name: unique for m, unique in asks.items()})
+        for m, unique in asks.items():
+            m.load(unique, got[m.name])
+
+    def close(self) -> None:
+        self.client.leave()
+
+    def __enter__(self) -> "ObservedRows":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def evaluate(task, model, split, scheduler: str, security: Security = NO_SECURITY) -> dict:
+    """The task's held-out metrics of `model` as it is (its dense parameters already pulled),
+    the rows of its sharded tables, if any, read from the servers as an observer."""
+    modules = sharded_embeddings(model)
+    if not modules:
+        return task.evaluate(model, split)
+    with ObservedRows(scheduler, modules, security) as rows:
+        try:
+            return task.evaluate(model, split, rows.fetch)
+        finally:
+            for m in modules:
+                m.clear()
+
+
+def evaluate_served(scheduler: str, model_name: str, data_spec: str | None = None,
+                    security: Security = NO_SECURITY) -> dict:
+    """Held-out metrics of the parameters the servers hold now, read as an observer, by the
+    model's task: {"eval_accuracy": ...} for the classifiers; {"eval_auc", "eval_logloss",
+    "teacher_auc", "teacher_logloss"} for ctr-sparse. (`psctl up`'s final evaluation.)"""
+    entry = models.entry(model_name, data_spec)
+    model = models.build(model_name, 0, data_spec)
+    client = ShardClient(ClientConfig(scheduler=scheduler, name="evaluation", security=security))
+    try:
+        client.attach()
+        flat = {n: np.empty(p.numel(), np.float32) for n, p in model.named_parameters()}
+        client.pull(flat)
+    finally:
+        client.leave()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(torch.from_numpy(flat[n]).view(p.shape))
+    return evaluate(entry.task, model, entry.dataset(), scheduler, security)
 
 
 def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
@@ -208,7 +334,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
     entry = models.entry(cfg.model, cfg.data)
     model = models.build(cfg.model, cfg.seed, cfg.data).to(device)
     split = entry.dataset()
-    check_fits(model, split, device, cfg)  # before joining: a mismatch must not fix the job's model
+    check_fits(model, split, device, cfg, entry.task)  # before joining: a mismatch must not fix the job's model
     metrics = MetricsWriter(cfg.metrics_out, append=cfg.append_metrics)
     name = cfg.name or f"{os.uname().nodename}:{os.getpid()}"
     telemetry = Telemetry(cfg.options, "worker", serves_rpc=False)
@@ -220,20 +346,24 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
         if cfg.min_workers > 1:
             ps.client.wait_for_workers(cfg.min_workers)
             ps.pull()  # the others may have declared first: start from the common weights
-        loop = Loop(cfg, ps, model, device, split, metrics, stop)
+        loop = Loop(cfg, ps, model, device, split, metrics, stop, entry.task)
         t0 = time.time()
-        if cfg.epochs:
-            loop.run_epochs()
-        else:
-            loop.run_steps()
+        try:
+            if cfg.epochs:
+                loop.run_epochs()
+            else:
+                loop.run_steps()
+        finally:
+            loop.close()
         if loop.bar:
             loop.bar.close()
         if not stop.is_set():  # when stopping, the servers may be gone: evaluate what we have
             ps.pull()
-        acc = data.accuracy(model, split.x_test, split.y_test)
+        wall_s = time.time() - t0
+        held_out = _final_evaluation(entry.task, model, split, cfg, stopped=stop.is_set())
         done, skipped, loss = loop.done, loop.skipped, loop.loss
         summary = dict(worker=ps.worker_id, steps=done, skipped=skipped, final_loss=round(loss, 5),
-                       eval_accuracy=round(acc, 4), wall_s=round(time.time() - t0, 3),
+                       **held_out, wall_s=round(wall_s, 3),
                        bytes_sent=ps.bytes_sent, bytes_received=ps.bytes_received,
                        logical_sent=ps.client.traffic.logical_sent,
                        logical_received=ps.client.traffic.logical_received,
@@ -246,11 +376,27 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
                                         "wire_bytes": v.total_wire_bytes + v.total_header_bytes,
                                         "encode_s": round(v.total_encode_s, 4)}
                                     for k, v in ps.client.compression_stats().items()})
+        if loop.rows:
+            summary.update(row_pulls=loop.rows.pulls, row_prefetch_hits=loop.rows.prefetch_hits)
         metrics.write(**summary)
     metrics.close()
     telemetry.stop()
     log.debug("worker summary: %s", summary)  # the whole record is in --metrics-out too
     return summary
+
+
+def _final_evaluation(task, model, split, cfg: TrainConfig, stopped: bool) -> dict:
+    """The worker's held-out metrics. A model with sharded tables reads the test ids' rows
+    from the servers; when stopping they may be gone, so it reports none rather than wait."""
+    if not sharded_embeddings(model):
+        return task.evaluate(model, split)
+    if stopped:
+        return {"eval_auc": None, "eval_logloss": None, **getattr(split, "teacher", {})}
+    try:
+        return evaluate(task, model, split, cfg.scheduler, cfg.options.security)
+    except PSError as exc:
+        log.warning("held-out evaluation failed: %s", exc)
+        return {"eval_auc": None, "eval_logloss": None, **getattr(split, "teacher", {})}
 
 
 def _plural(n: int, noun: str) -> str:
@@ -261,16 +407,28 @@ def _megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def _held_out(summary: dict) -> list[str]:
+    """The held-out metrics for the summary line: accuracy, or AUC (the teacher's beside it)
+    and log loss."""
+    if "eval_auc" not in summary:
+        return [f"accuracy {summary['eval_accuracy']:.3f}"]
+    if summary["eval_auc"] is None:
+        return ["auc not evaluated"]
+    return [f"auc {summary['eval_auc']:.4f} (teacher {summary['teacher_auc']:.4f})",
+            f"log loss {summary['eval_logloss']:.4f}"]
+
+
 def summary_line(summary: dict, cfg: TrainConfig) -> str:
     """The one line `psctl worker` ends with, from train()'s summary, e.g.
     `worker 2 finished: 300 steps, loss 0.084, accuracy 0.962, 41.3 steps/s, pushed 12.1 MB, pulled 24.0 MB`
+    (ctr-sparse: `..., loss 0.519, auc 0.8105 (teacher 0.8323), log loss 0.5218, ...`)
     or `worker 2 stopped after 57 of 300 steps (interrupted)`."""
     worker, steps = summary["worker"], summary["steps"]
     if summary.get("stopped") and (cfg.epochs or steps < cfg.steps):  # a signal after the last step: finished
         counted = _plural(steps, "step") if cfg.epochs else f"{steps} of {_plural(cfg.steps, 'step')}"
         return f"worker {worker} stopped after {counted} (interrupted)"
     done = _plural(steps, "step") + (f" ({_plural(cfg.epochs, 'epoch')})" if cfg.epochs else "")
-    parts = [done, f"loss {summary['final_loss']:.3f}", f"accuracy {summary['eval_accuracy']:.3f}"]
+    parts = [done, f"loss {summary['final_loss']:.3f}", *_held_out(summary)]
     if summary.get("wall_s", 0) > 0:
         parts.append(f"{steps / summary['wall_s']:.1f} steps/s")
     parts += [f"pushed {_megabytes(summary['bytes_sent'])}", f"pulled {_megabytes(summary['bytes_received'])}"]

@@ -332,7 +332,7 @@ def test_ssp_paused_worker_rejoins(procs):
     assert workers_by_id(final)[victim_id]["incarnation"] > old_inc
 
 
-GATE_SLOW_DELAY = "10"   # the slow worker's step: much longer than the paused worker's lease
+GATE_SLOW_DELAY = "20"   # the slow worker's step: much longer than the paused worker's lease and its detection on a loaded box
 GATE_FAST_STEPS = 10
 
 

@@ -213,6 +213,10 @@ def test_shard_killed_and_restored(procs, mode, checkpoints):
         return
     last_ckpt = newest_checkpoint(ckpt, 1)   # nothing writes there any more
     assert last_ckpt["shard"] == 1 and last_ckpt["shard_version"] > 0
+    # sync: shard 0 completes the steps whose pushes it got; past the checkpoint's step, the
+    # restored shard 1 must take the workers' step (on a slow box none may have completed)
+    workers_ahead = server_entry(status_json(sched.address), 0).get("completed_step", 0) > \
+        last_ckpt["gate"]["completed_step"]
 
     # shard 0 keeps serving through the outage: SERVING, and real pulls answered with its values
     for _ in range(3):
@@ -241,7 +245,8 @@ def test_shard_killed_and_restored(procs, mode, checkpoints):
     if mode == "async":
         assert versions[0] == 3 * steps, "shard 0 never lost an update"
     if mode == "sync":
-        assert "resumes at step" in shard1b.log_text(), "the restored shard did not take the workers' step"
+        assert "resumes at step" in shard1b.log_text() or not workers_ahead, \
+            "the restored shard did not take the workers' step"
     acc = exported_accuracy(sched.address, procs.root / "model.safetensors")
     assert acc >= 0.95, f"served parameters reach {acc:.4f} held-out accuracy"
 

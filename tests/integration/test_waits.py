@@ -10,7 +10,7 @@ from .helpers import poll
 
 pytestmark = pytest.mark.slow
 
-NOTICE_BY_S = 5.0 + 10.0  # the notice is due 2 s into a wait; the rest covers a loaded machine's start-up
+NOTICE_BY_S = 60.0  # the notice is due 2 s into a wait; the rest covers start-up (torch) on a loaded machine
 
 
 def wait_for_line(proc, pattern: str, timeout_s: float) -> str:

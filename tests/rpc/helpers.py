@@ -79,15 +79,15 @@ def declare(stub, smap: sharding.ShardMap, values: dict[str, np.ndarray], shard:
     return stub.Declare(declare_requests(smap.fingerprint, keys, values, shard), timeout=timeout)
 
 
-def caller(worker: int = 0, incarnation: int = 1, observer: bool = False) -> ps_pb2.Caller:
-    return ps_pb2.Caller(worker_id=worker, incarnation=incarnation, observer=observer)
+def caller(worker: int = 0, incarnation: int = 1, observer: bool = False, credential: bytes = b"") -> ps_pb2.Caller:
+    return ps_pb2.Caller(worker_id=worker, incarnation=incarnation, observer=observer, credential=credential)
 
 
 def push_header(fingerprint: str, worker: int = 0, incarnation: int = 1, step: int = 0,
-                base_version: int = 0, shard: int = 0) -> ps_pb2.PushRequest:
+                base_version: int = 0, shard: int = 0, credential: bytes = b"") -> ps_pb2.PushRequest:
     return ps_pb2.PushRequest(header=ps_pb2.PushHeader(
-        caller=caller(worker, incarnation), shard=shard, step=step, base_version=base_version,
-        model_fingerprint=fingerprint))
+        caller=caller(worker, incarnation, credential=credential), shard=shard, step=step,
+        base_version=base_version, model_fingerprint=fingerprint))
 
 
 def push_requests(fingerprint: str, grads: dict[str, np.ndarray], worker: int = 0,

@@ -53,9 +53,9 @@ class Heartbeats:
         self.thread = threading.Thread(target=self._run, daemon=True, name="test-heartbeats")
         self.thread.start()
 
-    def keep(self, role: int, member_id: int, incarnation: int) -> None:
+    def keep(self, role: int, lease: pb.Lease) -> None:
         with self.lock:
-            self.members[member_id] = (role, incarnation)
+            self.members[lease.member_id] = (role, lease.incarnation, lease.credential)
 
     def drop(self, member_id: int) -> None:
         with self.lock:
@@ -67,10 +67,10 @@ class Heartbeats:
         while not self.stop.wait(self.interval_s):
             with self.lock:
                 members = list(self.members.items())
-            for member_id, (role, incarnation) in members:
+            for member_id, (role, incarnation, credential) in members:
                 try:
                     stub.Heartbeat(pb.HeartbeatRequest(role=role, member_id=member_id, incarnation=incarnation,
-                                                       clock=0), timeout=2.0)
+                                                       clock=0, credential=credential), timeout=2.0)
                 except grpc.RpcError as err:
                     with self.lock:
                         self.failures.append(err.code())
@@ -137,13 +137,13 @@ def _declare(stub) -> pb.JobInfo:
 def _acquire(stub, member, partitions=2, epochs=3) -> pb.AcquirePartitionReply:
     return stub.AcquirePartition(pb.AcquirePartitionRequest(
         worker_id=member.member_id, incarnation=member.incarnation, num_partitions=partitions,
-        max_epochs=epochs), timeout=TIMEOUT_S)
+        max_epochs=epochs, credential=member.credential), timeout=TIMEOUT_S)
 
 
 def _complete(stub, member, epoch, partition) -> pb.CompletePartitionReply:
     return stub.CompletePartition(pb.CompletePartitionRequest(
-        worker_id=member.member_id, incarnation=member.incarnation, epoch=epoch, partition=partition),
-        timeout=TIMEOUT_S)
+        worker_id=member.member_id, incarnation=member.incarnation, epoch=epoch, partition=partition,
+        credential=member.credential), timeout=TIMEOUT_S)
 
 
 def test_scheduler_restart_restores_state_and_members_carry_on(tmp_path, closing):
@@ -164,12 +164,13 @@ def test_scheduler_restart_restores_state_and_members_carry_on(tmp_path, closing
     workers = [c1.stub.JoinWorker(pb.JoinWorkerRequest(name=f"w{i}", worker_id=-1), timeout=TIMEOUT_S).lease
                for i in range(3)]
     for lease in servers:
-        beats.keep(pb.ROLE_SERVER, lease.member_id, lease.incarnation)
+        beats.keep(pb.ROLE_SERVER, lease)
     for lease in workers:
-        beats.keep(pb.ROLE_WORKER, lease.member_id, lease.incarnation)
+        beats.keep(pb.ROLE_WORKER, lease)
     a, b, gone = workers
     beats.drop(gone.member_id)
-    c1.stub.Leave(pb.LeaveRequest(role=pb.ROLE_WORKER, member_id=gone.member_id, incarnation=gone.incarnation),
+    c1.stub.Leave(pb.LeaveRequest(role=pb.ROLE_WORKER, member_id=gone.member_id, incarnation=gone.incarnation,
+                                  credential=gone.credential),
                   timeout=TIMEOUT_S)
     info = _declare(c1.stub)
     assert info.shard_map.fingerprint and len(info.shard_map.keys) > 2
@@ -212,8 +213,10 @@ def test_scheduler_restart_restores_state_and_members_carry_on(tmp_path, closing
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
     # live members carry on with their old incarnations
+    # (with the credentials c1 issued: the job key is kept in the state dir)
     reply = c2.stub.Heartbeat(pb.HeartbeatRequest(role=pb.ROLE_WORKER, member_id=a.member_id,
-                                                  incarnation=a.incarnation, clock=3), timeout=TIMEOUT_S)
+                                                  incarnation=a.incarnation, clock=3, credential=a.credential),
+                              timeout=TIMEOUT_S)
     assert reply.view == before.view
     again = _acquire(c2.stub, a)                   # a retried acquire: the same assignment as before
     assert (again.status, again.epoch, again.partition) == (pb.ASSIGNMENT_STATUS_ASSIGNED, 1,
@@ -224,7 +227,7 @@ def test_scheduler_restart_restores_state_and_members_carry_on(tmp_path, closing
     newcomer = c2.stub.JoinWorker(pb.JoinWorkerRequest(name="late"), timeout=TIMEOUT_S).lease
     assert newcomer.member_id > max(w.member_id for w in workers + servers)
     assert newcomer.incarnation > max(w.incarnation for w in workers + servers)
-    beats.keep(pb.ROLE_WORKER, newcomer.member_id, newcomer.incarnation)
+    beats.keep(pb.ROLE_WORKER, newcomer)
 
     # b falls silent: it is reaped after the timeout and its partition goes back to the queue
     view = c2.status().view
@@ -239,7 +242,7 @@ def test_scheduler_restart_restores_state_and_members_carry_on(tmp_path, closing
     assert (final.data.epoch, final.data.done, final.data.assigned, final.data.queued) == (1, 1, 0, 1)
     with pytest.raises(grpc.RpcError) as err:
         c2.stub.Heartbeat(pb.HeartbeatRequest(role=pb.ROLE_WORKER, member_id=b.member_id,
-                                              incarnation=b.incarnation), timeout=TIMEOUT_S)
+                                              incarnation=b.incarnation, credential=b.credential), timeout=TIMEOUT_S)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     released = _acquire(c2.stub, newcomer)
     assert (released.status, released.partition) == (pb.ASSIGNMENT_STATUS_ASSIGNED, held[b.member_id].partition)
@@ -416,7 +419,8 @@ def test_a_drained_server_restarts_with_exactly_its_state(tmp_path, closing, cap
     fp = c.client.shard_map.fingerprint
     stub = c.stub(new)
     header = ps_pb2.PushRequest(header=ps_pb2.PushHeader(
-        caller=ps_pb2.Caller(worker_id=c.client.worker_id, incarnation=c.client.incarnation),
+        caller=ps_pb2.Caller(worker_id=c.client.worker_id, incarnation=c.client.incarnation,
+                             credential=c.client.identity.credential),
         shard=0, step=3, base_version=3, model_fingerprint=fp))
     dup = stub.Push(iter([header]), timeout=TIMEOUT_S)
     assert dup.duplicate and dup.shard_version == 4

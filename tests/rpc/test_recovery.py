@@ -43,17 +43,18 @@ def train_step(model, ps, split, gen) -> bool:
     return ps.push()
 
 
-def evict(address: str, worker_id: int, incarnation: int) -> None:
-    """Leave on the worker's behalf: to the job it is now a departed member."""
+def evict(address: str, me) -> None:
+    """Leave on the worker's behalf (with its credential, as only it could): to the job it is
+    now a departed member."""
     stub = scheduler_pb2_grpc.SchedulerStub(grpcutil.channel(address))
-    stub.Leave(scheduler_pb2.LeaveRequest(role=scheduler_pb2.ROLE_WORKER, member_id=worker_id,
-                                          incarnation=incarnation), timeout=TIMEOUT_S)
+    stub.Leave(scheduler_pb2.LeaveRequest(role=scheduler_pb2.ROLE_WORKER, member_id=me.worker_id,
+                                          incarnation=me.incarnation, credential=me.credential), timeout=TIMEOUT_S)
 
 
 def evicted_and_known(c, ps) -> int:
     """Evict `ps`'s worker and wait until both shards refuse its incarnation."""
     first = ps.client.incarnation
-    evict(c.address, ps.worker_id, first)
+    evict(c.address, ps.client.identity)
     poll(lambda: all(first <= srv.shard.dead.get(ps.worker_id, -1) for srv in c.servers),
          what="both shards to learn of the eviction")
     return first
@@ -91,10 +92,10 @@ def test_a_stale_refusal_reaches_the_client_as_its_type_with_the_member_named(cl
     model = models.build("digits-mlp", seed=0)
     with PSClient.connect(c.address, model, name="w") as ps:
         me = ps.client.identity
-        evict(c.address, me.worker_id, me.incarnation)
+        evict(c.address, me)
         stub = scheduler_pb2_grpc.SchedulerStub(grpcutil.channel(c.address))
         req = scheduler_pb2.HeartbeatRequest(role=scheduler_pb2.ROLE_WORKER, member_id=me.worker_id,
-                                             incarnation=me.incarnation)
+                                             incarnation=me.incarnation, credential=me.credential)
         with pytest.raises(errors.StaleIncarnation) as exc:
             grpcutil.call(stub.Heartbeat, req, TIMEOUT_S)
         assert exc.value.metadata["member"] == str(me.worker_id)

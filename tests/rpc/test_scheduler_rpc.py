@@ -6,7 +6,7 @@ import time
 import grpc
 import pytest
 
-from shardps.pscommon import grpcutil
+from shardps.pscommon import credentials, grpcutil
 from shardps.pscommon.config import JobSpec
 from shardps.pscommon.wire.v1 import job_pb2, ps_pb2, ps_pb2_grpc, scheduler_pb2 as pb, scheduler_pb2_grpc, tensor_pb2
 from shardps.scheduler.daemon import SchedulerConfig, SchedulerProcess
@@ -23,16 +23,24 @@ class Sched:
         self.channel = grpcutil.channel(self.proc.address)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
 
-    def join(self, name="", worker_id=-1):
-        return self.stub.JoinWorker(pb.JoinWorkerRequest(name=name, worker_id=worker_id), timeout=TIMEOUT_S)
+    def cred(self, member, incarnation, role=pb.ROLE_WORKER) -> bytes:
+        """The member's credential, as its lease carried it (the test holds the job key)."""
+        return credentials.issue(self.proc.core.member_key, "server" if role == pb.ROLE_SERVER else "worker",
+                                 member, incarnation)
+
+    def join(self, name="", worker_id=-1, incarnation=0):
+        cred = self.cred(worker_id, incarnation) if worker_id > 0 else b""
+        return self.stub.JoinWorker(pb.JoinWorkerRequest(name=name, worker_id=worker_id, incarnation=incarnation,
+                                                         credential=cred), timeout=TIMEOUT_S)
 
     def heartbeat(self, member, incarnation, clock=0, role=pb.ROLE_WORKER):
         return self.stub.Heartbeat(pb.HeartbeatRequest(role=role, member_id=member, incarnation=incarnation,
-                                                       clock=clock), timeout=TIMEOUT_S)
+                                                       clock=clock, credential=self.cred(member, incarnation, role)),
+                                   timeout=TIMEOUT_S)
 
     def leave(self, member, incarnation, role=pb.ROLE_WORKER):
-        return self.stub.Leave(pb.LeaveRequest(role=role, member_id=member, incarnation=incarnation),
-                               timeout=TIMEOUT_S)
+        return self.stub.Leave(pb.LeaveRequest(role=role, member_id=member, incarnation=incarnation,
+                                               credential=self.cred(member, incarnation, role)), timeout=TIMEOUT_S)
 
     def status(self):
         return self.stub.Status(pb.StatusRequest(), timeout=TIMEOUT_S)
@@ -266,7 +274,8 @@ def test_servers_follow_membership_through_the_watch(cluster):
     wid, inc = joined.lease.member_id, joined.lease.incarnation
     poll(lambda: ps.view >= joined.view, what="the shard to adopt the join")
     assert ps.gate.live == {wid: inc}
-    left = stub.Leave(pb.LeaveRequest(role=pb.ROLE_WORKER, member_id=wid, incarnation=inc), timeout=TIMEOUT_S)
+    left = stub.Leave(pb.LeaveRequest(role=pb.ROLE_WORKER, member_id=wid, incarnation=inc,
+                                      credential=joined.lease.credential), timeout=TIMEOUT_S)
     poll(lambda: ps.view >= left.view, what="the shard to adopt the leave")
     assert ps.gate.live == {}
     # the shard reports the view it follows

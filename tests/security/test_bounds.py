@@ -49,7 +49,8 @@ def test_heartbeat_clock_beyond_json_is_refused_and_not_stored(job, clock):
     assert membership(attacker.stub) == before
     # the largest exact value is still a clock
     attacker.stub.Heartbeat(spb.HeartbeatRequest(role=spb.ROLE_WORKER, member_id=lease.member_id,
-                                                 incarnation=lease.incarnation, clock=JSON_SAFE), timeout=30)
+                                                 incarnation=lease.incarnation, clock=JSON_SAFE,
+                                                 credential=lease.credential), timeout=30)
     trains(client, SHAPES)
 
 

@@ -81,8 +81,11 @@ def members(attacker: Attacker) -> dict:
     return m
 
 
-def _join(attacker: Attacker, worker_id: int = -1):
-    return attacker.stub.JoinWorker(spb.JoinWorkerRequest(name="churn", worker_id=worker_id), timeout=TIMEOUT_S)
+def _join(attacker: Attacker, worker_id: int = -1, lease=None):
+    """A join, or with the worker's last `lease` a rejoin under its id (only it may)."""
+    proof = {"incarnation": lease.incarnation, "credential": lease.credential} if lease is not None else {}
+    return attacker.stub.JoinWorker(spb.JoinWorkerRequest(name="churn", worker_id=worker_id, **proof),
+                                    timeout=TIMEOUT_S)
 
 
 def _first_refusal(attacker: Attacker, attempts: int) -> grpc.RpcError:
@@ -138,7 +141,8 @@ def _churn(attacker: Attacker, cycles: int) -> list:
     for _ in range(cycles):
         lease = _join(attacker).lease
         attacker.stub.Leave(spb.LeaveRequest(role=spb.ROLE_WORKER, member_id=lease.member_id,
-                                             incarnation=lease.incarnation), timeout=TIMEOUT_S)
+                                             incarnation=lease.incarnation, credential=lease.credential),
+                            timeout=TIMEOUT_S)
         leases.append(lease)
     return leases
 
@@ -160,9 +164,10 @@ def _stale(attacker: Attacker, lease) -> None:
     """The pruned (id, incarnation) is refused with the typed stale error, heartbeat and leave."""
     for method, request in (
             ("Heartbeat", spb.HeartbeatRequest(role=spb.ROLE_WORKER, member_id=lease.member_id,
-                                               incarnation=lease.incarnation, clock=1)),
+                                               incarnation=lease.incarnation, clock=1,
+                                               credential=lease.credential)),
             ("Leave", spb.LeaveRequest(role=spb.ROLE_WORKER, member_id=lease.member_id,
-                                       incarnation=lease.incarnation))):
+                                       incarnation=lease.incarnation, credential=lease.credential))):
         err = attacker.refused(method, request)
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, (method, err)
         info = error_info(err)
@@ -200,7 +205,7 @@ def test_a_worker_pruned_while_away_rejoins_under_its_id(job):
     j = job(MembershipLimits(join_rate=0, dead_retention_s=0.0))
     (lease,) = _churn(j.attacker, 1)
     poll(lambda: lease.member_id not in _workers(j.attacker), what="the departed worker to be pruned")
-    back = _join(j.attacker, worker_id=lease.member_id).lease
+    back = _join(j.attacker, worker_id=lease.member_id, lease=lease).lease
     assert back.member_id == lease.member_id and back.incarnation > lease.incarnation
     _stale(j.attacker, lease)   # its old incarnation stays stale
     # an id never issued is still unknown

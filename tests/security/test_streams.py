@@ -34,6 +34,7 @@ from shardps.scheduler.daemon import SERVICE as SCHEDULER
 from shardps.scheduler.daemon import SchedulerConfig, SchedulerProcess
 
 from rpc.helpers import push_header, snapshot
+from shardps.pscommon import credentials
 
 from .helpers import TIMEOUT_S, error_info, poll, trains, worker
 
@@ -175,14 +176,20 @@ def test_sixteen_idle_pushes_on_one_connection_are_capped_and_training_goes_on(j
         shared.close()
 
 
+def member_push_header(j, step: int):
+    """A push header with a member's credential (made with the server's job key): a stream
+    the server takes and then waits on, as it would a slow worker's."""
+    cred = credentials.issue(j.server.servicer.member_key, "worker", 1, 1)
+    return push_header(j.fingerprint, worker=1, incarnation=1, step=step, credential=cred)
+
+
 def test_health_answers_and_idle_pushes_end_when_every_data_thread_is_held(job):
     """16 connections with one idle push each: under every per-connection cap, they take the
     whole data pool. A health probe still answers (its own pool), and once the streams have
     been idle for the timeout they are ended, nothing is applied, and training goes on."""
     j = job(StreamLimits(idle_timeout_s=60.0))
     before = j.state()
-    streams = [Idle(j.server.address, messages=[push_header(j.fingerprint, worker=1, incarnation=1, step=i)])
-               for i in range(DATA_THREADS)]
+    streams = [Idle(j.server.address, messages=[member_push_header(j, step=i)]) for i in range(DATA_THREADS)]
     j.attackers.extend(streams)
     poll(lambda: _saturated(j.stub), what="the idle pushes to hold every data-plane thread")
     assert j.serving(j.server.address, timeout=10.0) == health_pb2.HealthCheckResponse.SERVING
@@ -208,7 +215,7 @@ def test_health_answers_and_idle_pushes_end_when_every_data_thread_is_held(job):
 def test_a_push_stream_that_goes_quiet_is_ended_after_the_idle_timeout(job, sent):
     j = job(StreamLimits(idle_timeout_s=0.5))
     before = j.state()
-    messages = [] if sent == "nothing" else [push_header(j.fingerprint, worker=1, incarnation=1, step=5)]
+    messages = [] if sent == "nothing" else [member_push_header(j, step=5)]
     stub = ps_pb2_grpc.ParameterServerStub(j.channel)
     released = threading.Event()
 

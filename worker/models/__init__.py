@@ -1,4 +1,4 @@
-"""Built-in models by name. Each entry builds the module and names its dataset."""
+"""Built-in models by name. Each entry builds the module and names its dataset and task."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,13 +10,15 @@ from torch import nn
 from shardps.pscommon.errors import InvalidArgument
 
 from shardps.worker import data
+from shardps.worker.models import ctr_sparse
 from shardps.worker.models.ctr import CTRModel, ctr_data
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
     build: Callable[[], nn.Module]
-    dataset: Callable[[], data.Split]
+    dataset: Callable[[], object]     # data.Split for classification, ctr_sparse.ClickSplit for clicks
+    task: object = data.CLASSIFICATION  # inputs, loss and held-out metrics (data.Classification's methods)
 
 
 def digits_mlp() -> nn.Module:
@@ -35,6 +37,9 @@ BUILTIN = {
     "digits-mlp": ModelEntry(digits_mlp, lambda: data.digits(image=False)),
     "digits-cnn": ModelEntry(digits_cnn, lambda: data.digits(image=True)),
     "ctr": ModelEntry(CTRModel, ctr_data),
+    # rows in a sharded table keyed by the raw 64-bit ids; train with an optimizer that has a
+    # sparse form (sgd, adagrad, adam): `--optimizer adagrad --lr 0.02 --initial-accumulator 1e-6`
+    "ctr-sparse": ModelEntry(ctr_sparse.CTRShardedModel, ctr_sparse.click_data, ctr_sparse.CLICK),
 }
 
 
@@ -45,7 +50,8 @@ def entry(model: str, data_spec: str | None = None) -> ModelEntry:
         return BUILTIN[model]
     build_fn = BUILTIN[model].build if model in BUILTIN else (lambda: loading.build_model(model))
     if data_spec:
-        return ModelEntry(build_fn, lambda: loading.load_data(data_spec))
+        task = BUILTIN[model].task if model in BUILTIN else data.CLASSIFICATION
+        return ModelEntry(build_fn, lambda: loading.load_data(data_spec), task)
     if model not in BUILTIN:
         raise InvalidArgument(f"--model {model!r} is not built in ({', '.join(sorted(BUILTIN))}): "
                               "give its data with --data module:function")

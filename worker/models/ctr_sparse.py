@@ -22,15 +22,24 @@ The test split comes from its own random stream: logs of any n_train with the sa
 vocab and exponent share one test set, hence one teacher AUC.
 
 The single-process reference model (CTRSparseModel) takes dense row indices from
-`dense_indices`; the sharded version will key rows by the raw 64-bit ids instead.
+`dense_indices`; the sharded one (CTRShardedModel, the built-in `ctr-sparse`) keys the rows
+of a shardps table by the raw 64-bit ids. `click_data` is the built-in workload's log as
+torch tensors, and `ClickPrediction` the worker loop's task for it: binary cross-entropy,
+held-out AUC and log loss beside the teacher's.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from shardps.pscommon.errors import FailedPrecondition
+from shardps.worker.embedding import ShardedEmbedding
 
 FIELDS = 26
 DENSE = 13
@@ -301,3 +310,139 @@ class CTRSparseModel(nn.Module):
     def dense_parameters(self) -> list[nn.Parameter]:
         sparse = {id(p) for p in self.sparse_parameters()}
         return [p for p in self.parameters() if id(p) not in sparse]
+
+
+# -- the built-in workload: `psctl worker --model ctr-sparse` -------------------------------------
+# One pass over TRAIN_SAMPLES is 195 steps of 1024 (`--epochs 1 --batch-size 1024`). 200k, not
+# the 400k of bench/ctr_sparse_reference.py's defaults: generating 400k + 50k samples takes 4-8 s
+# on a busy 2-core machine, and every worker generates its own copy before it joins. The test
+# set is the reference's (50k, seed 0): teacher AUC 0.832 whatever n_train is.
+TRAIN_SAMPLES = 200_000
+TEST_SAMPLES = 50_000
+DATA_SEED = 0
+TABLE = "ctr"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClickSplit:
+    """A click log as tensors: ids int64 (n, FIELDS), dense float32 (n, DENSE), labels float32."""
+
+    ids_train: torch.Tensor
+    dense_train: torch.Tensor
+    y_train: torch.Tensor
+    ids_test: torch.Tensor
+    dense_test: torch.Tensor
+    y_test: torch.Tensor
+    teacher: dict          # the teacher's held-out metrics: teacher_auc, teacher_logloss
+
+
+def click_split(log: ClickLog) -> ClickSplit:
+    y_test = torch.from_numpy(log.labels_test)
+    teacher_logits = torch.from_numpy(log.teacher_logits_test)
+    teacher = {"teacher_auc": round(teacher_auc(log), 4),
+               "teacher_logloss": round(F.binary_cross_entropy_with_logits(teacher_logits, y_test).item(), 4)}
+    return ClickSplit(torch.from_numpy(log.ids_train), torch.from_numpy(log.dense_train),
+                      torch.from_numpy(log.labels_train), torch.from_numpy(log.ids_test),
+                      torch.from_numpy(log.dense_test), y_test, teacher)
+
+
+@functools.lru_cache(maxsize=2)
+def click_data(n_train: int = TRAIN_SAMPLES, n_test: int = TEST_SAMPLES, seed: int = DATA_SEED) -> ClickSplit:
+    """The built-in workload's data: the same log in every worker (a fixed seed, no download)."""
+    return click_split(make_click_log(n_train, n_test, seed=seed))
+
+
+class CTRShardedModel(nn.Module):
+    """CTRSparseModel (wide & deep, the same head) over one shardps table keyed by the raw
+    64-bit ids of every field.
+
+    One table for all fields: a field's ids are distinct from every other field's (the ids
+    are per-field bijections spread over 64 bits), so the fields need no offsets, and a step
+    is one row pull and one row push per shard whatever the field count (a table per field
+    would be 26 pull calls per shard and step). One row per id holds both of the reference's
+    rows: column 0 is the wide weight, columns 1..dim the deep embedding, so a batch's ids are
+    looked up, sent and updated once instead of twice (a dim-1 row alone costs 8 bytes of id
+    on the wire for 4 of value). The optimizers are per coordinate (sgd, adagrad) or per row
+    with one step count per table (lazy adam), so the update is the reference's. The one
+    difference: the wide column starts as normal(`scale`) like the rest of the row (a table
+    has one initializer) where the reference starts it at zero; summed over 26 fields that is
+    a logit of about +-0.05 at the start.
+
+    The rows are a ShardedEmbedding over the (batch, fields) ids: the reference's deep
+    EmbeddingBag has bags of one id, i.e. it is an embedding lookup, and its wide bag (the
+    fields of a sample) is the sum of column 0 over the fields.
+    """
+
+    def __init__(self, fields: int = FIELDS, dense: int = DENSE, dim: int = DIM,
+                 hidden: tuple[int, ...] = (64, 32), table: str = TABLE, scale: float = 0.01, seed: int = 0):
+        super().__init__()
+        self.fields, self.dim = fields, dim
+        # the table's spec is part of the job: every worker declares the same (seed fixed,
+        # not the worker's --seed)
+        self.emb = ShardedEmbedding(table, 1 + dim, initializer="normal", scale=scale, seed=seed)
+        self.wide_dense = nn.Linear(dense, 1)
+        layers: list[nn.Module] = []
+        width = fields * dim + dense
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.mlp = nn.Sequential(*layers, nn.Linear(width, 1))
+
+    def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """ids int64 (B, fields) raw 64-bit ids, dense float32 (B, dense) -> a logit per sample (B,)."""
+        if ids.dim() != 2 or ids.shape[1] != self.fields:
+            raise ValueError(f"ids must be (batch, {self.fields}), got {tuple(ids.shape)}")
+        batch = ids.shape[0]
+        rows = self.emb(ids)                                    # (B, fields, 1 + dim)
+        wide = rows[:, :, 0].sum(dim=1, keepdim=True) + self.wide_dense(dense)
+        emb = rows[:, :, 1:].reshape(batch, self.fields * self.dim)
+        return (wide + self.mlp(torch.cat([emb, dense], dim=1))).squeeze(1)
+
+    def row_ids(self, ids: torch.Tensor, dense: torch.Tensor) -> dict:
+        """The ids each sharded module reads for these inputs (what the loop fetches before
+        the forward): {module: ids}."""
+        return {self.emb: ids}
+
+
+EVAL_BATCH = 8192
+
+
+class ClickPrediction:
+    """The worker loop's task for ctr-sparse: inputs (ids, dense), binary cross-entropy on one
+    logit per sample, held-out AUC and log loss, the teacher's beside them."""
+
+    name = "click"
+
+    def size(self, split: ClickSplit) -> int:
+        return len(split.y_train)
+
+    def batch(self, split: ClickSplit, idx: torch.Tensor, device) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        return ((split.ids_train[idx].to(device), split.dense_train[idx].to(device)),
+                split.y_train[idx].to(device))
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(out, y)
+
+    def evaluate(self, model: nn.Module, split: ClickSplit, fetch_rows: Callable | None = None) -> dict:
+        """Held-out AUC and log loss over the whole test set. `fetch_rows({module: ids})` loads
+        the rows of the test ids (the worker reads them without creating any: rows of ids no
+        one trained on read as their initial value)."""
+        if fetch_rows is None:
+            raise FailedPrecondition("evaluating ctr-sparse needs its table's rows: pass fetch_rows")
+        device = next(model.parameters()).device
+        ids, dense = split.ids_test.to(device), split.dense_test.to(device)
+        fetch_rows(model.row_ids(ids, dense))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                logits = torch.cat([model(i, d) for i, d in zip(ids.split(EVAL_BATCH), dense.split(EVAL_BATCH))])
+        finally:
+            model.train(was_training)
+        logits = logits.to("cpu", torch.float32)
+        logloss = F.binary_cross_entropy_with_logits(logits, split.y_test).item()
+        return {"eval_auc": round(auc(split.y_test.numpy(), logits.numpy()), 4),
+                "eval_logloss": round(logloss, 4), **split.teacher}
+
+
+CLICK = ClickPrediction()

@@ -129,14 +129,16 @@ class KeySpec(_message.Message):
     def __init__(self, key: _Optional[str] = ..., param: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., param_shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., shard: _Optional[int] = ...) -> None: ...
 
 class Caller(_message.Message):
-    __slots__ = ("worker_id", "incarnation", "observer")
+    __slots__ = ("worker_id", "incarnation", "observer", "credential")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     OBSERVER_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     incarnation: int
     observer: bool
-    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., observer: _Optional[bool] = ...) -> None: ...
+    credential: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., observer: _Optional[bool] = ..., credential: _Optional[bytes] = ...) -> None: ...
 
 class DeclareHeader(_message.Message):
     __slots__ = ("model_fingerprint", "shard", "keys", "job", "seed", "tables")

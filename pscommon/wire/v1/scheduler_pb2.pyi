@@ -42,14 +42,16 @@ ASSIGNMENT_STATUS_WAIT: AssignmentStatus
 ASSIGNMENT_STATUS_DONE: AssignmentStatus
 
 class Lease(_message.Message):
-    __slots__ = ("member_id", "incarnation", "ttl_s")
+    __slots__ = ("member_id", "incarnation", "ttl_s", "credential")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     member_id: int
     incarnation: int
     ttl_s: float
-    def __init__(self, member_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+    credential: bytes
+    def __init__(self, member_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., ttl_s: _Optional[float] = ..., credential: _Optional[bytes] = ...) -> None: ...
 
 class RegisterServerRequest(_message.Message):
     __slots__ = ("address", "shard")
@@ -60,24 +62,30 @@ class RegisterServerRequest(_message.Message):
     def __init__(self, address: _Optional[str] = ..., shard: _Optional[int] = ...) -> None: ...
 
 class RegisterServerReply(_message.Message):
-    __slots__ = ("lease", "shard", "job", "view")
+    __slots__ = ("lease", "shard", "job", "view", "member_key")
     LEASE_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     VIEW_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_KEY_FIELD_NUMBER: _ClassVar[int]
     lease: Lease
     shard: int
     job: _job_pb2.JobSpec
     view: int
-    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., shard: _Optional[int] = ..., job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., view: _Optional[int] = ...) -> None: ...
+    member_key: bytes
+    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., shard: _Optional[int] = ..., job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., view: _Optional[int] = ..., member_key: _Optional[bytes] = ...) -> None: ...
 
 class JoinWorkerRequest(_message.Message):
-    __slots__ = ("name", "worker_id")
+    __slots__ = ("name", "worker_id", "incarnation", "credential")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     name: str
     worker_id: int
-    def __init__(self, name: _Optional[str] = ..., worker_id: _Optional[int] = ...) -> None: ...
+    incarnation: int
+    credential: bytes
+    def __init__(self, name: _Optional[str] = ..., worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., credential: _Optional[bytes] = ...) -> None: ...
 
 class JoinWorkerReply(_message.Message):
     __slots__ = ("lease", "job", "view", "start_clock")
@@ -92,16 +100,18 @@ class JoinWorkerReply(_message.Message):
     def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., view: _Optional[int] = ..., start_clock: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("role", "member_id", "incarnation", "clock")
+    __slots__ = ("role", "member_id", "incarnation", "clock", "credential")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     role: Role
     member_id: int
     incarnation: int
     clock: int
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., member_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ...) -> None: ...
+    credential: bytes
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., member_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., credential: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("view",)
@@ -110,16 +120,18 @@ class HeartbeatReply(_message.Message):
     def __init__(self, view: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("role", "member_id", "incarnation", "clock")
+    __slots__ = ("role", "member_id", "incarnation", "clock", "credential")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     role: Role
     member_id: int
     incarnation: int
     clock: int
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., member_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ...) -> None: ...
+    credential: bytes
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., member_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., credential: _Optional[bytes] = ...) -> None: ...
 
 class LeaveReply(_message.Message):
     __slots__ = ("view",)
@@ -287,16 +299,18 @@ class EpochRecord(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., completed_by: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
 class AcquirePartitionRequest(_message.Message):
-    __slots__ = ("worker_id", "incarnation", "num_partitions", "max_epochs")
+    __slots__ = ("worker_id", "incarnation", "num_partitions", "max_epochs", "credential")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     NUM_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     incarnation: int
     num_partitions: int
     max_epochs: int
-    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., num_partitions: _Optional[int] = ..., max_epochs: _Optional[int] = ...) -> None: ...
+    credential: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., num_partitions: _Optional[int] = ..., max_epochs: _Optional[int] = ..., credential: _Optional[bytes] = ...) -> None: ...
 
 class AcquirePartitionReply(_message.Message):
     __slots__ = ("status", "epoch", "partition", "num_partitions")
@@ -311,16 +325,18 @@ class AcquirePartitionReply(_message.Message):
     def __init__(self, status: _Optional[_Union[AssignmentStatus, str]] = ..., epoch: _Optional[int] = ..., partition: _Optional[int] = ..., num_partitions: _Optional[int] = ...) -> None: ...
 
 class CompletePartitionRequest(_message.Message):
-    __slots__ = ("worker_id", "incarnation", "epoch", "partition")
+    __slots__ = ("worker_id", "incarnation", "epoch", "partition", "credential")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     incarnation: int
     epoch: int
     partition: int
-    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., epoch: _Optional[int] = ..., partition: _Optional[int] = ...) -> None: ...
+    credential: bytes
+    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., epoch: _Optional[int] = ..., partition: _Optional[int] = ..., credential: _Optional[bytes] = ...) -> None: ...
 
 class CompletePartitionReply(_message.Message):
     __slots__ = ("data",)
