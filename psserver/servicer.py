@@ -298,7 +298,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def PushBatch(self, request, context):
         if not request.HasField("header"):
             raise InvalidArgument("PushBatch without a header")
-        return self._push(request.header, request.chunks)
+        return self._push(request.header, request.chunks, request.rows)
 
     def _push(self, header, chunks, rows=()):
         self._check_shard(header.shard)
@@ -335,27 +335,41 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     @servicer_errors
     def PullRows(self, request, context):
         """Rows by id through the pull gate; the reply's blocks follow the request's order."""
+        header, blocks = self._pull_rows(request, context)
+        yield ps_pb2.PullRowsReply(header=header)
+        yield from (ps_pb2.PullRowsReply(rows=b) for b in blocks)
+
+    @servicer_errors
+    def PullRowsBatch(self, request, context):
+        """PullRows in one message; refused before the gate when its reply could pass 1 MiB."""
+        header, blocks = self._pull_rows(request, context, max_bytes=BATCH_BYTES)
+        return ps_pb2.PullRowsBatchReply(header=header, rows=list(blocks))
+
+    def _pull_rows(self, request, context, max_bytes: int | None = None):
         self._check_shard(request.shard)
         self._check_credential(request.caller)
         self._check_model(request.model_fingerprint)
         dtype = tables.row_dtype(request.dtype, "PullRows")
-        asks = []
+        asks, size = [], 0
         for block in request.rows:
             what = f"PullRows of table {block.table!r}"
             if block.values:
                 raise InvalidArgument(f"{what}: a pull names ids only, it carries no values")
             ids = tables.ids_from_bytes(block.ids, what)
-            self.shard.check_rows(block.table, ids)
+            dim = self.shard.check_rows(block.table, ids)
             asks.append((block.table, ids))
+            size += len(block.ids) + len(ids) * dim * tables.ROW_ITEMSIZE[dtype] + BATCH_KEY_OVERHEAD
+        if max_bytes is not None and size > max_bytes:
+            raise ResourceExhausted(f"a one-message row pull may need {size} bytes, more than {max_bytes}; "
+                                    "use PullRows")
         remaining = context.time_remaining()
         version, next_step, waited = self.shard.wait_pull(
             request.caller.worker_id, request.caller.incarnation, request.step,
             (remaining if remaining is not None else DATA_TIMEOUT_S) * 0.8, observer=request.caller.observer)
         values = self.shard.read_rows(asks, observer=request.caller.observer)
-        yield ps_pb2.PullRowsReply(header=ps_pb2.PullHeader(shard_version=version, wait_s=waited, next_step=next_step))
-        for (table, ids), rows in zip(asks, values):
-            for block in tables.row_blocks(table, ids, rows, dtype):
-                yield ps_pb2.PullRowsReply(rows=block)
+        blocks = (block for (table, ids), rows in zip(asks, values)
+                  for block in tables.row_blocks(table, ids, rows, dtype))
+        return ps_pb2.PullHeader(shard_version=version, wait_s=waited, next_step=next_step), blocks
 
     @servicer_errors
     def Inspect(self, request, context):

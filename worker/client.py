@@ -32,7 +32,7 @@ from shardps.pscommon.tensors import ChunkAssembler
 from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, tensor_pb2
 from shardps.worker import rows
 from shardps.worker.compression import ErrorFeedback
-from shardps.worker.push import StreamingPush, encoded_frames, push_call
+from shardps.worker.push import StreamingPush, encoded_frames, push_call, row_bytes
 from shardps.worker.session import Identity, Session, SessionConfig
 from shardps.worker.transport import Transport
 
@@ -78,13 +78,14 @@ class _Plan:
     shard_map: ShardMap
     batched: frozenset[int]               # shards whose keys go in one PullBatch/PushBatch
     pull_groups: dict[int, list[list[Key]]]
+    dense_bytes: dict[int, int]           # each shard's keys, fp32
 
     @classmethod
     def of(cls, smap: ShardMap, num_shards: int, pull_streams: int) -> "_Plan":
         nbytes = {s: sum(k.nbytes for k in smap.keys_of(s)) for s in range(num_shards)}
         batched = frozenset(s for s, n in nbytes.items() if n <= BATCH_BYTES)
         groups = {s: _balanced(smap.keys_of(s), 1 if s in batched else pull_streams) for s in range(num_shards)}
-        return cls(smap, batched, groups)
+        return cls(smap, batched, groups, nbytes)
 
 
 def _balanced(keys: list[Key], n: int) -> list[list[Key]]:
@@ -384,9 +385,9 @@ class ShardClient:
         return StreamingPush(self, self.session.identity.clock, self.shard_versions(), eager)
 
     def fits_batch(self, shard: int) -> bool:
-        """Whether a push of every key of `shard` goes as one PushBatch message (never with
-        tables: row blocks travel in the Push stream only)."""
-        return shard in self._plan.batched and not self._tables
+        """Whether a push of every key of `shard` goes as one PushBatch message (a shard whose
+        dense keys fit; with tables, send_push still streams a step whose rows do not)."""
+        return shard in self._plan.batched
 
     # -- embedding rows ------------------------------------------------------------------
     def row_dtype(self, codec: CodecConfig) -> int:
@@ -462,12 +463,21 @@ class ShardClient:
                                      model_fingerprint=self.shard_map.fingerprint,
                                      rows=[ps_pb2.RowBlock(table=t, ids=tables.ids_to_bytes(i)) for t, i in asks])
 
-        def once(stub):
+        itemsize = tables.ROW_ITEMSIZE[dtype]
+        reply_bytes = sum(len(i) * (8 + self._tables[t].dim * itemsize) + 160 for t, i in asks)
+
+        def read(stub):
+            """The reply's blocks: one message when it fits (no stream, no thread per call)."""
+            if reply_bytes <= BATCH_BYTES:
+                return list(stub.PullRowsBatch(req, timeout=self.cfg.data_timeout_s).rows)
             replies = stub.PullRows(req, timeout=self.cfg.data_timeout_s)
             first = next(replies, None)
             if first is None or first.WhichOneof("body") != "header":
                 raise Internal(f"shard {shard} answered a row pull without a header first")
-            blocks = [r.rows for r in replies]
+            return [r.rows for r in replies]
+
+        def once(stub):
+            blocks = read(stub)
             by_table: dict[str, list[np.ndarray]] = {}
             for b in blocks:
                 if b.table not in self._tables:
@@ -516,8 +526,11 @@ class ShardClient:
                     self._compressor.encoded(*pre, lossless=self.job.lossless))
             return encoded[k.key]
 
-        call = push_call(header, lambda: encoded_frames(feed, encode, sizes), self.fits_batch(shard),
-                         self.cfg.data_timeout_s)
+        # the dense keys fit one message; the step's rows must too (they are known by now: a
+        # batched shard's call starts once every gradient was handed over)
+        batched = self.fits_batch(shard) and (not self._tables or
+                                              self._plan.dense_bytes[shard] + row_bytes(feed) <= BATCH_BYTES)
+        call = push_call(header, lambda: encoded_frames(feed, encode, sizes), batched, self.cfg.data_timeout_s)
         reply = self._on_shard(shard, call)
         with self._lock:
             self.traffic.logical_sent += sizes["logical"]

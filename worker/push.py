@@ -33,6 +33,11 @@ class RowsKey:
     dtype: int
 
 
+def row_bytes(feed: "_Feed") -> int:
+    """The bytes of the row gradients in a complete feed (ids and float32 values)."""
+    return sum(pre[0].nbytes + pre[1].nbytes for k, _, pre in feed.items if isinstance(k, RowsKey))
+
+
 class _Feed:
     """One shard's gradients for one step, in arrival order. Iterating blocks until the next
     one arrives (or the deadline passes); each iteration starts over, so a retried stream
@@ -76,8 +81,13 @@ def push_call(header: ps_pb2.PushHeader, frames: Callable[[], list | object], ba
     stream of the header and the frames. `frames()` is called per attempt: a retry sends
     everything again."""
     if batched:
-        return lambda stub: stub.PushBatch(batch(ps_pb2.PushBatchRequest(header=header), list(frames())),
-                                           timeout=timeout_s)
+        def one_message(stub):
+            items = list(frames())
+            # row blocks come as PushRequest messages: in a batch they go in its `rows`
+            rows = [m.rows for m in items if isinstance(m, ps_pb2.PushRequest)]
+            chunks = [f for f in items if not isinstance(f, ps_pb2.PushRequest)]
+            return stub.PushBatch(batch(ps_pb2.PushBatchRequest(header=header, rows=rows), chunks), timeout=timeout_s)
+        return one_message
     return lambda stub: stub.Push(itertools.chain([ps_pb2.PushRequest(header=header)], frames()),
                                   timeout=timeout_s)
 

@@ -108,6 +108,7 @@ RAW_METHODS = {  # method -> (request type, kind of call)
     "Checkpoint": (ps_pb2.CheckpointRequest, "unary-unary"),
     "PullRows": (ps_pb2.PullRowsRequest, "unary-stream"),
     "ScanRows": (ps_pb2.ScanRowsRequest, "unary-stream"),
+    "PullRowsBatch": (ps_pb2.PullRowsRequest, "unary-unary"),
 }
 
 def fuzz(max_examples: int):
@@ -942,7 +943,7 @@ def valid_serialized(method: str) -> list[bytes]:
     if method == "PushBatch":
         head = ps_pb2.PushHeader(caller=ps_pb2.Caller(worker_id=DEAD_WORKER, incarnation=1), model_fingerprint=FP)
         return [ps_pb2.PushBatchRequest(header=head, chunks=good_chunks("zz", GRAD["w"], step=16)).SerializeToString()]
-    if method == "PullRows":   # the fuzzed shard holds no table: a decodable ask names an unknown one
+    if method in ("PullRows", "PullRowsBatch"):   # the fuzzed shard holds no table: a decodable ask names an unknown one
         return [ps_pb2.PullRowsRequest(caller=ps_pb2.Caller(worker_id=3, incarnation=1, observer=True),
                                        model_fingerprint=FP,
                                        rows=[ps_pb2.RowBlock(table="t", ids=bytes(16))]).SerializeToString()]
@@ -1027,7 +1028,8 @@ def test_raw_bytes_to_every_method(live):
         # real pull may still be valid); a Declare can at most repeat the existing declaration
         result = live.outcome(f"{method} decodable={ok_decode}", call,
                               may_succeed=ok_decode and method in ("ShardStatus", "Inspect", "Pull", "PullBatch",
-                                                                  "PullRows", "ScanRows", "Declare"))
+                                                                  "PullRows", "PullRowsBatch", "ScanRows",
+                                                                  "Declare"))
         if result == "undecodable-request-is-INTERNAL":
             assert not ok_decode, f"{method}: a decodable request got the deserialization error"
     run()

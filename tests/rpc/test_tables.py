@@ -240,3 +240,29 @@ def test_a_bad_policy_is_refused():
     for bad in (dict(admit_after=0), dict(evict_idle_steps=0), dict(max_rows=-1), dict(admit_after=True)):
         with pytest.raises(InvalidArgument, match="must be an integer >= 1"):
             TablePolicy(**bad)
+
+
+def test_one_message_row_calls_match_the_streams(shard_server):
+    """PushBatch carries row blocks as Push does (the same update, once); PullRowsBatch
+    answers as PullRows, and refuses before the gate a reply that could pass 1 MiB."""
+    srv = shard_server(job=job())
+    declare(srv)
+    ids, g = ids_of(3, 4, 3), np.ones((3, 4), np.float32)
+    batch = ps_pb2.PushBatchRequest(header=push_header(FP).header,
+                                    rows=tables.row_blocks("emb", ids, g, tensor_pb2.DTYPE_FLOAT32))
+    assert not srv.stub.PushBatch(batch, timeout=TIMEOUT_S).duplicate
+    assert srv.stub.PushBatch(batch, timeout=TIMEOUT_S).duplicate          # a retry: applied once
+    req = ps_pb2.PullRowsRequest(caller=caller(0, 1), shard=0, step=1, model_fingerprint=FP,
+                                 rows=[ps_pb2.RowBlock(table="emb", ids=tables.ids_to_bytes(ids_of(3, 4)))])
+    one = srv.stub.PullRowsBatch(req, timeout=TIMEOUT_S)
+    got = tables.decode_rows(one.rows[0].values, one.rows[0].dtype, 2, EMB.dim, "reply")
+    _, streamed = pull_rows(srv, {"emb": ids_of(3, 4)}, step=1)
+    assert np.array_equal(got, streamed["emb"])
+    init = tables.initial_rows(EMB, ids_of(3, 4))
+    np.testing.assert_allclose(got, init - LR * np.array([[2.0] * 4, [1.0] * 4], np.float32), atol=1e-7)
+    big = ps_pb2.PullRowsRequest(caller=caller(0, 1), shard=0, step=1, model_fingerprint=FP,
+                                 rows=[ps_pb2.RowBlock(table="emb", ids=tables.ids_to_bytes(np.arange(50_000)))])
+    with pytest.raises(grpc.RpcError) as err:
+        srv.stub.PullRowsBatch(big, timeout=TIMEOUT_S)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "use PullRows" in err.value.details()
+    assert srv.shard.tables.stores["emb"].stats().rows == 2               # the refused pull created nothing

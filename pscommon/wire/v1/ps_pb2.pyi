@@ -261,12 +261,22 @@ class PullBatchReply(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class PushBatchRequest(_message.Message):
-    __slots__ = ("header", "chunks")
+    __slots__ = ("header", "chunks", "rows")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorChunk]
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ...) -> None: ...
+    rows: _containers.RepeatedCompositeFieldContainer[RowBlock]
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ...) -> None: ...
+
+class PullRowsBatchReply(_message.Message):
+    __slots__ = ("header", "rows")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    header: PullHeader
+    rows: _containers.RepeatedCompositeFieldContainer[RowBlock]
+    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("shard_version", "duplicate", "staleness")
