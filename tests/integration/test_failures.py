@@ -283,9 +283,7 @@ def test_shard_sigterm_under_load_drains_and_resumes(procs, mode):
     once), the final checkpoint holds every update applied, and once a replacement restores it
     every worker finishes with nothing applied twice or lost."""
     ckpt = procs.root / "ckpt"
-    # ssp, whose restored shard loses the updates after its last checkpoint, ended once at
-    # 0.949 with the default rate: a larger one leaves margin at no cost in steps
-    lr = {"sync": ("--lr", "0.5"), "ssp": ("--lr", "0.2")}.get(mode, ())
+    lr = {"sync": ("--lr", "0.5"), "ssp": ("--lr", "0.2")}.get(mode, ())   # as the kill test's
     sched = procs.scheduler("--mode", mode, "--servers", "2", "--heartbeat-timeout", str(HEARTBEAT_S), *lr)
     flags = ("--checkpoint-dir", str(ckpt), "--checkpoint-every", "30")
     procs.server(sched.address, 0, *flags)
