@@ -317,6 +317,23 @@ def unusable_message(where: str | os.PathLike, refused: list[Refused]) -> str:
     return f"no usable checkpoint in {where} ({len(refused)} refused: {listed})"
 
 
+def _verified_arrays(path: pathlib.Path, sha256: str, what: str) -> dict[str, np.ndarray]:
+    """The arrays of a safetensors file whose digest the sidecar recorded; _Unusable naming
+    the file when it is missing, unreadable, corrupt or unparsable."""
+    try:
+        digest = _sha256(path)
+    except FileNotFoundError:
+        raise _Unusable(f"{what} {path.name} is missing") from None
+    except OSError as exc:
+        raise _Unusable(f"{what} {path.name} is unreadable: {describe(exc)}") from None
+    if digest != sha256:
+        raise _Unusable(f"{what} {path.name} is corrupt (sha256 mismatch)")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise _Unusable(f"{what} {path.name} cannot be parsed: {_one_line(exc)}") from None
+
+
 class CheckpointStore:
     def __init__(self, root: str | os.PathLike, shard: int):
         self.dir = pathlib.Path(root) / f"shard-{shard}"
@@ -390,18 +407,7 @@ class CheckpointStore:
 
     def _load_tables(self, meta: dict) -> dict:
         path = self.dir / meta["file"]
-        try:
-            digest = _sha256(path)
-        except FileNotFoundError:
-            raise _Unusable(f"tables file {path.name} is missing") from None
-        except OSError as exc:
-            raise _Unusable(f"tables file {path.name} is unreadable: {describe(exc)}") from None
-        if digest != meta["sha256"]:
-            raise _Unusable(f"tables file {path.name} is corrupt (sha256 mismatch)")
-        try:
-            arrays = load_file(str(path))
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            raise _Unusable(f"tables file {path.name} cannot be parsed: {_one_line(exc)}") from None
+        arrays = _verified_arrays(path, meta["sha256"], "tables file")
         by_table: dict[str, dict] = {n: {} for n in meta["specs"]}
         for name, a in arrays.items():
             table, _, array = name.rpartition(TABLE_SEP)
@@ -422,19 +428,7 @@ class CheckpointStore:
         except (OSError, ValueError) as exc:
             raise _Unusable(f"unreadable: {describe(exc) if isinstance(exc, OSError) else exc}") from None
         check_meta(meta, self.shard, seq)
-        tensors_path = self.dir / meta["tensors_file"]
-        try:
-            digest = _sha256(tensors_path)
-        except FileNotFoundError:
-            raise _Unusable(f"tensors file {tensors_path.name} is missing") from None
-        except OSError as exc:
-            raise _Unusable(f"tensors file {tensors_path.name} is unreadable: {describe(exc)}") from None
-        if digest != meta["sha256"]:
-            raise _Unusable(f"tensors file {tensors_path.name} is corrupt (sha256 mismatch)")
-        try:
-            tensors = load_file(str(tensors_path))
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            raise _Unusable(f"tensors file {tensors_path.name} cannot be parsed: {_one_line(exc)}") from None
+        tensors = _verified_arrays(self.dir / meta["tensors_file"], meta["sha256"], "tensors file")
         check_tensors(meta, tensors)
         tables = self._load_tables(meta["tables"]) if "tables" in meta else {}
         return Snapshot(meta["shard"], meta["fingerprint"], meta["job"], meta["keys"], meta["versions"],

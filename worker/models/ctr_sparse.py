@@ -269,6 +269,15 @@ def dense_indices(*id_sets: np.ndarray) -> tuple[list[np.ndarray], int]:
     return np.split(out, np.cumsum(sizes)[:-1]), offset
 
 
+def _deep_head(width: int, hidden: tuple[int, ...]) -> nn.Sequential:
+    """The deep part's MLP, the same in the reference and the sharded model."""
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    return nn.Sequential(*layers, nn.Linear(width, 1))
+
+
 class CTRSparseModel(nn.Module):
     """Wide & deep over one shared embedding table (fields at their own row offsets).
 
@@ -288,12 +297,7 @@ class CTRSparseModel(nn.Module):
         nn.init.zeros_(self.wide.weight)
         nn.init.normal_(self.deep.weight, 0.0, 0.01)
         self.wide_dense = nn.Linear(dense, 1)
-        layers: list[nn.Module] = []
-        width = fields * dim + dense
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        self.mlp = nn.Sequential(*layers, nn.Linear(width, 1))
+        self.mlp = _deep_head(fields * dim + dense, hidden)
 
     def forward(self, rows: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """rows int64 (B, fields), dense float32 (B, dense) -> one logit per sample (B,)."""
@@ -381,12 +385,7 @@ class CTRShardedModel(nn.Module):
         # not the worker's --seed)
         self.emb = ShardedEmbedding(table, 1 + dim, initializer="normal", scale=scale, seed=seed)
         self.wide_dense = nn.Linear(dense, 1)
-        layers: list[nn.Module] = []
-        width = fields * dim + dense
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        self.mlp = nn.Sequential(*layers, nn.Linear(width, 1))
+        self.mlp = _deep_head(fields * dim + dense, hidden)
 
     def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """ids int64 (B, fields) raw 64-bit ids, dense float32 (B, dense) -> a logit per sample (B,)."""
