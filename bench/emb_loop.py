@@ -16,7 +16,8 @@ is `emb_spec.id64(idx, f)`; shardps places it by its own hash of that key
 `"placement": "shard_of(id64)"`). Rows are created
 on first touch, so a server holds only the rows the run touches, not F x N. `--tables shared`
 puts every field in one table instead (id64 keys are distinct across fields): a variant that
-shows what one PullRows call per shard per step saves over one per table.
+shows what a table per field costs (both make one PullRows and one Push call per shard and
+step; a table per field has a RowBlock and a row-store call per table).
 
 Step, per worker: per table, `np.unique` of the batch's keys (drawn and keyed before the
 clock starts, as the peers do); `pull_rows` of those keys; g = rows * 1e-3; `push({},
@@ -24,21 +25,27 @@ row_grads=...)` (one Push per shard carrying every table). A shardps model must 
 least one dense parameter, so a 1-element `pad` rides along, never pulled and skipped
 (`no_gradient`) in every push.
 
-Checks. shardps has no per-table counters of rows served and rows updated (ShardStatus's
-TableStatus has rows, admitted, evictions, dropped gradients, unadmitted lookups), so after
-the timed run every server writes a checkpoint (the Checkpoint RPC, `--checkpoint-dir` set)
-and the driver reads each table's ids, values, per-row touch counts and Adagrad sums from it:
+Checks. Every server counts, per table, the rows it served (answered to pulls) and the rows
+it updated (the optimizer's applies); the driver reads them after the timed run (the Inspect
+RPC's TableInfo.rows_served and rows_updated). To check them against the rows themselves,
+every server then writes a checkpoint (the Checkpoint RPC, `--checkpoint-dir` set) and the
+driver reads each table's ids, values, per-row touch counts and Adagrad sums from it:
 
-- rows served (server) = sum of the rows' touch counts (a training lookup adds 1 per row);
-- rows updated (server) = per row, the number of Adagrad steps its value has taken: every
-  row starts at 1.0 with every element equal, so its value after k updates is the float32
-  recurrence v_k, computed here exactly as the server computes it; the nearest v_k gives k
-  (consecutive v_k are ~3e-5 apart, float32 resolution near 1 is 6e-8);
-- `rows_ok`: served equals the rows the workers' clients received (their byte counters) and
-  the rows the workers asked for, and updated equals the rows the workers pushed;
+- rows served, from the checkpoint = sum of the rows' touch counts (a training lookup adds 1
+  per row); it must equal the servers' counter;
+- rows updated, from the checkpoint = per row, the number of Adagrad steps its value has taken:
+  every row starts at 1.0 with every element equal, so its value after k updates is the
+  float32 recurrence v_k, computed here exactly as the server computes it; the nearest v_k
+  gives k (consecutive v_k are ~3e-5 apart, float32 resolution near 1 is 6e-8); it must equal
+  the servers' counter;
+- `rows_ok`: served (the counter, and the checkpoint's) equals the rows the workers' clients
+  received (their byte counters) and the rows the workers asked for, and updated (both)
+  equals the rows the workers pushed;
 - `update_ok`: updated equals `emb_spec.expected_rows` (the id generator alone), and more: every
   row's own count equals the generator's, the rows created equal the distinct keys touched;
 - `acc_ok`, `acc_ratio`: as the peers, from the checkpointed Adagrad sums.
+
+With --no-check only the counters are read (rows_ok from them alone; no update_ok, acc_ok).
 
     python bench/emb_loop.py --preset small --servers 1 --workers 1 --json
 """
@@ -255,6 +262,20 @@ def read_tables(servers: list[dict], timeout: float) -> dict[int, dict[str, dict
     return out
 
 
+def read_counters(servers: list[dict], timeout: float) -> dict[str, int]:
+    """The servers' rows served and rows updated, summed over their tables (Inspect's TableInfo)."""
+    from shardps.pscommon import grpcutil
+    from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc
+
+    served = updated = 0
+    for s in servers:
+        stub = ps_pb2_grpc.ParameterServerStub(grpcutil.channel(s["address"]))
+        reply = grpcutil.call(stub.Inspect, ps_pb2.InspectRequest(sample=0), timeout)
+        served += sum(t.rows_served for t in reply.tables)
+        updated += sum(t.rows_updated for t in reply.tables)
+    return {"rows_served": served, "rows_updated": updated}
+
+
 def check_state(a, p: dict, tables_by_shard: dict, status_servers: list[dict]) -> dict:
     """The server-side counts and checks (module docstring) from the checkpointed tables."""
     W = a.workers
@@ -279,7 +300,7 @@ def check_state(a, p: dict, tables_by_shard: dict, status_servers: list[dict]) -
     updated = int(counts.sum())
     admitted = sum(t["admitted"] for s in status_servers for t in s.get("tables", {}).values())
     stored = sum(t["rows"] for s in status_servers for t in s.get("tables", {}).values())
-    return dict(rows_served=served, rows_updated=updated, per_row_ok=per_row_ok,
+    return dict(ckpt_rows_served=served, ckpt_rows_updated=updated, per_row_ok=per_row_ok,
                 rows_created=admitted, rows_stored=stored, rows_expected_distinct=len(want_ids),
                 acc_growth=acc_growth, row_fit=round(fit, 4),
                 expected_rows=int(want_counts.sum()))
@@ -326,6 +347,7 @@ def run(a) -> dict:
         if len(servers) != S or any("tables" not in s for s in servers):
             raise RuntimeError(f"server status incomplete: {servers}")
         rss = {s["shard"]: proc_status_bytes(cluster.procs[f"server-{s['shard']}"].pid, "VmHWM") for s in servers}
+        counters = read_counters(servers, max(30.0, deadline.left()))
         if a.check:
             state = check_state(a, p, read_tables(servers, max(30.0, deadline.left())), servers)
         ok = True
@@ -365,11 +387,13 @@ def run(a) -> dict:
         server_rss_mb=round(max(rss.values()) / 2**20, 1),
         worker_rss_mb=round(max(w["rss_mb"] for w in wres), 1),
     )
+    served, updated = counters["rows_served"], counters["rows_updated"]
+    record["rows_ok"] = served == received == pulled and updated == pushed
     if state is not None:
-        updated = state["rows_updated"]
         acc_ratio = state["acc_growth"] / (D * GRAD_SCALE ** 2) / max(1, updated)
         record.update(
-            rows_ok=state["rows_served"] == received == pulled and updated == pushed,
+            rows_ok=(record["rows_ok"] and state["ckpt_rows_served"] == served
+                     and state["ckpt_rows_updated"] == updated),
             update_ok=(updated == state["expected_rows"] and state["per_row_ok"] and state["row_fit"] < 0.5
                        and state["rows_created"] == state["rows_stored"] == state["rows_expected_distinct"]),
             acc_ok=abs(acc_ratio - 1) < 0.05, acc_ratio=round(acc_ratio, 4))
@@ -386,9 +410,11 @@ def run(a) -> dict:
                      "table_mb": round(sum(t["bytes"] for t in s["tables"].values()) / 2**20, 1)}
                     for s in servers],
     )
+    record["state"] = dict(counters)
     if state is not None:
-        record["state"] = {k: state[k] for k in ("rows_served", "rows_updated", "expected_rows", "per_row_ok",
-                                                 "rows_created", "rows_stored", "rows_expected_distinct", "row_fit")}
+        record["state"].update({k: state[k] for k in ("ckpt_rows_served", "ckpt_rows_updated", "expected_rows",
+                                                      "per_row_ok", "rows_created", "rows_stored",
+                                                      "rows_expected_distinct", "row_fit")})
     return record
 
 

@@ -117,7 +117,7 @@ class OpenAddressingIndex:
         self.vals = np.full(1 << bits, -1, np.int64)
 
     def _home(self, ids):
-        return (rowstore._mix64(ids.copy()) & np.uint64(self.mask)).astype(np.int64)
+        return (rowstore.mix64(ids.copy()) & np.uint64(self.mask)).astype(np.int64)
 
     def get(self, ids):
         out = np.full(len(ids), -1, np.int64)

@@ -1,6 +1,9 @@
 """Train your own model through shardps with your own loop.
 
-    psctl up ... (or start a scheduler and servers by hand), then:
+Start a new job, a scheduler and two servers by hand as in README.md's tour (one job trains
+one model: a job whose workers already declared another model, such as the tour's or
+`psctl up`'s digits-mlp, refuses this one and says how it differs), then:
+
     python examples/custom_loop.py --scheduler 127.0.0.1:7000 --steps 300
 """
 import argparse

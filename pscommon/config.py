@@ -13,6 +13,9 @@ from shardps.pscommon.errors import InvalidArgument
 from shardps.pscommon.wire.v1 import job_pb2, tensor_pb2
 
 MODES = {"async": job_pb2.MODE_ASYNC, "sync": job_pb2.MODE_SYNC, "ssp": job_pb2.MODE_SSP}
+# sync: the shard that settles each step (which pushes count in it; SettleStep), so every
+# shard applies the same pushes
+SETTLING_SHARD = 0
 OPTIMIZERS = {
     "sgd": job_pb2.OPTIMIZER_SGD,
     "momentum": job_pb2.OPTIMIZER_MOMENTUM,

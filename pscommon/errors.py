@@ -89,6 +89,13 @@ class BadCredential(Unauthenticated):
     and `incarnation` the call claimed."""
 
 
+class PermissionDenied(PSError):
+    """A caller whose bearer token is valid but whose role may not call this method
+    (pscommon/roles.py). Nothing ran; the metadata name the `role` and the `method`."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ResourceExhausted(PSError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -134,8 +141,8 @@ class Internal(PSError):
 
 
 _CLASSES = (InvalidArgument, FailedPrecondition, StaleIncarnation, ShardHeld, ShardEmpty, Superseded, NotFound,
-            Unauthenticated, BadCredential, ResourceExhausted, Unavailable, NotYetMember, DeadlineExceeded,
-            Aborted, Cancelled, Unimplemented, Internal)
+            Unauthenticated, BadCredential, PermissionDenied, ResourceExhausted, Unavailable, NotYetMember,
+            DeadlineExceeded, Aborted, Cancelled, Unimplemented, Internal)
 # a status without our ErrorInfo (another server, grpc itself) is typed by its code alone
 _BY_CODE = {cls.code: cls for cls in _CLASSES if cls.__bases__ == (PSError,)}
 _BY_REASON = {cls.reason: cls for cls in _CLASSES}

@@ -1,8 +1,20 @@
-"""Transport security: optional mutual TLS and an optional shared bearer token.
+"""Transport security: optional mutual TLS and optional bearer tokens, one shared or one per role.
 
 Both are off by default (loopback demos and tests). `Security` is built once in psctl from
 flags and environment; the helpers here turn it into channels, server ports and server
 interceptors, so no role package deals with certificates or tokens itself.
+
+Tokens come in two modes:
+
+- one shared token (`--token-file FILE` or SHARDPS_TOKEN): every process sends it and every
+  daemon accepts it for every role, as before roles existed;
+- role tokens (`--token-dir DIR` or SHARDPS_TOKEN_DIR): DIR holds `<role>.token` files (the
+  token itself: sent by a process of that role, accepted by a daemon) and `<role>.sha256`
+  files (its SHA-256 in hex: enough for a daemon to accept it, useless for sending it), for
+  the roles worker, server, observer and admin (pscommon/roles.py). A process sends the
+  token of its own role (psctl picks it: worker, server, observer for status and inspect,
+  admin for checkpoint and export), or admin.token when DIR has no token for its role; a
+  daemon accepts each token for its role only.
 
 A token without TLS travels in clear text: use it alone only on loopback or a network you
 trust, and pair it with TLS everywhere else.
@@ -11,21 +23,31 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import hmac
 import ipaddress
 import logging
+import os
+import re
 from typing import Mapping, Sequence
 
 import grpc
 
 from shardps.pscommon import interceptors
-from shardps.pscommon.errors import InvalidArgument, Unavailable
+from shardps.pscommon.errors import (InvalidArgument, PermissionDenied, PSError, Unauthenticated, Unavailable,
+                                      to_status)
+from shardps.pscommon.roles import ADMIN, ROLES, allowed_roles, may_call
 
 log = logging.getLogger(__name__)
 
 TOKEN_METADATA_KEY = "authorization"
 TOKEN_ENV = "SHARDPS_TOKEN"
+TOKEN_DIR_ENV = "SHARDPS_TOKEN_DIR"
+TOKEN_SUFFIX = ".token"     # <role>.token in a token dir: the role's token
+DIGEST_SUFFIX = ".sha256"   # <role>.sha256: its SHA-256 in hex, enough to accept it
 _BEARER = "Bearer "
+_BEARER_BYTES = _BEARER.encode("ascii")
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 # gRPC metadata values must be printable ASCII; a space would make "Bearer a b" ambiguous.
 _TOKEN_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
 MAX_TOKEN_CHARS = 4096
@@ -103,6 +125,24 @@ def check_token(token: str) -> str:
     return token
 
 
+def _read_token_file(path: str, what: str = "token file") -> str:
+    """The token in `path`, surrounding whitespace stripped; InvalidArgument naming the file
+    (never echoing its content) when it cannot be read, is empty or is no usable token."""
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise InvalidArgument(f"{what} {path!r} cannot be read: {reason}") from None
+    token = text.strip()
+    if not token:
+        raise InvalidArgument(f"{what} {path!r} is empty")
+    try:
+        return check_token(token)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{what} {path!r}: {exc}") from None
+
+
 def read_token(token_file: str | None, env: Mapping[str, str]) -> str | None:
     """The shared token: `token_file` if given, else env[SHARDPS_TOKEN], else None (no token).
 
@@ -110,19 +150,7 @@ def read_token(token_file: str | None, env: Mapping[str, str]) -> str | None:
     result is an error rather than "no authentication", which would be a silent downgrade.
     """
     if token_file:
-        try:
-            with open(token_file, encoding="ascii") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-            raise InvalidArgument(f"token file {token_file!r} cannot be read: {reason}") from None
-        token = text.strip()
-        if not token:
-            raise InvalidArgument(f"token file {token_file!r} is empty")
-        try:
-            return check_token(token)
-        except InvalidArgument as exc:
-            raise InvalidArgument(f"token file {token_file!r}: {exc}") from None
+        return _read_token_file(token_file)
     value = env.get(TOKEN_ENV)
     if value is None:
         return None
@@ -135,51 +163,265 @@ def read_token(token_file: str | None, env: Mapping[str, str]) -> str | None:
         raise InvalidArgument(f"{TOKEN_ENV}: {exc}") from None
 
 
-def _abort_handler(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str):
-    """A handler of the same streaming kind as `handler` that only aborts.
+def _read_digest_file(path: str) -> bytes:
+    """A `<role>.sha256` file: 64 hex digits, first on the line (`sha256sum`'s output works)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise InvalidArgument(f"token digest file {path!r} cannot be read: {reason}") from None
+    words = text.split()
+    if not words or not _HEX_DIGEST.fullmatch(words[0]):
+        raise InvalidArgument(f"token digest file {path!r} does not start with a SHA-256 in hex (64 hex digits): "
+                              f"make it with  printf %s \"$(cat ROLE.token)\" | sha256sum > ROLE{DIGEST_SUFFIX}")
+    return bytes.fromhex(words[0])
+
+
+def read_token_dir(token_dir: str) -> tuple[dict[str, str], "RoleTokens"]:
+    """(role -> token, for each `<role>.token` in `token_dir`; what a daemon given the folder
+    accepts: every role with a `.token` or a `.sha256`).
+
+    Names starting with a dot (Kubernetes' `..data` links) and files of other suffixes are
+    ignored; a `.token` or `.sha256` file of an unknown role is refused, so a typo cannot drop
+    a role quietly. A role with both files needs them to agree."""
+    try:
+        names = sorted(os.listdir(token_dir))
+    except OSError as exc:
+        raise InvalidArgument(f"token dir {token_dir!r} cannot be read: {exc.strerror or exc}") from None
+    tokens: dict[str, str] = {}
+    digests: dict[str, bytes] = {}
+    for name in names:
+        if name.startswith("."):
+            continue
+        role, suffix = os.path.splitext(name)
+        if suffix not in (TOKEN_SUFFIX, DIGEST_SUFFIX):
+            continue
+        path = os.path.join(token_dir, name)
+        if role not in ROLES:
+            raise InvalidArgument(f"token dir {token_dir!r}: {name!r} names no role; the files are ROLE{TOKEN_SUFFIX} "
+                                  f"or ROLE{DIGEST_SUFFIX} for ROLE in {', '.join(ROLES)}")
+        if suffix == TOKEN_SUFFIX:
+            tokens[role] = _read_token_file(path, "token file")
+            digest = token_digest(tokens[role])
+        else:
+            digest = _read_digest_file(path)
+        if role in digests and not hmac.compare_digest(digests[role], digest):
+            raise InvalidArgument(f"token dir {token_dir!r}: {role}{TOKEN_SUFFIX} and {role}{DIGEST_SUFFIX} disagree "
+                                  "(the digest is not that token's)")
+        digests[role] = digest
+    if not digests:
+        raise InvalidArgument(f"token dir {token_dir!r} holds no ROLE{TOKEN_SUFFIX} or ROLE{DIGEST_SUFFIX} file "
+                              f"(ROLE: {', '.join(ROLES)})")
+    try:
+        accept = RoleTokens.of(digests)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"token dir {token_dir!r}: {exc}") from None
+    return tokens, accept
+
+
+def read_tokens(token_file: str | None, token_dir: str | None, env: Mapping[str, str],
+                role: str | None) -> tuple[str | None, "RoleTokens | None"]:
+    """(the token this process sends, the tokens its server accepts) from the CLI's values.
+
+    `role` is the role whose token the process sends (None: it sends none, as the scheduler,
+    which calls no one). `--token-file` (or SHARDPS_TOKEN) is one token for every role: sent
+    as it is, accepted for every role (accept None). `--token-dir` (or SHARDPS_TOKEN_DIR) is
+    role mode: the process sends `<role>.token`, or `admin.token` when the folder has none for
+    its role; its server accepts each token of the folder for its role only. A flag wins over
+    the environment; the two flags together, or the two variables together, are refused.
+    """
+    if role is not None and role not in ROLES:
+        raise InvalidArgument(f"unknown role {role!r}; the roles are {', '.join(ROLES)}")
+    if token_file and token_dir:
+        raise InvalidArgument("--token-file (one token, every role) and --token-dir (a token per role) "
+                              "cannot be used together: give one")
+    if token_file:
+        return read_token(token_file, env), None
+    if not token_dir:
+        value = env.get(TOKEN_DIR_ENV)
+        if value is None:
+            return read_token(None, env), None
+        if not value.strip():
+            raise InvalidArgument(f"{TOKEN_DIR_ENV} is set but empty")
+        if env.get(TOKEN_ENV) is not None:
+            raise InvalidArgument(f"{TOKEN_ENV} (one token, every role) and {TOKEN_DIR_ENV} (a token per role) "
+                                  "are both set: unset one")
+        token_dir = value.strip()
+    tokens, accept = read_token_dir(token_dir)
+    if role is None:
+        return None, accept
+    if role in tokens:
+        return tokens[role], accept
+    if ADMIN in tokens:
+        log.info("token dir %s has no %s%s: sending %s%s", token_dir, role, TOKEN_SUFFIX, ADMIN, TOKEN_SUFFIX)
+        return tokens[ADMIN], accept
+    raise InvalidArgument(f"token dir {token_dir!r} has no {role}{TOKEN_SUFFIX} (nor {ADMIN}{TOKEN_SUFFIX}): "
+                          f"this command sends the {role} token")
+
+
+# -- role tokens: what a daemon accepts ------------------------------------------------------
+def token_digest(token: str) -> bytes:
+    """The SHA-256 of a bearer token: what a daemon needs to recognise a token (a `.sha256`
+    file holds its hex), not enough to send it."""
+    return hashlib.sha256(check_token(token).encode("ascii")).digest()
+
+
+def _role_names(roles) -> str:
+    """"worker", "worker and admin", "worker, server and admin": in the order of ROLES."""
+    ordered = [r for r in ROLES if r in roles]
+    if len(ordered) < 2:
+        return "".join(ordered)
+    return f"{', '.join(ordered[:-1])} and {ordered[-1]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleTokens:
+    """The bearer tokens a daemon accepts, as SHA-256 digests, each with the roles it holds.
+
+    Role mode (`--token-dir`): one digest per role, no two roles sharing one (a token names
+    exactly one role). Single-token mode (`--token-file`, `RoleTokens.single`): one digest
+    holding every role, what the one shared token always meant.
+    """
+
+    entries: tuple[tuple[bytes, frozenset[str]], ...]
+
+    def __post_init__(self):
+        if not isinstance(self.entries, tuple) or not self.entries:
+            raise InvalidArgument("role tokens: at least one token is needed")
+        seen: set[str] = set()
+        digests: set[bytes] = set()
+        for digest, roles in self.entries:
+            if not isinstance(digest, bytes) or len(digest) != hashlib.sha256().digest_size:
+                size = f"{len(digest)} bytes" if isinstance(digest, bytes) else type(digest).__name__
+                raise InvalidArgument(f"role tokens: a token digest must be 32 bytes (SHA-256), got {size}")
+            if digest in digests:
+                raise InvalidArgument("role tokens: the same token is listed twice")
+            digests.add(digest)
+            if not isinstance(roles, frozenset) or not roles:
+                raise InvalidArgument(f"role tokens: a token must hold at least one role, got {roles!r}")
+            for role in roles:
+                if role not in ROLES:
+                    raise InvalidArgument(f"role tokens: unknown role {role!r}; the roles are {', '.join(ROLES)}")
+                if role in seen:
+                    raise InvalidArgument(f"role tokens: the {role} role has two tokens")
+                seen.add(role)
+
+    def __repr__(self) -> str:  # never the digests: they let anyone test guesses offline
+        return f"RoleTokens({', '.join(r for r in ROLES if r in self.roles)})"
+
+    @classmethod
+    def single(cls, token: str) -> "RoleTokens":
+        """One token holding every role (`--token-file`, SHARDPS_TOKEN)."""
+        return cls(((token_digest(token), frozenset(ROLES)),))
+
+    @classmethod
+    def of(cls, digests: Mapping[str, bytes]) -> "RoleTokens":
+        """One token per role, from role -> SHA-256 digest. Two roles with the same token are
+        refused: a token would then hold both, which no reader of the files expects."""
+        by_digest: dict[bytes, list[str]] = collections.defaultdict(list)
+        for role, digest in digests.items():
+            by_digest[digest].append(role)
+        for roles in by_digest.values():
+            if len(roles) > 1:
+                raise InvalidArgument(f"the {_role_names(roles)} tokens are the same token; each role needs "
+                                      "its own (or give one token for every role with --token-file)")
+        return cls(tuple((d, frozenset(r)) for d, r in by_digest.items()))
+
+    @property
+    def roles(self) -> frozenset[str]:
+        """The roles some token holds; calls in the others' roles cannot be made."""
+        return frozenset().union(*(roles for _, roles in self.entries))
+
+    @property
+    def shared(self) -> bool:
+        """One token, every role (single-token mode)."""
+        return len(self.entries) == 1 and self.entries[0][1] == frozenset(ROLES)
+
+    def match(self, token: bytes) -> frozenset[str]:
+        """The roles `token` holds (empty: an unknown token). Compares digests with
+        hmac.compare_digest against every entry, with no early exit, so the time taken says
+        nothing about how much of a guess matched."""
+        digest = hashlib.sha256(token).digest()
+        found: frozenset[str] = frozenset()
+        for expected, roles in self.entries:
+            if hmac.compare_digest(digest, expected):
+                found = found | roles
+        return found
+
+
+def _refuse(handler: grpc.RpcMethodHandler | None, error: PSError):
+    """A handler of the same streaming kind as `handler` that only aborts with `error`'s
+    status (typed: the client gets the same class back).
 
     No request deserializer: a refused caller's bytes are never parsed.
     """
+    status = to_status(error)
+
     def refuse(request_or_iterator, context):
-        context.abort(code, message)
+        context.abort_with_status(status)
 
     return interceptors.make_handler(interceptors.UNARY if handler is None else interceptors.kind_of(handler),
                                      refuse)
 
 
-class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Refuses every call whose `authorization` metadata is not `Bearer <token>`.
+class RoleAuthInterceptor(grpc.ServerInterceptor):
+    """Authenticates every call by its `authorization: Bearer <token>` metadata and lets it
+    through only when the token's role may call the method (roles.METHOD_ROLES).
 
-    The comparison is constant-time (hmac.compare_digest) so response timing reveals nothing
-    about how much of a guess matched. The status message never echoes what was sent.
-    Health and reflection stay open (see UNAUTHENTICATED_PREFIXES).
+    No known token: UNAUTHENTICATED ("missing or invalid bearer token"). A known token whose
+    role the method's row does not name: PERMISSION_DENIED naming the role and the method.
+    Either way the handler never runs and the request is never parsed. Tokens are compared
+    as SHA-256 digests in constant time (RoleTokens.match); no status message echoes what was
+    sent. Health and reflection stay open (see UNAUTHENTICATED_PREFIXES).
     """
 
-    def __init__(self, token: str):
-        self._expected = (_BEARER + check_token(token)).encode("ascii")
+    def __init__(self, tokens: RoleTokens):
+        if not isinstance(tokens, RoleTokens):
+            raise InvalidArgument(f"RoleAuthInterceptor needs RoleTokens, got {type(tokens).__name__}")
+        self.tokens = tokens
 
-    def _authorized(self, metadata) -> bool:
-        ok = False
+    def roles_of(self, metadata) -> frozenset[str]:
+        """The roles the call's bearer token holds (empty: none, or no known token)."""
+        roles: frozenset[str] = frozenset()
         for key, value in metadata or ():
             if key != TOKEN_METADATA_KEY:
                 continue
             sent = value.encode("utf-8", "replace") if isinstance(value, str) else bytes(value)
-            # Compare every authorization value (no early exit) so a wrong first header
-            # takes as long as a right one.
-            ok = hmac.compare_digest(sent, self._expected) or ok
-        return ok
+            bearer = sent.startswith(_BEARER_BYTES)
+            # Hash and compare every authorization value (no early exit, and the same work
+            # without the prefix) so a wrong header takes as long as a right one.
+            found = self.tokens.match(sent[len(_BEARER_BYTES):] if bearer else sent)
+            if bearer:
+                roles = roles | found
+        return roles
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method or ""
         if method.startswith(UNAUTHENTICATED_PREFIXES):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
-        if self._authorized(handler_call_details.invocation_metadata):
-            return handler
-        # Unknown methods get UNAUTHENTICATED too, so an anonymous caller cannot probe
-        # which services this server runs.
-        return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                              "missing or invalid bearer token")
+        roles = self.roles_of(handler_call_details.invocation_metadata)
+        if not roles:
+            # Unknown methods get UNAUTHENTICATED too, so an anonymous caller cannot probe
+            # which services this server runs.
+            return _refuse(handler, Unauthenticated("missing or invalid bearer token"))
+        if may_call(roles, method):
+            return handler   # None for a method this server lacks: UNIMPLEMENTED, as without a token
+        role = _role_names(roles)
+        allowed = allowed_roles(method)
+        log.debug("refused %s from the %s token", method, role)
+        return _refuse(handler, PermissionDenied(
+            f"the {role} token may not call {method}; it is for the {_role_names(allowed)} "
+            f"token{'s' if len(allowed) > 1 else ''}", role=role, method=method))
+
+
+class TokenAuthInterceptor(RoleAuthInterceptor):
+    """One shared token that holds every role: refuses every call whose `authorization`
+    metadata is not `Bearer <token>` (the mode of `--token-file` and SHARDPS_TOKEN)."""
+
+    def __init__(self, token: str):
+        super().__init__(RoleTokens.single(token))
 
 
 class _CallDetails(collections.namedtuple(
@@ -222,27 +464,59 @@ class TokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamC
 # -- the bundle psctl builds ----------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Security:
-    """What a process uses on every channel and server. The default is plaintext, no token."""
+    """What a process uses on every channel and server. The default is plaintext, no token.
+
+    `token` is the bearer token this process sends on every call. `accept` is what its own
+    gRPC server accepts, each token for its roles (role mode, `--token-dir`); None with a
+    token: that one token, for every role (single-token mode, `--token-file`).
+    """
 
     tls: TLSConfig | None = None
     # repr=False: Security objects end up in logged configs; the token must not.
     token: str | None = dataclasses.field(default=None, repr=False)
+    accept: RoleTokens | None = None   # its repr names the roles only
 
     def __post_init__(self):
         if self.token is not None:
             check_token(self.token)
+        if self.accept is not None and not isinstance(self.accept, RoleTokens):
+            raise InvalidArgument(f"Security.accept must be RoleTokens or None, got {type(self.accept).__name__}")
 
     @property
     def enabled(self) -> bool:
-        return self.tls is not None or self.token is not None
+        return self.tls is not None or self.token is not None or self.accept is not None
+
+    @property
+    def accepted(self) -> RoleTokens | None:
+        """What a server built with this Security accepts: `accept`, else the one token for
+        every role, else nothing is checked (None)."""
+        if self.accept is not None:
+            return self.accept
+        return RoleTokens.single(self.token) if self.token is not None else None
+
+    def describe(self) -> str:
+        """One line for a daemon's start-up log (names roles, never tokens)."""
+        tls = "mutual TLS" if self.tls is not None else "no TLS"
+        accepted = self.accepted
+        if accepted is None:
+            auth = "no token"
+        elif accepted.shared:
+            auth = "one token for every role"
+        else:
+            missing = [r for r in ROLES if r not in accepted.roles]
+            auth = (f"role tokens: {', '.join(r for r in ROLES if r in accepted.roles)}"
+                    + (f" (no token: {', '.join(missing)}; their calls are refused)" if missing else ""))
+        return f"{tls}, {auth}"
 
 
 NO_SECURITY = Security()
 
 
 def build_security(tls_cert: str | None, tls_key: str | None, tls_ca: str | None,
-                   token_file: str | None, env: Mapping[str, str], tls_server_name: str = "") -> Security:
-    """Security from the CLI's values (--tls-cert/--tls-key/--tls-ca/--token-file, SHARDPS_TOKEN).
+                   token_file: str | None, env: Mapping[str, str], tls_server_name: str = "",
+                   token_dir: str | None = None, role: str | None = None) -> Security:
+    """Security from the CLI's values (--tls-cert/--tls-key/--tls-ca, --token-file or SHARDPS_TOKEN,
+    --token-dir or SHARDPS_TOKEN_DIR; `role`: whose token this process sends, see read_tokens).
 
     The three TLS paths go together: a partial set is an error, not a quiet fallback to
     plaintext.
@@ -254,7 +528,8 @@ def build_security(tls_cert: str | None, tls_key: str | None, tls_ca: str | None
     if tls_server_name and not tls_cert:
         raise InvalidArgument("--tls-server-name needs --tls-cert, --tls-key and --tls-ca")
     tls = TLSConfig(tls_cert, tls_key, tls_ca, tls_server_name) if tls_cert else None
-    return Security(tls=tls, token=read_token(token_file, env))
+    token, accept = read_tokens(token_file, token_dir, env, role)
+    return Security(tls=tls, token=token, accept=accept)
 
 
 def _is_loopback(address: str) -> bool:
@@ -292,7 +567,8 @@ def secure_channel(address: str, security: Security, options: Sequence[tuple[str
 
 def server_interceptors(security: Security) -> list[grpc.ServerInterceptor]:
     """Interceptors to pass to grpc.server(); authentication first, before any other."""
-    return [TokenAuthInterceptor(security.token)] if security.token is not None else []
+    accepted = security.accepted
+    return [RoleAuthInterceptor(accepted)] if accepted is not None else []
 
 
 def add_port(server: grpc.Server, listen: str, security: Security) -> int:
@@ -313,8 +589,9 @@ def add_port(server: grpc.Server, listen: str, security: Security) -> int:
 
 
 __all__ = [
-    "MAX_TOKEN_CHARS", "NO_SECURITY", "Security", "TLSConfig", "TOKEN_ENV", "TOKEN_METADATA_KEY",
-    "TokenAuthInterceptor", "TokenClientInterceptor", "UNAUTHENTICATED_PREFIXES", "add_port",
-    "build_security", "channel_credentials", "check_token", "read_token", "secure_channel", "server_credentials",
-    "server_interceptors",
+    "DIGEST_SUFFIX", "MAX_TOKEN_CHARS", "NO_SECURITY", "RoleAuthInterceptor", "RoleTokens", "Security", "TLSConfig",
+    "TOKEN_DIR_ENV", "TOKEN_ENV", "TOKEN_METADATA_KEY", "TOKEN_SUFFIX", "TokenAuthInterceptor",
+    "TokenClientInterceptor", "UNAUTHENTICATED_PREFIXES", "add_port", "build_security", "channel_credentials",
+    "check_token", "read_token", "read_token_dir", "read_tokens", "secure_channel", "server_credentials",
+    "server_interceptors", "token_digest",
 ]

@@ -150,12 +150,17 @@ def decode_rows(data: bytes, dtype: int, n: int, dim: int, what: str) -> np.ndar
 
 
 def row_blocks(table: str, ids: np.ndarray, values: np.ndarray | None, dtype: int,
-               max_bytes: int = ROW_BLOCK_BYTES) -> list[ps_pb2.RowBlock]:
+               max_bytes: int = ROW_BLOCK_BYTES, ids_bytes: bytes | None = None) -> list[ps_pb2.RowBlock]:
     """RowBlocks of at most `max_bytes` each for `ids` (and their rows, if given); at least
-    one block, so that an empty id list still names its table."""
+    one block, so that an empty id list still names its table. `ids_bytes`: the ids already
+    as wire bytes (a request's, or encoded once for a pull and its push), used when one block
+    holds them all."""
     dim = 0 if values is None else values.shape[1]
     per_row = 8 + dim * ROW_ITEMSIZE[dtype]
     step = max(1, max_bytes // per_row)
+    if len(ids) <= step:  # the common case: one block, no slicing
+        return [ps_pb2.RowBlock(table=table, ids=ids_to_bytes(ids) if ids_bytes is None else ids_bytes, dtype=dtype,
+                                values=b"" if values is None else encode_rows(values, dtype))]
     blocks = []
     for start in range(0, max(len(ids), 1), step):
         part = slice(start, start + step)
@@ -233,7 +238,29 @@ def shard_of(ids: np.ndarray, num_shards: int) -> np.ndarray:
     if (not isinstance(num_shards, (int, np.integer)) or isinstance(num_shards, bool)
             or not 1 <= num_shards <= MAX_SHARDS):
         raise InvalidArgument(f"num_shards={num_shards!r} must be an integer in [1, {MAX_SHARDS}]")
-    return _mulhi(mix64(_as_uint64(ids)), int(num_shards)).astype(np.int64)
+    ids = _as_uint64(ids)
+    if num_shards == 1:  # every id lives on shard 0: no hash to compute
+        return np.zeros(len(ids), np.int64)
+    return _mulhi(mix64(ids), int(num_shards)).astype(np.int64)
+
+
+def is_sorted_unique(ids: np.ndarray) -> bool:
+    """Whether `ids` is strictly increasing in its own dtype (for uint64 ids: exactly what
+    np.unique returns for them), checked in one vectorized pass."""
+    return len(ids) < 2 or bool((ids[1:] > ids[:-1]).all())
+
+
+def is_unique(ids: np.ndarray) -> bool:
+    """Whether `ids` (1-D; uint64, or any integer dtype read by value) is strictly increasing,
+    for uint64 as uint64 or as int64 (the same 64-bit ids in int64 order): a
+    proof, in one or two vectorized passes, that no id repeats. np.unique's output passes
+    (sorted, in either reading of the bits); an unsorted array without repeats may not."""
+    if is_sorted_unique(ids):
+        return True
+    if ids.dtype != np.uint64:
+        return False
+    signed = ids.view(np.int64)
+    return bool((signed[1:] > signed[:-1]).all())
 
 
 def initial_rows(spec: TableSpec, ids: np.ndarray) -> np.ndarray:
@@ -304,7 +331,7 @@ def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.n
     Sort-based: a stable argsort, then np.add.reduceat over the runs. On emb-loop's raw batches
     (bench/rowstore.py, "dedupe") 6.0 / 3.0 M rows/s (small / large) against 3.6 / 2.0 for
     np.unique + np.add.at and 3.3 / 1.6 for pandas.factorize + np.add.at."""
-    if len(ids) < 2:
+    if is_unique(ids):  # already unique (a worker sends np.unique's sorted ids): nothing to sum
         return ids, grads
     order = np.argsort(ids, kind="stable")
     s = ids[order]

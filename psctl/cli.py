@@ -20,7 +20,8 @@ from shardps.pscommon.config import CODECS, PULL_CODECS, CodecConfig, JobSpec, O
 from shardps.pscommon.errors import DeadlineExceeded, InvalidArgument, PSError, Unavailable, Unimplemented
 from shardps.pscommon.lifecycle import (DaemonOptions, default_metrics_host, install_stop_handlers, setup_logging,
                                         tune_malloc)
-from shardps.pscommon.security import Security, TLSConfig, read_token
+from shardps.pscommon import roles
+from shardps.pscommon.security import Security, TLSConfig, read_tokens
 
 EXIT_FAILURE = 1       # a runtime failure: the command was well formed, running it failed
 EXIT_USAGE = 2         # the command line is wrong: unknown flag, bad value, unusable file named by a flag
@@ -50,6 +51,15 @@ class HelpFormatter(argparse.HelpFormatter):
             action = copy.copy(action)
             action.help = self._get_help_string(action)
         return super()._format_action(action)
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    """`parser` and every subcommand's parser under it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
 
 
 def _flag_name(arg: str) -> str:
@@ -100,10 +110,34 @@ class Parser(argparse.ArgumentParser):
         return "usage: " + " ".join(parts)
 
     def parse_args(self, args=None, namespace=None):
-        ns, extras = self.parse_known_args(args, namespace)
+        try:
+            ns, extras = self.parse_known_args(args, namespace)
+        except UsageError:
+            # a missing flag, but also a misspelt one (`psctl server --shard 0`): name the
+            # misspelt one first, which may well be the missing one
+            unknown = self._unknown_flags(args)
+            if unknown:
+                raise UsageError(unknown) from None
+            raise
         if extras:
             raise UsageError(self._unrecognized(ns, extras))
         return ns
+
+    def _unknown_flags(self, args) -> str | None:
+        """The unrecognized-argument message for `args` when it has an unknown flag, else None
+        (parsed with no flag required, since a required one missing stops argparse first)."""
+        actions = [a for parser in _parsers(self) for a in parser._actions if a.required]
+        for a in actions:
+            a.required = False
+        try:
+            ns, extras = self.parse_known_args(args)
+        except UsageError:
+            return None
+        finally:
+            for a in actions:
+                a.required = True
+        flags = [e for e in extras if e.startswith("-") and e != "-"]
+        return self._unrecognized(ns, flags) if flags else None
 
     def _unrecognized(self, ns, extras: list[str]) -> str:
         """The usage line of the subcommand, then one line naming the first bad argument and
@@ -141,6 +175,17 @@ def _rate_window(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not 0.0 <= value <= 60.0:
         raise argparse.ArgumentTypeError(f"{text} is out of range: 0 (no rates) to 60 seconds")
+    return value
+
+
+def _timeout(text: str) -> float:
+    """--connect-timeout: seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a number of seconds above 0")
     return value
 
 
@@ -200,7 +245,12 @@ def _add_security_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-key", default=None, help="its PEM private key")
     g.add_argument("--tls-ca", default=None, help="PEM CA that signs every peer")
     g.add_argument("--tls-server-name", default="", help="name to check server certificates against")
-    g.add_argument("--token-file", default=None, help="shared bearer token (or env SHARDPS_TOKEN)")
+    g.add_argument("--token-file", default=None,
+                   help="one bearer token for every role (or env SHARDPS_TOKEN); a client may also give "
+                        "just its own role's token here")
+    g.add_argument("--token-dir", default=None,
+                   help="a token per role (or env SHARDPS_TOKEN_DIR): ROLE.token (sent by this role, accepted "
+                        "by daemons) or ROLE.sha256 (accepted only) for worker, server, observer, admin")
 
 
 def _add_daemon_flags(p: argparse.ArgumentParser, reflection: bool = True) -> None:
@@ -218,7 +268,14 @@ def security_from_args(a) -> Security:
     if any(tls_flags) and not all(tls_flags):
         raise UsageError("psctl: --tls-cert, --tls-key and --tls-ca go together")
     tls = TLSConfig(a.tls_cert, a.tls_key, a.tls_ca, a.tls_server_name) if all(tls_flags) else None
-    return Security(tls=tls, token=read_token(a.token_file, os.environ))
+    role = ROLE_OF_COMMAND.get(a.command, roles.ADMIN)   # a verb not listed: an operator's, admin's
+    token, accept = read_tokens(a.token_file, getattr(a, "token_dir", None), os.environ, role)
+    return Security(tls=tls, token=token, accept=accept)
+
+
+# whose token each command sends with --token-dir (pscommon/roles.py); the scheduler calls no one
+ROLE_OF_COMMAND = {"scheduler": None, "server": roles.SERVER, "worker": roles.WORKER, "status": roles.OBSERVER,
+                   "inspect": roles.OBSERVER, "checkpoint": roles.ADMIN, "export": roles.ADMIN}
 
 
 def options_from_args(a) -> DaemonOptions:
@@ -256,6 +313,9 @@ def build_parser() -> Parser:
     p.add_argument("--listen", type=_address, default="127.0.0.1:0")
     p.add_argument("--advertise", type=_address, default=None, help="address workers use (default: bound)")
     p.add_argument("--shard-id", type=int, default=-1)
+    p.add_argument("--connect-timeout", type=_timeout, default=60.0, metavar="SECONDS",
+                   help="keep trying this long to reach the scheduler and register (also while a crashed "
+                        "predecessor's lease on the shard lapses), then exit 1")
     p.add_argument("--ready-file", default=None)
     p.add_argument("--checkpoint-dir", default=None, help="write checkpoints here; restore from here at start")
     p.add_argument("--checkpoint-every", type=float, default=30.0, help="seconds between checkpoints")
@@ -287,6 +347,8 @@ def build_parser() -> Parser:
     p.add_argument("--overlap", action="store_true", help="push gradients during backward, prefetch pulls")
     p.add_argument("--min-workers", type=int, default=0, help="wait until this many workers are alive "
                    "before the first step")
+    p.add_argument("--connect-timeout", type=_timeout, default=120.0, metavar="SECONDS",
+                   help="keep trying this long to reach the scheduler and every server at start, then exit 1")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -304,6 +366,8 @@ def build_parser() -> Parser:
                    "(instead of --steps)")
     p.add_argument("--partitions", type=int, default=16, help="data partitions per epoch (with --epochs)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--name", default="", help="this worker's label in psctl status and the scheduler's log "
+                   "(default: HOST:PID)")
     _add_daemon_flags(p, reflection=False)
 
     p = sub.add_parser("up", help="a local cluster: scheduler + servers + workers as processes")
@@ -323,6 +387,11 @@ def build_parser() -> Parser:
     p.add_argument("--plot", default=None, help="write the training curves to this PNG at the end")
     p.add_argument("--min-accuracy", type=float, default=0.0,
                    help="exit 1 if the served model's held-out accuracy ends below this")
+    p.add_argument("--view", choices=["auto", "live", "plain", "none"], default="auto",
+                   help="while training, each worker's step, loss and steps/s and each shard's version and "
+                        "updates/s: live (redrawn in place), plain (a line every few seconds), none; auto: "
+                        "live when stdout is a terminal, else plain (--json: none)")
+    p.add_argument("--quiet", action="store_const", const="none", dest="view", help="the same as --view none")
 
     for name, help_ in (("status", "cluster state"), ("inspect", "tensors held by each shard")):
         p = sub.add_parser(name, help=help_)
@@ -422,6 +491,7 @@ def _run_server(a) -> int:
                            idle_timeout_s=a.stream_idle_timeout)
     return run(ServerConfig(scheduler=a.scheduler, listen=a.listen, advertise=a.advertise or "",
                             shard_id=a.shard_id, ready_file=a.ready_file, checkpoint_dir=a.checkpoint_dir,
+                            register_timeout_s=a.connect_timeout,
                             checkpoint_every_s=a.checkpoint_every,
                             start_empty_if_unreadable=a.start_empty_if_unreadable,
                             options=options_from_args(a), streams=streams,
@@ -437,7 +507,7 @@ def _run_worker(a) -> int:
                       error_feedback=not a.no_error_feedback,
                       step_delay_s=a.step_delay, progress=False if a.no_progress else None,
                       epochs=a.epochs, partitions=a.partitions, options=options_from_args(a),
-                      min_workers=a.min_workers,
+                      min_workers=a.min_workers, connect_timeout_s=a.connect_timeout, name=a.name,
                       device_compression={"auto": None, "on": True, "off": False}[a.device_compression],
                       append_metrics=a.append)
     print(summary_line(train(cfg, stop), cfg), flush=True)
@@ -450,7 +520,7 @@ def _run_up(a) -> int:
                         batch_size=a.batch_size, seed=a.seed, run_dir=a.run_dir,
                         straggler_delay_s=a.step_delay, timeout_s=a.timeout, as_json=a.json,
                         churn=parse_churn(a.churn), epochs=a.epochs, plot=a.plot,
-                        min_accuracy=a.min_accuracy))
+                        min_accuracy=a.min_accuracy, view=a.view))
 
 
 def _run_status(a) -> int:
@@ -475,7 +545,8 @@ def _wrong_role(a, exc: PSError) -> str | None:
         return None
     from shardps.psctl import reach  # only on this error path: it imports urllib
     try:
-        return reach.wrong_role(address, "--scheduler", "scheduler", security_from_args(a))
+        return reach.wrong_role(address, "--scheduler", "scheduler", security_from_args(a),
+                                lacks_wanted=isinstance(exc, Unimplemented))
     except PSError:
         return None
 

@@ -112,7 +112,9 @@ def collect_status(address: str, timeout: float, security: Security = NO_SECURIT
     servers = []
     for s in st.servers:
         entry = {"shard": s.shard, "address": s.address, "state": STATE[s.state],
-                 "member_id": s.member_id, "incarnation": s.incarnation}
+                 "member_id": s.member_id, "incarnation": s.incarnation,
+                 # since the scheduler last heard from it; None from a scheduler that does not say
+                 "last_seen_age_s": (round(s.last_seen_age_s, 2) if s.HasField("last_seen_age_s") else None)}
         ss = second.get(s.shard, first.get(s.shard))
         if isinstance(ss, ps_pb2.ShardStatusReply):
             earlier = first.get(s.shard)
@@ -129,7 +131,7 @@ def collect_status(address: str, timeout: float, security: Security = NO_SECURIT
                          pull_traffic=traffic_dict(ss.pull_traffic),
                          checkpoint_age_s=round(ss.checkpoint_age_s, 2),
                          checkpoint_version=ss.checkpoint_version, rebases=ss.rebases,
-                         nonfinite_pushes=ss.nonfinite_pushes,
+                         nonfinite_pushes=ss.nonfinite_pushes, dropped_pushes=ss.dropped_pushes,
                          tables={t.name: {"dim": t.dim, "rows": t.rows, "bytes": t.bytes, "admitted": t.admitted,
                                           "evicted_idle": t.evicted_idle, "evicted_lru": t.evicted_lru,
                                           "dropped_gradients": t.dropped_gradients,
@@ -143,7 +145,8 @@ def collect_status(address: str, timeout: float, security: Security = NO_SECURIT
     # one entry per shard: a shard no server ever registered for is listed as missing (a
     # shard whose server died or left keeps that member's entry, state dead or left)
     known = {s.shard for s in st.servers}
-    servers += [{"shard": shard, "address": "", "state": "missing", "member_id": 0, "incarnation": 0}
+    servers += [{"shard": shard, "address": "", "state": "missing", "member_id": 0, "incarnation": 0,
+                 "last_seen_age_s": None}
                 for shard in range(st.job.num_servers) if shard not in known]
     servers.sort(key=lambda v: v["shard"])
     live = {s.shard for s in st.servers if s.state == scheduler_pb2.MEMBER_STATE_ALIVE}
@@ -202,7 +205,9 @@ def _no_server(v: dict, uptime_s: float) -> str:
     if v["state"] == "missing":
         return f"no server yet (missing since the scheduler started, {uptime_s:.0f} s ago)"
     how = {"dead": "missed its lease", "left": "left"}.get(v["state"], v["state"])
-    return f"no server (member {v['member_id']} {how}; workers wait for this shard)"
+    age = v.get("last_seen_age_s")
+    since = f" for {age:.0f} s" if age is not None else ""   # an older scheduler does not say
+    return f"no server{since} (member {v['member_id']} {how}; workers wait for this shard)"
 
 
 def render_status(s: dict) -> str:
@@ -223,9 +228,11 @@ def render_status(s: dict) -> str:
                      + (f" {(_fmt_rate(rate) if rate is not None else '-'):>7}" if window else "")
                      + f" {w['lease_age_s']:>8.1f}s  {shown(w['name'])}")
     d = s["data"]
-    if d["partitions"]:
+    if d["partitions"] and d["finished"]:   # past the last epoch: its counters are an unused next epoch's
+        lines += ["", f"data: finished, {d['max_epochs']} epochs of {d['partitions']} partitions"]
+    elif d["partitions"]:   # epochs count from 0: epoch 0/3 is the first of three
         lines += ["", f"data: epoch {d['epoch']}/{d['max_epochs']}  partitions {d['done']} done, "
-                  f"{d['assigned']} assigned, {d['queued']} queued" + ("  (finished)" if d["finished"] else "")]
+                  f"{d['assigned']} assigned, {d['queued']} queued"]
     lines += ["", "servers:", f"  {'shard':>5} {'state':<7} {'address':<21} {'keys':>5} {'bytes':>10} "
               f"{'version':>8}" + (f" {'upd/s':>7}" if window else "") + f" {'stale':>6} {'wire':>6}"]
     for v in s["servers"]:

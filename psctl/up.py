@@ -55,6 +55,7 @@ class UpConfig:
     epochs: int = 0
     plot: str | None = None                      # PNG of the training curves
     min_accuracy: float = 0.0                    # exit 1 when the served model ends below it
+    view: str = "auto"                           # live view while training: auto, live, plain, none
 
 
 def parse_churn(text: str) -> tuple[tuple[str, float], ...]:
@@ -141,7 +142,8 @@ class Cluster:
     def start_worker(self, index: int, cfg: UpConfig, min_workers: int = 0) -> subprocess.Popen:
         args = ["worker", "--scheduler", self.scheduler_address, "--model", cfg.model,
                 "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed),
-                "--metrics-out", str(self.run_dir / f"worker-{index}.jsonl"), "--no-progress"]
+                "--metrics-out", str(self.run_dir / f"worker-{index}.jsonl"), "--no-progress",
+                "--name", f"worker-{index}"]   # psctl status and the scheduler's log name it as its files
         if cfg.epochs:
             args += ["--epochs", str(cfg.epochs)]
         if min_workers:
@@ -254,6 +256,19 @@ def churn_and_wait(cluster: Cluster, workers: list, cfg: UpConfig, say) -> set[i
     return killed
 
 
+def start_view(cfg: UpConfig, cluster: Cluster):
+    """The live view of the workers and shards while they train (psctl/upview.py), or None:
+    --json, --view none. auto: redrawn in place when stdout is a terminal, else plain lines."""
+    from shardps.psctl import upview
+    kind = "none" if cfg.as_json else upview.choose(cfg.view, sys.stdout)
+    if kind == "none":
+        return None
+    sampler = upview.Sampler(cluster.run_dir, lambda: upview.worker_procs(cluster.procs),
+                             upview.ClusterProbe(cluster.scheduler_address),
+                             None if cfg.epochs else cfg.steps, mode=cfg.job.mode)
+    return upview.UpView(kind, sampler, sys.stdout).start()
+
+
 def plot_curves(run_dir: pathlib.Path, out: str, report) -> None:
     from shardps.psctl import plot
     plot.run(sorted(str(p) for p in run_dir.glob("worker-*.jsonl")), out, report=report)
@@ -278,11 +293,19 @@ def run(cfg: UpConfig) -> int:
         workers = [cluster.start_worker(i, cfg, min_workers=cfg.workers) for i in range(cfg.workers)]
         say(f"{cfg.workers} workers training {cfg.model} for "
             f"{f'{cfg.epochs} epochs' if cfg.epochs else f'{cfg.steps} steps'}, mode {cfg.job.mode}")
-        killed = churn_and_wait(cluster, workers, cfg, say)
+        view = start_view(cfg, cluster)
+        try:
+            killed = churn_and_wait(cluster, workers, cfg, view.say if view else say)
+        except BaseException:
+            if view:   # before psctl up's lines about stopping: the view draws nothing after this
+                view.stop(final=False)
+            raise
+        if view:
+            view.stop(final=True)   # the last state: every worker's final step
         results = []
         for i, w in enumerate(workers):
             rec = last_record(run_dir / f"worker-{i}.jsonl")
-            results.append({"worker": i, "exit_code": w.returncode, "killed": i in killed,
+            results.append({"worker": i, "id": rec.get("worker"), "exit_code": w.returncode, "killed": i in killed,
                             "steps": rec.get("steps"), "eval_accuracy": rec.get("eval_accuracy"),
                             "eval_auc": rec.get("eval_auc"), "wall_s": rec.get("wall_s")})
         failed = [r for r in results if r["exit_code"] != 0 and not r["killed"]]
@@ -311,7 +334,8 @@ def run(cfg: UpConfig) -> int:
             for r in results:
                 metric = (f"held-out AUC {r['eval_auc']}" if score_name == "auc"
                           else f"held-out accuracy {r['eval_accuracy']}")
-                print(f"worker {r['worker']}: exit {r['exit_code']}, {r['steps']} steps, {metric}")
+                member = f" (id {r['id']} in psctl status)" if r["id"] is not None else ""
+                print(f"worker {r['worker']}{member}: exit {r['exit_code']}, {r['steps']} steps, {metric}")
             teacher = f", teacher {summary['teacher_auc']:.4f}" if score_name == "auc" else ""
             print(f"final held-out {score_name} of the served parameters: {score:.4f}{teacher} "
                   f"({summary['wall_s']:.1f}s)")

@@ -13,8 +13,8 @@ from google.protobuf import json_format
 
 from shardps.pscommon import framing, grpcutil
 from shardps.pscommon.config import JobSpec, StreamLimits
-from shardps.pscommon.errors import (FailedPrecondition, InvalidArgument, NotFound, PSError, ShardHeld, Superseded,
-                                      Unavailable, from_rpc_error)
+from shardps.pscommon.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, PSError, ShardHeld,
+                                      Superseded, Unavailable, from_rpc_error)
 from shardps.pscommon.interceptors import StreamGuard
 from shardps.pscommon.lifecycle import DaemonOptions, Telemetry, write_ready_file
 from shardps.pscommon.wire.v1 import ps_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -64,6 +64,10 @@ EXIT_REPLACED = 3  # another server took this shard over while we were away
 HELD_LOG_EVERY_S = 5.0  # how often a server waiting for its shard says what it waits for
 
 
+class Interrupted(Exception):
+    """Stopped (SIGINT, SIGTERM) while waiting to register: nothing was served."""
+
+
 def successor(servers, shard: int, incarnation: int):
     """The live server that took `shard` over from our `incarnation`, or None. Registering
     again is right when we were only declared dead (a pause past the lease, a scheduler that
@@ -82,6 +86,7 @@ class ServerProcess:
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
         self.stop = threading.Event()
+        self.interrupt = threading.Event()   # a stop signal while registering (run() passes the CLI's)
         self.stepped_down = threading.Event()   # replaced by a newer server for our shard
         self.on_step_down = lambda: None        # run() wakes its wait with this
         self.skipped_checkpoints = 0            # refused lease: a successor may own the directory
@@ -98,6 +103,16 @@ class ServerProcess:
         self.checkpointer: Checkpointer | None = None
         self.lease = None
 
+    def _pause(self, seconds: float) -> None:
+        """A retry's pause that a stop signal ends at once."""
+        if self.interrupt.wait(seconds):
+            raise Interrupted()
+
+    def _waiting(self, exc: PSError, waited_s: float) -> None:
+        log.warning("waiting for the scheduler at %s to register for shard %d: %s (%.0f s so far, giving up "
+                    "after %g s; --connect-timeout)", self.cfg.scheduler, self.cfg.shard_id, exc, waited_s,
+                    self.cfg.register_timeout_s)
+
     def _register(self) -> scheduler_pb2.RegisterServerReply:
         """Register for our shard, retrying until `register_timeout_s`. At start a ShardHeld
         refusal is waited out: the holder is most often this server's own predecessor, crashed
@@ -113,7 +128,10 @@ class ServerProcess:
             try:
                 return grpcutil.retry(
                     lambda: grpcutil.call(self.sched.RegisterServer, req, grpcutil.CONTROL_TIMEOUT_S),
-                    max(0.0, end - time.monotonic()))
+                    max(0.0, end - time.monotonic()), sleep=self._pause, waiting=self._waiting)
+            except (Unavailable, DeadlineExceeded) as exc:
+                raise type(exc)(f"could not register with the scheduler at {self.cfg.scheduler} within "
+                                f"{self.cfg.register_timeout_s:g} s (--connect-timeout): {exc}") from None
             except ShardHeld as exc:
                 now = time.monotonic()
                 if self.lease is not None or now >= end:
@@ -127,7 +145,7 @@ class ServerProcess:
                     lapse = 0.0
                 # past the lapse by a reaper's tick; never longer than a second, so that a
                 # holder that leaves (drains) early frees the shard for us at once
-                self.stop.wait(min(max(lapse, 0.0) + 0.05, 1.0, max(0.0, end - now)))
+                self._pause(min(max(lapse, 0.0) + 0.05, 1.0, max(0.0, end - now)))
 
     def start(self) -> None:
         reply = self._register()
@@ -146,8 +164,9 @@ class ServerProcess:
         self.grpc_server.start()
         self.telemetry.start(ShardCollector(self.shard, self.checkpointer))
         grpcutil.set_serving(self.health, SERVICE, True)
-        log.info("shard %d serving on %s (mode %s, member %d incarnation %d)", reply.shard,
-                 self.address, job.mode, reply.lease.member_id, reply.lease.incarnation)
+        log.info("shard %d serving on %s (mode %s, member %d incarnation %d; %s)", reply.shard,
+                 self.address, job.mode, reply.lease.member_id, reply.lease.incarnation,
+                 self.cfg.options.security.describe())
         loops = [self._heartbeat_loop, self._watch_loop] + ([self._checkpoint_loop] if self.checkpointer else [])
         for target in loops:
             threading.Thread(target=target, daemon=True, name=target.__name__).start()
@@ -174,8 +193,9 @@ class ServerProcess:
             raise FailedPrecondition(f"checkpoint {snap.path}: {exc}") from None
         self.checkpointer.last_version = snap.shard_version
         self.checkpointer.last_path = pathlib.Path(snap.path)
-        log.info("shard %d restored from %s: version %d, %d keys", reply.shard, snap.path,
-                 snap.shard_version, len(snap.keys))
+        rows = "".join(f", table {name} {len(store.arrays['ids'])} rows" for name, (_, store) in sorted(snap.tables.items()))
+        log.info("shard %d restored from %s: version %d, %d keys%s", reply.shard, snap.path,
+                 snap.shard_version, len(snap.keys), rows)
 
     def _checkpoint_loop(self) -> None:
         """Runs until stop, whatever a checkpoint raises: a failed one leaves due() true, so the
@@ -344,8 +364,15 @@ EXIT_CHECKPOINT_FAILED = 1  # drained, but the final checkpoint could not be wri
 def run(cfg: ServerConfig, stop: threading.Event) -> int:
     proc = ServerProcess(cfg)
     proc.on_step_down = stop.set
+    proc.interrupt = stop
     try:
         proc.start()
+    except Interrupted:
+        log.info("stopped before registering for shard %d; nothing served", cfg.shard_id)
+        proc.grpc_server.stop(0)
+        proc.stream_guard.close()
+        proc.telemetry.stop()
+        return 0
     except BaseException:
         # registered but refusing to serve (an unusable checkpoint folder, another job's
         # checkpoint): leave, so the shard is not held by a member that will never answer

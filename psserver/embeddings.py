@@ -63,13 +63,15 @@ class TableKey:
 
 @dataclasses.dataclass(frozen=True)
 class RowGrad:
-    """A push's gradients for rows of one table: unique uint64 ids, float32 [len(ids), dim]."""
+    """A push's gradients for rows of one table: unique uint64 ids, finite float32
+    [len(ids), dim] (the servicer checks them before any is applied; `of` sums repeats)."""
 
     ids: np.ndarray
     grads: np.ndarray
 
     @classmethod
     def of(cls, ids: np.ndarray, grads: np.ndarray) -> "RowGrad":
+        ids, grads = rowstore.as_ids(ids), np.ascontiguousarray(grads, np.float32)
         ids, grads = sum_duplicates(ids, grads)   # duplicate ids in one push are one row's gradient
         return cls(ids, grads)
 
@@ -95,6 +97,10 @@ class TableSet:
         self.shard_id, self.num_shards, self.optimizer, self.policy = shard_id, num_shards, optimizer, policy
         self.specs: dict[str, TableSpec] = {}
         self.stores: dict[str, RowStore] = {}
+        # per table since this set was made (not checkpointed): rows answered to pulls, and
+        # rows the optimizer updated (gradients dropped under admission are not updates)
+        self.rows_served: dict[str, int] = {}
+        self.rows_updated: dict[str, int] = {}
         self._swept_at = 0
 
     def check_declare(self, specs: list[TableSpec]) -> None:
@@ -124,6 +130,7 @@ class TableSet:
                                  evict_idle=self.policy.evict_idle_steps, max_rows=self.policy.max_rows)
             self.stores[spec.name] = RowStore(cfg, sparse_optimizer(self.optimizer))
             self.specs[spec.name] = spec
+            self.rows_served[spec.name] = self.rows_updated[spec.name] = 0
             created += 1
         return created
 
@@ -145,18 +152,39 @@ class TableSet:
             raise InvalidArgument(f"table {table!r}: id {int(ids[i])} belongs to shard {int(owners[i])} of "
                                   f"{self.num_shards}, not shard {self.shard_id} ({len(wrong)} such ids)")
 
+    def first_foreign(self, asks: list[tuple[str, np.ndarray]]) -> int | None:
+        """The index of the first (table, ids) of `asks` with an id that does not live here,
+        None when all do: one hash over every ask's ids (none with one shard, which holds
+        every id); check_ids names the id."""
+        if self.num_shards == 1 or not asks:
+            return None
+        every = np.concatenate([ids for _, ids in asks]) if len(asks) > 1 else asks[0][1]
+        wrong = np.flatnonzero(tables.shard_of(every, self.num_shards) != self.shard_id)
+        if not len(wrong):
+            return None
+        ends = np.cumsum([len(ids) for _, ids in asks])
+        return int(np.searchsorted(ends, wrong[0], side="right"))
+
     def lookup(self, table: str, ids: np.ndarray) -> np.ndarray:
         """A training pull's rows (created on first touch), float32 [len(ids), dim]."""
         self.spec(table)
-        return self.stores[table].lookup(ids)
+        rows = self.stores[table].lookup(ids)
+        self.rows_served[table] += len(rows)
+        return rows
 
     def peek(self, table: str, ids: np.ndarray) -> np.ndarray:
         """An observer's read: stored rows, or the initial value, creating nothing."""
         self.spec(table)
-        return self.stores[table].lookup(ids, create=False)
+        rows = self.stores[table].lookup(ids, create=False)
+        self.rows_served[table] += len(rows)
+        return rows
 
     def apply(self, table: str, grad: RowGrad) -> int:
-        return self.stores[table].apply(grad.ids, grad.grads)
+        """One optimizer step of the table with a push's checked, summed gradients; returns
+        the rows updated."""
+        updated = self.stores[table].apply_unique(grad.ids, grad.grads)
+        self.rows_updated[table] += updated
+        return updated
 
     def tick(self, step: int) -> int:
         """The shard's step clock moved to `step`: rows are stamped with it from now on, and

@@ -24,6 +24,7 @@ class ShardCollector:
             live, view = len(s.gate.live), s.view
             param_bytes, opt_bytes = s.param_bytes(), s.optimizer_bytes()
             rebases, reseeded, nonfinite = s.rebases, s.reseeded, s.nonfinite_pushes
+            dropped = s.dropped_pushes
             tables = {name: store.stats() for name, store in s.tables.stores.items()}
         yield _counter("shardps_server_pushes_total", "Pushes taken (duplicates excluded).", label, pushes)
         yield _counter("shardps_server_pulls_total", "Pulls served.", label, pulls)
@@ -61,6 +62,8 @@ class ShardCollector:
                        "(refused, or applied without those gradients: --nonfinite).", label, nonfinite)
         yield _counter("shardps_server_step_rebases_total", "Sync: times the shard, restarted behind the "
                        "workers, took their step.", label, rebases)
+        yield _counter("shardps_server_dropped_pushes_total", "Sync: staged pushes dropped because their "
+                       "worker left before saying they reached every shard.", label, dropped)
         yield _gauge("shardps_server_reseeded_from_version", "The shard restarted empty and was re-seeded "
                      "from a worker's copy pulled at this version (-1: it was not).", label,
                      -1 if reseeded is None else reseeded.version)

@@ -91,7 +91,7 @@ import numbers
 import numpy as np
 
 from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from shardps.pscommon.tables import initial_values, mix64, sum_duplicates
+from shardps.pscommon.tables import initial_values, is_sorted_unique, mix64, sum_duplicates
 from shardps.psserver import sparse_optim
 
 U64 = np.uint64
@@ -410,6 +410,8 @@ class Snapshot:
     meta: dict
 
 
+_RECENT = 16  # lookups remembered per store: a few steps of a few workers
+
 _COUNTERS = ("admitted", "evicted_idle", "evicted_lru", "dropped_gradients", "unadmitted_lookups")
 
 
@@ -431,6 +433,10 @@ class RowStore:
     # ---- slabs and slots
 
     def _allocate(self, capacity: int) -> None:
+        # recent lookups whose ids all have rows: ids' bytes -> their slots, so the push that
+        # follows a pull of the same ids skips the index (a row's slot changes only when rows
+        # are evicted or the store is restored, which clear it)
+        self._recent: dict[bytes, np.ndarray] = {}
         self._values = np.zeros((capacity, self.dim), np.float32)
         self._state = {s.name: np.zeros((capacity, s.width), s.dtype) for s in self._spec}
         self._ids = np.zeros(capacity, U64)
@@ -451,6 +457,10 @@ class RowStore:
         self._state = {k: _resized(v, new) for k, v in self._state.items()}
 
     def _take_slots(self, k: int) -> np.ndarray:
+        if not len(self._free):   # nothing evicted to reuse: the next k slots
+            self._grow(self._high + k)
+            self._high += k
+            return np.arange(self._high - k, self._high, dtype=np.int64)
         reused = self._free[-k:] if k else self._free[:0]
         self._free = self._free[:len(self._free) - len(reused)]
         fresh = k - len(reused)
@@ -460,20 +470,28 @@ class RowStore:
         return slots
 
     def _insert(self, ids: np.ndarray) -> np.ndarray:
+        fresh = not len(self._free)   # no evicted slot to reuse: the new rows are slots [high, high + k)
         slots = self._take_slots(len(ids))
-        sparse_optim.put_rows(self._values, slots, self.config.initializer.rows(ids, self.dim))
+        at = slice(int(slots[0]), int(slots[0]) + len(slots)) if fresh and len(slots) else slots
+        if self.config.initializer.kind in ("zeros", "constant") and fresh:
+            self._values[at] = self.config.initializer.scale   # the initializer's value, without the rows
+        elif fresh:
+            self._values[at] = self.config.initializer.rows(ids, self.dim)
+        else:
+            sparse_optim.put_rows(self._values, slots, self.config.initializer.rows(ids, self.dim))
         for spec in self._spec:
-            self._state[spec.name][slots] = spec.fill
-        self._ids[slots] = ids
-        self._last[slots] = self._clock
-        self._touches[slots] = 0
-        self._live[slots] = True
+            self._state[spec.name][at] = spec.fill
+        self._ids[at] = ids
+        self._last[at] = self._clock
+        self._touches[at] = 0
+        self._live[at] = True
         self._index.put(ids, slots)
         self._rows += len(ids)
         self._counts["admitted"] += len(ids)
         return slots
 
     def _evict(self, slots: np.ndarray, reason: str) -> None:
+        self._recent.clear()
         self._index.remove(self._ids[slots])
         self._live[slots] = False
         self._free = np.concatenate([self._free, slots])
@@ -496,15 +514,27 @@ class RowStore:
         missing = slots < 0
         if not missing.any():
             return slots, True
-        new_ids, inverse = np.unique(ids[missing], return_inverse=True)
+        new_ids, inverse = ids[missing], None
+        if not is_sorted_unique(new_ids):  # sorted unique already (a worker's ids): np.unique's answer
+            new_ids, inverse = np.unique(new_ids, return_inverse=True)
+        if self._sketch is None:   # no admission: every new id gets its row now
+            if self.config.max_rows is not None:
+                self._make_room(len(new_ids), slots[~missing])
+            new_slots = self._insert(new_ids)
+            slots[missing] = new_slots if inverse is None else new_slots[inverse]
+            return slots, True
         admit, touched = self._admit(new_ids, touch)
-        if admit.any():
-            self._make_room(int(admit.sum()), slots[~missing])
+        everyone = bool(admit.all())
+        if everyone or admit.any():
+            self._make_room(len(new_ids) if everyone else int(admit.sum()), slots[~missing])
         touched()  # after the last check that may refuse the call: a refused call counts nothing
-        new_slots = np.full(len(new_ids), -1, np.int64)
-        new_slots[admit] = self._insert(new_ids[admit])
-        slots[missing] = new_slots[inverse]
-        return slots, bool(admit.all())
+        if everyone:
+            new_slots = self._insert(new_ids)
+        else:
+            new_slots = np.full(len(new_ids), -1, np.int64)
+            new_slots[admit] = self._insert(new_ids[admit])
+        slots[missing] = new_slots if inverse is None else new_slots[inverse]
+        return slots, everyone
 
     def _admit(self, new_ids: np.ndarray, touch: bool):
         """(which of `new_ids` get a row now, a callable that records this call's touches)."""
@@ -546,6 +576,7 @@ class RowStore:
         if complete:
             if create:
                 self._stamp(slots)
+                self._remember(ids, slots)
             return np.take(self._values, slots, axis=0)
         found = slots >= 0
         if create:
@@ -555,6 +586,11 @@ class RowStore:
         if create:
             self._counts["unadmitted_lookups"] += int((~found).sum())
         return out
+
+    def _remember(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        if len(self._recent) >= _RECENT:
+            del self._recent[next(iter(self._recent))]   # the oldest
+        self._recent[ids.tobytes()] = slots
 
     def _stamp(self, slots):
         self._last[slots] = self._clock
@@ -569,7 +605,16 @@ class RowStore:
         ids = as_ids(ids)
         grads = as_grads(grads, len(ids), self.dim)
         ids, grads = sum_duplicates(ids, grads)
-        slots, complete = self._resolve(ids, touch=False)  # may refuse the call (max_rows)
+        return self.apply_unique(ids, grads)
+
+    def apply_unique(self, ids: np.ndarray, grads: np.ndarray) -> int:
+        """`apply` for gradients already checked and summed: `ids` unique uint64, `grads`
+        finite float32 [len(ids), dim] (a push's RowGrad: the servicer checked and summed
+        them, so the store does not do it again)."""
+        slots = self._recent.get(ids.tobytes()) if len(ids) else None
+        complete = slots is not None
+        if slots is None:
+            slots, complete = self._resolve(ids, touch=False)  # may refuse the call (max_rows)
         self._step += 1
         if not complete:
             kept = slots >= 0

@@ -10,8 +10,9 @@ import time
 import numpy as np
 
 from shardps.pscommon import codecs, credentials, tables
+from shardps.pscommon.bounds import check_clock
 from shardps.pscommon.config import CodecConfig
-from shardps.pscommon.errors import (FailedPrecondition, InvalidArgument, ResourceExhausted, ShardEmpty,
+from shardps.pscommon.errors import (FailedPrecondition, InvalidArgument, PSError, ResourceExhausted, ShardEmpty,
                                      servicer_errors)
 from shardps.pscommon.grpcutil import DATA_TIMEOUT_S
 from shardps.pscommon.sharding import Key
@@ -115,6 +116,13 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         # alone, the tests' bare servers) callers' credentials are not checked
         self.member_key = member_key
 
+    def _check_member_call(self, caller: ps_pb2.Caller, what: str) -> None:
+        """A call only a member makes (a push, a re-seed offer, SettleStep): never as an
+        observer, whose calls skip the credential check."""
+        if caller.observer:
+            raise InvalidArgument(f"{what} is a worker's call: an observer has none to make")
+        self._check_credential(caller)
+
     def _check_credential(self, caller: ps_pb2.Caller) -> None:
         """A push or gated pull made as a worker must carry that worker's credential; an
         observer's read needs none (it has no gate, no clock and changes nothing)."""
@@ -172,15 +180,43 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def _row_grads(self, blocks) -> dict[TableKey, RowGrad]:
         """A push's row blocks as one RowGrad per table (duplicate ids summed), all checked
         before any is applied."""
-        parts: dict[str, list] = {}
-        for block in blocks:
+        def parse(block):
             what = f"push rows of table {block.table!r}"
             dtype = tables.row_dtype(block.dtype, what)
             ids = tables.ids_from_bytes(block.ids, what)
-            dim = self.shard.check_rows(block.table, ids)
-            parts.setdefault(block.table, []).append((ids, tables.decode_rows(block.values, dtype, len(ids), dim, what)))
-        return {TableKey(t): RowGrad.of(np.concatenate([i for i, _ in p]), np.concatenate([g for _, g in p]))
+            dim = self.shard.row_dim(block.table)
+            return ids, dim, lambda: tables.decode_rows(block.values, dtype, len(ids), dim, what)
+
+        parts: dict[str, list] = {}
+        for table, ids, _, grads in self._row_blocks(blocks, parse):
+            parts.setdefault(table, []).append((ids, grads))
+        return {TableKey(t): RowGrad.of(*p[0]) if len(p) == 1 else
+                RowGrad.of(np.concatenate([i for i, _ in p]), np.concatenate([g for _, g in p]))
                 for t, p in parts.items()}
+
+    def _row_blocks(self, blocks, parse) -> list[list]:
+        """[table, ids, dim, then()] of each block, every block checked: parse(block) gives
+        (ids, dim, then), raising for a malformed block, and `then` (None: nothing) runs the
+        checks that follow the ids' ownership (decoding a push's values). The ownership of
+        every block's ids is checked with one hash over all of them, yet a malformed request
+        is refused with the error a block-by-block check meets first (block i's parse, its
+        ids' ownership, its then(), then block i + 1's)."""
+        out, error = [], None
+        for block in blocks:
+            try:
+                ids, dim, then = parse(block)
+            except PSError as exc:
+                error = exc
+                break
+            out.append([block.table, ids, dim, then])
+        foreign = self.shard.first_foreign_rows([(table, ids) for table, ids, _, _ in out])
+        for entry in out[:foreign]:   # every block when all ids live here
+            entry[3] = entry[3]() if entry[3] is not None else None
+        if foreign is not None:
+            self.shard.check_rows(out[foreign][0], out[foreign][1])   # raises, naming the table and id
+        if error is not None:
+            raise error
+        return out
 
     def _check_shard(self, shard: int):
         if shard != self.shard.shard_id:
@@ -222,7 +258,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     def _offer_seed(self, header, keys, values, specs, context) -> ps_pb2.DeclareReply:
         caller = header.seed.caller
-        self._check_credential(caller)
+        self._check_member_call(caller, "a re-seed offer")
         left = context.time_remaining() if context is not None else None
         taken = self.shard.offer_seed(caller.worker_id, caller.incarnation, header.seed.version,
                                       header.model_fingerprint, keys, values,
@@ -259,11 +295,12 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             if size > max_bytes:
                 raise ResourceExhausted(f"a one-message pull of {len(keys)} keys may need {size} bytes, "
                                         f"more than {max_bytes}; use Pull")
+        check_clock(request.step, "pull")
         remaining = context.time_remaining()
         wait_budget = (remaining if remaining is not None else DATA_TIMEOUT_S) * 0.8
         version, next_step, waited = self.shard.wait_pull(
             request.caller.worker_id, request.caller.incarnation, request.step, wait_budget,
-            observer=request.caller.observer)
+            observer=request.caller.observer, settled=_settled_of(request.caller))
         small, lossless = self.shard.job.small_tensor_bytes, self.shard.job.lossless
 
         def encode(key, value):
@@ -302,7 +339,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     def _push(self, header, chunks, rows=()):
         self._check_shard(header.shard)
-        self._check_credential(header.caller)
+        self._check_member_call(header.caller, "a push")
+        check_clock(header.step, "push")
         self._check_model(header.model_fingerprint)
         tensors, received = self._tensors(chunks, "Push")
         grads = {name: g for name, g in tensors.items() if g is not None}
@@ -311,7 +349,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         # keys without a gradient this step must still be this shard's: a typo is not a skip
         self.shard.check_keys_exist([name for name, g in tensors.items() if g is None])
         version, duplicate, staleness = self.shard.push(
-            header.caller.worker_id, header.caller.incarnation, header.step, header.base_version, grads)
+            header.caller.worker_id, header.caller.incarnation, header.step, header.base_version, grads,
+            settled=_settled_of(header.caller))
         if not duplicate:
             for name, g in tensors.items():
                 if g is None:
@@ -349,27 +388,51 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._check_shard(request.shard)
         self._check_credential(request.caller)
         self._check_model(request.model_fingerprint)
+        check_clock(request.step, "row pull")
         dtype = tables.row_dtype(request.dtype, "PullRows")
-        asks, size = [], 0
-        for block in request.rows:
+        wire_ids = []   # each block's id bytes: the reply's blocks carry them back as they came
+
+        def parse(block):
             what = f"PullRows of table {block.table!r}"
             if block.values:
                 raise InvalidArgument(f"{what}: a pull names ids only, it carries no values")
-            ids = tables.ids_from_bytes(block.ids, what)
-            dim = self.shard.check_rows(block.table, ids)
-            asks.append((block.table, ids))
-            size += len(block.ids) + len(ids) * dim * tables.ROW_ITEMSIZE[dtype] + BATCH_KEY_OVERHEAD
+            wire_ids.append(block.ids)
+            return tables.ids_from_bytes(wire_ids[-1], what), self.shard.row_dim(block.table), None
+
+        checked = self._row_blocks(request.rows, parse)
+        asks = [(table, ids) for table, ids, _, _ in checked]
+        itemsize = tables.ROW_ITEMSIZE[dtype]
+        size = sum(len(ids) * (8 + dim * itemsize) + BATCH_KEY_OVERHEAD for _, ids, dim, _ in checked)
         if max_bytes is not None and size > max_bytes:
             raise ResourceExhausted(f"a one-message row pull may need {size} bytes, more than {max_bytes}; "
                                     "use PullRows")
         remaining = context.time_remaining()
         version, next_step, waited = self.shard.wait_pull(
             request.caller.worker_id, request.caller.incarnation, request.step,
-            (remaining if remaining is not None else DATA_TIMEOUT_S) * 0.8, observer=request.caller.observer)
+            (remaining if remaining is not None else DATA_TIMEOUT_S) * 0.8, observer=request.caller.observer,
+            settled=_settled_of(request.caller))
         values = self.shard.read_rows(asks, observer=request.caller.observer)
-        blocks = (block for (table, ids), rows in zip(asks, values)
-                  for block in tables.row_blocks(table, ids, rows, dtype))
+        blocks = (block for (table, ids), rows, data in zip(asks, values, wire_ids)
+                  for block in tables.row_blocks(table, ids, rows, dtype, ids_bytes=data))
         return ps_pb2.PullHeader(shard_version=version, wait_s=waited, next_step=next_step), blocks
+
+    @servicer_errors
+    def SettleStep(self, request, context):
+        """sync: the caller's pushes before `step` reached every shard (see consistency/sync.py)."""
+        self._check_shard(request.shard)
+        self._check_member_call(request.caller, "SettleStep")
+        self._check_model(request.model_fingerprint)
+        check_clock(request.step, "settle")
+        remaining = context.time_remaining()
+        settled, next_step, waited = self.shard.settle(
+            request.caller.worker_id, request.caller.incarnation, request.step,
+            (remaining if remaining is not None else DATA_TIMEOUT_S) * 0.8, wait=request.wait,
+            settled=_settled_of(request.caller))
+        reply = ps_pb2.SettleReply(next_step=next_step, wait_s=waited)
+        if settled is not None:
+            reply.settled.step, contributors = settled
+            reply.settled.contributors.extend(sorted(contributors))
+        return reply
 
     @servicer_errors
     def Inspect(self, request, context):
@@ -393,7 +456,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             for name, store in sorted(s.tables.stores.items()):
                 ids, touches = store.hottest(sample)
                 infos.append(ps_pb2.TableInfo(status=_table_status(name, s.tables.specs[name].dim, store.stats()),
-                                              hottest_ids=ids.tolist(), hottest_touches=touches.tolist()))
+                                              hottest_ids=ids.tolist(), hottest_touches=touches.tolist(),
+                                              rows_served=s.tables.rows_served[name],
+                                              rows_updated=s.tables.rows_updated[name]))
             return infos
 
     @servicer_errors
@@ -426,6 +491,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 checkpoint_age_s=self.checkpointer.age_s() if self.checkpointer else -1.0,
                 checkpoint_version=(self.checkpointer.last_version or 0) if self.checkpointer else 0,
                 reseeded=_reseed_proto(s.reseeded), rebases=s.rebases, nonfinite_pushes=s.nonfinite_pushes,
+                dropped_pushes=s.dropped_pushes,
                 tables=[_table_status(name, s.tables.specs[name].dim, store.stats())
                         for name, store in sorted(s.tables.stores.items())])
 
@@ -461,3 +527,10 @@ def _reseed_proto(r) -> ps_pb2.Reseed | None:
     if r is None:
         return None
     return ps_pb2.Reseed(worker_id=r.worker, version=r.version, offers=r.offers, uptime_s=r.uptime_s)
+
+
+def _settled_of(caller: ps_pb2.Caller) -> tuple[int, frozenset[int]] | None:
+    """The settling shard's outcome a caller carries (sync), if any."""
+    if not caller.HasField("settled"):
+        return None
+    return check_clock(caller.settled.step, "settled step"), frozenset(caller.settled.contributors)

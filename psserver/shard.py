@@ -60,7 +60,7 @@ class Shard:
         self.job = job
         self.now = now
         self.cond = threading.Condition()
-        self.mode = consistency.for_job(job)
+        self.mode = consistency.for_job(job, shard_id)
         self.optimizer = optim.build(job.optimizer)
         self.gate = consistency.GateState()
         self.tables = embeddings.TableSet(shard_id, job.num_servers, job.optimizer, table_policy)
@@ -82,6 +82,9 @@ class Shard:
         self.waiting_pulls = 0           # pulls inside wait_pull now
         self.held_until = 0.0            # a consistent cut holds pushes until then (see hold)
         self._cuts: dict[int, _Cut] = {}  # sync: completed step -> the cut waiting for it
+        # sync, the settling shard: the last step it completed and whose pushes counted
+        self.settled: tuple[int, frozenset[int]] | None = None
+        self.dropped_pushes = 0          # sync: pushes dropped because they did not reach every shard
         self.staleness = Histogram(STALENESS_BOUNDS)
         self.pull_wait = Histogram(WAIT_BOUNDS_S)
         self.push_traffic: dict[str, KeyTraffic] = {}
@@ -245,10 +248,12 @@ class Shard:
 
     # -- pull ----------------------------------------------------------------------------
     def wait_pull(self, worker: int, incarnation: int, step: int, timeout_s: float,
-                  observer: bool = False) -> tuple[int, int, float]:
+                  observer: bool = False, settled: tuple[int, frozenset[int]] | None = None
+                  ) -> tuple[int, int, float]:
         """Block until the mode lets this pull proceed. Returns (shard_version, next_step, waited).
 
-        Observers (operators, evaluation) read the current values without a gate.
+        Observers (operators, evaluation) read the current values without a gate. `settled`:
+        the settling shard's last outcome, as the caller knows it (sync).
         """
         if observer:
             with self.cond:
@@ -258,6 +263,7 @@ class Shard:
         with self.cond:
             self._check_member(worker, incarnation)
             self._check_open()
+            self._learn_settled(settled)
             self._learn_from_pull(worker, step)
             self.waiting_pulls += 1
             try:
@@ -297,13 +303,46 @@ class Shard:
     def _learn_from_pull(self, worker: int, step: int) -> None:
         """A pull for `step` says the worker pushed every step before it to every shard: after
         a restart this is how the gates learn where the workers are."""
-        for _ in range(3):  # at most Rebase, Excuse, CompleteStep
+        for _ in range(4):  # at most Rebase, Excuse or Commit, CompleteStep
             decision = self.mode.on_pull(self.gate, worker, step)
             if decision is consistency.HOLD:
                 return
             self._apply(self._take(decision), base_version=None)
             self._take_cut()
             self.cond.notify_all()
+
+    def _learn_settled(self, settled: tuple[int, frozenset[int]] | None) -> None:
+        """The settling shard's outcome of a step, brought by a caller: a shard that follows
+        completes that step with exactly those pushes."""
+        if settled is None:
+            return
+        for _ in range(2):  # at most Rebase, CompleteStep
+            decision = self.mode.on_settled(self.gate, *settled)
+            if decision is consistency.HOLD:
+                return
+            self._apply(self._take(decision), base_version=None)
+            self._take_cut()
+            self.cond.notify_all()
+
+    def settle(self, worker: int, incarnation: int, step: int, timeout_s: float, wait: bool = True,
+               settled: tuple[int, frozenset[int]] | None = None
+               ) -> tuple[tuple[int, frozenset[int]] | None, int, float]:
+        """SettleStep. On the settling shard: the worker's pushes before `step` reached every
+        shard; with `wait`, it returns once the steps before `step` are complete, as a pull
+        would. On another shard: adopt the outcome the caller brings (`settled`), at once.
+        Returns (the last step this shard settled and its contributors, next_step, waited)."""
+        if self.mode.name != "sync":
+            raise FailedPrecondition(f"shard {self.shard_id} serves a {self.mode.name} job: only sync steps are settled")
+        t0 = self.now()
+        with self.cond:
+            self._check_member(worker, incarnation)
+            self._check_open()
+            self._learn_settled(settled)
+            if self.mode.settles:
+                self._learn_from_pull(worker, step)
+                if wait:
+                    self._wait_gate(worker, incarnation, step, t0 + max(0.0, timeout_s), timeout_s)
+            return self.settled, self.mode.next_step(self.gate, worker, step), self.now() - t0
 
     def keys_for_pull(self, names: list[str]) -> list[str]:
         if not names:
@@ -341,6 +380,16 @@ class Shard:
         self.tables.check_ids(table, ids)
         return spec.dim
 
+    def row_dim(self, table: str) -> int:
+        """The dim of a declared table (NotFound otherwise). Without the lock: tables are only
+        ever added to a shard's set, and a dict read is atomic."""
+        return self.tables.spec(table).dim
+
+    def first_foreign_rows(self, asks: list[tuple[str, np.ndarray]]) -> int | None:
+        """The first of `asks` (table, ids) naming an id that does not live here (None: all
+        do), with one hash over all of them; check_rows names the id."""
+        return self.tables.first_foreign(asks)
+
     def scan_rows(self, table: str) -> tuple[int, np.ndarray, np.ndarray]:
         """(shard version, ids, rows) of every stored row of `table`: copies, one moment."""
         with self.cond:
@@ -372,12 +421,14 @@ class Shard:
                 raise InvalidArgument(f"gradient for {key!r} has {g.size} elements, the key has {entry.value.size}")
 
     def push(self, worker: int, incarnation: int, step: int, base_version: int,
-             grads: dict[str, np.ndarray]) -> tuple[int, bool, int]:
+             grads: dict[str, np.ndarray], settled: tuple[int, frozenset[int]] | None = None
+             ) -> tuple[int, bool, int]:
         """Take one push exactly once. Returns (shard_version, duplicate, staleness)."""
         self.check_push_keys(grads)
         with self.cond:
             self._check_member(worker, incarnation)
             self._wait_hold()
+            self._learn_settled(settled)
             if ledger.classify(self.ledger, worker, incarnation, step) is ledger.Verdict.DUPLICATE:
                 self.duplicates += 1
                 return self.version, True, 0
@@ -409,12 +460,15 @@ class Shard:
             case consistency.Accumulate(worker=worker, grads=grads):
                 self._accumulate(worker, grads)
                 return None
-            case consistency.CompleteStep(worker=worker, grads=grads, excuse=excuse):
+            case consistency.CompleteStep(worker=worker, grads=grads, excuse=excuse, count=count):
                 if worker is not None:
                     self._accumulate(worker, grads)
                 if excuse is not None:
                     self.gate.excused.add(excuse)
-                return self._complete_step()
+                return self._complete_step(count)
+            case consistency.Commit(worker=worker):
+                self.gate.committed.add(worker)
+                return None
             case consistency.Excuse(worker=worker):
                 self.gate.excused.add(worker)
                 return None
@@ -429,26 +483,24 @@ class Shard:
         raise TypeError(f"not a consistency decision: {decision!r}")
 
     def _accumulate(self, worker: int, grads: Mapping[str, np.ndarray]) -> None:
-        pending = self.gate.pending_sum
-        for key, g in grads.items():
-            if isinstance(key, embeddings.TableKey):
-                pending[key] = embeddings.accumulate(pending.get(key), g)
-                continue
-            acc = pending.get(key)
-            if acc is None:
-                # a copy: the sum is added to in place, and the pushed array is the caller's
-                pending[key] = np.array(g, dtype=np.float32, copy=True)
-            else:
-                acc += g
-        self.gate.pending_from.add(worker)
+        # kept as pushed (decoded arrays nobody writes to) until the step is settled
+        self.gate.pending[frozenset((worker,))] = dict(grads)
 
-    def _complete_step(self) -> dict[str, np.ndarray]:
-        """End the step in progress; returns its gradients averaged over the contributors
-        (the excused sent none here, so they do not count)."""
-        n = len(self.gate.pending_from)
-        avg = {k: embeddings.average(v, n) if isinstance(k, embeddings.TableKey) else v / np.float32(n)
-               for k, v in self.gate.pending_sum.items()} if n else {}
-        self.gate.pending_sum, self.gate.pending_from, self.gate.excused = {}, set(), set()
+    def _complete_step(self, count: frozenset[int] | None) -> dict[str, np.ndarray]:
+        """End the step in progress; returns the gradients of the pushes that count, summed in
+        worker order (so every shard adds them alike) and averaged over their workers (the
+        excused sent none here, so they do not count). The others are dropped."""
+        taken = sorted((who for who in self.gate.pending if count is None or who <= count), key=min)
+        dropped = sorted(w for who in self.gate.pending if who not in taken for w in who)
+        if dropped:
+            self.dropped_pushes += len(dropped)
+            log.warning("shard %d step %d: dropped the pushes of workers %s (they did not say their push "
+                        "reached every shard)", self.shard_id, self.gate.completed_step, dropped)
+        contributors = frozenset(w for who in taken for w in who)
+        avg = _average([self.gate.pending[who] for who in taken], len(contributors))
+        if self.mode.settles:
+            self.settled = (self.gate.completed_step, contributors)
+        self.gate.pending, self.gate.committed, self.gate.excused = {}, set(), set()
         self.gate.completed_step += 1
         self.gate.resuming = False
         return avg
@@ -459,7 +511,7 @@ class Shard:
         log.warning("shard %d resumes at step %d, the workers' step (it restarted at step %d; "
                     "%d pending contributions dropped)", self.shard_id, step, self.gate.completed_step,
                     len(self.gate.pending_from))
-        self.gate.pending_sum, self.gate.pending_from, self.gate.excused = {}, set(), set()
+        self.gate.pending, self.gate.committed, self.gate.excused = {}, set(), set()
         self.gate.completed_step = step
         self.rebases += 1
 
@@ -488,9 +540,10 @@ class Shard:
         for key, e in self.entries.items():
             arrays.append((key, e.value))
             arrays.extend((f"{key}{checkpoint.STATE_SEP}{name}", arr) for name, arr in e.state.items())
-        # sync: the step in progress
+        # sync: the step in progress, summed
+        pending = _summed(list(self.gate.pending[who] for who in sorted(self.gate.pending, key=min)))
         arrays.extend((f"{key}{checkpoint.STATE_SEP}{checkpoint.PENDING}", arr)
-                      for key, arr in self.gate.pending_sum.items() if isinstance(key, str))
+                      for key, arr in pending.items() if isinstance(key, str))
         return arrays
 
     def snapshot(self, job_json: dict) -> checkpoint.Snapshot:
@@ -606,8 +659,9 @@ class Shard:
             self.ledger = ledger.from_json(snap.ledger)
             self.gate.completed_step = int(snap.gate.get("completed_step", 0))
             self.gate.clocks = {int(w): int(c) for w, c in snap.gate.get("clocks", {}).items()}
-            self.gate.pending_from = {int(w) for w in snap.gate.get("pending_from", [])}
-            self.gate.pending_sum = pending
+            # one contribution of every worker in it: it counts if they all do
+            pending_from = frozenset(int(w) for w in snap.gate.get("pending_from", []))
+            self.gate.pending = {pending_from: pending} if pending_from else {}
 
     def _restored_state(self, spec: Key, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A key's optimizer state from a checkpoint: exactly this optimizer's arrays. A missing
@@ -656,6 +710,26 @@ def _touched_buffer(n: int) -> np.ndarray:
     buf = np.empty(n, np.float32)
     buf[::1024] = 0
     return buf
+
+
+def _summed(pushes: list[Mapping]) -> dict:
+    """The keys' gradients summed over `pushes`, in their order (dense keys: float32 arrays;
+    table keys: every push's rows, concatenated)."""
+    total: dict = {}
+    for grads in pushes:
+        for key, g in grads.items():
+            if isinstance(key, embeddings.TableKey):
+                total[key] = embeddings.accumulate(total.get(key), g)
+            elif key in total:
+                total[key] += g
+            else:
+                total[key] = np.array(g, dtype=np.float32, copy=True)
+    return total
+
+
+def _average(pushes: list[Mapping], n: int) -> dict:
+    return {k: embeddings.average(v, n) if isinstance(k, embeddings.TableKey) else v / np.float32(n)
+            for k, v in _summed(pushes).items()} if n else {}
 
 
 def _adopt(arr: np.ndarray) -> np.ndarray:

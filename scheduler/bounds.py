@@ -3,8 +3,7 @@ state changes: pure functions that return the value to use or raise InvalidArgum
 the field and the value.
 
 The limits and why:
-- clocks at most 2**53 - 1: the state file is JSON, and beyond that a JSON reader (any that
-  parses numbers as doubles) no longer reads back the value written;
+- clocks at most 2**53 - 1 (pscommon/bounds.py, shared with the servers);
 - worker names printable (`str.isprintable`: no control characters, escapes, NUL or line
   breaks) and at most 128 characters: they are shown to operators in `psctl status`;
 - a declared model: known dtypes, at most `MAX_PARAMS` parameters, no dimension above
@@ -17,11 +16,11 @@ from __future__ import annotations
 from typing import Iterable
 
 from shardps.pscommon import grpcutil, sharding
+from shardps.pscommon.bounds import MAX_CLOCK, check_clock  # noqa: F401 - the scheduler's checks, in one place
 from shardps.pscommon.errors import InvalidArgument
 from shardps.pscommon.tensors import MAX_DIMS, numpy_dtype
 from shardps.pscommon.wire.v1 import tensor_pb2
 
-MAX_CLOCK = 2**53 - 1
 MAX_WORKER_NAME = 128
 MAX_PARAMS = sharding.MAX_PARAMS          # 100,000 parameters
 MAX_MODEL_BYTES = 1 << 40                 # 1 TiB of parameters (float32: 2**38 elements)
@@ -29,12 +28,6 @@ MAX_ELEMENTS = MAX_MODEL_BYTES // 4       # per dimension and per parameter
 MAX_KEYS = 100_000                        # slices in the shard map (a server's per-call cap)
 
 _DTYPES = frozenset(tensor_pb2.DType.values())
-
-
-def check_clock(clock: int, what: str) -> int:
-    if not 0 <= clock <= MAX_CLOCK:
-        raise InvalidArgument(f"{what} clock {clock} is out of range: at most {MAX_CLOCK} (2**53 - 1)")
-    return clock
 
 
 def check_worker_name(name: str) -> str:

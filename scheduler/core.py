@@ -149,7 +149,7 @@ class SchedulerCore:
 
     def leave(self, member_id: int, incarnation: int, clock: int | None = None) -> int:
         with self.cond:
-            self._commit(mb.leave(self.members, member_id, incarnation, clock))
+            self._commit(mb.leave(self.members, member_id, incarnation, clock, now=self.now()))
             m = self.members.members[member_id]
             log.info("%s left: incarnation %d%s, view %d", who(m), m.incarnation,
                      f", clock {m.clock}" if m.role == mb.WORKER else "", self.members.view)
@@ -190,9 +190,7 @@ class SchedulerCore:
                 self.shard_map = proposed
                 self._save()
             elif self.shard_map.fingerprint != proposed.fingerprint:
-                raise FailedPrecondition(
-                    f"the job's model is {self.shard_map.fingerprint} ({len(self.shard_map.params)} "
-                    f"parameters); a different model {proposed.fingerprint} was declared")
+                raise FailedPrecondition(model_mismatch(self.shard_map, proposed))
             return self.shard_map
 
     def _check_worker(self, worker: int, incarnation: int) -> None:
@@ -229,6 +227,37 @@ class SchedulerCore:
         """Wait until the membership view passes `after`; False on timeout."""
         with self.cond:
             return self.cond.wait_for(lambda: self.members.view > after, timeout=timeout_s)
+
+
+def _param(p: sharding.Param) -> str:
+    return f"{_shown(p.name)} {list(p.shape)}"   # every declared parameter is float32 (sharding.build)
+
+
+def _some(items: list[str], most: int = 3) -> str:
+    return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def model_mismatch(job: sharding.ShardMap, declared: sharding.ShardMap) -> str:
+    """Why a declared model is refused, for the person who started it: a job trains one
+    model; how this one differs from it; and how to train another."""
+    mine = {p.name: p for p in job.params}
+    theirs = {p.name: p for p in declared.params}
+    differs = []
+    if [n for n in theirs if n not in mine]:
+        differs.append("it has " + _some([_param(p) for n, p in theirs.items() if n not in mine])
+                       + ", which the job's has not")
+    if [n for n in mine if n not in theirs]:
+        differs.append("it lacks " + _some([_param(p) for n, p in mine.items() if n not in theirs]))
+    changed = [n for n in mine if n in theirs and mine[n] != theirs[n]]
+    if changed:
+        differs.append(_some([f"{_param(theirs[n])} where the job's is {list(mine[n].shape)}"
+                              for n in changed], 2))
+    if not differs:
+        differs.append("the same parameters in another order")
+    return (f"this job trains one model, {job.fingerprint} ({len(job.params)} parameters), and the model "
+            f"declared is another, {declared.fingerprint} ({len(declared.params)} parameters): "
+            f"{'; '.join(differs)}. To train it, start a new job: a scheduler of its own (another port, "
+            "not this job's --state-dir) and its own servers")
 
 
 def _shown(text: str) -> str:

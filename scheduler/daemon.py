@@ -54,8 +54,8 @@ class SchedulerProcess:
         grpcutil.set_serving(self.health, SERVICE, True)
         threading.Thread(target=self._reap_loop, daemon=True, name="reaper").start()
         self.telemetry.start(SchedulerCollector(self.core))
-        log.info("scheduler serving on %s: mode %s, %d servers", self.address, self.core.job.mode,
-                 self.core.job.num_servers)
+        log.info("scheduler serving on %s: mode %s, %d servers; %s", self.address, self.core.job.mode,
+                 self.core.job.num_servers, self.cfg.options.security.describe())
         write_ready_file(self.cfg.ready_file, self.address)
 
     def _reap_loop(self) -> None:

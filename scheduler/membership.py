@@ -177,11 +177,14 @@ def renew(ms: Membership, member_id: int, incarnation: int, now: float, ttl: flo
     return _with(ms, dataclasses.replace(m, **changes), bump=False)
 
 
-def leave(ms: Membership, member_id: int, incarnation: int, clock: int | None = None) -> Membership:
-    """An explicit leave: immediate, bumps the view."""
+def leave(ms: Membership, member_id: int, incarnation: int, clock: int | None = None,
+          now: float | None = None) -> Membership:
+    """An explicit leave: immediate, bumps the view. With `now`, the leave is when the member
+    was last heard from (status shows how long a departed server has been gone)."""
     m = _current(ms, member_id, incarnation)
     final_clock = max(m.clock, clock) if clock is not None and m.role == WORKER else m.clock
-    return _with(ms, dataclasses.replace(m, state=LEFT, clock=final_clock), bump=True)
+    seen = {"last_seen": now} if now is not None else {}
+    return _with(ms, dataclasses.replace(m, state=LEFT, clock=final_clock, **seen), bump=True)
 
 
 def expired(ms: Membership, now: float) -> list[Member]:

@@ -23,9 +23,12 @@ def _lease(m: mb.Member, ttl: float, key: bytes) -> pb.Lease:
 _ROLE = {pb.ROLE_WORKER: mb.WORKER, pb.ROLE_SERVER: mb.SERVER}
 
 
-def server_infos(ms: mb.Membership) -> list[pb.ServerInfo]:
+def server_infos(ms: mb.Membership, now: float | None = None) -> list[pb.ServerInfo]:
+    """Every shard's server. With `now` (Status), how long ago each was last heard from:
+    left out of membership views and GetJob, which would otherwise differ at every call."""
     return [pb.ServerInfo(shard=m.shard, address=m.address, member_id=m.member_id,
-                          incarnation=m.incarnation, state=_STATE[m.state])
+                          incarnation=m.incarnation, state=_STATE[m.state],
+                          last_seen_age_s=max(0.0, now - m.last_seen) if now is not None else None)
             for m in sorted(ms.of_role(mb.SERVER), key=lambda m: m.shard)]
 
 
@@ -143,7 +146,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                        for m in ms.of_role(mb.WORKER)]
             smap = core.shard_map
             return pb.StatusReply(job=core.job.to_proto(), view=ms.view, workers=workers,
-                                  servers=server_infos(ms),
+                                  servers=server_infos(ms, now),
                                   model_fingerprint=smap.fingerprint if smap else "",
                                   keys=len(smap.keys) if smap else 0, uptime_s=now - core.started,
                                   data=data_progress(core.data))

@@ -21,8 +21,8 @@ import grpc
 import numpy as np
 
 from shardps.pscommon import codecs, grpcutil, tables
-from shardps.pscommon.config import CodecConfig, JobSpec
-from shardps.pscommon.errors import (FailedPrecondition, Internal, InvalidArgument, ShardEmpty, Unavailable,
+from shardps.pscommon.config import SETTLING_SHARD, CodecConfig, JobSpec
+from shardps.pscommon.errors import (FailedPrecondition, Internal, InvalidArgument, PSError, ShardEmpty, Unavailable,
                                      from_rpc_error)
 from shardps.pscommon.framing import BATCH_BYTES, chunk_frames, chunk_of
 from shardps.pscommon.security import NO_SECURITY, Security
@@ -33,11 +33,12 @@ from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, tensor_
 from shardps.worker import rows
 from shardps.worker.compression import ErrorFeedback
 from shardps.worker.push import StreamingPush, encoded_frames, push_call, row_bytes
-from shardps.worker.session import Identity, Session, SessionConfig
+from shardps.worker.session import Identity, Session, SessionConfig, Stopped
 from shardps.worker.transport import Transport
 
 log = logging.getLogger("shardps.worker")
 T = TypeVar("T")
+STOP_GRACE_S = 1.0   # once told to stop, a call in flight gets this long before it is cancelled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,8 @@ class ClientConfig:
     max_tensor_bytes: int = 64 << 20
     pull_streams: int = 2                     # concurrent Pull streams per shard
     security: Security = NO_SECURITY
+    # set when the worker must stop (psctl worker: SIGTERM, SIGINT): every wait ends (Stopped)
+    stop: threading.Event | None = None
 
     def session(self) -> SessionConfig:
         return SessionConfig(scheduler=self.scheduler, name=self.name, control_timeout_s=self.control_timeout_s,
@@ -104,7 +107,13 @@ class ShardClient:
     def __init__(self, cfg: ClientConfig):
         self.cfg = cfg
         self.session = Session(cfg.session())
-        self.transport = Transport(self._live_servers, cfg.retry_deadline_s, cfg.security)
+        self.transport = Transport(self._live_servers, cfg.retry_deadline_s, cfg.security,
+                                   view=lambda: self.session.identity.view, wait_view=self.session.wait_view)
+        # a new view may name a shard's new server: move there now, not at the next failure
+        self.session.on_view_change(self._refresh_servers)
+        self._closed = threading.Event()
+        if cfg.stop is not None:
+            threading.Thread(target=self._watch_stop, args=(cfg.stop,), daemon=True, name="stop-watch").start()
         self.traffic = TransferCounts()
         self._lock = threading.Lock()         # traffic, shard_versions
         self._plan: _Plan | None = None
@@ -112,6 +121,12 @@ class ShardClient:
         self._compressor = ErrorFeedback()    # residuals per key: owned by the push side
         self._copy: dict[str, np.ndarray] | None = None   # the arrays our pulls fill
         self._tables: dict[str, TableSpec] = {}  # the model's embedding tables, by name
+        self._row_plans: tuple[rows.RowPlan, ...] = ()  # the last pull_rows plans, newest first
+        # sync: the settling shard's last outcome (carried to every shard on our calls) and
+        # the clock we last told it our pushes had reached (see psserver/consistency/sync.py)
+        self._settled: ps_pb2.StepOutcome | None = None
+        self._settled_clock = 0
+        self._settling = None   # the SettleStep started when our last push was acknowledged
 
     # -- identity, job and model, read-only ----------------------------------------------
     @property
@@ -173,8 +188,80 @@ class ShardClient:
         return self.session.refused_incarnation
 
     def leave(self) -> None:
+        try:
+            self._settle_last()
+        except Stopped:
+            pass  # stopping: no call goes out; in sync our last push may not count, as a dead worker's
         self.session.leave()
         self.transport.close()
+        self._closed.set()
+
+    # -- stopping, and following the servers ----------------------------------------------
+    def interrupt(self, grace_s: float = 0.0) -> None:
+        """The worker must stop: every wait (a retry's pause, the scheduler, the servers) ends
+        with Stopped at once; after `grace_s` (or at leave()) the calls still in flight (a
+        pull held at a gate, a server that never answers) are cancelled too."""
+        self.session.interrupt()
+        if grace_s:
+            self._closed.wait(grace_s)
+        self.transport.interrupt()
+
+    def _watch_stop(self, stop: threading.Event) -> None:
+        while not stop.wait(0.2):
+            if self._closed.is_set():
+                return
+        log.info("stopping: ending every wait")
+        self.interrupt(STOP_GRACE_S)
+
+    def _refresh_servers(self, view: int) -> None:
+        """On a new membership view (the heartbeat thread): where every shard lives now, asked
+        on the fan-out pool so that the heartbeats never wait for it."""
+        try:
+            self.transport.submit(self.transport.refresh)
+        except RuntimeError:  # the pool is shut down: we left
+            pass
+
+    # -- sync steps settle on every shard alike (psserver/consistency/sync.py) -------------
+    @property
+    def _settles(self) -> bool:
+        """sync with several shards: a step counts our push only once we say it reached every
+        shard, and the other shards complete it with the settling shard's outcome."""
+        return self.job.mode == "sync" and self.job.num_servers > 1 and not self.session.identity.observer
+
+    def _settle(self, step: int) -> None:
+        """Tell the settling shard our pushes before `step` reached every shard; returns once
+        those steps are complete, with the last one's outcome (carried on our next calls)."""
+        req = ps_pb2.SettleRequest(caller=self._caller(), shard=SETTLING_SHARD, step=step, wait=True,
+                                   model_fingerprint=self._plan.shard_map.fingerprint)
+        reply = self._on_shard(SETTLING_SHARD, lambda stub: stub.SettleStep(req, timeout=self.cfg.data_timeout_s))
+        if reply.HasField("settled"):
+            self._settled = reply.settled
+        self._settled_clock = max(self._settled_clock, step)
+
+    def _await_settled(self) -> None:
+        """Before reading a step's values: the previous step is settled, and we know how."""
+        settling, self._settling = self._settling, None
+        if settling is not None:
+            settling.result()
+        step = self.session.identity.clock
+        if self._settles and self._settled_clock < step:
+            self._settle(step)   # a joiner's first read, or a step whose settle never started
+
+    def _settle_last(self) -> None:
+        """Leaving: our last step must count, and the other shards complete it only with its
+        outcome, which we bring them, as our next read would have."""
+        if self._plan is None or not self._settles:   # never attached: no job, no step
+            return
+        try:
+            self._await_settled()
+            for shard in range(self.job.num_servers):
+                if shard == SETTLING_SHARD:
+                    continue
+                req = ps_pb2.SettleRequest(caller=self._caller(), shard=shard, step=self.session.identity.clock,
+                                           model_fingerprint=self._plan.shard_map.fingerprint)
+                self._on_shard(shard, lambda stub, req=req: stub.SettleStep(req, timeout=self.cfg.data_timeout_s))
+        except (grpc.RpcError, PSError) as exc:
+            log.warning("could not settle our last step on every shard: %s", exc)
 
     def acquire_partition(self, num_partitions: int, max_epochs: int) -> tuple[int, int, int]:
         return self.session.acquire_partition(num_partitions, max_epochs)
@@ -273,7 +360,7 @@ class ShardClient:
     def _caller(self) -> ps_pb2.Caller:
         me = self.session.identity
         return ps_pb2.Caller(worker_id=max(me.worker_id, 0), incarnation=me.incarnation, observer=me.observer,
-                             credential=me.credential)
+                             credential=me.credential, settled=self._settled)
 
     # -- pull ----------------------------------------------------------------------------
     def pull(self, into: dict[str, np.ndarray]) -> None:
@@ -285,6 +372,7 @@ class ShardClient:
         BATCH_BYTES come in one PullBatch call instead.
         """
         plan = self._plan
+        self._await_settled()
         step = self.session.identity.clock
         tasks = [(shard, group) for shard in range(self.job.num_servers) for group in plan.pull_groups[shard]]
         results: dict[int, list[tuple[int, int]]] = {}
@@ -373,9 +461,10 @@ class ShardClient:
             stream.add(name, g)
         for name in no_gradient:
             stream.skip(name)
-        for table, spec in self._tables.items():
-            ids, g = (row_grads or {}).get(table, (np.zeros(0, np.int64), np.zeros((0, spec.dim), np.float32)))
-            stream.add_rows(table, ids, g)
+        if self._tables:   # every table, in one hand-over: a shard's rows of all of them go as one item
+            given = row_grads or {}
+            stream.add_row_grads({table: given.get(table, (np.zeros(0, np.int64), np.zeros((0, spec.dim), np.float32)))
+                                  for table, spec in self._tables.items()})
         return stream.finish()
 
     def start_push(self, eager: bool = True) -> StreamingPush:
@@ -399,16 +488,41 @@ class ShardClient:
     def pull_rows(self, asks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The rows of each table for its ids (any 64-bit ids, repeats allowed), float32
         [len(ids), dim], in the asked order, read at the current clock through each shard's
-        gate. Each shard is asked once per unique id it holds."""
+        gate. Each shard is asked once per unique id it holds, every table in one call.
+
+        The step's plan (unique ids, their shards) is kept: a push of the same ids' gradients
+        reuses it (`split_row_grads`) instead of deduplicating and hashing them again."""
         for table in asks:
             if table not in self._tables:
                 raise InvalidArgument(f"table {table!r} is not one of the declared tables {sorted(self._tables)}")
-        plans = rows.plan_pull(asks, self.job.num_servers)
+        plan = rows.plan_rows(asks, self.job.num_servers)
+        with self._lock:   # the current step's plan and a prefetch's: newest first
+            self._row_plans = (plan, *self._row_plans[:1])
+        self._await_settled()
         step = self.session.identity.clock
-        shards = [s for s in range(self.job.num_servers) if any(len(p.by_shard[s]) for p in plans.values())]
-        answers = self.transport.fan_out(shards, lambda s: self._pull_rows_shard(s, plans, step))
-        return {t: rows.assemble(p, {s: answers[s][t] for s in shards}, self._tables[t].dim)
-                for t, p in plans.items()}
+        answers = self._each_shard(plan.shards(), lambda s: self._pull_rows_shard(s, plan, step))
+        return plan.assemble(answers, {t: self._tables[t].dim for t in asks})
+
+    def split_row_grads(self, table: str, ids, grads: np.ndarray) -> dict[int, tuple]:
+        """Each shard's (unique ids, summed float32 gradients, ids' wire bytes or None) of a
+        table's row gradients, every shard named (empty where none of its rows). Gradients of
+        exactly the ids a recent pull_rows asked for reuse its plan."""
+        dim, num_shards = self._tables[table].dim, self.job.num_servers
+        for plan in self._row_plans:
+            parts = plan.split(table, ids, grads, dim) if plan.num_shards == num_shards else None
+            if parts is not None:
+                return parts
+        return rows.split_grads(table, ids, grads, dim, num_shards)
+
+    def _each_shard(self, shards: list[int], fn: Callable[[int], T]) -> dict[int, T]:
+        """fn(shard) for every shard at once, one of them on this thread (a hand-off to a pool
+        thread and back costs more than a small call); the first error raises."""
+        if not shards:
+            return {}
+        futs = {s: self.transport.submit(fn, s) for s in shards[1:]}
+        out = {shards[0]: fn(shards[0])}
+        out.update((s, f.result()) for s, f in futs.items())
+        return out
 
     def table_dims(self) -> dict[str, int]:
         """The embedding tables the shards hold (name -> dim), as shard 0 reports them: an
@@ -433,43 +547,49 @@ class ShardClient:
         return (np.concatenate([parts[s][0] for s in sorted(parts)]),
                 np.concatenate([parts[s][1] for s in sorted(parts)]))
 
-    def _pull_rows_shard(self, shard: int, plans: dict[str, "rows.TableAsk"], step: int) -> dict[str, np.ndarray]:
-        """One shard's rows of every table: every table in one call (a call per table would
-        pay a round trip each), calls of at most ROW_BLOCK_BYTES of ids."""
+    def _pull_rows_shard(self, shard: int, plan: "rows.RowPlan", step: int) -> list[np.ndarray]:
+        """One shard's rows of every table of `plan` (its parts, in order): every table in one
+        call (a call per table would pay a round trip each), calls of at most ROW_BLOCK_BYTES
+        of ids."""
         dtype = self.row_dtype(self.cfg.pull_codec or self.job.pull_codec)
         per_call = tables.ROW_BLOCK_BYTES // 8
         calls, current, size = [], [], 0
-        for table, plan in plans.items():
-            ids = plan.unique[plan.by_shard[shard]]
-            for i in range(0, len(ids), per_call):
-                piece = ids[i:i + per_call]
-                if size + len(piece) > per_call and current:
+        for part in plan.parts[shard]:
+            if len(part.ids) > per_call:   # a long list: pieces of its own (rare; bytes re-encoded)
+                pieces = [(part.table, part.ids[i:i + per_call], None) for i in range(0, len(part.ids), per_call)]
+            else:
+                pieces = [(part.table, part.ids, part.ids_bytes)]
+            for piece in pieces:
+                if size + len(piece[1]) > per_call and current:
                     calls.append(current)
                     current, size = [], 0
-                current.append((table, piece))
-                size += len(piece)
+                current.append(piece)
+                size += len(piece[1])
         if current:
             calls.append(current)
-        got: dict[str, list[np.ndarray]] = {t: [] for t in plans}
+        if len(calls) == 1:
+            return self._pull_rows_call(shard, calls[0], step, dtype)
+        got: dict[str, list[np.ndarray]] = {}
         for call in calls:
-            for table, values in self._pull_rows_call(shard, call, step, dtype):
-                got[table].append(values)
-        return {t: np.concatenate(v) if v else np.zeros((0, self._tables[t].dim), np.float32) for t, v in got.items()}
+            for (table, _, _), values in zip(call, self._pull_rows_call(shard, call, step, dtype)):
+                got.setdefault(table, []).append(values)
+        return [np.concatenate(got[part.table]) for part in plan.parts[shard]]
 
-    def _pull_rows_call(self, shard: int, asks: list[tuple[str, np.ndarray]], step: int, dtype: int
-                        ) -> list[tuple[str, np.ndarray]]:
-        """One PullRows call: each (table, ids) answered with its rows, in the order asked."""
+    def _pull_rows_call(self, shard: int, asks: list[tuple], step: int, dtype: int) -> list[np.ndarray]:
+        """One PullRows call: each (table, ids, ids' wire bytes or None) answered with its rows,
+        in the order asked."""
         req = ps_pb2.PullRowsRequest(caller=self._caller(), shard=shard, step=step, dtype=dtype,
                                      model_fingerprint=self.shard_map.fingerprint,
-                                     rows=[ps_pb2.RowBlock(table=t, ids=tables.ids_to_bytes(i)) for t, i in asks])
+                                     rows=[ps_pb2.RowBlock(table=t, ids=tables.ids_to_bytes(i) if b is None else b)
+                                           for t, i, b in asks])
 
         itemsize = tables.ROW_ITEMSIZE[dtype]
-        reply_bytes = sum(len(i) * (8 + self._tables[t].dim * itemsize) + 160 for t, i in asks)
+        reply_bytes = sum(len(i) * (8 + self._tables[t].dim * itemsize) + 160 for t, i, _ in asks)
 
         def read(stub):
             """The reply's blocks: one message when it fits (no stream, no thread per call)."""
             if reply_bytes <= BATCH_BYTES:
-                return list(stub.PullRowsBatch(req, timeout=self.cfg.data_timeout_s).rows)
+                return stub.PullRowsBatch(req, timeout=self.cfg.data_timeout_s).rows
             replies = stub.PullRows(req, timeout=self.cfg.data_timeout_s)
             first = next(replies, None)
             if first is None or first.WhichOneof("body") != "header":
@@ -478,25 +598,47 @@ class ShardClient:
 
         def once(stub):
             blocks = read(stub)
-            by_table: dict[str, list[np.ndarray]] = {}
-            for b in blocks:
-                if b.table not in self._tables:
-                    raise Internal(f"shard {shard} answered rows of table {b.table!r}, which was not asked")
-                by_table.setdefault(b.table, []).append(tables.decode_rows(
-                    b.values, b.dtype, len(b.ids) // 8, self._tables[b.table].dim, f"shard {shard} rows"))
-            out = []
-            for table, ids in asks:   # a table asked twice in one call (a long list) is answered in order
-                parts = by_table.get(table, [])
-                values = np.concatenate(parts) if parts else np.zeros((0, self._tables[table].dim), np.float32)
-                if len(values) < len(ids):
-                    raise Internal(f"shard {shard} answered {len(values)} rows of table {table!r} for {len(ids)} ids")
-                out.append((table, values[:len(ids)]))
-                by_table[table] = [values[len(ids):]]
-            with self._lock:
-                self.traffic.logical_received += sum(v.nbytes for _, v in out)
-                self.traffic.wire_received += sum(len(b.ids) + len(b.values) for b in blocks)
+            wire = 0
+            if len(blocks) == len(asks):   # the usual answer: a block per table asked, in order
+                out = []
+                for b, (table, ids, _) in zip(blocks, asks):
+                    values = b.values
+                    wire += len(b.ids) + len(values)
+                    if b.table != table or len(b.ids) != 8 * len(ids):
+                        out = None
+                        break
+                    out.append(tables.decode_rows(values, b.dtype, len(ids), self._tables[table].dim,
+                                                  f"shard {shard} rows"))
+                if out is not None:
+                    self._count_received(out, wire)
+                    return out
+            out = self._rows_in_order(shard, asks, blocks)
+            self._count_received(out, sum(len(b.ids) + len(b.values) for b in blocks))
             return out
         return self._on_shard(shard, once)
+
+    def _rows_in_order(self, shard: int, asks: list[tuple], blocks) -> list[np.ndarray]:
+        """The rows of each ask from a reply whose blocks split a table's rows over several."""
+        by_table: dict[str, list[np.ndarray]] = {}
+        for b in blocks:
+            if b.table not in self._tables:
+                raise Internal(f"shard {shard} answered rows of table {b.table!r}, which was not asked")
+            by_table.setdefault(b.table, []).append(tables.decode_rows(
+                b.values, b.dtype, len(b.ids) // 8, self._tables[b.table].dim, f"shard {shard} rows"))
+        out = []
+        for table, ids, _ in asks:   # a table asked twice in one call (a long list) is answered in order
+            parts = by_table.get(table, [])
+            values = np.concatenate(parts) if parts else np.zeros((0, self._tables[table].dim), np.float32)
+            if len(values) < len(ids):
+                raise Internal(f"shard {shard} answered {len(values)} rows of table {table!r} for {len(ids)} ids")
+            out.append(values[:len(ids)])
+            by_table[table] = [values[len(ids):]]
+        return out
+
+    def _count_received(self, values: list[np.ndarray], wire: int) -> None:
+        with self._lock:
+            self.traffic.logical_received += sum(v.size for v in values) * 4
+            self.traffic.wire_received += wire
 
     def submit(self, fn, *args):
         return self.transport.submit(fn, *args)
@@ -504,6 +646,17 @@ class ShardClient:
     def step_done(self, step: int) -> None:
         """A push of `step` was acknowledged by every shard: the next step is ours to compute."""
         self.session.advance_clock(step + 1)
+        if self._settles:
+            # say so now, not at our next read: a step must not wait for a worker that is done
+            # pushing (it may read the model, or sit idle, before it leaves)
+            self._settling = self.transport.submit(self._settle, step + 1)
+
+    def skip_step(self) -> None:
+        """Sit out the step we are on, having no data for it (sync; right after a pull of that
+        step): our clock moves past it without a push, and our next pull, of the step after,
+        has the shards count us in it without a gradient (psserver/consistency/sync.py: a
+        worker excused from a step is not in its average)."""
+        self.session.advance_clock(self.session.identity.clock + 1)
 
     @property
     def push_codec(self) -> CodecConfig:

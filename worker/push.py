@@ -18,7 +18,6 @@ from shardps.pscommon import tables
 from shardps.pscommon.errors import Aborted, DeadlineExceeded, InvalidArgument
 from shardps.pscommon.framing import batch, chunk_frames
 from shardps.pscommon.wire.v1 import ps_pb2, tensor_pb2
-from shardps.worker import rows
 
 # (shard, step, base_version, feed) -> the shard's reply: ShardClient.send_push
 SendPush = Callable[[int, int, int, "_Feed"], ps_pb2.PushReply]
@@ -26,16 +25,17 @@ SendPush = Callable[[int, int, int, "_Feed"], ps_pb2.PushReply]
 
 @dataclasses.dataclass(frozen=True)
 class RowsKey:
-    """A feed item's key for one table's row gradients on one shard (the item's `encoded`
-    is (unique ids, summed gradients))."""
+    """A feed item's key for the row gradients of every table on one shard: one item per
+    shard and step, whose `encoded` is a list of (table, unique ids, summed gradients, the
+    ids' wire bytes or None), every declared table named (empty where none of its rows)."""
 
-    table: str
     dtype: int
 
 
 def row_bytes(feed: "_Feed") -> int:
     """The bytes of the row gradients in a complete feed (ids and float32 values)."""
-    return sum(pre[0].nbytes + pre[1].nbytes for k, _, pre in feed.items if isinstance(k, RowsKey))
+    return sum(ids.nbytes + grads.nbytes for k, _, pre in feed.items if isinstance(k, RowsKey)
+               for _, ids, grads, _ in pre)
 
 
 class _Feed:
@@ -83,28 +83,32 @@ def push_call(header: ps_pb2.PushHeader, frames: Callable[[], list | object], ba
     if batched:
         def one_message(stub):
             items = list(frames())
-            # row blocks come as PushRequest messages: in a batch they go in its `rows`
-            rows = [m.rows for m in items if isinstance(m, ps_pb2.PushRequest)]
-            chunks = [f for f in items if not isinstance(f, ps_pb2.PushRequest)]
+            # row blocks come as RowBlock messages: in a batch they go in its `rows`
+            rows = [m for m in items if isinstance(m, ps_pb2.RowBlock)]
+            chunks = [f for f in items if not isinstance(f, ps_pb2.RowBlock)] if rows else items
             return stub.PushBatch(batch(ps_pb2.PushBatchRequest(header=header, rows=rows), chunks), timeout=timeout_s)
         return one_message
-    return lambda stub: stub.Push(itertools.chain([ps_pb2.PushRequest(header=header)], frames()),
-                                  timeout=timeout_s)
+
+    def streamed(stub):   # a stream carries each row block in a PushRequest of its own
+        messages = (ps_pb2.PushRequest(rows=m) if isinstance(m, ps_pb2.RowBlock) else m for m in frames())
+        return stub.Push(itertools.chain([ps_pb2.PushRequest(header=header)], messages), timeout=timeout_s)
+    return streamed
 
 
 def encoded_frames(feed: _Feed, encode, sizes: dict[str, int]):
-    """The chunk frames of a feed's gradients. `encode(key, grad, pre)` gives (meta, payload)
-    and is called once per key per step (the caller caches), so a retry resends the same
-    bytes and error feedback never takes a residual twice. A key without a gradient goes as
-    a payload-free meta marked no_gradient (its residual stays for the next step)."""
+    """The chunk frames of a feed's gradients, and RowBlock messages for its rows. `encode(key,
+    grad, pre)` gives (meta, payload) and is called once per key per step (the caller caches),
+    so a retry resends the same bytes and error feedback never takes a residual twice. A key
+    without a gradient goes as a payload-free meta marked no_gradient (its residual stays for
+    the next step)."""
     sizes["logical"] = sizes["wire"] = 0  # a retry sends everything again
     for k, g, pre in feed:
         if isinstance(k, RowsKey):
-            ids, grads = pre
-            sizes["logical"] += grads.nbytes
-            for block in tables.row_blocks(k.table, ids, grads, k.dtype):
-                sizes["wire"] += len(block.ids) + len(block.values)
-                yield ps_pb2.PushRequest(rows=block)
+            for table, ids, grads, ids_bytes in pre:
+                sizes["logical"] += grads.nbytes
+                for block in tables.row_blocks(table, ids, grads, k.dtype, ids_bytes=ids_bytes):
+                    sizes["wire"] += len(block.ids) + len(block.values)
+                    yield block
             continue
         if g is None and pre is None:
             yield from chunk_frames(no_gradient_meta(k), b"")
@@ -130,13 +134,14 @@ class StreamingPush:
         # before every shard's call has started
         self.base_versions = base_versions
         smap = client.shard_map
-        # every shard holds rows of every table: with tables, each shard takes one item per
-        # table every step (empty where the batch touched none of its rows)
-        self.feeds = {s: _Feed(len(smap.keys_of(s)) + len(client.tables), client.data_timeout_s)
+        # every shard holds rows of every table: with tables, each shard takes one item every
+        # step carrying every table (empty where the batch touched none of its rows)
+        self.feeds = {s: _Feed(len(smap.keys_of(s)) + (1 if client.tables else 0), client.data_timeout_s)
                       for s in range(client.job.num_servers)}
         self.futures: dict[int, futures.Future] = {}
         self.seen: set[str] = set()
         self.seen_tables: set[str] = set()
+        self.row_parts: dict[str, dict[int, tuple]] = {}   # table -> shard -> (ids, grads, ids' bytes)
         self.lock = threading.Lock()
 
     def add(self, name: str, grad: np.ndarray) -> None:
@@ -168,18 +173,33 @@ class StreamingPush:
     def add_rows(self, table: str, ids, grads: np.ndarray) -> None:
         """Hand over the row gradients of `table` for a batch's ids (repeats are summed; a
         float32 [len(ids), dim] array). Once per table per step; an empty id list when the
-        batch touched none of its rows."""
-        spec = self.client.tables.get(table)
-        if spec is None:
-            raise InvalidArgument(f"table {table!r} is not one of the declared tables {sorted(self.client.tables)}")
-        parts = rows.split_grads(table, ids, grads, spec.dim, self.client.job.num_servers)
+        batch touched none of its rows. Each shard's call takes the rows of every table at
+        once: they go out when the last table's are handed over."""
+        self.add_row_grads({table: (ids, grads)})
+
+    def add_row_grads(self, row_grads: dict) -> None:
+        """add_rows for several tables at once ({table: (ids, grads)}); all are checked
+        before any is taken."""
+        declared = self.client.tables
+        for table in row_grads:
+            if table not in declared:
+                raise InvalidArgument(f"table {table!r} is not one of the declared tables {sorted(declared)}")
         with self.lock:
-            if table in self.seen_tables:
-                raise InvalidArgument(f"row gradients of table {table!r} added twice in step {self.step}")
-            self.seen_tables.add(table)
-            key = RowsKey(table, self.client.row_dtype(self.client.push_codec))
-            for shard, part in parts.items():
-                self.feeds[shard].put(key, None, part)
+            twice = [t for t in row_grads if t in self.seen_tables]
+        if twice:
+            raise InvalidArgument(f"row gradients of table {twice[0]!r} added twice in step {self.step}")
+        parts = {table: self.client.split_row_grads(table, ids, grads) for table, (ids, grads) in row_grads.items()}
+        with self.lock:
+            twice = [t for t in row_grads if t in self.seen_tables]
+            if twice:
+                raise InvalidArgument(f"row gradients of table {twice[0]!r} added twice in step {self.step}")
+            self.seen_tables.update(row_grads)
+            self.row_parts.update(parts)
+            if len(self.seen_tables) < len(declared):
+                return
+            key = RowsKey(self.client.row_dtype(self.client.push_codec))
+            for shard, feed in self.feeds.items():
+                feed.put(key, None, [(table, *self.row_parts[table][shard]) for table in declared])
                 if self.eager and shard not in self.futures:
                     self._start(shard)
 
@@ -225,8 +245,12 @@ class StreamingPush:
             raise InvalidArgument(f"no row gradients for tables {self.missing_tables()[:5]} in step {self.step}: "
                                   "add_rows() them, with no ids when the batch touched none")
         shards = [s for s, feed in self.feeds.items() if feed.expected]  # a shard may hold no keys
-        if not self.eager and len(shards) == 1:  # one call: no hand-off to a pool thread
-            replies = [self._send(shards[0])]
+        if not self.eager and shards and not self.futures:
+            # one call on this thread (no hand-off to a pool thread and back), the others at once
+            for shard in shards[1:]:
+                self._start(shard)
+            first = self._send(shards[0])
+            replies = [first] + [f.result() for _, f in sorted(self.futures.items())]
         else:
             for shard in shards:
                 if shard not in self.futures:

@@ -4,12 +4,16 @@ The session is the one owner of the worker's identity. It publishes it as an imm
 `Identity` swapped whole under a lock, so the heartbeat thread, the training thread and the
 push/pull threads each read one consistent (worker id, incarnation, view, clock) without a
 lock of their own, and no thread ever writes another's fields.
+
+Every wait here has a way out: once `interrupt()` is called (the worker must stop: SIGTERM,
+SIGINT) each retry's pause and each `wait_view` ends with `Stopped`, and no retry starts.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import threading
+from typing import Callable
 
 from shardps.pscommon import grpcutil
 from shardps.pscommon.config import JobSpec
@@ -18,6 +22,12 @@ from shardps.pscommon.security import NO_SECURITY, Security
 from shardps.pscommon.wire.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("shardps.worker")
+
+
+class Stopped(Exception):
+    """The worker was asked to stop (SIGTERM, SIGINT) while it waited: for the scheduler, a
+    shard, a gate or a retry's pause. Not a PSError: no handler of failed calls may take it for
+    one and retry or log it away; the training loop ends on it and the worker leaves."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +56,17 @@ class Session:
     def __init__(self, cfg: SessionConfig):
         self.cfg = cfg
         self._sched = scheduler_pb2_grpc.SchedulerStub(grpcutil.channel(cfg.scheduler, cfg.security))
-        self._lock = threading.Lock()       # writers of _identity and _job; readers take the reference
+        # writers of _identity and _job (readers take the reference); notified when the view
+        # rises and on interrupt(), for wait_view and the retries' pauses
+        self._lock = threading.Condition()
         self._identity = Identity()
         self._job: JobSpec | None = None
         self._refused: int | None = None    # the incarnation the scheduler last refused
         self._rejoin_lock = threading.Lock()
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self._interrupted = False
+        self._view_listeners: list[Callable[[int], None]] = []
 
     # -- what other parts read -----------------------------------------------------------
     @property
@@ -76,6 +90,60 @@ class Session:
         with self._lock:
             self._identity = dataclasses.replace(self._identity, **changes)
             return self._identity
+
+    # -- waiting, and the way out of every wait -------------------------------------------
+    def interrupt(self) -> None:
+        """The worker is stopping: every wait here ends with Stopped, now and from now on."""
+        with self._lock:
+            self._interrupted = True
+            self._lock.notify_all()
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupted
+
+    def check_interrupted(self) -> None:
+        if self._interrupted:
+            raise Stopped("the worker is stopping")
+
+    def wait_view(self, after: int, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for the membership view to pass `after` (a server registered,
+        a worker joined or went); the view now. Stopped when the worker is stopping."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._interrupted or self._identity.view > after, timeout=timeout_s)
+            self.check_interrupted()
+            return self._identity.view
+
+    def _pause(self, seconds: float) -> None:
+        """A retry's pause between attempts, cut short only by interrupt() (Stopped)."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._interrupted, timeout=seconds)
+        self.check_interrupted()
+
+    def _retry(self, fn, deadline_s: float, **kwargs):
+        """grpcutil.retry with a way out: no attempt starts, and no pause goes on, once the
+        worker is stopping."""
+        def attempt():
+            self.check_interrupted()
+            return fn()
+        return grpcutil.retry(attempt, deadline_s, sleep=self._pause, **kwargs)
+
+    def on_view_change(self, listener: Callable[[int], None]) -> None:
+        """Call `listener(view)` (on the heartbeat thread; keep it short) whenever the membership
+        view rises: a server registered (perhaps at a new address), a member joined or went."""
+        self._view_listeners.append(listener)
+
+    def _saw_view(self, view: int, incarnation: int) -> None:
+        with self._lock:
+            if self._identity.incarnation != incarnation or view <= self._identity.view:
+                return
+            self._identity = dataclasses.replace(self._identity, view=view)
+            self._lock.notify_all()
+        for listener in list(self._view_listeners):
+            try:
+                listener(view)
+            except Exception:  # noqa: BLE001 - a listener must not end the heartbeats
+                log.exception("membership view listener failed")
 
     def advance_clock(self, clock: int) -> None:
         """The clock only moves forward: a pull may move it past a step completed without us."""
@@ -110,15 +178,16 @@ class Session:
         req = scheduler_pb2.JoinWorkerRequest(name=self.cfg.name, worker_id=worker_id,
                                               incarnation=me.incarnation if worker_id > 0 else 0,
                                               credential=me.credential if worker_id > 0 else b"")
-        reply = grpcutil.retry(lambda: grpcutil.call(self._sched.JoinWorker, req, self.cfg.control_timeout_s),
-                               self.cfg.connect_timeout_s, waiting=self._waiting_for("the scheduler at "
-                                                                                     + self.cfg.scheduler))
+        reply = self._retry(lambda: grpcutil.call(self._sched.JoinWorker, req, self.cfg.control_timeout_s),
+                            self.cfg.connect_timeout_s, waiting=self._waiting_for("the scheduler at "
+                                                                                  + self.cfg.scheduler))
         with self._lock:
             self._job = JobSpec.from_proto(reply.job)
             current = self._identity
             self._identity = Identity(worker_id=reply.lease.member_id, incarnation=reply.lease.incarnation,
                                       view=reply.view, clock=max(current.clock, reply.start_clock),
                                       credential=reply.lease.credential)
+            self._lock.notify_all()
             return self._identity
 
     def attach(self) -> scheduler_pb2.JobInfo:
@@ -145,9 +214,7 @@ class Session:
             except PSError as exc:  # the scheduler is away: keep training on the last view
                 log.debug("heartbeat failed: %s", exc)
                 continue
-            with self._lock:
-                if self._identity.incarnation == me.incarnation and view > self._identity.view:
-                    self._identity = dataclasses.replace(self._identity, view=view)
+            self._saw_view(view, me.incarnation)
 
     def leave(self) -> None:
         self._stop.set()
@@ -181,8 +248,8 @@ class Session:
                                   f"{', '.join(map(str, missing))} ({len(alive)} of {info.job.num_servers} "
                                   "registered)")
             return alive
-        return grpcutil.retry(ready, self.cfg.connect_timeout_s, backoff=grpcutil.Backoff(0.05, 0.5),
-                              waiting=self._waiting_for("the servers"))
+        return self._retry(ready, self.cfg.connect_timeout_s, backoff=grpcutil.Backoff(0.05, 0.5),
+                           waiting=self._waiting_for("the servers"))
 
     def _waiting_for(self, what: str):
         def say(exc: PSError, waited_s: float) -> None:
@@ -198,7 +265,8 @@ class Session:
             alive = sum(1 for w in st.workers if w.state == scheduler_pb2.MEMBER_STATE_ALIVE)
             if alive < n:
                 raise Unavailable(f"{alive} of {n} workers alive")
-        grpcutil.retry(ready, self.cfg.connect_timeout_s, backoff=grpcutil.Backoff(0.05, 0.5))
+        self._retry(ready, self.cfg.connect_timeout_s, backoff=grpcutil.Backoff(0.05, 0.5),
+                    waiting=self._waiting_for(f"{n} live workers (--min-workers)"))
 
     def declare_model(self, request: scheduler_pb2.DeclareModelRequest) -> scheduler_pb2.JobInfo:
         return grpcutil.call(self._sched.DeclareModel, request, self.cfg.control_timeout_s)
@@ -210,13 +278,13 @@ class Session:
         req = scheduler_pb2.AcquirePartitionRequest(worker_id=me.worker_id, incarnation=me.incarnation,
                                                     num_partitions=num_partitions, max_epochs=max_epochs,
                                                     credential=me.credential)
-        reply = grpcutil.retry(lambda: grpcutil.call(self._sched.AcquirePartition, req, self.cfg.control_timeout_s),
-                               self.cfg.retry_deadline_s)
+        reply = self._retry(lambda: grpcutil.call(self._sched.AcquirePartition, req, self.cfg.control_timeout_s),
+                            self.cfg.retry_deadline_s)
         return reply.status, reply.epoch, reply.partition
 
     def complete_partition(self, epoch: int, partition: int) -> None:
         me = self._identity
         req = scheduler_pb2.CompletePartitionRequest(worker_id=me.worker_id, incarnation=me.incarnation,
                                                      epoch=epoch, partition=partition, credential=me.credential)
-        grpcutil.retry(lambda: grpcutil.call(self._sched.CompletePartition, req, self.cfg.control_timeout_s),
-                       self.cfg.retry_deadline_s)
+        self._retry(lambda: grpcutil.call(self._sched.CompletePartition, req, self.cfg.control_timeout_s),
+                    self.cfg.retry_deadline_s)

@@ -1,6 +1,7 @@
 """`psctl worker`: the built-in training loop over PSClient, with metrics as JSON lines."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from shardps.pscommon import tables
-from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, PSError
+from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, PSError, Unavailable
 from shardps.pscommon.lifecycle import DaemonOptions, Telemetry
 from shardps.pscommon.security import NO_SECURITY, Security
 from shardps.pscommon.wire.v1 import scheduler_pb2 as pb
@@ -22,6 +23,7 @@ from shardps.worker.api import PSClient
 from shardps.worker.client import ClientConfig, ShardClient
 from shardps.worker.embedding import EmbeddingClient, sharded_embeddings
 from shardps.worker.metrics import WorkerCollector
+from shardps.worker.session import Stopped
 
 log = logging.getLogger("shardps.worker")
 
@@ -47,6 +49,7 @@ class TrainConfig:
     options: DaemonOptions = DaemonOptions()
     overlap: bool = False           # stream gradients from autograd hooks, prefetch pulls
     min_workers: int = 0            # wait until this many workers are alive before step 0
+    connect_timeout_s: float = 120.0  # waiting for the scheduler and every server at start
     device_compression: bool | None = None   # None: fp16/bf16/topk pushes encoded on CUDA devices
 
     def __post_init__(self):
@@ -104,6 +107,90 @@ def _progress(total: int, enabled: bool | None):
     return tqdm(total=total, unit="step", dynamic_ncols=True)
 
 
+def _logs_above(bar):
+    """While a progress bar is shown, log lines (the wait notices among them) are written
+    above it instead of through it."""
+    if bar is None:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    return logging_redirect_tqdm()
+
+
+def wait_notice(record: logging.LogRecord) -> tuple[int, str, float] | None:
+    """(shard, what is missing, seconds waited so far) from the transport's wait notice
+    ("waiting for shard %d at %s: %s (%.0f s so far, ...)", Transport.call); None for any
+    other record."""
+    args = record.args
+    if not (isinstance(record.msg, str) and record.msg.startswith("waiting for shard %d")
+            and isinstance(args, tuple) and len(args) >= 4):
+        return None
+    shard, _, exc, waited = args[:4]
+    try:
+        return int(shard), "no server" if isinstance(exc, Unavailable) else "no answer", float(waited)
+    except (TypeError, ValueError):
+        return None
+
+
+def wait_text(waits: dict[int, tuple[float, str]], now: float) -> str:
+    """The progress bar's description while a step waits for shards, e.g. `waiting for shard 1
+    (no server for 12 s)`; "" when nothing waits. `waits`: shard -> (since, what is missing)."""
+    parts = [f"shard {shard} ({what} for {max(0.0, now - since):.0f} s)"
+             for shard, (since, what) in sorted(waits.items())]
+    return "waiting for " + ", ".join(parts) if parts else ""
+
+
+class BarWaits(logging.Handler):
+    """Puts the transport's wait notices on the progress bar: `waiting for shard 1 (no server
+    for 12 s)`, its seconds counted up by `tick` (once a second, from `start`'s thread) until
+    the step goes on (`clear`). Attached to the worker's logger while the bar is shown."""
+
+    def __init__(self, bar, logger: logging.Logger = log, clock=time.monotonic):
+        super().__init__(logging.WARNING)
+        self.bar, self.logger, self.clock = bar, logger, clock
+        self._waits: dict[int, tuple[float, str]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        logger.addHandler(self)
+
+    def start(self, every_s: float = 1.0) -> "BarWaits":
+        def run():
+            while not self._stop.wait(every_s):
+                self.tick()
+        self._thread = threading.Thread(target=run, name="progress-waits", daemon=True)
+        self._thread.start()
+        return self
+
+    def emit(self, record: logging.LogRecord) -> None:
+        notice = wait_notice(record)
+        if notice is None:
+            return
+        shard, what, waited = notice
+        with self._lock:
+            since = self._waits.get(shard, (self.clock() - waited, what))[0]
+            self._waits[shard] = (since, what)
+        self.tick()
+
+    def tick(self) -> None:
+        with self._lock:
+            text = wait_text(self._waits, self.clock()) if self._waits else None
+        if text is not None:
+            self.bar.set_description_str(text)
+
+    def clear(self) -> None:
+        """The step went on: whatever it waited for answered."""
+        with self._lock:
+            if not self._waits:
+                return
+            self._waits.clear()
+        self.bar.set_description_str("")
+
+    def close(self) -> None:
+        self._stop.set()
+        self.logger.removeHandler(self)
+        super().close()
+
+
 class Loop:
     """One worker's training: steps on random batches, or epochs of assigned partitions.
 
@@ -124,7 +211,10 @@ class Loop:
         self.prefetch_rows = bool(self.rows and cfg.overlap and self.rows.prefetch_enabled)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + ps.worker_id)
         self.bar = _progress(cfg.steps if not cfg.epochs else None, cfg.progress)
+        self.waits = BarWaits(self.bar).start() if self.bar else None   # "waiting for shard 1 (...)"
         self.done = self.skipped = 0
+        self.idle_steps = 0         # steps sat out without data (run_epochs, sync and ssp)
+        self.sitting_out = False    # the last thing we did was sit out a step
         self.loss = float("nan")
         self.upcoming: torch.Tensor | None = None   # the next batch, when known
 
@@ -134,6 +224,8 @@ class Loop:
         ps, model = self.ps, self.model
         inputs, y = self.task.batch(self.split, idx, self.device)
         ps.pull()
+        if self.waits:
+            self.waits.clear()
         if self.rows:
             self.rows.fetch(model.row_ids(*inputs))
         model.zero_grad(set_to_none=True)
@@ -142,7 +234,10 @@ class Loop:
         self.loss = float(loss_t.detach())
         if self.cfg.step_delay_s:
             time.sleep(self.cfg.step_delay_s)  # a deliberate straggler (benchmarks)
-        if not ps.push(row_grads=self.rows.row_grads() if self.rows else None):
+        pushed = ps.push(row_grads=self.rows.row_grads() if self.rows else None)
+        if self.waits:
+            self.waits.clear()
+        if not pushed:
             self.skipped += 1
             return False
         if self.prefetch_rows and self.upcoming is not None:
@@ -178,8 +273,13 @@ class Loop:
             if status == pb.ASSIGNMENT_STATUS_DONE:
                 return
             if status == pb.ASSIGNMENT_STATUS_WAIT:
-                self.stop.wait(0.05)  # others hold the last assignments of this epoch
+                # others hold the last assignments of this epoch
+                if client.job.mode in ("sync", "ssp"):
+                    self.sit_out()    # their steps wait for ours: take part without data
+                else:
+                    self.stop.wait(0.05)
                 continue
+            self.sitting_out = False
             assigned_as = client.incarnation
             batches = partition_batches(n, self.cfg.partitions, epoch, partition, self.cfg.batch_size, self.cfg.seed)
             for i, idx in enumerate(batches):
@@ -206,7 +306,33 @@ class Loop:
             self.metrics.write(event="partition_done", epoch=epoch, partition=partition,
                                worker=self.ps.worker_id)
 
+    def sit_out(self) -> None:
+        """One step without data, while the others train the epoch's last partitions: in sync
+        and ssp their steps wait for ours, so a worker with nothing to train keeps taking part
+        in the steps, without a gradient, rather than hold the gate (docs/design.md, "Partition
+        assignments"). sync: we pull the step after ours without pushing ours, and the shards
+        count us in it without a gradient (not in its average). ssp: we pull (the gate paces
+        us: never more than the staleness bound ahead of the slowest) and push a step in
+        which no parameter has a gradient, so our clock moves and nothing is applied. Then
+        the loop asks for data again."""
+        ps = self.ps
+        if ps.client.job.mode == "sync":
+            if not self.sitting_out:
+                ps.pull()   # our last push counts once a pull of the next step says it arrived
+            ps.client.skip_step()
+            ps.pull()
+        else:
+            self.model.zero_grad(set_to_none=True)
+            ps.pull()
+            ps.push()
+        if self.waits:
+            self.waits.clear()
+        self.sitting_out = True
+        self.idle_steps += 1
+
     def close(self) -> None:
+        if self.waits:
+            self.waits.close()
         if self.rows:
             self.rows.close()
 
@@ -338,21 +464,33 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
     metrics = MetricsWriter(cfg.metrics_out, append=cfg.append_metrics)
     name = cfg.name or f"{os.uname().nodename}:{os.getpid()}"
     telemetry = Telemetry(cfg.options, "worker", serves_rpc=False)
-    with PSClient.connect(cfg.scheduler, model, name=name, push_codec=cfg.push_codec,
-                          error_feedback=cfg.error_feedback,
-                          overlap=cfg.overlap, device_compression=cfg.device_compression,
-                          security=cfg.options.security) as ps:
+    try:
+        # `stop` ends every wait of the connection (the scheduler, the servers, a shard, a
+        # gate, a retry's pause) with Stopped
+        ps = PSClient.connect(cfg.scheduler, model, name=name, push_codec=cfg.push_codec,
+                              error_feedback=cfg.error_feedback,
+                              overlap=cfg.overlap, device_compression=cfg.device_compression,
+                              security=cfg.options.security, stop=stop, connect_timeout_s=cfg.connect_timeout_s)
+    except Stopped:
+        summary = dict(worker=None, steps=0, skipped=0, stopped=True)
+        metrics.write(**summary)
+        metrics.close()
+        return summary
+    with ps:
         telemetry.start(WorkerCollector(ps.client))
-        if cfg.min_workers > 1:
-            ps.client.wait_for_workers(cfg.min_workers)
-            ps.pull()  # the others may have declared first: start from the common weights
         loop = Loop(cfg, ps, model, device, split, metrics, stop, entry.task)
         t0 = time.time()
         try:
-            if cfg.epochs:
-                loop.run_epochs()
-            else:
-                loop.run_steps()
+            with _logs_above(loop.bar):
+                if cfg.min_workers > 1:
+                    ps.client.wait_for_workers(cfg.min_workers)
+                    ps.pull()  # the others may have declared first: start from the common weights
+                if cfg.epochs:
+                    loop.run_epochs()
+                else:
+                    loop.run_steps()
+        except Stopped as exc:
+            log.info("stopped while waiting: %s", exc)   # what was trained stays; we leave below
         finally:
             loop.close()
         if loop.bar:
@@ -362,7 +500,8 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
         wall_s = time.time() - t0
         held_out = _final_evaluation(entry.task, model, split, cfg, stopped=stop.is_set())
         done, skipped, loss = loop.done, loop.skipped, loop.loss
-        summary = dict(worker=ps.worker_id, steps=done, skipped=skipped, final_loss=round(loss, 5),
+        summary = dict(worker=ps.worker_id, steps=done, skipped=skipped, idle_steps=loop.idle_steps,
+                       final_loss=round(loss, 5),
                        **held_out, wall_s=round(wall_s, 3),
                        bytes_sent=ps.bytes_sent, bytes_received=ps.bytes_received,
                        logical_sent=ps.client.traffic.logical_sent,
@@ -424,6 +563,8 @@ def summary_line(summary: dict, cfg: TrainConfig) -> str:
     (ctr-sparse: `..., loss 0.519, auc 0.8105 (teacher 0.8323), log loss 0.5218, ...`)
     or `worker 2 stopped after 57 of 300 steps (interrupted)`."""
     worker, steps = summary["worker"], summary["steps"]
+    if worker is None:  # stopped before it had joined and found its servers
+        return "worker stopped before training (interrupted)"
     if summary.get("stopped") and (cfg.epochs or steps < cfg.steps):  # a signal after the last step: finished
         counted = _plural(steps, "step") if cfg.epochs else f"{steps} of {_plural(cfg.steps, 'step')}"
         return f"worker {worker} stopped after {counted} (interrupted)"

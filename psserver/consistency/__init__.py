@@ -1,12 +1,12 @@
 """Consistency modes, one module each, registered by the proto Mode enum."""
 from __future__ import annotations
 
-from shardps.pscommon.config import MODES, JobSpec
+from shardps.pscommon.config import MODES, SETTLING_SHARD, JobSpec
 from shardps.pscommon.wire.v1 import job_pb2
 from shardps.psserver.consistency.async_mode import AsyncMode
-from shardps.psserver.consistency.base import (HOLD, Accumulate, ApplyNow, CompleteStep, ConsistencyMode, Excuse,
+from shardps.psserver.consistency.base import (HOLD, Accumulate, ApplyNow, Commit, CompleteStep, ConsistencyMode, Excuse,
                                                GateState, Hold, LearnClock, PullDecision, PushDecision, Rebase, Refuse,
-                                               ViewDecision)
+                                               SettledDecision, ViewDecision)
 from shardps.psserver.consistency.ssp import SSPMode
 from shardps.psserver.consistency.sync import SyncMode
 
@@ -19,9 +19,10 @@ def mode_of(job: JobSpec) -> int:
     return MODES[job.mode]
 
 
-def for_job(job: JobSpec) -> ConsistencyMode:
-    return REGISTRY[mode_of(job)](job.staleness)
+def for_job(job: JobSpec, shard: int = SETTLING_SHARD) -> ConsistencyMode:
+    return REGISTRY[mode_of(job)](job.staleness, settles=shard == SETTLING_SHARD, shards=job.num_servers)
 
 
-__all__ = ["HOLD", "REGISTRY", "Accumulate", "ApplyNow", "CompleteStep", "ConsistencyMode", "Excuse", "GateState",
-           "Hold", "LearnClock", "PullDecision", "PushDecision", "Rebase", "Refuse", "ViewDecision", "for_job", "mode_of"]
+__all__ = ["HOLD", "REGISTRY", "SETTLING_SHARD", "Accumulate", "ApplyNow", "Commit", "CompleteStep", "ConsistencyMode",
+           "Excuse", "GateState", "Hold", "LearnClock", "PullDecision", "PushDecision", "Rebase", "Refuse", "SettledDecision", "ViewDecision",
+           "for_job", "mode_of"]

@@ -21,9 +21,13 @@ class GateState:
     start_clock: dict[int, int] = dataclasses.field(default_factory=dict)  # worker -> clock at join
     clocks: dict[int, int] = dataclasses.field(default_factory=dict)     # worker -> last step pushed + 1
     completed_step: int = 0                                              # sync: steps applied
-    # sync: gradients of the step in progress, summed, and who contributed them
-    pending_sum: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    pending_from: set[int] = dataclasses.field(default_factory=set)
+    # sync: gradients of the step in progress by who pushed them (one worker each; a restored
+    # checkpoint's sum under every worker in it): kept apart until the step is settled,
+    # because a push that did not reach every shard is dropped, on every shard
+    pending: dict[frozenset[int], dict] = dataclasses.field(default_factory=dict)
+    # sync, the settling shard: workers whose pushes of the step in progress reached every
+    # shard (they said so by pulling the next step, or calling SettleStep)
+    committed: set[int] = dataclasses.field(default_factory=set)
     # sync: workers counted in the step in progress without a gradient here: their push
     # reached a shard that has since restarted, or they joined as the step ended
     excused: set[int] = dataclasses.field(default_factory=set)
@@ -31,6 +35,10 @@ class GateState:
     # step may be behind the workers', and the first worker to say so moves it forward
     resuming: bool = True
     heard: set[int] = dataclasses.field(default_factory=set)   # workers that pushed since it started
+
+    @property
+    def pending_from(self) -> set[int]:
+        return {w for who in self.pending for w in who}
 
     def clock_of(self, worker: int) -> int:
         return max(self.clocks.get(worker, 0), self.start_clock.get(worker, 0))
@@ -54,12 +62,22 @@ class Accumulate:
 
 @dataclasses.dataclass(frozen=True)
 class CompleteStep:
-    """Add the push, if there is one, to the step in progress; then apply the step's sum
-    averaged over its contributors and start the next step."""
+    """Add the push, if there is one, to the step in progress; then apply the sum of the
+    pushes of the workers in `count`, averaged over them, drop the others' and start the
+    next step. `count` None: every pending push counts (a mode that settles nothing)."""
 
     worker: int | None = None
     grads: Mapping[str, np.ndarray] | None = None
     excuse: int | None = None   # a worker counted without a gradient (see Excuse)
+    count: frozenset[int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Commit:
+    """The settling shard records that `worker`'s pushes of the step in progress reached
+    every shard: they will count in the step."""
+
+    worker: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +119,9 @@ class Hold:
 
 HOLD = Hold()
 PushDecision = Union[ApplyNow, Accumulate, CompleteStep, Refuse, Rebase]
-PullDecision = Union[Rebase, Excuse, CompleteStep, LearnClock, Hold]
+PullDecision = Union[Rebase, Excuse, Commit, CompleteStep, LearnClock, Hold]
 ViewDecision = Union[CompleteStep, Hold]
+SettledDecision = Union[Rebase, CompleteStep, Hold]
 
 
 class ConsistencyMode(abc.ABC):
@@ -110,8 +129,12 @@ class ConsistencyMode(abc.ABC):
     records_pull_wait = True    # pulls may wait at the gate, so how long they waited is telling
     measures_staleness = True   # pushes apply alone, on parameters that may have moved since the pull
 
-    def __init__(self, staleness: int = 0):
+    def __init__(self, staleness: int = 0, settles: bool = True, shards: int = 1):
         self.staleness = staleness
+        # sync: this shard decides which pushes count in each step (shard 0; the only shard
+        # of a one-shard job); the others follow its outcomes
+        self.settles = settles
+        self.shards = shards
 
     @abc.abstractmethod
     def pull_ready(self, state: GateState, worker: int, step: int) -> bool:
@@ -134,4 +157,9 @@ class ConsistencyMode(abc.ABC):
 
     def on_view_change(self, state: GateState) -> ViewDecision:
         """Membership changed (`state.live` is the new view): a pending step may now be complete."""
+        return HOLD
+
+    def on_settled(self, state: GateState, step: int, contributors: frozenset[int]) -> SettledDecision:
+        """A caller brings the settling shard's outcome of `step` (sync with several shards):
+        a shard that does not settle completes that step with exactly those pushes."""
         return HOLD

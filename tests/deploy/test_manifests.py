@@ -26,7 +26,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from shardps.psctl.cli import UsageError, build_parser, job_from_args
+from shardps.pscommon import roles as psroles
+from shardps.pscommon.security import token_digest
+from shardps.psctl.cli import UsageError, build_parser, job_from_args, security_from_args
 from shardps.psserver.daemon import ServerConfig
 from shardps.scheduler.daemon import SchedulerConfig
 
@@ -343,6 +345,12 @@ def test_referenced_configmaps_secrets_and_keys_exist():
                     assert item["key"] in s.get("stringData", {}) | s.get("data", {}), item
             if "configMap" in v:
                 assert named("ConfigMap", v["configMap"]["name"]) is not None, v
+            for src in v.get("projected", {}).get("sources", []):
+                if "secret" in src:
+                    s = named("Secret", src["secret"]["name"])
+                    assert s is not None, f"Secret {src['secret']['name']} is not in the manifests"
+                    for item in src["secret"].get("items", []):
+                        assert item["key"] in s.get("stringData", {}) | s.get("data", {}), item
         for c in containers(w):
             for src in c.get("envFrom", []):
                 for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
@@ -369,11 +377,105 @@ def test_every_dollar_reference_in_args_is_defined():
                     assert name in env, f"{c['name']}: ${{{name}}} is not in the environment"
 
 
+# --------------------------------------------------------------------------- role tokens
+
+SERVICE_OF = {"scheduler": "Scheduler", "server": "ParameterServer"}
+
+
+def role_secret(role: str) -> str:
+    return f"shardps-{role}-token"
+
+
+def placeholder_token(role: str) -> str:
+    return named("Secret", role_secret(role))["stringData"]["token"]
+
+
+def callers_of(comp: str) -> set[str]:
+    """The roles that may call some method of the service `comp` serves (pscommon/roles.py):
+    the digests its pods must hold, and no more."""
+    service = next(m for m in psroles.METHOD_ROLES if f".{SERVICE_OF[comp]}/" in m).rsplit("/", 1)[0]
+    return set().union(*(r for m, r in psroles.METHOD_ROLES.items() if m.startswith(service + "/")))
+
+
+def pod_spec(d: dict) -> dict:
+    return d["spec"]["template"]["spec"] if d["kind"] in WORKLOAD_KINDS else d["spec"]
+
+
+def token_volume(w: dict) -> str:
+    """The one volume that carries role tokens (a projected volume of shardps-*-token Secrets)."""
+    names = [v["name"] for v in pod_spec(w).get("volumes", [])
+             if any(s.get("secret", {}).get("name", "").endswith("-token")
+                    for s in v.get("projected", {}).get("sources", []))]
+    assert len(names) == 1, f"{w['metadata']['name']}: {len(names)} token volumes"
+    return names[0]
+
+
+def mounted_token_files(d: dict) -> dict[str, tuple[str, str]]:
+    """file name in the token folder -> (Secret, key), for every Secret the pod mounts."""
+    files = {}
+    for v in pod_spec(d).get("volumes", []):
+        assert "secret" not in v or not v["secret"]["secretName"].startswith("shardps-"), (
+            f"{d['metadata']['name']}: mount role tokens through the one projected volume")
+        for src in v.get("projected", {}).get("sources", []):
+            if "secret" in src:
+                # items always: a whole Secret would bring its token to a pod that needs the digest only
+                assert src["secret"].get("items"), f"{d['metadata']['name']}: {src['secret']['name']} without items"
+                for item in src["secret"]["items"]:
+                    assert item["path"] not in files, f"{d['metadata']['name']}: {item['path']} twice"
+                    files[item["path"]] = (src["secret"]["name"], item["key"])
+    return files
+
+
+def project_tokens(d: dict, into: Path) -> Path:
+    """The token folder as the kubelet would project it, from the placeholder Secrets."""
+    into.mkdir(parents=True, exist_ok=True)
+    for path, (secret, key) in mounted_token_files(d).items():
+        (into / path).write_text(named("Secret", secret)["stringData"][key])
+    return into
+
+
+def test_each_pod_holds_its_own_roles_token_and_only_the_digests_it_checks():
+    for comp in ROLES:
+        w = workload(comp)
+        files = mounted_token_files(w)
+        for path, (secret, key) in files.items():
+            role, _, suffix = path.partition(".")
+            assert secret == role_secret(role), f"{comp}: {path} comes from {secret}"
+            assert {"token": "token", "sha256": "sha256"}[suffix] == key, f"{comp}: {path} is key {key}"
+        tokens = {p.split(".")[0] for p in files if p.endswith(".token")}
+        digests = {p.split(".")[0] for p in files if p.endswith(".sha256")}
+        assert tokens == ({comp} if comp != "scheduler" else set()), f"{comp} holds the tokens of {sorted(tokens)}"
+        expected = (callers_of(comp) - tokens) if comp in HEALTH else set()
+        assert digests == expected, f"{comp}: digests of {sorted(digests)}, its callers are {sorted(expected)}"
+
+
+def test_the_ops_pod_holds_the_operators_tokens_and_runs_no_daemon(tmp_path):
+    pod = named("Pod", "shardps-ops")
+    assert pod is not None, "deploy/k8s/examples/ops-pod.yaml"
+    c, = pod["spec"]["containers"]
+    assert c["image"] == IMAGE and c["command"] == ["sleep", "infinity"]
+    files = mounted_token_files(pod)
+    assert set(files) == {"observer.token", "admin.token"}
+    assert pod["spec"]["securityContext"]["runAsUser"] == RUN_AS and pod["spec"]["automountServiceAccountToken"] is False
+    assert mount_path(pod, c, token_volume(pod)) == "/var/run/secrets/shardps"
+    # psctl in it sends the observer token for status and the admin token for checkpoint
+    folder = str(project_tokens(pod, tmp_path / "ops"))
+    for verb, role in (("status", psroles.OBSERVER), ("inspect", psroles.OBSERVER),
+                       ("checkpoint", psroles.ADMIN), ("export", psroles.ADMIN)):
+        argv = [verb, "--scheduler", "shardps-scheduler:7000", "--token-dir", folder]
+        argv += ["--out", str(tmp_path / "m.safetensors")] if verb == "export" else []
+        assert security_from_args(parse(argv, "ops pod")).token == placeholder_token(role), verb
+
+
 def test_the_placeholder_token_is_not_applied_with_the_manifests():
-    """kubectl apply -f deploy/k8s/ must never overwrite a real token with the placeholder."""
+    """kubectl apply -f deploy/k8s/ must never overwrite a real token with a placeholder."""
     applied = load_k8s(include_examples=False)
     assert not [d for _, d in applied if d["kind"] == "Secret"]
-    assert named("Secret", "shardps-token")["stringData"]["token"].startswith("REPLACE-ME")
+    for role in psroles.ROLES:
+        data = named("Secret", role_secret(role))["stringData"]
+        assert data["token"].startswith("REPLACE-ME"), role
+        # the digest the daemons accept is the placeholder token's, so a throw-away cluster works
+        assert bytes.fromhex(data["sha256"]) == token_digest(data["token"]), f"{role}: sha256 is not the token's"
 
 
 def test_prometheus_annotations_name_the_metrics_port():
@@ -444,10 +546,17 @@ def test_k8s_rendered_command_parses_and_wires_up(comp, fake_psctl, tmp_path):
     assert a.metrics_port == port_of(w, "metrics")
     # Prometheus scrapes the pod IP; psctl's default for /metrics is loopback
     assert a.metrics_host == "0.0.0.0", f"{comp}: --metrics-host {a.metrics_host}"
-    token_vol = volume_by(w, lambda v: v.get("secret", {}).get("secretName") == "shardps-token")
-    secret = next(v for v in w["spec"]["template"]["spec"]["volumes"] if v["name"] == token_vol)["secret"]
-    token_path = next(i["path"] for i in secret["items"] if i["key"] == "token")
-    assert a.token_file == f"{mount_path(w, c, token_vol)}/{token_path}", "--token-file is not the Secret's file"
+    assert a.token_file is None, "role tokens (--token-dir), not one token for every role"
+    assert a.token_dir == mount_path(w, c, token_volume(w)), "--token-dir is not where the role tokens are mounted"
+    # psctl's own loader, on the folder as the kubelet would project it from the placeholder Secrets
+    a.token_dir = str(project_tokens(w, tmp_path / "tokens"))
+    sec = security_from_args(a)
+    own = {"scheduler": None, "server": psroles.SERVER, "worker": psroles.WORKER}[comp]
+    assert sec.token == (placeholder_token(own) if own else None), f"{comp} sends the wrong token"
+    if comp in HEALTH:
+        for role in psroles.ROLES:
+            assert sec.accepted.match(placeholder_token(role).encode()) == (
+                {role} if role in callers_of(comp) or role == own else set()), f"{comp} and the {role} token"
 
 
 # --------------------------------------------------------------------------- compose

@@ -222,3 +222,18 @@ def assert_worker_metrics(path: pathlib.Path, steps: int) -> dict:
     for r in step_records:
         assert isinstance(r["loss"], float) and r["loss"] >= 0.0, r
     return final
+
+
+def start_server(procs, sched: str, shard: int, name: str, *extra: str):
+    """A server whose ready file is its own (Procs.server reuses server-I.addr, which a
+    restarted shard must not read before it has rewritten it)."""
+    ready = procs.root / f"{name}.addr"
+    p = procs.spawn(name, "server", "--scheduler", sched, "--listen", "127.0.0.1:0",
+                    "--shard-id", str(shard), "--ready-file", str(ready), *extra)
+    procs.wait_ready(p, ready)
+    return p
+
+
+def newest_checkpoint(ckpt_dir: pathlib.Path, shard: int) -> dict | None:
+    files = sorted((ckpt_dir / f"shard-{shard}").glob("ckpt-*.json"))
+    return json.loads(files[-1].read_text()) if files else None

@@ -397,10 +397,10 @@ def test_ssp_paused_in_gate_rejoins(procs):
 # -- 4. psctl up --churn ----------------------------------------------------------------------
 # ssp keeps every worker within `staleness` clocks of worker 0, the one `up` slows down, so all
 # of them are mid-run from their first step until about UP_STEPS * UP_DELAY seconds later
-UP_STEPS = 250
+UP_STEPS = 160
 UP_DELAY = "0.12"
 # seconds after every worker trained its first step (psctl up counts churn from there, however
-# long torch took to start): mid-run, with most of the 30 s of steps still to come
+# long torch took to start): mid-run, with most of the 19 s of steps still to come
 KILL_AT, ADD_AT = 6, 8
 UP_WAIT_S = 280
 

@@ -7,7 +7,6 @@ files, gRPC health and a probe Pull against a shard. Every wait polls with a dea
 """
 from __future__ import annotations
 
-import json
 import pathlib
 import signal
 
@@ -18,7 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shardps.pscommon.config import CodecConfig
 from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc
 
-from .helpers import assert_worker_metrics, poll, read_metrics, run_psctl, status_json
+from .helpers import (assert_worker_metrics, newest_checkpoint, poll, read_metrics, run_psctl, start_server,
+                      status_json)
 
 HEARTBEAT_S = 3.0
 START_S = 240           # workers import torch: slow on a loaded box
@@ -68,21 +68,6 @@ def server_entry(st: dict, shard: int) -> dict:
     found = [s for s in st["servers"] if s["shard"] == shard]
     assert len(found) == 1, st["servers"]
     return found[0]
-
-
-def start_server(procs, sched: str, shard: int, name: str, *extra: str):
-    """A server whose ready file is its own (Procs.server reuses server-I.addr, which a
-    restarted shard must not read before it has rewritten it)."""
-    ready = procs.root / f"{name}.addr"
-    p = procs.spawn(name, "server", "--scheduler", sched, "--listen", "127.0.0.1:0",
-                    "--shard-id", str(shard), "--ready-file", str(ready), *extra)
-    procs.wait_ready(p, ready)
-    return p
-
-
-def newest_checkpoint(ckpt_dir: pathlib.Path, shard: int) -> dict | None:
-    files = sorted((ckpt_dir / f"shard-{shard}").glob("ckpt-*.json"))
-    return json.loads(files[-1].read_text()) if files else None
 
 
 def exported_accuracy(sched: str, out: pathlib.Path) -> float:

@@ -98,9 +98,13 @@ def test_status_names_missing_shards_rates_and_details(procs):
     poll(lambda: [v["state"] for v in status_json(sched.address)["servers"]] == ["alive", "dead"], DEATH_S,
          what="shard 1's server to miss its lease")
     lines = _status_lines(sched.address, "--rate-window", "0")
-    member = status_json(sched.address)["servers"][1]["member_id"]
-    assert _rows(lines, 1) == [ROW.format(shard=1, state="dead", address=s1.address)
-                               + f"no server (member {member} missed its lease; workers wait for this shard)"]
+    dead = status_json(sched.address)["servers"][1]
+    member = dead["member_id"]
+    (row,) = _rows(lines, 1)
+    assert re.fullmatch(re.escape(ROW.format(shard=1, state="dead", address=s1.address))
+                        + rf"no server for \d+ s \(member {member} missed its lease; workers wait for this shard\)",
+                        row), row
+    assert dead["last_seen_age_s"] >= float(HEARTBEAT)   # how long it has been gone: at least its lease
     assert status_json(sched.address)["missing_shards"] == [1]
 
     # a new server takes shard 1 over

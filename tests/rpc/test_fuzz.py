@@ -47,6 +47,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from shardps.pscommon import codecs
+from shardps.pscommon.bounds import MAX_CLOCK
 from shardps.pscommon.codecs.bf16 import to_bf16_bits
 from shardps.pscommon.config import CodecConfig, JobSpec
 from shardps.pscommon.errors import NotYetMember, from_rpc_error
@@ -843,8 +844,9 @@ def codec_specs(draw, valid: bool):
 @st.composite
 def pull_cases(draw):
     kind = draw(st.sampled_from(["valid", "valid", "wrong_shard", "wrong_fingerprint", "unknown_key", "codec",
-                                 "stale_caller", "non_member", "too_many_keys"]))
-    req = ps_pb2.PullRequest(caller=draw(member_callers), shard=0, step=draw(u64),
+                                 "stale_caller", "non_member", "too_many_keys", "step_beyond_json"]))
+    # a step is at most 2**53 - 1 (pscommon/bounds.py): checkpoints are JSON
+    req = ps_pb2.PullRequest(caller=draw(member_callers), shard=0, step=draw(st.integers(0, MAX_CLOCK)),
                              keys=draw(st.lists(st.sampled_from(KEYS), max_size=3)),
                              codec=draw(codec_specs(valid=True)), model_fingerprint=FP)
     if kind == "wrong_shard":
@@ -861,6 +863,8 @@ def pull_cases(draw):
         req.caller.CopyFrom(draw(non_members))
     elif kind == "too_many_keys":
         req.keys[:] = ["w"] * (LIMITS.max_keys_per_call + draw(st.integers(1, 10)))
+    elif kind == "step_beyond_json":
+        req.step = draw(st.integers(MAX_CLOCK + 1, 2**64 - 1))
     return kind, req
 
 

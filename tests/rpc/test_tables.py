@@ -87,6 +87,18 @@ def test_rows_are_created_on_first_touch_and_updated_by_their_gradients_only(sha
     assert (st.name, st.dim, st.rows, st.admitted) == ("emb", 4, 4, 4) and st.bytes > 4 * 4 * 4
 
 
+def test_inspect_counts_each_tables_rows_served_and_updated(shard_server):
+    srv = shard_server(job=job())
+    declare(srv, specs=(EMB, TableSpec("other", 4, "zeros", 0.0, 0)))
+    pull_rows(srv, {"emb": ids_of(1, 2, 3), "other": ids_of(4)})
+    push_rows(srv, {"emb": (ids_of(1, 2, 1), np.ones((3, 4), np.float32)), "other": (ids_of(4), np.ones((1, 4)))})
+    push_rows(srv, {"emb": (ids_of(1), np.ones((1, 4), np.float32))})               # a retry: applied once
+    pull_rows(srv, {"emb": ids_of(1, 5)}, observer=True)                            # an observer's read is served too
+    reply = srv.stub.Inspect(ps_pb2.InspectRequest(sample=0), timeout=TIMEOUT_S)
+    counts = {t.status.name: (t.rows_served, t.rows_updated) for t in reply.tables}
+    assert counts == {"emb": (5, 2), "other": (1, 1)}
+
+
 def test_a_retried_push_applies_its_rows_once(shard_server):
     srv = shard_server(job=job())
     declare(srv)

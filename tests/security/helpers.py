@@ -96,3 +96,19 @@ def trains(client: ShardClient, shapes: dict[str, int], stub=None) -> None:
             ws = stub.Status(spb.StatusRequest(), timeout=TIMEOUT_S).workers
             return any(w.worker_id == client.worker_id and w.clock == client.clock for w in ws)
         poll(reported, what=f"worker {client.worker_id}'s clock {client.clock} to reach the scheduler")
+
+
+def write_token_dir(path, tokens: dict[str, str], digest_only: dict[str, str] | None = None) -> str:
+    """A `--token-dir` folder at `path`, as pscommon/security.py reads it: ROLE.token for each
+    role -> token of `tokens` (what a process of that role sends, and its daemon accepts), and
+    ROLE.sha256 alone for each of `digest_only` (accepted, never sent). Returns the folder."""
+    import hashlib
+    import pathlib
+
+    folder = pathlib.Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    for role, token in tokens.items():
+        (folder / f"{role}.token").write_text(token + "\n")
+    for role, token in (digest_only or {}).items():
+        (folder / f"{role}.sha256").write_text(hashlib.sha256(token.encode("ascii")).hexdigest() + "\n")
+    return str(folder)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from shardps.pscommon.config import JobSpec
+from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc
 from shardps.pscommon.wire.v1 import scheduler_pb2 as spb
 from shardps.pscommon.wire.v1 import tensor_pb2
 
@@ -177,4 +178,33 @@ def test_declare_model_with_astronomical_shapes_is_refused_before_any_work(job):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'w'" in err.details()
     assert membership(attacker.stub) == before
+    trains(client, SHAPES)
+
+
+@pytest.mark.parametrize("call", ["push", "pull", "settle", "settled"])
+def test_a_step_beyond_json_at_a_shard_is_refused_and_changes_nothing(job, call):
+    """Even made as the member itself (its own credential), a step no checkpoint could carry
+    exactly is refused at the shard's boundary before the gate or the ledger see it."""
+    c, client, _ = job
+    shard = c.servers[0].shard
+    before = (dict(shard.ledger), dict(shard.gate.clocks), shard.version)
+    me = ps_pb2.Caller(worker_id=client.worker_id, incarnation=client.incarnation,
+                       credential=client.identity.credential)
+    fp, big = client.shard_map.fingerprint, JSON_SAFE + 1
+    with grpc.insecure_channel(c.servers[0].address) as ch:
+        stub = ps_pb2_grpc.ParameterServerStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            if call == "push":
+                stub.PushBatch(ps_pb2.PushBatchRequest(header=ps_pb2.PushHeader(
+                    caller=me, shard=0, step=big, model_fingerprint=fp)), timeout=30)
+            elif call == "pull":
+                stub.PullBatch(ps_pb2.PullRequest(caller=me, shard=0, step=big, model_fingerprint=fp), timeout=30)
+            elif call == "settle":
+                stub.SettleStep(ps_pb2.SettleRequest(caller=me, shard=0, step=big, model_fingerprint=fp), timeout=30)
+            else:
+                me.settled.step = big
+                stub.PullBatch(ps_pb2.PullRequest(caller=me, shard=0, step=1, model_fingerprint=fp), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert str(big) in err.value.details() and "clock" in err.value.details()
+    assert (dict(shard.ledger), dict(shard.gate.clocks), shard.version) == before
     trains(client, SHAPES)

@@ -75,6 +75,8 @@ def _train(shard: Shard, smap: sharding.ShardMap, steps: range) -> None:
         for w in WORKERS:
             _, dup, _ = shard.push(w, INCARNATION, step, shard.version, _grads(smap, step * 10 + w))
             assert not dup
+            if shard.mode.name == "sync":   # the push reached every shard (this one): it counts
+                shard.settle(w, INCARNATION, step + 1, timeout_s=1.0, wait=False)
 
 
 def _state(shard: Shard) -> dict:

@@ -192,3 +192,49 @@ def test_an_unwritable_metrics_file_is_named(tmp_path):
         MetricsWriter(str(tmp_path / "missing-dir" / "m.jsonl"))
     assert str(err.value) == f"cannot write --metrics-out {tmp_path / 'missing-dir' / 'm.jsonl'}: " \
                              "No such file or directory"
+
+
+# -- how long a server keeps trying to reach the scheduler ----------------------------------------------
+def test_server_connect_timeout_reaches_the_server_config(monkeypatch, capsys):
+    import threading
+
+    from shardps.psserver import daemon
+    seen = []
+    monkeypatch.setattr(cli, "_stop_event", threading.Event)   # no signal handlers in the test process
+    monkeypatch.setattr(daemon, "run", lambda cfg, stop: seen.append(cfg) or 0)
+    assert cli.main(["server", "--scheduler", "127.0.0.1:1", "--connect-timeout", "7.5"]) == 0
+    assert cli.main(["server", "--scheduler", "127.0.0.1:1"]) == 0
+    assert [c.register_timeout_s for c in seen] == [7.5, 60.0]
+    for bad in ("0", "-1", "soon", "inf"):
+        assert cli.main(["server", "--scheduler", "127.0.0.1:1", "--connect-timeout", bad]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("psctl server: argument --connect-timeout: "), err
+
+
+# -- psctl up's workers are named as their files ---------------------------------------------------------
+def test_psctl_up_names_each_worker_as_its_files(monkeypatch, tmp_path):
+    from shardps.pscommon.config import JobSpec
+    from shardps.psctl import up
+    cluster = up.Cluster(tmp_path)
+    cluster.scheduler_address = "127.0.0.1:7000"
+    spawned = {}
+    monkeypatch.setattr(cluster, "spawn", lambda name, args: spawned.setdefault(name, args))
+    cluster.start_worker(2, up.UpConfig(job=JobSpec()))
+    args = spawned["worker-2"]
+    assert args[args.index("--name") + 1] == "worker-2"
+    assert args[args.index("--metrics-out") + 1] == str(tmp_path / "worker-2.jsonl")
+    a = cli.build_parser().parse_args(args)   # a command line psctl worker takes
+    assert a.name == "worker-2"
+    assert cli.build_parser().parse_args(["worker", "--scheduler", "127.0.0.1:1"]).name == ""   # HOST:PID
+
+
+def test_a_misspelt_flag_is_named_before_a_missing_one(capsys):
+    # docs/api.md's example, as written: `--shard` is the mistake, whatever else is missing
+    assert _stderr_of(capsys, ["server", "--shard", "0"], 2) == [
+        "usage: psctl server [options] --scheduler SCHEDULER",
+        "psctl server: unrecognized argument --shard; did you mean --shard-id?"]
+    assert _stderr_of(capsys, ["server"], 2) == ["psctl server: the following arguments are required: --scheduler"]
+    parser = cli.build_parser()   # the look for a misspelt flag leaves every required flag required
+    with pytest.raises(cli.UsageError):
+        parser.parse_args(["server", "--shard", "0"])
+    assert parser._subparsers._group_actions[0].choices["server"]._option_string_actions["--scheduler"].required

@@ -15,8 +15,8 @@ from shardps.pscommon.errors import Aborted, DeadlineExceeded, FailedPreconditio
 from shardps.pscommon.sharding import Key
 from shardps.pscommon.wire.v1 import job_pb2, tensor_pb2
 from shardps.psserver import consistency, ledger
-from shardps.psserver.consistency import (HOLD, Accumulate, ApplyNow, CompleteStep, Excuse, GateState, LearnClock,
-                                         Rebase, Refuse)
+from shardps.psserver.consistency import (HOLD, Accumulate, ApplyNow, Commit, CompleteStep, Excuse, GateState,
+                                         LearnClock, Rebase, Refuse)
 from shardps.psserver.consistency.async_mode import AsyncMode
 from shardps.psserver.consistency.ssp import SSPMode
 from shardps.psserver.consistency.sync import SyncMode
@@ -24,8 +24,15 @@ from shardps.psserver.shard import Shard, WorkerView
 from conftest import poll
 
 
-def _state(*workers: int, **kw) -> GateState:
-    return GateState(live={w: 1 for w in workers}, **kw)
+def _state(*workers: int, pending_from=(), **kw) -> GateState:
+    state = GateState(live={w: 1 for w in workers}, **kw)
+    for w in pending_from:
+        _pushed(state, w)
+    return state
+
+
+def _pushed(state: GateState, worker: int) -> None:
+    state.pending[frozenset((worker,))] = _g(worker)
 
 
 def _g(*values: float) -> dict[str, np.ndarray]:
@@ -35,31 +42,41 @@ def _g(*values: float) -> dict[str, np.ndarray]:
 # --- sync: decisions -----------------------------------------------------------------
 
 
-def test_sync_push_accumulates_until_the_last_live_worker():
-    mode, state = SyncMode(), _state(0, 1, 2, pending_from={0})
+def test_sync_push_is_staged_until_its_worker_commits():
+    mode, state = SyncMode(shards=2), _state(0, 1, pending_from={0})
     grads = _g(2)
-    assert mode.on_push(state, 1, 0, grads) == Accumulate(1, grads)
-    state.pending_from.add(1)
-    decision = mode.on_push(state, 2, 0, grads)
-    assert decision == CompleteStep(2, grads) and decision.grads is grads
+    decision = mode.on_push(state, 1, 0, grads)
+    assert decision == Accumulate(1, grads) and decision.grads is grads   # even the last one
+
+
+def test_sync_push_to_the_only_shard_commits_and_the_last_completes_the_step():
+    mode, state = SyncMode(shards=1), _state(0, 1)
+    grads = _g(2)
+    assert mode.on_push(state, 0, 0, grads) == Accumulate(0, grads)
+    _pushed(state, 0)
+    assert mode.on_push(state, 1, 0, grads) == CompleteStep(1, grads)   # every push here counts
+    # a worker that pushed and left still counts: its push reached the only shard
+    assert mode.on_view_change(_state(1, pending_from={0, 1})) == CompleteStep(count=frozenset({0, 1}))
 
 
 @given(live=st.sets(st.integers(0, 5), max_size=5), pushed=st.sets(st.integers(0, 5), max_size=5),
-       completed=st.integers(0, 3), worker=st.integers(0, 6), step=st.integers(0, 4))
-def test_sync_decisions_leave_the_state_alone(live, pushed, completed, worker, step):
-    state = _state(*live, completed_step=completed, pending_from=set(pushed),
-                   pending_sum={"w": np.ones(2, np.float32)} if pushed else {})
+       committed=st.sets(st.integers(0, 5), max_size=5), completed=st.integers(0, 3), worker=st.integers(0, 6),
+       step=st.integers(0, 4), settles=st.booleans(), resuming=st.booleans())
+def test_sync_decisions_leave_the_state_alone(live, pushed, committed, completed, worker, step, settles, resuming):
+    state = _state(*live, completed_step=completed, pending_from=pushed, resuming=resuming)
+    state.committed = committed & pushed
     before = copy.deepcopy(state)
-    mode = SyncMode()
+    mode = SyncMode(settles=settles, shards=2)
     mode.on_push(state, worker, step, _g(1, 2))
     mode.on_pull(state, worker, step)
     mode.on_view_change(state)
+    mode.on_settled(state, step, frozenset(committed))
     mode.pull_ready(state, worker, step)
     mode.next_step(state, worker, step)
-    assert (state.live, state.completed_step, state.pending_from) == (before.live, completed, before.pending_from)
-    assert state.pending_sum.keys() == before.pending_sum.keys()
-    for key, acc in state.pending_sum.items():
-        np.testing.assert_array_equal(acc, before.pending_sum[key])
+    assert (state.live, state.completed_step, state.pending_from, state.committed) == \
+        (before.live, completed, before.pending_from, before.committed)
+    for who, grads in state.pending.items():
+        np.testing.assert_array_equal(grads["w"], before.pending[who]["w"])
 
 
 def test_sync_late_push_is_refused_with_aborted():
@@ -82,12 +99,14 @@ def test_sync_shard_that_restarted_adopts_the_step_a_push_names():
 
 def test_sync_pull_from_a_worker_whose_push_went_to_the_previous_life_excuses_it():
     # step 5 in progress; worker 0's push of 5 was lost with the restart, it now pulls 6
-    mode, state = SyncMode(), _state(0, 1, completed_step=5, resuming=True)
+    mode, state = SyncMode(shards=2), _state(0, 1, completed_step=5, resuming=True)
     assert mode.on_pull(state, 0, 6) == Excuse(0)
     state.excused.add(0)
     assert mode.on_pull(state, 0, 6) is HOLD            # a second pull stream of the same step
-    state.pending_from.add(1)
-    assert mode.on_view_change(state) == CompleteStep()  # pushed by 1, excused 0: complete
+    _pushed(state, 1)
+    assert mode.on_view_change(state) is HOLD           # 1 pushed, but has not committed
+    state.committed.add(1)
+    assert mode.on_view_change(state) == CompleteStep(count=frozenset({1}))
 
 
 def test_sync_pull_ahead_of_a_restarted_shard_rebases_it():
@@ -97,15 +116,27 @@ def test_sync_pull_ahead_of_a_restarted_shard_rebases_it():
     assert mode.on_pull(_state(0, completed_step=2, resuming=False), 0, 9) is HOLD
 
 
-def test_sync_pull_that_ends_the_step_completes_it():
-    mode, state = SyncMode(), _state(0, 1, completed_step=4, pending_from={1})
-    assert mode.on_pull(state, 0, 5) == CompleteStep(excuse=0)
+def test_sync_pulls_of_the_next_step_commit_and_the_last_completes_it():
+    mode, state = SyncMode(shards=2), _state(0, 1, completed_step=4, pending_from={0, 1})
+    assert mode.on_pull(state, 0, 5) == Commit(0)
+    state.committed.add(0)
+    assert mode.on_pull(state, 0, 5) is HOLD           # a second stream: 1 has not committed
+    assert mode.on_pull(state, 1, 5) == Commit(1)
+    state.committed.add(1)
+    assert mode.on_pull(state, 1, 5) == CompleteStep(count=frozenset({0, 1}))
+
+
+def test_sync_pull_without_a_push_here_excuses_the_worker():
+    mode, state = SyncMode(shards=2), _state(0, 1, completed_step=4, pending_from={1})
+    state.committed.add(1)
+    assert mode.on_pull(state, 0, 5) == Excuse(0)
+    state.excused.add(0)
+    assert mode.on_pull(state, 0, 5) == CompleteStep(count=frozenset({1}))
 
 
 @pytest.mark.parametrize("step, kw", [
     (3, {}),                              # a laggard: the step it names is done
-    (5, {"pending_from": {0}}),           # it pushed: the normal pull of the next step
-    (5, {"excused": {0}}),
+    (5, {"excused": {0}}),                # excused, and worker 1 has not committed
 ])
 def test_sync_pull_in_the_normal_course_decides_nothing(step, kw):
     assert SyncMode().on_pull(_state(0, 1, completed_step=4, **kw), 0, step) is HOLD
@@ -121,33 +152,38 @@ def test_sync_second_push_of_the_same_step_is_refused():
     assert "already pushed" in str(decision.error)
 
 
-def test_sync_worker_leaving_mid_step_completes_it():
-    state = _state(0, 1, pending_from={0, 1})
-    assert SyncMode().on_view_change(state) == CompleteStep()
+def test_sync_a_departed_workers_push_counts_only_if_it_committed():
+    # 0 committed, then left; 1 pushed and left without saying its push reached every shard;
+    # 2 is live and committed: the step completes with 0 and 2, and 1's push is dropped
+    state = _state(2, pending_from={0, 1, 2})
+    state.committed |= {0, 2}
+    assert SyncMode(shards=2).on_view_change(state) == CompleteStep(count=frozenset({0, 2}))
 
 
 def test_sync_view_change_keeps_waiting_for_a_live_worker():
-    assert SyncMode().on_view_change(_state(0, 1, 2, pending_from={0, 1})) is HOLD
+    state = _state(0, 1, 2, pending_from={0, 1})
+    state.committed |= {0, 1}
+    assert SyncMode(shards=2).on_view_change(state) is HOLD
 
 
-def test_sync_departed_workers_push_counts_for_the_step():
-    # worker 0 pushed, then left: 1 and 2 still complete the step, with 0 in the average
-    mode, state = SyncMode(), _state(1, 2, pending_from={0, 1})
-    assert mode.on_view_change(state) is HOLD
-    grads = _g(9)
-    assert mode.on_push(state, 2, 0, grads) == CompleteStep(2, grads)
+def test_sync_view_change_without_commitments_completes_nothing():
+    assert SyncMode(shards=2).on_view_change(_state()) is HOLD
+    assert SyncMode(shards=2).on_view_change(_state(0)) is HOLD
+    assert SyncMode(shards=2).on_view_change(_state(pending_from={0})) is HOLD   # 0 left before committing
 
 
-def test_sync_view_change_without_pushes_completes_nothing():
-    assert SyncMode().on_view_change(_state()) is HOLD
-    assert SyncMode().on_view_change(_state(0)) is HOLD
+def test_sync_follower_completes_only_with_the_settled_outcome():
+    mode, state = SyncMode(settles=False), _state(0, 1, completed_step=4, pending_from={0, 1})
+    assert mode.on_pull(state, 0, 5) is HOLD           # it never commits or excuses anyone
+    assert mode.on_view_change(_state(pending_from={0})) is HOLD
+    assert mode.on_settled(state, 3, frozenset({0})) is HOLD          # an old outcome
+    assert mode.on_settled(state, 4, frozenset({1})) == CompleteStep(count=frozenset({1}))
+    # a follower a whole step behind restarted: its pushes went to its previous life
+    assert mode.on_settled(state, 6, frozenset({0, 1})) == Rebase(6)
 
 
-def test_sync_joiner_is_waited_for_in_the_step_in_progress():
-    mode, state = SyncMode(), _state(0, 1, 2, pending_from={0})
-    assert isinstance(mode.on_push(state, 1, 0, _g(2)), Accumulate)
-    state.pending_from.add(1)
-    assert isinstance(mode.on_push(state, 2, 0, _g(3)), CompleteStep)
+def test_sync_settling_shard_ignores_outcomes():
+    assert SyncMode().on_settled(_state(0, completed_step=4, pending_from={0}), 4, frozenset()) is HOLD
 
 
 @given(completed=st.integers(0, 50), step=st.integers(0, 50))
@@ -269,9 +305,9 @@ class SteppingClock:
         return self.t
 
 
-def _shard(mode: str, workers=(0, 1), now=None, staleness: int = 0) -> Shard:
+def _shard(mode: str, workers=(0, 1), now=None, staleness: int = 0, shards: int = 1) -> Shard:
     # lr 1 and SGD: value = -(sum of applied gradients), exactly
-    job = JobSpec(mode=mode, staleness=staleness, optimizer=OptimizerConfig(kind="sgd", lr=1.0))
+    job = JobSpec(mode=mode, staleness=staleness, num_servers=shards, optimizer=OptimizerConfig(kind="sgd", lr=1.0))
     shard = Shard(0, job) if now is None else Shard(0, job, now=now)
     key = Key("w", "w", tensor_pb2.DTYPE_FLOAT32, (N,), 0, N, 0)
     shard.declare("fp", [key], {"w": np.zeros(N, np.float32)})
@@ -279,48 +315,77 @@ def _shard(mode: str, workers=(0, 1), now=None, staleness: int = 0) -> Shard:
     return shard
 
 
+def _sync_push(shard: Shard, worker: int, step: int, grads: dict, base_version: int = 0):
+    """A worker's sync push, then its word that the push reached every shard (this one)."""
+    got = shard.push(worker, 1, step, base_version, grads)
+    shard.settle(worker, 1, step + 1, timeout_s=1.0, wait=False)
+    return got
+
+
 def test_shard_applies_the_exact_average_of_a_sync_step():
     rng = np.random.default_rng(0)
     grads = [rng.standard_normal(N).astype(np.float32) for _ in range(4)]
     shard = _shard("sync", workers=range(4))
-    for w, g in enumerate(grads):
-        shard.push(w, 1, 0, 0, {"w": g})
+    for w in (2, 0, 3, 1):   # in any order of arrival, summed in worker order
+        _sync_push(shard, w, 0, {"w": grads[w]})
     expected = (((grads[0] + grads[1]) + grads[2]) + grads[3]) / np.float32(4)
     np.testing.assert_array_equal(shard.entries["w"].value, -expected)
     gate = shard.gate
-    assert (gate.completed_step, shard.version, gate.pending_from, gate.pending_sum) == (1, 1, set(), {})
+    assert (gate.completed_step, shard.version, gate.pending_from, gate.pending) == (1, 1, set(), {})
+    assert shard.settled == (0, frozenset(range(4)))
 
 
-def test_shard_keeps_a_pending_sync_step_until_the_last_push():
-    shard = _shard("sync")
+def test_shard_keeps_a_pending_sync_step_until_the_last_commitment():
+    shard = _shard("sync", shards=2)   # shard 0 of two: a push alone does not reach every shard
     first = np.array([1, 2, 3, 4], np.float32)
-    shard.push(0, 1, 0, 0, {"w": first})
-    assert shard.gate.pending_from == {0} and shard.version == 0
-    np.testing.assert_array_equal(shard.gate.pending_sum["w"], first)
+    _sync_push(shard, 0, 0, {"w": first})
     shard.push(1, 1, 0, 0, {"w": np.ones(N, np.float32)})
+    assert shard.gate.pending_from == {0, 1} and shard.gate.committed == {0} and shard.version == 0
+    shard.settle(1, 1, 1, timeout_s=1.0, wait=False)
+    assert shard.gate.completed_step == 1 and shard.version == 1
     np.testing.assert_array_equal(first, [1, 2, 3, 4])  # the sum was a copy, not the pushed array
 
 
 def test_shard_completes_a_sync_step_when_a_worker_leaves():
-    shard = _shard("sync", workers=(0, 1, 2))
-    shard.push(0, 1, 0, 0, _g(2, 2, 2, 2))
-    shard.push(1, 1, 0, 0, _g(4, 4, 4, 4))
+    shard = _shard("sync", workers=(0, 1, 2), shards=2)
+    _sync_push(shard, 0, 0, _g(2, 2, 2, 2))
+    _sync_push(shard, 1, 0, _g(4, 4, 4, 4))
+    shard.push(2, 1, 0, 0, _g(100, 100, 100, 100))   # and leaves before saying it reached every shard
     shard.set_view(2, [WorkerView(0, 1, True, 1), WorkerView(1, 1, True, 1), WorkerView(2, 1, False, 0)])
-    assert shard.gate.completed_step == 1
+    assert shard.gate.completed_step == 1 and shard.dropped_pushes == 1
+    np.testing.assert_array_equal(shard.entries["w"].value, [-3] * N)
+
+
+def test_follower_shard_completes_a_step_with_the_settled_outcome_only():
+    """Shard 1 of two: worker 2's push reached it but not the settling shard, so the outcome
+    leaves it out, and shard 1 drops it too; nothing completes here before an outcome."""
+    job = JobSpec(mode="sync", num_servers=2, optimizer=OptimizerConfig(kind="sgd", lr=1.0))
+    shard = Shard(1, job)
+    key = Key("w", "w", tensor_pb2.DTYPE_FLOAT32, (N,), 0, N, 1)
+    shard.declare("fp", [key], {"w": np.zeros(N, np.float32)})
+    shard.set_view(1, [WorkerView(w, 1, True, 0) for w in (0, 1, 2)])
+    for w, v in ((0, 2), (1, 4), (2, 100)):
+        shard.push(w, 1, 0, 0, _g(v, v, v, v))
+    shard.set_view(2, [WorkerView(0, 1, True, 0), WorkerView(1, 1, True, 0), WorkerView(2, 1, False, 0)])
+    assert shard.gate.completed_step == 0 and shard.version == 0
+    settled, _, _ = shard.settle(0, 1, 1, timeout_s=1.0)   # a commitment here decides nothing
+    assert settled is None and shard.gate.completed_step == 0
+    version, next_step, _ = shard.wait_pull(0, 1, 1, timeout_s=1.0, settled=(0, frozenset({0, 1})))
+    assert (version, next_step, shard.gate.completed_step, shard.dropped_pushes) == (1, 1, 1, 1)
     np.testing.assert_array_equal(shard.entries["w"].value, [-3] * N)
 
 
 def test_shard_records_nothing_of_a_refused_push():
     shard, ones = _shard("sync"), _g(1, 1, 1, 1)
-    shard.push(0, 1, 0, 0, ones)
-    shard.push(1, 1, 0, 0, ones)          # step 0 complete
+    _sync_push(shard, 0, 0, ones)
+    _sync_push(shard, 1, 0, ones)          # step 0 complete
     shard.push(0, 1, 1, 1, ones)          # step 1 in progress
     shard.set_view(2, [WorkerView(0, 1, True, 0), WorkerView(1, 1, True, 0), WorkerView(2, 2, True, 0)])
 
     def recorded():
         gate = shard.gate
         return (dict(shard.ledger), dict(gate.clocks), shard.pushes, shard.version, set(gate.pending_from),
-                gate.pending_sum["w"].tolist())
+                {who: g["w"].tolist() for who, g in gate.pending.items()})
     before = recorded()
     with pytest.raises(Aborted, match="step 0 already completed"):
         shard.push(2, 2, 0, 0, ones)      # a worker that just joined, late
@@ -441,7 +506,7 @@ def test_restarted_sync_shard_takes_the_workers_step_and_excuses_the_lost_push()
     t.start()
     poll(lambda: shard.gate.completed_step == 7 and shard.gate.excused == {0}, what="the rebase")
     assert shard.rebases == 1 and not got
-    version, duplicate, _ = shard.push(1, 1, 7, 0, _g(2, 2, 2, 2))
+    version, duplicate, _ = _sync_push(shard, 1, 7, _g(2, 2, 2, 2))
     t.join(30.0)
     assert not duplicate and got["pull"][1] == 8
     # step 7 averaged over the one gradient that reached this shard: worker 1's
@@ -466,8 +531,8 @@ def test_restarted_sync_shard_completes_a_step_whose_pushes_were_all_lost():
 
 def test_sync_shard_in_its_normal_course_refuses_a_push_from_the_future():
     shard, ones = _shard("sync"), _g(1, 1, 1, 1)
-    shard.push(0, 1, 0, 0, ones)
-    shard.push(1, 1, 0, 0, ones)          # a step completed: no longer resuming
+    _sync_push(shard, 0, 0, ones)
+    _sync_push(shard, 1, 0, ones)          # a step completed: no longer resuming
     with pytest.raises(FailedPrecondition, match="push for step 5 while step 1"):
         shard.push(0, 1, 5, 1, ones)
     assert shard.gate.completed_step == 1 and shard.rebases == 0

@@ -279,6 +279,34 @@ def test_row_cap_never_evicts_rows_of_the_current_call(index):
     assert store.contains([1, 2, 3, 4]).tolist() == [True, True, False, True]
 
 
+@pytest.mark.parametrize("index", INDEXES)
+def test_an_apply_after_a_lookup_of_its_ids_updates_their_rows_after_evictions_too(index):
+    """A push's apply reuses the slots its pull's lookup found; an eviction in between (whose
+    slots new rows take over) must not send the gradient to another id's row."""
+    store = make(index, evict_idle=1)
+    a, c = np.array([1, 2, 3], np.uint64), np.array([7, 8, 9], np.uint64)
+    store.lookup(a)
+    store.apply(a, ones(3))   # the slots the lookup found
+    np.testing.assert_allclose(store.lookup(a, create=False), INIT.rows(a, DIM) - 0.5, rtol=1e-6)
+    store.lookup(a)
+    store.advance(2)
+    assert store.evict_idle() == 3
+    store.lookup(c)           # takes a's freed slots
+    store.apply(a, ones(3))   # a's rows are created again, c's untouched
+    np.testing.assert_array_equal(store.lookup(c, create=False), INIT.rows(c, DIM))
+    np.testing.assert_allclose(store.lookup(a, create=False), INIT.rows(a, DIM) - 0.5, rtol=1e-6)
+    assert store.stats().step == 2 and len(store) == 6
+
+
+def test_sorted_unique_and_unsorted_new_ids_get_the_same_slots():
+    """New ids already sorted skip np.unique; unsorted ones with repeats go through it, and
+    both lay rows out as np.unique's order would."""
+    for ids in (np.array([5, 9, 2**63, 2**64 - 1], np.uint64), np.array([2**64 - 1, 9, 5, 9, 2**63, 5], np.uint64)):
+        store = make("sorted")
+        store.lookup(ids)
+        np.testing.assert_array_equal(store.snapshot().arrays["ids"], np.unique(ids))
+
+
 def test_a_call_naming_more_rows_than_the_cap_is_refused_unchanged():
     store = make("sorted", max_rows=2)
     store.lookup([1])

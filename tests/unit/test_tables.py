@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardps.pscommon.errors import InvalidArgument
-from shardps.pscommon.tables import TableSpec, initial_rows, shard_of
+from shardps.pscommon.tables import TableSpec, initial_rows, shard_of, sum_duplicates
+from shardps.worker import rows
 
 M64 = (1 << 64) - 1
 SIGMAS = 6  # statistical bounds: a deterministic seed cannot flake, 6 sigma survives a new one
@@ -331,3 +332,77 @@ def test_constant_rows_are_the_scale_everywhere():
     assert rows.dtype == np.float32 and rows.shape == (3, 5) and (rows == -1.5).all()
     with pytest.raises(InvalidArgument, match="must be >= 0 for the normal initializer"):
         TableSpec("n", 5, "normal", -1.0, 0)
+
+
+# -- a step's rows on the worker (worker/rows.py) ------------------------------------------------
+ROW_IDS = st.lists(st.integers(-2**63, 2**63 - 1), max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(asks=st.dictionaries(st.sampled_from(["a", "b", "c"]), st.tuples(ROW_IDS, st.booleans()), max_size=3),
+       num_shards=st.integers(1, 4))
+def test_a_row_plan_asks_each_shard_for_its_unique_ids_and_answers_in_the_asked_order(asks, num_shards):
+    """Whether the ids come deduplicated (np.unique's output) or raw: each shard is asked for
+    the unique ids it holds, once, and every asked id gets its own row back."""
+    asked = {t: (np.unique(np.array(ids, np.int64)) if dedup else np.array(ids, np.int64))
+             for t, (ids, dedup) in asks.items()}
+    plan = rows.plan_rows(asked, num_shards)
+    dims = {t: 3 for t in asked}
+
+    def row_of(ids):   # a row that names its id
+        return (ids.view(np.uint64) % np.uint64(1000)).astype(np.float32)[:, None] * np.ones(3, np.float32)
+
+    answers = {}
+    for shard, parts in plan.parts.items():
+        for part in parts:
+            assert (shard_of(part.ids, num_shards) == shard).all()
+            assert part.ids_bytes == part.ids.astype("<u8").tobytes()
+        answers[shard] = [row_of(part.ids) for part in parts]
+    asked_per_table = {t: np.concatenate([p.ids for ps in plan.parts.values() for p in ps if p.table == t] or
+                                         [np.zeros(0, np.uint64)]) for t in asked}
+    got = plan.assemble(answers, dims)
+    for t, ids in asked.items():
+        u = ids.astype(np.int64).view(np.uint64)
+        assert sorted(asked_per_table[t].tolist()) == sorted(set(u.tolist()))   # each unique id, once
+        np.testing.assert_array_equal(got[t], row_of(u))
+        assert got[t].flags.writeable and got[t].shape == (len(ids), 3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=ROW_IDS, num_shards=st.integers(1, 4), reuse=st.booleans())
+def test_a_pushs_split_is_the_same_with_or_without_the_pulls_plan(ids, num_shards, reuse):
+    ids = np.unique(np.array(ids, np.int64))
+    grads = np.arange(len(ids) * 2, dtype=np.float32).reshape(-1, 2)
+    plan = rows.plan_rows({"t": ids}, num_shards)
+    split = plan.split("t", ids, grads, 2) if reuse else None
+    general = rows.split_grads("t", ids, grads, 2, num_shards)
+    if reuse and plan.inverse["t"] is None:
+        assert split is not None
+    split = split or general
+    assert sorted(split) == sorted(general) == list(range(num_shards))   # every shard, empty or not
+    for s in range(num_shards):
+        (ids_a, g_a, _), (ids_b, g_b, _) = split[s], general[s]
+        order_a, order_b = np.argsort(ids_a), np.argsort(ids_b)
+        np.testing.assert_array_equal(ids_a[order_a], ids_b[order_b])
+        np.testing.assert_array_equal(g_a[order_a], g_b[order_b])
+
+
+def test_a_split_sums_repeated_ids_and_refuses_a_bad_shape():
+    ids = np.array([5, -1, 5, 7], np.int64)
+    grads = np.ones((4, 2), np.float32)
+    parts = rows.split_grads("t", ids, grads, 2, 1)
+    np.testing.assert_array_equal(parts[0][0], np.unique(ids.view(np.uint64)))
+    np.testing.assert_array_equal(parts[0][1].sum(axis=1), [4, 2, 2])   # 5 twice; 7; -1 as 2**64 - 1
+    plan = rows.plan_rows({"t": ids}, 2)
+    assert plan.split("t", ids, grads, 2) is None   # not the plan's unique ids: the general split
+    with pytest.raises(InvalidArgument, match="gradients of shape"):
+        rows.split_grads("t", ids, np.ones((3, 2), np.float32), 2, 1)
+
+
+def test_sum_duplicates_returns_unique_ids_as_they_came():
+    ids = np.array([3, 1, 2], np.uint64)   # unique, unsorted: the input itself
+    g = np.ones((3, 2), np.float32)
+    got_ids, got_g = sum_duplicates(ids, g)
+    assert got_ids is ids and got_g is g
+    signed = np.array([-5, -1, 0, 4], np.int64).view(np.uint64)   # sorted as int64, not as uint64
+    assert sum_duplicates(signed, np.ones((4, 2), np.float32))[0] is signed

@@ -129,16 +129,50 @@ class KeySpec(_message.Message):
     def __init__(self, key: _Optional[str] = ..., param: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., param_shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., shard: _Optional[int] = ...) -> None: ...
 
 class Caller(_message.Message):
-    __slots__ = ("worker_id", "incarnation", "observer", "credential")
+    __slots__ = ("worker_id", "incarnation", "observer", "credential", "settled")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     OBSERVER_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     incarnation: int
     observer: bool
     credential: bytes
-    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., observer: _Optional[bool] = ..., credential: _Optional[bytes] = ...) -> None: ...
+    settled: StepOutcome
+    def __init__(self, worker_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., observer: _Optional[bool] = ..., credential: _Optional[bytes] = ..., settled: _Optional[_Union[StepOutcome, _Mapping]] = ...) -> None: ...
+
+class StepOutcome(_message.Message):
+    __slots__ = ("step", "contributors")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    contributors: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step: _Optional[int] = ..., contributors: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SettleRequest(_message.Message):
+    __slots__ = ("caller", "shard", "step", "model_fingerprint", "wait")
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    caller: Caller
+    shard: int
+    step: int
+    model_fingerprint: str
+    wait: bool
+    def __init__(self, caller: _Optional[_Union[Caller, _Mapping]] = ..., shard: _Optional[int] = ..., step: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., wait: _Optional[bool] = ...) -> None: ...
+
+class SettleReply(_message.Message):
+    __slots__ = ("settled", "next_step", "wait_s")
+    SETTLED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    settled: StepOutcome
+    next_step: int
+    wait_s: float
+    def __init__(self, settled: _Optional[_Union[StepOutcome, _Mapping]] = ..., next_step: _Optional[int] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class DeclareHeader(_message.Message):
     __slots__ = ("model_fingerprint", "shard", "keys", "job", "seed", "tables")
@@ -319,14 +353,18 @@ class InspectReply(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyInfo, _Mapping]]] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("status", "hottest_ids", "hottest_touches")
+    __slots__ = ("status", "hottest_ids", "hottest_touches", "rows_served", "rows_updated")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     HOTTEST_IDS_FIELD_NUMBER: _ClassVar[int]
     HOTTEST_TOUCHES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_UPDATED_FIELD_NUMBER: _ClassVar[int]
     status: TableStatus
     hottest_ids: _containers.RepeatedScalarFieldContainer[int]
     hottest_touches: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, status: _Optional[_Union[TableStatus, _Mapping]] = ..., hottest_ids: _Optional[_Iterable[int]] = ..., hottest_touches: _Optional[_Iterable[int]] = ...) -> None: ...
+    rows_served: int
+    rows_updated: int
+    def __init__(self, status: _Optional[_Union[TableStatus, _Mapping]] = ..., hottest_ids: _Optional[_Iterable[int]] = ..., hottest_touches: _Optional[_Iterable[int]] = ..., rows_served: _Optional[int] = ..., rows_updated: _Optional[int] = ...) -> None: ...
 
 class ShardStatusRequest(_message.Message):
     __slots__ = ()
@@ -359,7 +397,7 @@ class TensorTraffic(_message.Message):
     def __init__(self, key: _Optional[str] = ..., logical_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., codec_seconds: _Optional[float] = ...) -> None: ...
 
 class ShardStatusReply(_message.Message):
-    __slots__ = ("shard", "keys", "bytes", "optimizer_bytes", "shard_version", "pushes", "pulls", "duplicates", "uptime_s", "staleness", "pull_wait_s", "push_traffic", "pull_traffic", "clocks", "completed_step", "membership_view", "mode", "checkpoint_age_s", "checkpoint_version", "reseeded", "rebases", "nonfinite_pushes", "tables")
+    __slots__ = ("shard", "keys", "bytes", "optimizer_bytes", "shard_version", "pushes", "pulls", "duplicates", "uptime_s", "staleness", "pull_wait_s", "push_traffic", "pull_traffic", "clocks", "completed_step", "membership_view", "mode", "checkpoint_age_s", "checkpoint_version", "reseeded", "rebases", "nonfinite_pushes", "tables", "dropped_pushes")
     class ClocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -390,6 +428,7 @@ class ShardStatusReply(_message.Message):
     REBASES_FIELD_NUMBER: _ClassVar[int]
     NONFINITE_PUSHES_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_PUSHES_FIELD_NUMBER: _ClassVar[int]
     shard: int
     keys: int
     bytes: int
@@ -413,4 +452,5 @@ class ShardStatusReply(_message.Message):
     rebases: int
     nonfinite_pushes: int
     tables: _containers.RepeatedCompositeFieldContainer[TableStatus]
-    def __init__(self, shard: _Optional[int] = ..., keys: _Optional[int] = ..., bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., shard_version: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., duplicates: _Optional[int] = ..., uptime_s: _Optional[float] = ..., staleness: _Optional[_Union[Histogram, _Mapping]] = ..., pull_wait_s: _Optional[_Union[Histogram, _Mapping]] = ..., push_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., pull_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., clocks: _Optional[_Mapping[int, int]] = ..., completed_step: _Optional[int] = ..., membership_view: _Optional[int] = ..., mode: _Optional[_Union[_job_pb2.Mode, str]] = ..., checkpoint_age_s: _Optional[float] = ..., checkpoint_version: _Optional[int] = ..., reseeded: _Optional[_Union[Reseed, _Mapping]] = ..., rebases: _Optional[int] = ..., nonfinite_pushes: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStatus, _Mapping]]] = ...) -> None: ...
+    dropped_pushes: int
+    def __init__(self, shard: _Optional[int] = ..., keys: _Optional[int] = ..., bytes: _Optional[int] = ..., optimizer_bytes: _Optional[int] = ..., shard_version: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., duplicates: _Optional[int] = ..., uptime_s: _Optional[float] = ..., staleness: _Optional[_Union[Histogram, _Mapping]] = ..., pull_wait_s: _Optional[_Union[Histogram, _Mapping]] = ..., push_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., pull_traffic: _Optional[_Iterable[_Union[TensorTraffic, _Mapping]]] = ..., clocks: _Optional[_Mapping[int, int]] = ..., completed_step: _Optional[int] = ..., membership_view: _Optional[int] = ..., mode: _Optional[_Union[_job_pb2.Mode, str]] = ..., checkpoint_age_s: _Optional[float] = ..., checkpoint_version: _Optional[int] = ..., reseeded: _Optional[_Union[Reseed, _Mapping]] = ..., rebases: _Optional[int] = ..., nonfinite_pushes: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStatus, _Mapping]]] = ..., dropped_pushes: _Optional[int] = ...) -> None: ...

@@ -89,6 +89,11 @@ class ParameterServerStub:
                 request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.ScanRowsRequest.SerializeToString,
                 response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsReply.FromString,
                 _registered_method=True)
+        self.SettleStep = channel.unary_unary(
+                '/shardps.pscommon.wire.v1.ParameterServer/SettleStep',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.SettleRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.SettleReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -177,6 +182,16 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SettleStep(self, request, context):
+        """sync: at shard 0, "my pushes before `step` reached every shard". Shard 0 settles each
+        step (which pushes count in it); workers carry the outcome to the other shards in
+        Caller.settled, so every shard applies the same pushes. At another shard: adopt the
+        outcome the caller carries (a worker leaving after its last step).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -234,6 +249,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.ScanRows,
                     request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.ScanRowsRequest.FromString,
                     response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsReply.SerializeToString,
+            ),
+            'SettleStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleStep,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.SettleRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.SettleReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -533,6 +553,33 @@ class ParameterServer:
             '/shardps.pscommon.wire.v1.ParameterServer/ScanRows',
             shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.ScanRowsRequest.SerializeToString,
             shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PullRowsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.pscommon.wire.v1.ParameterServer/SettleStep',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.SettleRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.SettleReply.FromString,
             options,
             channel_credentials,
             insecure,

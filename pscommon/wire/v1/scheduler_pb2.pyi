@@ -140,18 +140,20 @@ class LeaveReply(_message.Message):
     def __init__(self, view: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("shard", "address", "member_id", "incarnation", "state")
+    __slots__ = ("shard", "address", "member_id", "incarnation", "state", "last_seen_age_s")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_AGE_S_FIELD_NUMBER: _ClassVar[int]
     shard: int
     address: str
     member_id: int
     incarnation: int
     state: MemberState
-    def __init__(self, shard: _Optional[int] = ..., address: _Optional[str] = ..., member_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ...) -> None: ...
+    last_seen_age_s: float
+    def __init__(self, shard: _Optional[int] = ..., address: _Optional[str] = ..., member_id: _Optional[int] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., last_seen_age_s: _Optional[float] = ...) -> None: ...
 
 class ParamSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
