@@ -125,16 +125,20 @@ def check_token(token: str) -> str:
     return token
 
 
-def _read_token_file(path: str, what: str = "token file") -> str:
-    """The token in `path`, surrounding whitespace stripped; InvalidArgument naming the file
-    (never echoing its content) when it cannot be read, is empty or is no usable token."""
+def _read_ascii(path: str, what: str) -> str:
+    """The text of `path`; InvalidArgument naming `what` and the file (never its content)."""
     try:
         with open(path, encoding="ascii") as f:
-            text = f.read()
+            return f.read()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         raise InvalidArgument(f"{what} {path!r} cannot be read: {reason}") from None
-    token = text.strip()
+
+
+def _read_token_file(path: str, what: str = "token file") -> str:
+    """The token in `path`, surrounding whitespace stripped; InvalidArgument naming the file
+    (never echoing its content) when it cannot be read, is empty or is no usable token."""
+    token = _read_ascii(path, what).strip()
     if not token:
         raise InvalidArgument(f"{what} {path!r} is empty")
     try:
@@ -165,13 +169,7 @@ def read_token(token_file: str | None, env: Mapping[str, str]) -> str | None:
 
 def _read_digest_file(path: str) -> bytes:
     """A `<role>.sha256` file: 64 hex digits, first on the line (`sha256sum`'s output works)."""
-    try:
-        with open(path, encoding="ascii") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise InvalidArgument(f"token digest file {path!r} cannot be read: {reason}") from None
-    words = text.split()
+    words = _read_ascii(path, "token digest file").split()
     if not words or not _HEX_DIGEST.fullmatch(words[0]):
         raise InvalidArgument(f"token digest file {path!r} does not start with a SHA-256 in hex (64 hex digits): "
                               f"make it with  printf %s \"$(cat ROLE.token)\" | sha256sum > ROLE{DIGEST_SUFFIX}")

@@ -3,7 +3,6 @@ line and the closest valid flag on a typo, global options after the command, exi
 defaults and every codec in --help; and the worker's closing line and metrics file."""
 from __future__ import annotations
 
-import argparse
 import json
 import re
 
@@ -20,13 +19,6 @@ def _no_malloc_tuning(monkeypatch):
     monkeypatch.setenv("SHARDPS_MALLOC_TUNING", "0")   # main() runs in the test process
 
 
-def _parsers(parser: argparse.ArgumentParser):
-    yield parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                yield from _parsers(sub)
-
 
 def _stderr_of(capsys, argv: list[str], code: int) -> list[str]:
     assert cli.main(argv) == code
@@ -37,7 +29,7 @@ def _stderr_of(capsys, argv: list[str], code: int) -> list[str]:
 
 
 def test_every_parser_refuses_abbreviations():
-    parsers = list(_parsers(cli.build_parser()))
+    parsers = list(cli._parsers(cli.build_parser()))
     assert len(parsers) >= 10   # psctl and each of its commands
     assert all(p.allow_abbrev is False for p in parsers), [p.prog for p in parsers if p.allow_abbrev]
 
@@ -87,7 +79,7 @@ def test_every_command_accepts_the_global_options_after_it():
     top = cli.build_parser()
     globals_ = {o for a in top._actions for o in a.option_strings} - {"-h", "--help"}
     assert globals_ == {"--log-level"}
-    for sub in list(_parsers(top))[1:]:
+    for sub in list(cli._parsers(top))[1:]:
         assert globals_ <= set(sub._option_string_actions), sub.prog
 
 
