@@ -27,7 +27,7 @@ least one dense parameter, so a 1-element `pad` rides along, never pulled and sk
 
 Checks. Every server counts, per table, the rows it served (answered to pulls) and the rows
 it updated (the optimizer's applies); the driver reads them after the timed run (the Inspect
-RPC's TableInfo.rows_served and rows_updated). To check them against the rows themselves,
+RPC's TableStatus.rows_served and rows_updated). To check them against the rows themselves,
 every server then writes a checkpoint (the Checkpoint RPC, `--checkpoint-dir` set) and the
 driver reads each table's ids, values, per-row touch counts and Adagrad sums from it:
 
@@ -271,8 +271,8 @@ def read_counters(servers: list[dict], timeout: float) -> dict[str, int]:
     for s in servers:
         stub = ps_pb2_grpc.ParameterServerStub(grpcutil.channel(s["address"]))
         reply = grpcutil.call(stub.Inspect, ps_pb2.InspectRequest(sample=0), timeout)
-        served += sum(t.rows_served for t in reply.tables)
-        updated += sum(t.rows_updated for t in reply.tables)
+        served += sum(t.status.rows_served for t in reply.tables)
+        updated += sum(t.status.rows_updated for t in reply.tables)
     return {"rows_served": served, "rows_updated": updated}
 
 

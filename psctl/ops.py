@@ -135,7 +135,8 @@ def collect_status(address: str, timeout: float, security: Security = NO_SECURIT
                          tables={t.name: {"dim": t.dim, "rows": t.rows, "bytes": t.bytes, "admitted": t.admitted,
                                           "evicted_idle": t.evicted_idle, "evicted_lru": t.evicted_lru,
                                           "dropped_gradients": t.dropped_gradients,
-                                          "unadmitted_lookups": t.unadmitted_lookups} for t in ss.tables},
+                                          "unadmitted_lookups": t.unadmitted_lookups, "rows_served": t.rows_served,
+                                          "rows_updated": t.rows_updated} for t in ss.tables},
                          reseeded=({"worker": ss.reseeded.worker_id, "version": ss.reseeded.version,
                                     "offers": ss.reseeded.offers, "at_uptime_s": round(ss.reseeded.uptime_s, 2)}
                                    if ss.HasField("reseeded") else None))

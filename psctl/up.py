@@ -114,6 +114,8 @@ class Cluster:
         return proc
 
     def wait_ready(self, name: str, ready_file: pathlib.Path) -> str:
+        """The address `name` wrote to `ready_file` (removed before the process was started: a
+        run dir used before holds the last run's addresses)."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         proc = self.procs[name]
         while time.monotonic() < deadline:
@@ -127,6 +129,7 @@ class Cluster:
 
     def start_scheduler(self, job: JobSpec) -> str:
         ready = self.run_dir / "scheduler.addr"
+        ready.unlink(missing_ok=True)
         self.spawn("scheduler", ["scheduler", "--listen", "127.0.0.1:0", "--ready-file", str(ready),
                                  "--state-dir", str(self.run_dir / "scheduler-state"), *job_flags(job)])
         self.scheduler_address = self.wait_ready("scheduler", ready)
@@ -135,6 +138,7 @@ class Cluster:
     def start_server(self, shard: int) -> str:
         name = f"server-{shard}"
         ready = self.run_dir / f"{name}.addr"
+        ready.unlink(missing_ok=True)
         self.spawn(name, ["server", "--scheduler", self.scheduler_address, "--listen", "127.0.0.1:0",
                           "--shard-id", str(shard), "--ready-file", str(ready)])
         return self.wait_ready(name, ready)

@@ -77,10 +77,13 @@ def _check_key_spec(k: Key) -> None:
                               f"parameter shape {list(k.param_shape)}")
 
 
-def _table_status(name: str, dim: int, st) -> ps_pb2.TableStatus:
-    return ps_pb2.TableStatus(name=name, dim=dim, rows=st.rows, bytes=st.bytes, admitted=st.admitted,
-                              evicted_idle=st.evicted_idle, evicted_lru=st.evicted_lru,
-                              dropped_gradients=st.dropped_gradients, unadmitted_lookups=st.unadmitted_lookups)
+def _table_status(shard, name: str) -> ps_pb2.TableStatus:
+    """A table's counters on `shard` (under its lock)."""
+    st = shard.tables.stores[name].stats()
+    return ps_pb2.TableStatus(name=name, dim=shard.tables.specs[name].dim, rows=st.rows, bytes=st.bytes,
+                              admitted=st.admitted, evicted_idle=st.evicted_idle, evicted_lru=st.evicted_lru,
+                              dropped_gradients=st.dropped_gradients, unadmitted_lookups=st.unadmitted_lookups,
+                              rows_served=shard.tables.rows_served[name], rows_updated=shard.tables.rows_updated[name])
 
 
 def _all_finite(a: np.ndarray) -> bool:
@@ -455,10 +458,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             infos = []
             for name, store in sorted(s.tables.stores.items()):
                 ids, touches = store.hottest(sample)
-                infos.append(ps_pb2.TableInfo(status=_table_status(name, s.tables.specs[name].dim, store.stats()),
-                                              hottest_ids=ids.tolist(), hottest_touches=touches.tolist(),
-                                              rows_served=s.tables.rows_served[name],
-                                              rows_updated=s.tables.rows_updated[name]))
+                infos.append(ps_pb2.TableInfo(status=_table_status(s, name), hottest_ids=ids.tolist(),
+                                              hottest_touches=touches.tolist()))
             return infos
 
     @servicer_errors
@@ -492,8 +493,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 checkpoint_version=(self.checkpointer.last_version or 0) if self.checkpointer else 0,
                 reseeded=_reseed_proto(s.reseeded), rebases=s.rebases, nonfinite_pushes=s.nonfinite_pushes,
                 dropped_pushes=s.dropped_pushes,
-                tables=[_table_status(name, s.tables.specs[name].dim, store.stats())
-                        for name, store in sorted(s.tables.stores.items())])
+                tables=[_table_status(s, name) for name in sorted(s.tables.stores)])
 
     @servicer_errors
     def Checkpoint(self, request, context):

@@ -228,21 +228,41 @@ class ShardClient:
         shard, and the other shards complete it with the settling shard's outcome."""
         return self.job.mode == "sync" and self.job.num_servers > 1 and not self.session.identity.observer
 
-    def _settle(self, step: int) -> None:
-        """Tell the settling shard our pushes before `step` reached every shard; returns once
-        those steps are complete, with the last one's outcome (carried on our next calls)."""
-        req = ps_pb2.SettleRequest(caller=self._caller(), shard=SETTLING_SHARD, step=step, wait=True,
-                                   model_fingerprint=self._plan.shard_map.fingerprint)
-        reply = self._on_shard(SETTLING_SHARD, lambda stub: stub.SettleStep(req, timeout=self.cfg.data_timeout_s))
+    def _settle_request(self, step: int) -> ps_pb2.SettleRequest:
+        return ps_pb2.SettleRequest(caller=self._caller(), shard=SETTLING_SHARD, step=step, wait=True,
+                                    model_fingerprint=self._plan.shard_map.fingerprint)
+
+    def _settled_by(self, reply: ps_pb2.SettleReply, step: int) -> None:
         if reply.HasField("settled"):
             self._settled = reply.settled
         self._settled_clock = max(self._settled_clock, step)
+
+    def _settle(self, step: int) -> None:
+        """Tell the settling shard our pushes before `step` reached every shard; returns once
+        those steps are complete, with the last one's outcome (carried on our next calls)."""
+        req = self._settle_request(step)
+        self._settled_by(self._on_shard(SETTLING_SHARD, lambda stub: stub.SettleStep(
+            req, timeout=self.cfg.data_timeout_s)), step)
+
+    def _start_settle(self, step: int) -> None:
+        """_settle without waiting: a gRPC future, no thread; _await_settled takes its reply."""
+        try:
+            call = self.transport.stub(SETTLING_SHARD).SettleStep.future(self._settle_request(step),
+                                                                         timeout=self.cfg.data_timeout_s)
+        except (KeyError, grpc.RpcError, PSError) as exc:   # no channel now: the next read settles
+            log.debug("settling step %d later: %s", step - 1, exc)
+            return
+        self._settling = (step, call)
 
     def _await_settled(self) -> None:
         """Before reading a step's values: the previous step is settled, and we know how."""
         settling, self._settling = self._settling, None
         if settling is not None:
-            settling.result()
+            step, call = settling
+            try:
+                self._settled_by(call.result(), step)
+            except (grpc.RpcError, grpc.FutureCancelledError) as exc:   # settled below, with any call's retries
+                log.debug("settling step %d: %s; again", step - 1, exc)
         step = self.session.identity.clock
         if self._settles and self._settled_clock < step:
             self._settle(step)   # a joiner's first read, or a step whose settle never started
@@ -649,7 +669,7 @@ class ShardClient:
         if self._settles:
             # say so now, not at our next read: a step must not wait for a worker that is done
             # pushing (it may read the model, or sit idle, before it leaves)
-            self._settling = self.transport.submit(self._settle, step + 1)
+            self._start_settle(step + 1)
 
     def skip_step(self) -> None:
         """Sit out the step we are on, having no data for it (sync; right after a pull of that

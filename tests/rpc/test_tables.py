@@ -95,7 +95,7 @@ def test_inspect_counts_each_tables_rows_served_and_updated(shard_server):
     push_rows(srv, {"emb": (ids_of(1), np.ones((1, 4), np.float32))})               # a retry: applied once
     pull_rows(srv, {"emb": ids_of(1, 5)}, observer=True)                            # an observer's read is served too
     reply = srv.stub.Inspect(ps_pb2.InspectRequest(sample=0), timeout=TIMEOUT_S)
-    counts = {t.status.name: (t.rows_served, t.rows_updated) for t in reply.tables}
+    counts = {t.status.name: (t.status.rows_served, t.status.rows_updated) for t in reply.tables}
     assert counts == {"emb": (5, 2), "other": (1, 1)}
 
 

@@ -35,7 +35,7 @@ class RowBlock(_message.Message):
     def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
 
 class TableStatus(_message.Message):
-    __slots__ = ("name", "dim", "rows", "bytes", "admitted", "evicted_idle", "evicted_lru", "dropped_gradients", "unadmitted_lookups")
+    __slots__ = ("name", "dim", "rows", "bytes", "admitted", "evicted_idle", "evicted_lru", "dropped_gradients", "unadmitted_lookups", "rows_served", "rows_updated")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,8 @@ class TableStatus(_message.Message):
     EVICTED_LRU_FIELD_NUMBER: _ClassVar[int]
     DROPPED_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     UNADMITTED_LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_UPDATED_FIELD_NUMBER: _ClassVar[int]
     name: str
     dim: int
     rows: int
@@ -54,7 +56,9 @@ class TableStatus(_message.Message):
     evicted_lru: int
     dropped_gradients: int
     unadmitted_lookups: int
-    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., rows: _Optional[int] = ..., bytes: _Optional[int] = ..., admitted: _Optional[int] = ..., evicted_idle: _Optional[int] = ..., evicted_lru: _Optional[int] = ..., dropped_gradients: _Optional[int] = ..., unadmitted_lookups: _Optional[int] = ...) -> None: ...
+    rows_served: int
+    rows_updated: int
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., rows: _Optional[int] = ..., bytes: _Optional[int] = ..., admitted: _Optional[int] = ..., evicted_idle: _Optional[int] = ..., evicted_lru: _Optional[int] = ..., dropped_gradients: _Optional[int] = ..., unadmitted_lookups: _Optional[int] = ..., rows_served: _Optional[int] = ..., rows_updated: _Optional[int] = ...) -> None: ...
 
 class PullRowsRequest(_message.Message):
     __slots__ = ("caller", "shard", "step", "model_fingerprint", "rows", "dtype")
@@ -353,18 +357,14 @@ class InspectReply(_message.Message):
     def __init__(self, shard: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[KeyInfo, _Mapping]]] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("status", "hottest_ids", "hottest_touches", "rows_served", "rows_updated")
+    __slots__ = ("status", "hottest_ids", "hottest_touches")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     HOTTEST_IDS_FIELD_NUMBER: _ClassVar[int]
     HOTTEST_TOUCHES_FIELD_NUMBER: _ClassVar[int]
-    ROWS_SERVED_FIELD_NUMBER: _ClassVar[int]
-    ROWS_UPDATED_FIELD_NUMBER: _ClassVar[int]
     status: TableStatus
     hottest_ids: _containers.RepeatedScalarFieldContainer[int]
     hottest_touches: _containers.RepeatedScalarFieldContainer[int]
-    rows_served: int
-    rows_updated: int
-    def __init__(self, status: _Optional[_Union[TableStatus, _Mapping]] = ..., hottest_ids: _Optional[_Iterable[int]] = ..., hottest_touches: _Optional[_Iterable[int]] = ..., rows_served: _Optional[int] = ..., rows_updated: _Optional[int] = ...) -> None: ...
+    def __init__(self, status: _Optional[_Union[TableStatus, _Mapping]] = ..., hottest_ids: _Optional[_Iterable[int]] = ..., hottest_touches: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShardStatusRequest(_message.Message):
     __slots__ = ()
