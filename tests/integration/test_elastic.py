@@ -462,4 +462,4 @@ def test_up_churn_add_after_killing_the_last_worker(procs):
     assert "churn: killed worker 0" in out, f"{out}\n{logs}"
     assert "churn: started worker 1" in out, f"the add@2 event never ran (exit {rc}):\n{out}\n{logs}"
     assert rc == 0, f"psctl up exited {rc}\n{out}\n{logs}"
-    assert "worker 1: exit 0, 20 steps" in out, out
+    assert re.search(r"^worker 1 \(id \d+ in psctl status\): exit 0, 20 steps", out, re.MULTILINE), out

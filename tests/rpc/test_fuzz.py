@@ -58,6 +58,9 @@ from shardps.psserver.shard import WorkerView
 
 from .helpers import declare, initial_values, inspect, members, push, shard_map, status, values
 
+# a few hundred examples a family, about 50 s in all: the slow tier (make test runs it)
+pytestmark = pytest.mark.slow
+
 # -- the model and the shard's membership ------------------------------------------------------
 SHAPES = {"w": (4, 3), "b": (5,)}
 SMAP = shard_map(SHAPES)

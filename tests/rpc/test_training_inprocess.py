@@ -15,6 +15,7 @@ from shardps.worker.train import Loop, MetricsWriter, TrainConfig, partition_bat
 CTR_STEPS = 200
 
 
+@pytest.mark.slow  # a training run: about 12 s
 def test_inprocess_cluster_trains_digits(cluster):
     c = cluster(JobSpec(num_servers=2))
     model = models.build("digits-mlp", seed=0)

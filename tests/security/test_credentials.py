@@ -24,7 +24,9 @@ SHAPES = {"w": 64, "b": 8}
 def job(cluster):
     """A running job with an honest worker that trained a step, and an attacker who joined as
     a worker of its own (so it holds a valid credential, for itself only)."""
-    c = cluster(JobSpec(num_servers=2, slice_bytes=1 << 30))
+    # the attacker's own worker never heartbeats: a lease longer than any test keeps the
+    # membership still unless an attack moves it
+    c = cluster(JobSpec(num_servers=2, slice_bytes=1 << 30, heartbeat_timeout_s=300))
     honest = worker(c.address)
     honest.declare({n: np.zeros(s, np.float32) for n, s in SHAPES.items()})
     attacker = Attacker(c.address)
