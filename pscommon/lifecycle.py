@@ -90,10 +90,13 @@ class DaemonOptions:
     metrics_port: int | None = None     # None: no /metrics endpoint; 0: any free port
     metrics_host: str = LOOPBACK        # psctl: default_metrics_host(--listen)
     reflection: bool = False
+    metrics_auth: bool = False          # /metrics wants the observer (or admin) bearer token
 
     def __post_init__(self):
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise InvalidArgument(f"metrics port {self.metrics_port} must be in [0, 65535]")
+        if self.metrics_auth and self.security.accepted is None:
+            raise InvalidArgument("--metrics-auth needs tokens to check: give --token-dir or --token-file")
 
 
 class Telemetry:
@@ -116,7 +119,8 @@ class Telemetry:
         from shardps.pscommon.metrics import serve
         for c in collectors:
             self.registry.register(c)
-        self._server, _ = serve(self.opts.metrics_port, self.registry, self.opts.metrics_host)
+        accept = self.opts.security.accepted if self.opts.metrics_auth else None
+        self._server, _ = serve(self.opts.metrics_port, self.registry, self.opts.metrics_host, accept)
         self.port = self._server.server_port
         logging.getLogger("shardps").info("metrics on http://%s:%d/metrics", self.opts.metrics_host, self.port)
 

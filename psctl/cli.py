@@ -257,8 +257,11 @@ def _add_daemon_flags(p: argparse.ArgumentParser, reflection: bool = True) -> No
     _add_security_flags(p)
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     p.add_argument("--metrics-host", default=None,
-                   help="address /metrics binds (it has no authentication): default the --listen host, "
-                        "or 127.0.0.1 when that is a wildcard or there is none; 0.0.0.0 for every interface")
+                   help="address /metrics binds (no authentication unless --metrics-auth): default the --listen "
+                        "host, or 127.0.0.1 when that is a wildcard or there is none; 0.0.0.0 for every interface")
+    p.add_argument("--metrics-auth", action="store_true",
+                   help="/metrics answers only a request with the observer (or admin) bearer token of "
+                        "--token-dir, or the one --token-file token (HTTP 401 without, 403 for another role)")
     if reflection:
         p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection (grpcurl)")
 
@@ -281,7 +284,8 @@ ROLE_OF_COMMAND = {"scheduler": None, "server": roles.SERVER, "worker": roles.WO
 def options_from_args(a) -> DaemonOptions:
     host = a.metrics_host if a.metrics_host is not None else default_metrics_host(getattr(a, "listen", None))
     return DaemonOptions(security=security_from_args(a), metrics_port=a.metrics_port,
-                         metrics_host=host, reflection=getattr(a, "reflection", False))
+                         metrics_host=host, reflection=getattr(a, "reflection", False),
+                         metrics_auth=a.metrics_auth)
 
 
 def build_parser() -> Parser:

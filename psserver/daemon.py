@@ -193,6 +193,9 @@ class ServerProcess:
             raise FailedPrecondition(f"checkpoint {snap.path}: {exc}") from None
         self.checkpointer.last_version = snap.shard_version
         self.checkpointer.last_path = pathlib.Path(snap.path)
+        # its age is the file's (psctl status shows it), not "none yet" until the next write
+        age = max(0.0, time.time() - self.checkpointer.last_path.stat().st_mtime)
+        self.checkpointer.last_time = self.checkpointer.now() - age
         rows = "".join(f", table {name} {len(store.arrays['ids'])} rows" for name, (_, store) in sorted(snap.tables.items()))
         log.info("shard %d restored from %s: version %d, %d keys%s", reply.shard, snap.path,
                  snap.shard_version, len(snap.keys), rows)

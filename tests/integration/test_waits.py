@@ -38,6 +38,5 @@ def test_a_worker_names_the_scheduler_it_cannot_reach(procs):
     worker = procs.worker("127.0.0.1:9", 0, 5)  # the discard port: nothing of ours listens there
     wait_for_line(worker, r"waiting for the scheduler at 127\.0\.0\.1:9: .+ \(\d+ s so far", NOTICE_BY_S)
     assert worker.running()
-    # SIGKILL: a worker still joining does not yet act on SIGTERM (it waits out its connect
-    # timeout), which teardown would sit through
+    # SIGKILL: the quickest way out (SIGTERM also ends the wait now: tests/rpc/test_worker_waits.py)
     worker.kill9()

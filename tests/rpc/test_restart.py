@@ -78,6 +78,8 @@ def run_through_a_restart(cluster, mode: str, tmp_path, checkpoints: bool):
     crash(c.servers[1])
     c.servers[1] = ServerProcess(ServerConfig(scheduler=c.address, shard_id=1, checkpoint_dir=ckpt))
     c.servers[1].start()
+    if checkpoints:   # status shows the restored checkpoint's age, not "no checkpoint yet"
+        assert c.servers[1].checkpointer.age_s() >= 0.0
     for t in trainers:
         t.join(120)
     assert [t.error for t in trainers] == [None, None]
