@@ -138,13 +138,19 @@ def _read_ascii(path: str, what: str) -> str:
 def _read_token_file(path: str, what: str = "token file") -> str:
     """The token in `path`, surrounding whitespace stripped; InvalidArgument naming the file
     (never echoing its content) when it cannot be read, is empty or is no usable token."""
-    token = _read_ascii(path, what).strip()
+    return _token_from(_read_ascii(path, what), f"{what} {path!r}")
+
+
+def _token_from(text: str, where: str) -> str:
+    """`text` stripped of surrounding whitespace, as a bearer token; InvalidArgument naming
+    `where` (never the text) when it is empty or no usable token."""
+    token = text.strip()
     if not token:
-        raise InvalidArgument(f"{what} {path!r} is empty")
+        raise InvalidArgument(f"{where} is empty")
     try:
         return check_token(token)
     except InvalidArgument as exc:
-        raise InvalidArgument(f"{what} {path!r}: {exc}") from None
+        raise InvalidArgument(f"{where}: {exc}") from None
 
 
 def read_token(token_file: str | None, env: Mapping[str, str]) -> str | None:
@@ -158,13 +164,9 @@ def read_token(token_file: str | None, env: Mapping[str, str]) -> str | None:
     value = env.get(TOKEN_ENV)
     if value is None:
         return None
-    token = value.strip()
-    if not token:
+    if not value.strip():
         raise InvalidArgument(f"{TOKEN_ENV} is set but empty")
-    try:
-        return check_token(token)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"{TOKEN_ENV}: {exc}") from None
+    return _token_from(value, TOKEN_ENV)
 
 
 def _read_digest_file(path: str) -> bytes:

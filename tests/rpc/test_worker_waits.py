@@ -98,22 +98,29 @@ def one_shard():
     sched.grpc_server.stop(0).wait()
 
 
-def test_a_call_held_by_a_dead_shard_moves_to_its_replacement(one_shard):
+def held_pull(one_shard, start: np.ndarray, **cfg):
+    """A worker that declared {"w": start} and pulled once; then its shard's server dies
+    holding every call, and a second pull is under way and has reached it.
+    Returns (client, the dead server, its Holding, the arrays the pull fills, the pull)."""
     holding = Holding()
     old = one_shard["server"](holding)
-    client = ShardClient(ClientConfig(scheduler=one_shard["scheduler"].address, name="w"))
-    try:
-        client.join()
-        client.wait_for_servers()
-        start = np.arange(6, dtype=np.float32)
-        client.declare({"w": start})
-        into = {"w": np.zeros(6, np.float32)}
-        client.pull(into)
+    client = ShardClient(ClientConfig(scheduler=one_shard["scheduler"].address, name="w", **cfg))
+    client.join()
+    client.wait_for_servers()
+    client.declare({"w": start})
+    into = {"w": np.zeros_like(start)}
+    client.pull(into)
+    kill(old, holding)
+    reached = holding.calls
+    pull = Background(client.pull, into)
+    poll(lambda: holding.calls > reached, what="the pull to reach the dead server")
+    return client, old, holding, into, pull
 
-        kill(old, holding)
-        reached = holding.calls
-        pull = Background(client.pull, into)
-        poll(lambda: holding.calls > reached, what="the pull to reach the dead server")
+
+def test_a_call_held_by_a_dead_shard_moves_to_its_replacement(one_shard):
+    start = np.arange(6, dtype=np.float32)
+    client, old, holding, into, pull = held_pull(one_shard, start)
+    try:
         new = one_shard["server"]()           # a replacement, at another address
         assert new.address != old.address
 
@@ -133,19 +140,8 @@ def test_a_call_held_by_a_dead_shard_moves_to_its_replacement(one_shard):
 def test_stopping_ends_a_wait_for_a_dead_shard_and_leaves(one_shard):
     """interrupt() (what SIGTERM does through ClientConfig.stop) ends a call held by a dead
     shard and its retries with Stopped; the worker still leaves the membership."""
-    holding = Holding()
-    old = one_shard["server"](holding)
     stop = threading.Event()
-    client = ShardClient(ClientConfig(scheduler=one_shard["scheduler"].address, name="w", stop=stop))
-    client.join()
-    client.wait_for_servers()
-    client.declare({"w": np.ones(3, np.float32)})
-    into = {"w": np.zeros(3, np.float32)}
-    client.pull(into)
-    kill(old, holding)
-    reached = holding.calls
-    pull = Background(client.pull, into)
-    poll(lambda: holding.calls > reached, what="the pull to reach the dead server")
+    client, _, holding, into, pull = held_pull(one_shard, np.ones(3, np.float32), stop=stop)
     stop.set()
     poll(pull.done.is_set, MOVE_BY_S, what="the held pull to end once the worker is stopping")
     with pytest.raises(Stopped):
