@@ -1,7 +1,7 @@
 """async: every push applied on arrival; pulls never wait."""
 from __future__ import annotations
 
-from shardps.psserver.consistency.base import ApplyNow, ConsistencyMode
+from shardps.psserver.consistency.base import ApplyNow, ConsistencyMode, Refuse, push_ahead_error
 
 
 class AsyncMode(ConsistencyMode):
@@ -12,4 +12,5 @@ class AsyncMode(ConsistencyMode):
         return True
 
     def on_push(self, state, worker, step, grads):
-        return ApplyNow(grads)
+        error = push_ahead_error(state, worker, step)
+        return Refuse(error) if error else ApplyNow(grads)

@@ -10,7 +10,8 @@ from typing import Mapping, Union
 
 import numpy as np
 
-from shardps.pscommon.errors import PSError
+from shardps.pscommon.bounds import MAX_STEP_AHEAD
+from shardps.pscommon.errors import InvalidArgument, PSError
 
 
 @dataclasses.dataclass
@@ -42,6 +43,19 @@ class GateState:
 
     def clock_of(self, worker: int) -> int:
         return max(self.clocks.get(worker, 0), self.start_clock.get(worker, 0))
+
+
+def push_ahead_error(state: GateState, worker: int, step: int, limit: int = MAX_STEP_AHEAD) -> PSError | None:
+    """async and ssp: a push more than `limit` steps past the worker's clock here, from a
+    worker this shard has heard since it started (otherwise its clock here is old: the shard
+    restarted, or the worker is a new incarnation), is refused; None when it may go on."""
+    if worker not in state.heard:
+        return None
+    clock = state.clock_of(worker)
+    if step - clock <= limit:
+        return None
+    return InvalidArgument(f"push for step {step} by worker {worker} is {step - clock} steps past its clock "
+                           f"{clock} on this shard (at most {limit}): a worker pushes every step in order")
 
 
 # -- decisions ----------------------------------------------------------------------------

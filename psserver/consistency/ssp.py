@@ -2,7 +2,8 @@
 worker's clock is at least c - tau. Workers that leave drop out of the minimum."""
 from __future__ import annotations
 
-from shardps.psserver.consistency.base import HOLD, ApplyNow, ConsistencyMode, GateState, LearnClock
+from shardps.psserver.consistency.base import (
+    HOLD, ApplyNow, ConsistencyMode, GateState, LearnClock, Refuse, push_ahead_error)
 
 
 def slowest_clock(state: GateState) -> int | None:
@@ -22,7 +23,8 @@ class SSPMode(ConsistencyMode):
         return ssp_pull_ready(state, step, self.staleness)
 
     def on_push(self, state, worker, step, grads):
-        return ApplyNow(grads)
+        error = push_ahead_error(state, worker, step)
+        return Refuse(error) if error else ApplyNow(grads)
 
     def next_step(self, state, worker, step):
         # a joiner (or a new incarnation) starts at the scheduler's clock, taken from heartbeats

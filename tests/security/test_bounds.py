@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
+from shardps.pscommon.bounds import MAX_STEP_AHEAD
 from shardps.pscommon.config import JobSpec
 from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc
 from shardps.pscommon.wire.v1 import scheduler_pb2 as spb
@@ -208,3 +209,30 @@ def test_a_step_beyond_json_at_a_shard_is_refused_and_changes_nothing(job, call)
     assert str(big) in err.value.details() and "clock" in err.value.details()
     assert (dict(shard.ledger), dict(shard.gate.clocks), shard.version) == before
     trains(client, SHAPES)
+
+
+@pytest.mark.parametrize("mode", ["async", "ssp"])
+def test_a_push_far_past_the_members_own_clock_is_refused(cluster, mode):
+    """The member itself, with its own credential, names a step far past its clock: accepted,
+    it would make each of its later pushes a "duplicate" (silently dropped) and move the tables'
+    idle clock past every row. Refused before the gate or the ledger; the slack is allowed."""
+    c = cluster(JobSpec(mode=mode, staleness=2 if mode == "ssp" else 0, num_servers=1))
+    client = worker(c.address)
+    client.declare({n: np.zeros(s, np.float32) for n, s in SHAPES.items()})
+    trains(client, SHAPES)
+    shard = c.servers[0].shard
+    clock = shard.gate.clock_of(client.worker_id)
+    before = (dict(shard.ledger), dict(shard.gate.clocks), shard.version)
+    me = ps_pb2.Caller(worker_id=client.worker_id, incarnation=client.incarnation,
+                       credential=client.identity.credential)
+    far = clock + MAX_STEP_AHEAD + 1
+    with grpc.insecure_channel(c.servers[0].address) as ch:
+        stub = ps_pb2_grpc.ParameterServerStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PushBatch(ps_pb2.PushBatchRequest(header=ps_pb2.PushHeader(
+                caller=me, shard=0, step=far, model_fingerprint=client.shard_map.fingerprint)), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"step {far}" in err.value.details() and f"clock {clock}" in err.value.details()
+    assert (dict(shard.ledger), dict(shard.gate.clocks), shard.version) == before
+    trains(client, SHAPES)
+    client.leave()

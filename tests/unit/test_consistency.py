@@ -11,7 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shardps.pscommon.config import MODES, JobSpec, OptimizerConfig
-from shardps.pscommon.errors import Aborted, DeadlineExceeded, FailedPrecondition, NotYetMember, StaleIncarnation
+from shardps.pscommon.bounds import MAX_STEP_AHEAD
+from shardps.pscommon.errors import (Aborted, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotYetMember,
+                                     StaleIncarnation)
 from shardps.pscommon.sharding import Key
 from shardps.pscommon.wire.v1 import job_pb2, tensor_pb2
 from shardps.psserver import consistency, ledger
@@ -549,3 +551,16 @@ def test_restarted_ssp_shard_learns_each_clock_from_the_pull():
     shard.wait_pull(0, 1, 9, timeout_s=0.0)     # 0 at 9 is the slowest: admitted
     shard.wait_pull(1, 1, 10, timeout_s=0.0)    # 10 - 9 <= 1
     assert shard.gate.clocks == {0: 9, 1: 10}
+
+
+@pytest.mark.parametrize("mode", [AsyncMode(), SSPMode(staleness=2)])
+def test_async_and_ssp_refuse_a_push_far_past_the_workers_clock_here(mode):
+    state = GateState(live={1: 0}, clocks={1: 10}, heard={1})
+    assert isinstance(mode.on_push(state, 1, 10 + MAX_STEP_AHEAD, {}), ApplyNow)
+    refused = mode.on_push(state, 1, 11 + MAX_STEP_AHEAD, {})
+    assert isinstance(refused, Refuse) and isinstance(refused.error, InvalidArgument)
+    assert "clock 10" in str(refused.error)
+    # not heard since this shard started (it restarted, or a new incarnation): its clock here
+    # is old, and the step it names is the news
+    state.heard.clear()
+    assert isinstance(mode.on_push(state, 1, 11 + MAX_STEP_AHEAD, {}), ApplyNow)
