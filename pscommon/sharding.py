@@ -10,11 +10,13 @@ import hashlib
 import heapq
 
 from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.tables import TableSpec
 from shardps.pscommon.tensors import check_shape, numel, numpy_dtype
 from shardps.pscommon.wire.v1 import ps_pb2, scheduler_pb2, tensor_pb2
 
 MAX_PARAMS = 100_000
 MAX_NAME = 512
+MAX_TABLES = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +66,6 @@ class Key:
 
 
 def validate_params(params: list[Param]) -> None:
-    if not params:
-        raise InvalidArgument("the model declares no parameters")
     if len(params) > MAX_PARAMS:
         raise InvalidArgument(f"{len(params)} parameters, at most {MAX_PARAMS}")
     seen = set()
@@ -113,11 +113,26 @@ def assign(sizes: dict[str, int], num_shards: int) -> dict[str, int]:
     return out
 
 
+def validate_tables(tables: list[TableSpec], params: list[Param]) -> None:
+    """A model is dense parameters, embedding tables or both, never nothing; a table's name
+    is its own (rows and dense keys meet in one checkpoint and one push)."""
+    if not params and not tables:
+        raise InvalidArgument("the model declares no parameters and no embedding tables")
+    if len(tables) > MAX_TABLES:
+        raise InvalidArgument(f"{len(tables)} embedding tables, at most {MAX_TABLES}")
+    names = {p.name for p in params}
+    for t in tables:
+        if t.name in names:
+            raise InvalidArgument(f"table {t.name!r} is declared twice, or is also a parameter's name")
+        names.add(t.name)
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardMap:
     params: tuple[Param, ...]
     keys: tuple[Key, ...]
     fingerprint: str
+    tables: tuple[TableSpec, ...] = ()
 
     def keys_of(self, shard: int) -> list[Key]:
         return [k for k in self.keys if k.shard == shard]
@@ -135,28 +150,35 @@ class ShardMap:
         return scheduler_pb2.ShardMap(
             fingerprint=self.fingerprint, keys=[k.to_proto() for k in self.keys],
             params=[scheduler_pb2.ParamSpec(name=p.name, dtype=p.dtype, shape=p.shape)
-                    for p in self.params])
+                    for p in self.params],
+            tables=[t.to_proto() for t in self.tables])
 
     @classmethod
     def from_proto(cls, msg: scheduler_pb2.ShardMap) -> "ShardMap":
         return cls(tuple(Param(p.name, p.dtype, tuple(p.shape)) for p in msg.params),
-                   tuple(Key.from_proto(k) for k in msg.keys), msg.fingerprint)
+                   tuple(Key.from_proto(k) for k in msg.keys), msg.fingerprint,
+                   tuple(TableSpec.from_proto(t) for t in msg.tables))
 
 
-def model_fingerprint(params: list[Param]) -> str:
-    """Identifies a parameter set: names, dtypes and shapes, in declaration order."""
+def model_fingerprint(params: list[Param], tables: list[TableSpec] = ()) -> str:
+    """Identifies a model: its parameters' names, dtypes and shapes in declaration order, and
+    its tables' specs (a table's initializer and seed decide its rows as much as its dim). A
+    model without tables keeps the fingerprint it had before tables were part of it."""
     h = hashlib.sha256()
     for p in params:
         h.update(f"{p.name}\0{p.dtype}\0{','.join(map(str, p.shape))}\n".encode())
+    for t in tables:
+        h.update(f"table\0{t.name}\0{t.dim}\0{t.initializer}\0{t.scale!r}\0{t.seed}\n".encode())
     return h.hexdigest()[:16]
 
 
-def build(params: list[Param], num_shards: int, slice_bytes: int) -> ShardMap:
+def build(params: list[Param], num_shards: int, slice_bytes: int, tables: list[TableSpec] = ()) -> ShardMap:
     validate_params(params)
+    validate_tables(list(tables), params)
     slices = slice_params(params, slice_bytes)
     sizes = {key: length * numpy_dtype(p.dtype).itemsize for key, p, _, length in slices}
     shard_of = assign(sizes, num_shards)
     keys = tuple(Key(key, p.name, p.dtype, p.shape, offset, length, shard_of[key])
                  for key, p, offset, length in slices)
-    fp = model_fingerprint(params) + f"-s{num_shards}-b{slice_bytes}"
-    return ShardMap(tuple(params), keys, fp)
+    fp = model_fingerprint(params, tables) + f"-s{num_shards}-b{slice_bytes}"
+    return ShardMap(tuple(params), keys, fp, tuple(tables))

@@ -18,6 +18,7 @@ from typing import Iterable
 from shardps.pscommon import grpcutil, sharding
 from shardps.pscommon.bounds import MAX_CLOCK, check_clock  # noqa: F401 - the scheduler's checks, in one place
 from shardps.pscommon.errors import InvalidArgument
+from shardps.pscommon.tables import TableSpec
 from shardps.pscommon.tensors import MAX_DIMS, numpy_dtype
 from shardps.pscommon.wire.v1 import tensor_pb2
 
@@ -81,6 +82,15 @@ def declared_params(specs: Iterable, slice_bytes: int) -> list[sharding.Param]:
                                   f"{slice_bytes} bytes; at most {MAX_KEYS}")
         params.append(p)
     return params
+
+
+def declared_tables(specs: Iterable) -> list[TableSpec]:
+    """The embedding tables of a DeclareModel request (TableSpec messages): TableSpec checks
+    each field (a printable name, dim, initializer and its scale, seed)."""
+    specs = list(specs)
+    if len(specs) > sharding.MAX_TABLES:
+        raise InvalidArgument(f"{len(specs)} embedding tables declared; at most {sharding.MAX_TABLES}")
+    return [TableSpec.from_proto(spec) for spec in specs]
 
 
 MAX_SHARD_MAP_BYTES = grpcutil.MAX_MESSAGE_BYTES - (1 << 20)   # GetJob carries it, with room to spare

@@ -13,6 +13,7 @@ from google.protobuf import json_format
 from shardps.pscommon import credentials, sharding
 from shardps.pscommon.config import JobSpec
 from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, StaleIncarnation
+from shardps.pscommon.tables import TableSpec
 from shardps.pscommon.wire.v1 import job_pb2, scheduler_pb2
 from shardps.scheduler import assignments, bounds
 from shardps.scheduler import membership as mb
@@ -182,9 +183,11 @@ class SchedulerCore:
             log.debug("pruned %d dead or departed workers (kept %d members)", count, len(pruned.members))
             return count
 
-    def declare_model(self, params: list[sharding.Param]) -> sharding.ShardMap:
-        """Fix the parameter set once; the same set again is a no-op, another is refused."""
-        proposed = bounds.check_shard_map(sharding.build(params, self.job.num_servers, self.job.slice_bytes))
+    def declare_model(self, params: list[sharding.Param], tables: list[TableSpec] = ()) -> sharding.ShardMap:
+        """Fix the model (parameters and embedding tables) once; the same model again is a
+        no-op, another is refused."""
+        proposed = bounds.check_shard_map(
+            sharding.build(params, self.job.num_servers, self.job.slice_bytes, tables))
         with self.cond:
             if self.shard_map is None:
                 self.shard_map = proposed
@@ -237,6 +240,28 @@ def _some(items: list[str], most: int = 3) -> str:
     return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
+def _size(smap: sharding.ShardMap) -> str:
+    return f"{len(smap.params)} parameters" + (f", {len(smap.tables)} tables" if smap.tables else "")
+
+
+def _table(t: TableSpec) -> str:
+    return f"table {_shown(t.name)} (dim {t.dim}, {t.initializer} {t.scale:g}, seed {t.seed})"
+
+
+def _table_differences(mine: tuple[TableSpec, ...], theirs: tuple[TableSpec, ...]) -> list[str]:
+    mine_by, theirs_by = {t.name: t for t in mine}, {t.name: t for t in theirs}
+    out = []
+    if [n for n in theirs_by if n not in mine_by]:
+        out.append("it has " + _some([_table(t) for n, t in theirs_by.items() if n not in mine_by])
+                   + ", which the job's has not")
+    if [n for n in mine_by if n not in theirs_by]:
+        out.append("it lacks " + _some([_table(t) for n, t in mine_by.items() if n not in theirs_by]))
+    changed = [n for n in mine_by if n in theirs_by and mine_by[n] != theirs_by[n]]
+    if changed:
+        out.append(_some([f"{_table(theirs_by[n])} where the job's is {_table(mine_by[n])}" for n in changed], 2))
+    return out
+
+
 def model_mismatch(job: sharding.ShardMap, declared: sharding.ShardMap) -> str:
     """Why a declared model is refused, for the person who started it: a job trains one
     model; how this one differs from it; and how to train another."""
@@ -252,10 +277,11 @@ def model_mismatch(job: sharding.ShardMap, declared: sharding.ShardMap) -> str:
     if changed:
         differs.append(_some([f"{_param(theirs[n])} where the job's is {list(mine[n].shape)}"
                               for n in changed], 2))
+    differs += _table_differences(job.tables, declared.tables)
     if not differs:
         differs.append("the same parameters in another order")
-    return (f"this job trains one model, {job.fingerprint} ({len(job.params)} parameters), and the model "
-            f"declared is another, {declared.fingerprint} ({len(declared.params)} parameters): "
+    return (f"this job trains one model, {job.fingerprint} ({_size(job)}), and the model "
+            f"declared is another, {declared.fingerprint} ({_size(declared)}): "
             f"{'; '.join(differs)}. To train it, start a new job: a scheduler of its own (another port, "
             "not this job's --state-dir) and its own servers")
 

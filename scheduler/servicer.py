@@ -121,7 +121,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     @servicer_errors
     def DeclareModel(self, request, context):
-        self.core.declare_model(bounds.declared_params(request.params, self.core.job.slice_bytes))
+        self.core.declare_model(bounds.declared_params(request.params, self.core.job.slice_bytes),
+                                bounds.declared_tables(request.tables))
         return self._job_info()
 
     @servicer_errors

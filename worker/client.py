@@ -300,13 +300,14 @@ class ShardClient:
 
     def attach(self, embedding_tables: tuple[TableSpec, ...] = ()) -> ShardMap:
         """Read-only access (operators, evaluation, export): learn the job, its servers and
-        shard map without joining; pulls skip the consistency gate. `embedding_tables`: the
-        model's tables, to read their rows (the scheduler does not know them)."""
-        self._tables = {t.name: t for t in embedding_tables}
+        shard map without joining; pulls skip the consistency gate. The model's embedding
+        tables come with the shard map (`embedding_tables`: the caller's, for a map without
+        any: a state file written before the scheduler kept them)."""
         info = self.session.attach()
         if not info.shard_map.fingerprint:
             raise FailedPrecondition("no model has been declared in this job yet")
         self._adopt_map(ShardMap.from_proto(info.shard_map))
+        self._tables = {t.name: t for t in self.shard_map.tables or embedding_tables}
         self.transport.set_servers(self.session.live_servers(info))
         return self.shard_map
 
@@ -322,8 +323,9 @@ class ShardClient:
         """
         self._tables = {t.name: t for t in embedding_tables}
         params = [Param(name, tensor_pb2.DTYPE_FLOAT32, tuple(a.shape)) for name, a in initial.items()]
-        req = scheduler_pb2.DeclareModelRequest(params=[
-            scheduler_pb2.ParamSpec(name=p.name, dtype=p.dtype, shape=p.shape) for p in params])
+        req = scheduler_pb2.DeclareModelRequest(
+            params=[scheduler_pb2.ParamSpec(name=p.name, dtype=p.dtype, shape=p.shape) for p in params],
+            tables=[t.to_proto() for t in embedding_tables])
         info = self.session.declare_model(req)
         self._adopt_map(ShardMap.from_proto(info.shard_map))
         self._compressor.reset()  # residuals are per key; keys come from this map

@@ -1,6 +1,7 @@
 """pscommon.sharding: slicing, byte-balanced assignment, fingerprints, validation."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from shardps.pscommon import sharding
 from shardps.pscommon.errors import InvalidArgument
 from shardps.pscommon.sharding import Param, ShardMap, assign, build, slice_params, validate_params
+from shardps.pscommon.tables import TableSpec
 from shardps.pscommon.wire.v1 import scheduler_pb2, tensor_pb2
 
 F32 = tensor_pb2.DTYPE_FLOAT32
@@ -158,9 +160,39 @@ def test_fingerprint_changes_with_num_shards_and_slice_bytes():
     assert build(_model(), 3, 32 << 10).fingerprint != base
 
 
-def test_validate_refuses_an_empty_model():
-    with pytest.raises(InvalidArgument, match="no parameters"):
-        validate_params([])
+def test_build_refuses_a_model_of_nothing():
+    with pytest.raises(InvalidArgument, match="no parameters and no embedding tables"):
+        build([], 2, 1 << 20)
+
+
+def test_a_model_of_tables_only_has_no_keys_and_a_fingerprint_of_its_tables():
+    t = TableSpec("ctr", 16, "normal", 0.01, 7)
+    smap = build([], 2, 1 << 20, [t])
+    assert smap.keys == () and smap.tables == (t,)
+    assert ShardMap.from_proto(smap.to_proto()) == smap
+    other_seed = build([], 2, 1 << 20, [TableSpec("ctr", 16, "normal", 0.01, 8)])
+    assert other_seed.fingerprint != smap.fingerprint
+
+
+def test_tables_are_in_the_fingerprint_and_a_model_without_them_keeps_its_own():
+    dense = build(_model(), 3, 1 << 20)
+    with_table = build(_model(), 3, 1 << 20, [TableSpec("emb", 8, "zeros", 0.0, 0)])
+    assert with_table.fingerprint != dense.fingerprint
+    # the fingerprint a dense model had before tables were part of it (saved in checkpoints)
+    h = hashlib.sha256()
+    for p in _model():
+        h.update(f"{p.name}\0{p.dtype}\0{','.join(map(str, p.shape))}\n".encode())
+    assert dense.fingerprint == h.hexdigest()[:16] + f"-s3-b{1 << 20}"
+
+
+@pytest.mark.parametrize("tables, fragment", [
+    ([TableSpec("t", 4, "zeros", 0.0, 0)] * 2, "declared twice"),
+    ([TableSpec("w", 4, "zeros", 0.0, 0)], "also a parameter's name"),
+])
+def test_bad_table_sets_are_refused(tables, fragment):
+    params = [Param("w", tensor_pb2.DTYPE_FLOAT32, (4,))]
+    with pytest.raises(InvalidArgument, match=fragment):
+        build(params, 2, 1 << 20, tables)
 
 
 @pytest.mark.parametrize("params, fragment", [

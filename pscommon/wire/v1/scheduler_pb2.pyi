@@ -166,14 +166,16 @@ class ParamSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShardMap(_message.Message):
-    __slots__ = ("fingerprint", "keys", "params")
+    __slots__ = ("fingerprint", "keys", "params", "tables")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     keys: _containers.RepeatedCompositeFieldContainer[_ps_pb2.KeySpec]
     params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
-    def __init__(self, fingerprint: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[_ps_pb2.KeySpec, _Mapping]]] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ...) -> None: ...
+    tables: _containers.RepeatedCompositeFieldContainer[_ps_pb2.TableSpec]
+    def __init__(self, fingerprint: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[_ps_pb2.KeySpec, _Mapping]]] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., tables: _Optional[_Iterable[_Union[_ps_pb2.TableSpec, _Mapping]]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ()
@@ -192,10 +194,12 @@ class JobInfo(_message.Message):
     def __init__(self, job: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., servers: _Optional[_Iterable[_Union[ServerInfo, _Mapping]]] = ..., shard_map: _Optional[_Union[ShardMap, _Mapping]] = ..., view: _Optional[int] = ...) -> None: ...
 
 class DeclareModelRequest(_message.Message):
-    __slots__ = ("params",)
+    __slots__ = ("params", "tables")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
-    def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ...) -> None: ...
+    tables: _containers.RepeatedCompositeFieldContainer[_ps_pb2.TableSpec]
+    def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., tables: _Optional[_Iterable[_Union[_ps_pb2.TableSpec, _Mapping]]] = ...) -> None: ...
 
 class WatchMembershipRequest(_message.Message):
     __slots__ = ("after_view",)
