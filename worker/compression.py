@@ -57,6 +57,8 @@ class ErrorFeedback:
         self._lock = threading.Lock()
         self._residual: dict[str, np.ndarray] = {}
         self._stats: dict[str, TensorStats] = {}
+        # per tensor, whether the lossless layer pays (pscommon/codecs/lossless.py, Decisions)
+        self.lossless = codecs.Decisions()
 
     def compress(self, name: str, grad: np.ndarray, cfg: CodecConfig, *,
                  wire_dtype: int = tensor_pb2.DTYPE_FLOAT32, small_tensor_bytes: int = 0,
@@ -70,7 +72,7 @@ class ErrorFeedback:
                                                        small_tensor_bytes, rng)
         else:
             meta, payload = codecs.encode_codec(name, grad, wire_dtype, cfg, small_tensor_bytes, rng)
-        payload = codecs.apply_lossless(meta, payload, lossless)
+        payload = codecs.apply_lossless(meta, payload, lossless, self.lossless)
         logical = grad.size * numpy_dtype(wire_dtype).itemsize
         self._record(name, meta, logical, len(payload), time.perf_counter() - start)
         return meta, payload
@@ -84,7 +86,7 @@ class ErrorFeedback:
             raise InvalidArgument(f"tensor {meta.name!r}: encoded payload of {len(payload)} bytes, "
                                   f"its codec needs {expected}")
         start = time.perf_counter()
-        payload = codecs.apply_lossless(meta, payload, lossless)
+        payload = codecs.apply_lossless(meta, payload, lossless, self.lossless)
         logical = numel(meta.shape) * 4
         self._record(meta.name, meta, logical, len(payload), time.perf_counter() - start)
         return meta, payload
@@ -96,20 +98,25 @@ class ErrorFeedback:
             raise InvalidArgument(
                 f"tensor {name!r}: gradient of shape {list(grad.shape)} but its error-feedback "
                 f"residual has shape {list(residual.shape)}; call reset() after re-sharding")
-        corrected = np.array(grad, dtype=np.float32)  # a copy: the caller's gradient stays as is
-        if residual is not None:
-            corrected += residual
+        # a new array either way: the caller's gradient stays as is
+        corrected = (np.array(grad, dtype=np.float32) if residual is None else
+                     np.add(grad, residual, dtype=np.float32))
         meta, payload = codecs.encode_codec(name, corrected, wire_dtype, cfg, small_tensor_bytes, rng)
-        if not codecs.get(meta.codec).lossy:
+        codec = codecs.get(meta.codec)
+        if not codec.lossy:
             # Went raw (a small tensor): everything was sent, nothing is left over.
             with self._lock:
                 self._residual.pop(name, None)
             return meta, payload
         # Decode the codec payload itself (before any lossless layer) to learn what the server
         # will see; the residual is exactly what it will not.
-        sent = codecs.get(meta.codec).decode(meta, payload)
         with np.errstate(invalid="ignore", over="ignore"):  # handled just below
-            corrected -= sent.reshape(corrected.shape)
+            if meta.codec == tensor_pb2.CODEC_TOPK:
+                # only the k sent elements change (x - 0 is x, bit for bit): no dense decode
+                values, idx = codec.sparse(meta, payload)
+                corrected.reshape(-1)[idx] -= values
+            else:
+                corrected -= codec.decode(meta, payload).reshape(corrected.shape)
             finite = np.isfinite(corrected.sum())
         # fp16 overflow sends inf (and top-k may send an inf gradient): inf - inf is NaN, and a
         # non-finite residual would poison every later push of this tensor. Those elements were

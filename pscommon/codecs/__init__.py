@@ -55,15 +55,20 @@ def encode_codec(name: str, array: np.ndarray, wire_dtype: int, cfg: CodecConfig
     return meta, payload
 
 
-def apply_lossless(meta: tensor_pb2.TensorMeta, payload, lossless: str = "off"):
-    """The payload to send after the lossless policy; fills meta.lossless when it applies."""
+Decisions = _lossless.Decisions
+
+
+def apply_lossless(meta: tensor_pb2.TensorMeta, payload, lossless: str = "off",
+                   decisions: Decisions | None = None):
+    """The payload to send after the lossless policy; fills meta.lossless when it applies.
+    `decisions` (one per sender) lets a tensor the layer does not pay for skip compressing."""
     width = REGISTRY[meta.codec].shuffle_width(meta)  # meta.codec: top-k may have gone bf16
-    return _lossless.apply(meta, payload, lossless, width)
+    return _lossless.apply(meta, payload, lossless, width, decisions)
 
 
 def encode(name: str, array: np.ndarray, wire_dtype: int, cfg: CodecConfig = RAW,
            small_tensor_bytes: int = 0, lossless: str = "off",
-           rng: np.random.Generator | None = None):
+           rng: np.random.Generator | None = None, decisions: Decisions | None = None):
     """(meta, payload) for one tensor; wire bytes are len(payload).
 
     `lossless` is 'off', 'auto' (zstd where it saves >= 10%), 'zstd' or 'lz4' (each also only
@@ -71,11 +76,27 @@ def encode(name: str, array: np.ndarray, wire_dtype: int, cfg: CodecConfig = RAW
     """
     _lossless.check_policy(lossless)
     meta, payload = encode_codec(name, array, wire_dtype, cfg, small_tensor_bytes, rng)
-    return meta, apply_lossless(meta, payload, lossless)
+    return meta, apply_lossless(meta, payload, lossless, decisions)
 
 
 def decode(meta: tensor_pb2.TensorMeta, payload, max_elements: int) -> np.ndarray:
     """The dense array a payload encodes, after checking it against its metadata."""
+    codec, payload = _checked(meta, payload, max_elements)
+    return codec.decode(meta, payload)
+
+
+def decode_into(meta: tensor_pb2.TensorMeta, payload, max_elements: int, out: np.ndarray) -> None:
+    """Decode into `out` (float32, C-contiguous, meta's element count), checked as decode is.
+    A pull's receiver fills its parameter buffer without a decoded temporary in between."""
+    codec, payload = _checked(meta, payload, max_elements)
+    if out.dtype != np.float32 or not out.flags.c_contiguous or out.size != numel(meta.shape):
+        raise InvalidArgument(f"tensor {meta.name!r}: cannot decode {numel(meta.shape)} elements into a "
+                              f"{out.dtype} buffer of {out.size}")
+    codec.decode_into(meta, payload, out.reshape(-1))
+
+
+def _checked(meta: tensor_pb2.TensorMeta, payload, max_elements: int):
+    """(codec, payload under any lossless layer) once meta and the payload's size agree."""
     try:
         numpy_dtype(meta.dtype)
     except InvalidArgument:
@@ -94,4 +115,4 @@ def decode(meta: tensor_pb2.TensorMeta, payload, max_elements: int) -> np.ndarra
             f"tensor {meta.name!r}: payload of {size} bytes, expected {expected} for "
             f"{tensor_pb2.Codec.Name(meta.codec)} shape {list(shape)} dtype "
             f"{tensor_pb2.DType.Name(meta.dtype)}")
-    return codec.decode(meta, payload)
+    return codec, payload

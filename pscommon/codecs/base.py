@@ -43,6 +43,7 @@ class Codec(abc.ABC):
     InvalidArgument when the codec parameters themselves are missing or out of range.
     `decode` returns a dense array of meta.shape (float32 for lossy codecs, the tensor's own
     dtype for raw). `shuffle_width` is the element size the lossless layer byte-shuffles by.
+    `decode_into` writes the decoded values into a float32 buffer the caller owns.
     """
 
     wire: int = tensor_pb2.CODEC_UNSPECIFIED
@@ -63,6 +64,15 @@ class Codec(abc.ABC):
 
     def shuffle_width(self, meta: tensor_pb2.TensorMeta) -> int:
         return 1
+
+    def decode_into(self, meta: tensor_pb2.TensorMeta, payload, out: np.ndarray) -> None:
+        """decode, written into `out` (flat float32 of meta's element count). Codecs override
+        it where they can write there directly instead of through a decoded temporary."""
+        value = self.decode(meta, payload)
+        if value.dtype.kind != "f":
+            raise InvalidArgument(f"tensor {meta.name!r}: a {value.dtype} payload does not decode to "
+                                  "floating values")
+        out[:] = value.reshape(-1)
 
 
 def float32_input(array: np.ndarray, name: str) -> np.ndarray:

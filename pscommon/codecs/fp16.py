@@ -22,3 +22,6 @@ class Fp16Codec(Codec):
 
     def decode(self, meta, payload):
         return np.frombuffer(payload, dtype="<f2").astype(np.float32).reshape(tuple(meta.shape))
+
+    def decode_into(self, meta, payload, out):
+        out[:] = np.frombuffer(payload, dtype="<f2")

@@ -7,6 +7,9 @@ random, so the layer is applied per tensor only when the frame is at least 10% s
 the payload it replaces (MIN_SAVING); otherwise the tensor goes as the codec produced it and
 meta.lossless stays unset.
 
+With a `Decisions` (the worker keeps one), a large tensor's payload is compressed only
+while a sample of it says the layer pays, re-sampled every REPROBE_EVERY messages.
+
 Decoding checks the claimed raw size against the codec's expected payload size and a cap
 before any buffer is allocated, and decompresses with an output bound, so a frame cannot
 make the receiver allocate more than the tensor it describes.
@@ -64,13 +67,30 @@ def check_policy(policy: str) -> str:
     return policy
 
 
+_WORDS = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+
+
 def shuffle(data: np.ndarray, width: int) -> np.ndarray:
     """Byte i of every `width`-byte element together; a tail shorter than width stays last."""
     if width <= 1 or data.size < 2 * width:
         return data
     whole = data.size // width * width
+    lanes = whole // width
     out = np.empty_like(data)
-    out[:whole].reshape(width, -1)[:] = data[:whole].reshape(-1, width).T
+    word = _WORDS.get(width)
+    if word is not None:
+        # Whole little-endian words: lane i is the word shifted right by 8i bytes, stored
+        # truncated, straight into its place (4 MiB of width 4: 0.33 ms vs 0.66 ms per lane copy).
+        words = data[:whole].view(word)
+        out[:lanes] = words
+        for i in range(1, width):
+            np.right_shift(words, 8 * i, out=out[i * lanes:(i + 1) * lanes], casting="unsafe")
+    else:
+        # One contiguous destination per lane. Writing the transposed view whole instead made
+        # numpy walk the source with stride `lanes` (unshuffle of 1 MiB: 4.8 ms vs 0.46 ms).
+        elements = data[:whole].reshape(-1, width)
+        for i in range(width):
+            out[i * lanes:(i + 1) * lanes] = elements[:, i]
     out[whole:] = data[whole:]
     return out
 
@@ -79,8 +99,16 @@ def unshuffle(data: np.ndarray, width: int) -> np.ndarray:
     if width <= 1 or data.size < 2 * width:
         return data
     whole = data.size // width * width
+    lanes = whole // width
     out = np.empty_like(data)
-    out[:whole].reshape(-1, width)[:] = data[:whole].reshape(width, -1).T
+    if width == 2:
+        words = out[:whole].view("<u2")
+        np.left_shift(data[lanes:whole], 8, out=words, dtype="<u2")
+        words |= data[:lanes]
+    else:
+        elements = out[:whole].reshape(-1, width)
+        for i in range(width):
+            elements[:, i] = data[i * lanes:(i + 1) * lanes]
     out[whole:] = data[whole:]
     return out
 
@@ -94,21 +122,94 @@ def compress(data, algorithm: int, width: int) -> bytes:
     raise InvalidArgument(f"lossless algorithm {algorithm} is not zstd or lz4")
 
 
-def apply(meta: tensor_pb2.TensorMeta, payload, policy: str, width: int):
-    """The payload to send: compressed (and meta.lossless filled) only if that saves >= 10%."""
+def apply(meta: tensor_pb2.TensorMeta, payload, policy: str, width: int, decisions: "Decisions | None" = None):
+    """The payload to send: compressed (and meta.lossless filled) only if that saves >= 10%.
+
+    With `decisions`, a tensor the layer did not pay for is sent as it is, without
+    compressing it, until its next probe (see Decisions)."""
     if check_policy(policy) == "off":
         return payload
     raw_size = memoryview(payload).nbytes
     if raw_size == 0:
         return payload
     algorithm = _ALGORITHMS[policy]
+    if decisions is not None and not decisions.worth_trying(meta.name, payload, algorithm, width):
+        return payload
     frame = compress(payload, algorithm, width)
-    if len(frame) > (1.0 - MIN_SAVING) * raw_size:
+    saves = len(frame) <= (1.0 - MIN_SAVING) * raw_size
+    if decisions is not None:
+        decisions.record(meta.name, saves)
+    if not saves:
         return payload
     meta.lossless.algorithm = algorithm
     meta.lossless.raw_size = raw_size
     meta.lossless.shuffle_width = width
     return frame
+
+
+# A payload's compressibility is a property of the tensor (its dtype, codec and how its
+# values are spread), which changes slowly over training; compressing every message to
+# learn, each time, that noise-like mantissas do not compress cost as much as compressing.
+PROBE_BYTES = 64 << 10       # the sample a decision is made from: 4 evenly spaced blocks
+PROBE_BLOCKS = 4
+REPROBE_EVERY = 64           # messages of a tensor between two decisions
+
+
+def worthwhile(decision_frame: int, sample: int) -> bool:
+    """Whether a sample's frame predicts a saving of MIN_SAVING on the whole payload."""
+    return decision_frame <= (1.0 - MIN_SAVING) * sample
+
+
+def sample_of(payload, width: int) -> np.ndarray:
+    """PROBE_BLOCKS evenly spaced blocks of the payload, each whole `width`-byte elements, so
+    its shuffled lanes hold the same kinds of bytes as the whole payload's."""
+    data = np.frombuffer(payload, dtype=np.uint8)
+    block = PROBE_BYTES // PROBE_BLOCKS // max(width, 1) * max(width, 1)
+    step = (data.size - block) // (PROBE_BLOCKS - 1) // max(width, 1) * max(width, 1)
+    return np.concatenate([data[i * step:i * step + block] for i in range(PROBE_BLOCKS)])
+
+
+class Decisions:
+    """Per tensor name, whether the lossless layer is worth trying on its next message.
+
+    The rule: a payload of at most 2 * PROBE_BYTES is always compressed and kept only if it
+    saves MIN_SAVING (a sample would cost about as much). A larger one is decided from a
+    PROBE_BYTES sample (sample_of) on its tensor's first message. While the layer is on,
+    every message is compressed anyway and its own result decides the next (one that did not
+    save MIN_SAVING turns the layer off); while it is off, the tensor's messages go as they
+    are and every REPROBE_EVERY-th is decided from a sample again. So a tensor the layer does
+    not pay for costs one sample's compression per REPROBE_EVERY messages, not one payload's
+    compression per message; one it pays for costs what it did before.
+    Thread-safe: the worker encodes shards from a pool (one tensor from one thread at once).
+    """
+
+    def __init__(self, every: int = REPROBE_EVERY):
+        self.every = every
+        self.probes = 0   # samples compressed so far (the tests read it)
+        self._lock = threading.Lock()
+        self._state: dict[str, list] = {}   # name -> [on?, messages skipped since turned off]
+
+    def worth_trying(self, name: str, payload, algorithm: int, width: int) -> bool:
+        if memoryview(payload).nbytes <= 2 * PROBE_BYTES:
+            return True
+        with self._lock:
+            state = self._state.get(name)
+            if state is not None and (state[0] or state[1] < self.every):
+                state[1] += 1
+                return state[0]
+        sample = sample_of(payload, width)
+        decided = worthwhile(len(compress(sample, algorithm, width)), sample.size)
+        with self._lock:
+            self.probes += 1
+            self._state[name] = [decided, 1]
+        return decided
+
+    def record(self, name: str, saved: bool) -> None:
+        """What compressing the whole payload showed: a miss turns the layer off."""
+        with self._lock:
+            state = self._state.get(name)
+            if state is not None and not saved:
+                state[0], state[1] = False, 1
 
 
 def undo(meta: tensor_pb2.TensorMeta, payload, expected_size: int, cap: int):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from shardps.pscommon.codecs.base import Codec, meta_numel
-from shardps.pscommon.codecs.bf16 import to_bf16_bits
+from shardps.pscommon.codecs.bf16 import from_bf16_bits, to_bf16_bits
 from shardps.pscommon.errors import InvalidArgument
 from shardps.pscommon.tensors import numpy_dtype
 from shardps.pscommon.wire.v1 import tensor_pb2
@@ -36,3 +36,9 @@ class RawCodec(Codec):
 
     def decode(self, meta, payload):
         return np.frombuffer(payload, dtype=numpy_dtype(meta.dtype)).reshape(tuple(meta.shape))
+
+    def decode_into(self, meta, payload, out):
+        if meta.dtype == tensor_pb2.DTYPE_BFLOAT16:
+            from_bf16_bits(np.frombuffer(payload, dtype="<u2"), out)
+            return
+        super().decode_into(meta, payload, out)
