@@ -7,7 +7,10 @@ float32 [capacity, dim], one slab per optimizer state (psserver/sparse_optim.py)
 row layout, and per row its id (uint64), the clock of its last touch (float64) and its touch
 count (int64). Capacity doubles when the slots run out, so memory follows the rows that exist,
 not the id range; slots freed by eviction are reused before the slabs grow. Per row that is
-dim * 4 * (1 + optimizer state columns) bytes, 25 bytes of bookkeeping and the index.
+dim * 4 * (1 + optimizer state columns) bytes, 25 bytes of bookkeeping and the index. Each slab
+is an anonymous mapping of its own (`Slabs`), grown by mremap: no copy, so growth never holds
+two slabs at once, and capacity not yet written is address space, not memory (peak RSS of a
+server at 10M rows of dim 16 with adagrad: bench/emb_rss.py).
 
 Ids are any 64-bit integers: int64 and uint64 arrays name the same id when their bits agree
 (-1 is 2**64 - 1), every id is valid (0, 2**63 - 1, 2**63 included), and ids always come back
@@ -86,6 +89,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import mmap
 import numbers
 
 import numpy as np
@@ -331,6 +335,56 @@ class AdmissionSketch:
             self.since_decay = 0
 
 
+# ---------------------------------------------------------------- slabs: growable per-slot arrays
+
+def _mapping(nbytes: int) -> mmap.mmap:
+    # private: a shared anonymous mapping cannot grow past its first size (SIGBUS on the new pages)
+    try:
+        return mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:
+        raise ResourceExhausted(f"cannot map {nbytes} bytes for a table's rows: {e}") from None
+
+
+class Slabs:
+    """A store's per-slot arrays, each on an anonymous mapping of its own.
+
+    Why not numpy arrays grown by copying: a copy holds the old and the new array at once (the
+    slabs' peak RSS was 2x their rows at each doubling, bench/emb_rss.py), and psctl raises
+    malloc's mmap threshold to 1 GiB (pscommon/lifecycle.py), so a freed slab below it stays
+    in the heap. Growing a mapping is mremap: the pages move, nothing is copied, and the pages
+    past the rows written so far are never touched, so they cost address space, not memory
+    (capacity doubles, RSS follows the rows). Where a mapping cannot be resized in place
+    (someone still views it, or no mremap), the slab is copied to a new mapping, as before."""
+
+    def __init__(self):
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def new(self, name: str, n: int, row: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A zeroed array of n rows of shape `row`."""
+        self._maps[name] = _mapping(n * _row_bytes(row, dtype))
+        return self.view(name, n, row, dtype)
+
+    def view(self, name: str, n: int, row: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return np.frombuffer(self._maps[name], dtype, n * math.prod(row)).reshape((n, *row))
+
+    def grow(self, name: str, n: int, new: int, row: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """Slab `name` (n rows) with `new` rows, the first n kept and the rest zero; the caller
+        holds no view of it."""
+        nbytes = new * _row_bytes(row, dtype)
+        old = self._maps[name]
+        try:
+            old.resize(nbytes)
+        except (BufferError, OSError, SystemError, ValueError):  # viewed elsewhere, or no mremap here
+            self._maps[name] = _mapping(nbytes)
+            np.frombuffer(self._maps[name], np.uint8, n * _row_bytes(row, dtype))[:] = \
+                np.frombuffer(old, np.uint8, n * _row_bytes(row, dtype))
+        return self.view(name, new, row, dtype)
+
+
+def _row_bytes(row: tuple[int, ...], dtype: np.dtype) -> int:
+    return math.prod(row) * np.dtype(dtype).itemsize
+
+
 # ---------------------------------------------------------------- the store
 
 @dataclasses.dataclass(frozen=True)
@@ -437,24 +491,43 @@ class RowStore:
         # follows a pull of the same ids skips the index (a row's slot changes only when rows
         # are evicted or the store is restored, which clear it)
         self._recent: dict[bytes, np.ndarray] = {}
-        self._values = np.zeros((capacity, self.dim), np.float32)
-        self._state = {s.name: np.zeros((capacity, s.width), s.dtype) for s in self._spec}
-        self._ids = np.zeros(capacity, U64)
-        self._last = np.zeros(capacity, np.float64)
-        self._touches = np.zeros(capacity, np.int64)
-        self._live = np.zeros(capacity, bool)
+        self._slabs = Slabs()
+        self._set_slabs({name: self._slabs.new(name, capacity, row, dtype)
+                         for name, (row, dtype) in self._slab_layout().items()})
         self._high = 0  # slots [0, high) have been used
         self._free = np.empty(0, np.int64)  # freed slots below high, reused first
         self._rows = 0
+
+    def _slab_layout(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Each per-slot array's row shape and dtype, by slab name."""
+        layout = {"values": ((self.dim,), np.dtype(np.float32)), "ids": ((), np.dtype(U64)),
+                  "last": ((), np.dtype(np.float64)), "touches": ((), np.dtype(np.int64)),
+                  "live": ((), np.dtype(bool))}
+        layout.update({f"state.{s.name}": ((s.width,), np.dtype(s.dtype)) for s in self._spec})
+        return layout
+
+    def _set_slabs(self, arrays: dict[str, np.ndarray]) -> None:
+        self._values, self._ids, self._last = arrays["values"], arrays["ids"], arrays["last"]
+        self._touches, self._live = arrays["touches"], arrays["live"]
+        self._state = {s.name: arrays[f"state.{s.name}"] for s in self._spec}
 
     def _grow(self, need: int) -> None:
         capacity = len(self._ids)
         if need <= capacity:
             return
         new = max(need, 2 * capacity)
-        for name in ("_values", "_ids", "_last", "_touches", "_live"):
-            setattr(self, name, _resized(getattr(self, name), new))
-        self._state = {k: _resized(v, new) for k, v in self._state.items()}
+        # this store's own arrays go first: a mapping is resized in place only while nothing views it
+        self._values = self._ids = self._last = self._touches = self._live = None
+        self._state = {}
+        layout = self._slab_layout()
+        grown = {}
+        try:
+            for name, (row, dtype) in layout.items():
+                grown[name] = self._slabs.grow(name, capacity, new, row, dtype)
+        finally:
+            if len(grown) < len(layout):   # refused part way: every slab back at the old capacity
+                grown = {name: self._slabs.view(name, capacity, row, dtype) for name, (row, dtype) in layout.items()}
+            self._set_slabs(grown)
 
     def _take_slots(self, k: int) -> np.ndarray:
         if not len(self._free):   # nothing evicted to reuse: the next k slots
@@ -462,9 +535,9 @@ class RowStore:
             self._high += k
             return np.arange(self._high - k, self._high, dtype=np.int64)
         reused = self._free[-k:] if k else self._free[:0]
-        self._free = self._free[:len(self._free) - len(reused)]
         fresh = k - len(reused)
-        self._grow(self._high + fresh)
+        self._grow(self._high + fresh)   # first: a growth refused (ResourceExhausted) leaves the free slots as they were
+        self._free = self._free[:len(self._free) - len(reused)]
         slots = np.concatenate([reused, np.arange(self._high, self._high + fresh, dtype=np.int64)])
         self._high += fresh
         return slots
@@ -785,10 +858,3 @@ def _meta(snap) -> dict:
 
 def _nothing():
     pass
-
-
-def _resized(a: np.ndarray, n: int) -> np.ndarray:
-    out = np.zeros((n,) + a.shape[1:], a.dtype)
-    out[:len(a)] = a
-    return out
-
