@@ -8,13 +8,21 @@
 # "small large"), CONFIGS (S,W pairs, default "1,1 1,2 2,2"), IMPLS (any of shardps torch_rpc
 # grpc_raw memcpy, default all), CODEC_RUNS (extra shardps runs, "PULL,PUSH" pairs such as
 # "bf16,bf16 fp32,topk:0.01"; default none), STEPS (override N for every run; quick checks
-# only, the workload's N is small 200 / large 10), APPEND=1 (keep earlier lines in the file).
+# only, the workload's N is small 200 / large 10), APPEND=1 (keep earlier lines in the file),
+# BENCH (the folder of ps_loop.py, default this script's; bench/compare_commits.sh points it at
+# the old tree's).
+#
+# Which shardps the runs import is whatever `import shardps` gives in $OUTDIR: the installed
+# package, or a bench/tree_shim.py folder on PYTHONPATH. Every run starts in $OUTDIR, never in a
+# repository root, whose ./shardps would be the first sys.path entry of `python -m shardps.psctl`.
 set -u
 root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
-OUTDIR=${OUTDIR:-$root/bench/results}
-VENV=${VENV:-$root/.venv}
-PEERS=${PEERS:-$root/bench/peers}
+abs() { case $1 in /*) echo "$1" ;; *) echo "$root/$1" ;; esac; }  # relative: to the repository root
+OUTDIR=$(abs "${OUTDIR:-bench/results}")
+mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) && cd "$OUTDIR" || exit 2
+VENV=$(abs "${VENV:-.venv}")
+PEERS=$(abs "${PEERS:-bench/peers}")
+BENCH=$(abs "${BENCH:-bench}")
 REPS=${REPS:-2}; TMO=${TMO:-150}
 PRESETS=${PRESETS:-small large}
 CONFIGS=${CONFIGS:-1,1 1,2 2,2}
@@ -22,7 +30,6 @@ IMPLS=${IMPLS:-shardps torch_rpc grpc_raw memcpy}
 CODEC_RUNS=${CODEC_RUNS:-}
 STEPS=${STEPS:-}
 PY=$VENV/bin/python
-mkdir -p "$OUTDIR"
 OUT=$OUTDIR/ps_loop.jsonl; LOG=$OUTDIR/run_ps_loop.log
 [ "${APPEND:-0}" = 1 ] || : > "$OUT"
 : > "$LOG"
@@ -54,10 +61,10 @@ for preset in $PRESETS; do
     for cfg in $CONFIGS; do
       a=(--preset "$preset" --servers "${cfg%,*}" --workers "${cfg#*,}" "${steps[@]}")
       if want shardps; then
-        run "${UNTUNED[@]}" SHARDPS_MALLOC_TUNING=1 -- bench/ps_loop.py "${a[@]}"
-        run "${UNTUNED[@]}" SHARDPS_MALLOC_TUNING=0 -- bench/ps_loop.py "${a[@]}"
+        run "${UNTUNED[@]}" SHARDPS_MALLOC_TUNING=1 -- "$BENCH/ps_loop.py" "${a[@]}"
+        run "${UNTUNED[@]}" SHARDPS_MALLOC_TUNING=0 -- "$BENCH/ps_loop.py" "${a[@]}"
         for pair in $CODEC_RUNS; do
-          run "${UNTUNED[@]}" SHARDPS_MALLOC_TUNING=1 -- bench/ps_loop.py "${a[@]}" \
+          run "${UNTUNED[@]}" SHARDPS_MALLOC_TUNING=1 -- "$BENCH/ps_loop.py" "${a[@]}" \
             --pull-codec "${pair%%,*}" --push-codec "${pair#*,}"
         done
       fi
@@ -73,4 +80,4 @@ for preset in $PRESETS; do
     done
   done
 done
-"$PY" bench/make_table.py "$OUT" > "$OUTDIR/RESULTS.md" && cat "$OUTDIR/RESULTS.md"
+"$PY" "$root/bench/make_table.py" "$OUT" > "$OUTDIR/RESULTS.md" && cat "$OUTDIR/RESULTS.md"
