@@ -750,10 +750,17 @@ class RowStore:
     # ---- snapshots
 
     def snapshot(self) -> Snapshot:
-        live = np.flatnonzero(self._live[:self._high])
-        arrays = {"ids": self._ids[live], "values": self._values[live],
-                  "last_touch": self._last[live], "touches": self._touches[live]}
-        arrays.update({f"state.{k}": v[live] for k, v in self._state.items()})
+        if self._rows == self._high:   # nothing evicted: copies of slices, no index array of every slot
+            def take(a):
+                return a[:self._high].copy()
+        else:
+            live = np.flatnonzero(self._live[:self._high])
+
+            def take(a):
+                return a[live]   # a copy already
+        arrays = {"ids": take(self._ids), "values": take(self._values),
+                  "last_touch": take(self._last), "touches": take(self._touches)}
+        arrays.update({f"state.{k}": take(v) for k, v in self._state.items()})
         if self._sketch is not None:
             arrays["admission.sketch"] = self._sketch.table.copy()
         meta = {"format": SNAPSHOT_FORMAT, "config": self.config.to_dict(),
