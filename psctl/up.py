@@ -56,6 +56,7 @@ class UpConfig:
     plot: str | None = None                      # PNG of the training curves
     min_accuracy: float = 0.0                    # exit 1 when the served model ends below it
     view: str = "auto"                           # live view while training: auto, live, plain, none
+    admit_after: int = 1                         # every server's --admit-after (embedding tables)
 
 
 def parse_churn(text: str) -> tuple[tuple[str, float], ...]:
@@ -135,12 +136,12 @@ class Cluster:
         self.scheduler_address = self.wait_ready("scheduler", ready)
         return self.scheduler_address
 
-    def start_server(self, shard: int) -> str:
+    def start_server(self, shard: int, flags: tuple[str, ...] = ()) -> str:
         name = f"server-{shard}"
         ready = self.run_dir / f"{name}.addr"
         ready.unlink(missing_ok=True)
         self.spawn(name, ["server", "--scheduler", self.scheduler_address, "--listen", "127.0.0.1:0",
-                          "--shard-id", str(shard), "--ready-file", str(ready)])
+                          "--shard-id", str(shard), "--ready-file", str(ready), *flags])
         return self.wait_ready(name, ready)
 
     def start_worker(self, index: int, cfg: UpConfig, min_workers: int = 0) -> subprocess.Popen:
@@ -200,6 +201,11 @@ class Cluster:
         if killed:
             line += f"; {', '.join(killed)} did not stop within {grace_s:g} s: killed (SIGKILL)"
         return line
+
+
+def server_flags(cfg: UpConfig) -> tuple[str, ...]:
+    """What every server gets beyond its address and shard: the table policy, when not the default."""
+    return ("--admit-after", str(cfg.admit_after)) if cfg.admit_after != 1 else ()
 
 
 def last_record(path: pathlib.Path) -> dict:
@@ -292,7 +298,7 @@ def run(cfg: UpConfig) -> int:
         address = cluster.start_scheduler(cfg.job)
         say(f"scheduler  {address}  (logs in {run_dir})")
         for shard in range(cfg.job.num_servers):
-            say(f"server {shard}   {cluster.start_server(shard)}")
+            say(f"server {shard}   {cluster.start_server(shard, server_flags(cfg))}")
         # the first workers start together: a sync job's early steps then average them all
         workers = [cluster.start_worker(i, cfg, min_workers=cfg.workers) for i in range(cfg.workers)]
         say(f"{cfg.workers} workers training {cfg.model} for "
