@@ -25,7 +25,14 @@ Times: t = (time the push of update n was acknowledged) - (time update 1 was
 acknowledged), CLOCK_MONOTONIC, comparable across processes. Pushes applied after the stop
 update are counted as `ignored_pushes` (shardps applies them; the result ignores them).
 
+By default each push carries the next step's pull (PushPullBatch: one round trip a step);
+`--no-fuse` pulls in a call of its own (impl `shardps[no-fuse]`). `--compare ROUNDS` runs, in
+one invocation and interleaved so that both see the same machine load, shardps without and
+with fusion and the torch_rpc_digits[uv] peer (bench/peers/torch_rpc_digits.py), for each of
+`--seeds`, ROUNDS times, printing every run's JSON line and then each one's medians.
+
     python bench/digits_peer.py --workers 2 --seed 0 --json
+    python bench/digits_peer.py --workers 3 --compare 3 --seeds 0 1 2 --out runs.jsonl
     python bench/digits_peer.py --table results/digits_results.jsonl > DIGITS.md
 """
 from __future__ import annotations
@@ -40,6 +47,7 @@ import resource
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -107,7 +115,7 @@ def trainer_main(r: int, a, scheduler: str, q, declared, barrier, stop, t0) -> N
     assert len(xtr) == N_TRAIN and len(xte) == 450, (len(xtr), len(xte))
     model = models.build("digits-mlp", a.seed)  # torch.manual_seed(seed) + default init, as the peer
     params = dict(model.named_parameters())
-    client = ShardClient(ClientConfig(scheduler=scheduler, name=f"digits-{r}"))
+    client = ShardClient(ClientConfig(scheduler=scheduler, name=f"digits-{r}", fuse=not a.no_fuse))
     try:
         client.join()
         client.wait_for_servers()
@@ -156,6 +164,10 @@ def trainer_main(r: int, a, scheduler: str, q, declared, barrier, stop, t0) -> N
             t = t_abs - t0.value if t0.value else 0.0
             if n % EVAL_EVERY == 0 or n >= MAX_UPDATES or t >= MAX_SECONDS:
                 pending = (n, t_abs)
+        # fused: our last push's reply held a pull the server counted; take it, so that the
+        # server's pulls and ours agree (updates_ok) whichever way the loop ended
+        client.pull(flat)
+        pulls += 1
         q.put(("trainer", r, {"pulls": pulls, "pushes": pushes, "applied": applied, "curve": curve,
                               "rss_mb": peak_rss_mb()}))
     except BaseException as exc:  # the launcher reports it instead of waiting out its timeout
@@ -254,7 +266,7 @@ def run(a) -> dict:
     lags = [version - n for _, n, _, version in curve]
     params = 9610
     return dict(
-        impl="shardps", workers=W, seed=a.seed, target=a.target, reached=hit is not None,
+        impl="shardps[no-fuse]" if a.no_fuse else "shardps", workers=W, seed=a.seed, target=a.target, reached=hit is not None,
         time_to_target_s=round(hit[0], 4) if hit else None,
         updates_to_target=hit[1] if hit else None,
         final_accuracy=round(accs[-1], 4) if accs else None,
@@ -333,7 +345,7 @@ def table(paths: list[str]) -> str:
         out.append(f"- {impl}: {same}/{len(w1)}")
     lag = defaultdict(list)
     for r in runs:
-        if r["impl"] == "shardps":
+        if r["impl"].startswith("shardps"):
             lag[r["workers"]].append(r)
     if lag:
         out += ["\nshardps evaluation (see `eval_method` in the JSON): the trainer that pushed update n evaluates "
@@ -370,10 +382,61 @@ def parse(argv=None):
     ap.add_argument("--timeout", type=float, default=200, help="abort after this many seconds")
     ap.add_argument("--run-dir", default=None, help="keep the daemons' logs here (default: a temp dir, removed)")
     ap.add_argument("--table", nargs="+", metavar="JSONL", help="render these JSON-lines files as markdown")
+    ap.add_argument("--no-fuse", action="store_true", help="pull in a call of its own (no PushPullBatch)")
+    ap.add_argument("--compare", type=int, default=0, metavar="ROUNDS",
+                    help="shardps without and with fusion and torch_rpc_digits[uv], interleaved, ROUNDS times")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="with --compare: the seeds of each round")
+    ap.add_argument("--out", default=None, help="with --compare: append every run's JSON line here too")
     a = ap.parse_args(argv)
     if a.workers < 1:
         ap.error("--workers must be >= 1")
     return a
+
+
+def compare(a) -> list[dict]:
+    """Each round, each seed: shardps --no-fuse, shardps, torch_rpc_digits[uv], one after the
+    other (a subprocess each, so no run inherits another's threads or imports)."""
+    peer = pathlib.Path(__file__).resolve().parent / "peers" / "torch_rpc_digits.py"
+    common = ["--workers", str(a.workers), "--target", str(a.target), "--timeout", str(a.timeout), "--json"]
+    runs = []
+    for rnd in range(a.compare):
+        for seed in a.seeds:
+            for cmd in ([__file__, "--no-fuse"], [__file__], [str(peer), "--tp", "uv"]):
+                out = subprocess.run([sys.executable, *cmd, "--seed", str(seed), *common], capture_output=True,
+                                     text=True, timeout=a.timeout + 60)
+                line = next((l for l in out.stdout.splitlines() if l.startswith("{")), None)
+                if out.returncode or line is None:
+                    raise RuntimeError(f"{' '.join(cmd)} --seed {seed} failed ({out.returncode}): {out.stderr[-2000:]}")
+                run = json.loads(line)
+                run["round"] = rnd
+                runs.append(run)
+                print(line, flush=True)
+                if a.out:
+                    with open(a.out, "a") as f:
+                        f.write(line + "\n")
+    return runs
+
+
+def compare_summary(runs: list[dict]) -> str:
+    """Per implementation: median time to target and updates/s, [min-max], and the ratios of
+    the medians to torch_rpc_digits[uv]'s."""
+    by = defaultdict(list)
+    for r in runs:
+        by[r["impl"]].append(r)
+    med = lambda rs, k: statistics.median(r[k] if r["reached"] or k != "time_to_target_s" else math.inf
+                                          for r in rs)
+    peer = by.get("torch_rpc_digits[uv]")
+    lines = []
+    for impl, rs in by.items():
+        t, u = med(rs, "time_to_target_s"), med(rs, "updates_per_s")
+        ts = [r["time_to_target_s"] for r in rs if r["reached"]]
+        ratio = f", x{t / med(peer, 'time_to_target_s'):.2f} of torch_rpc_digits[uv]'s time" if peer else ""
+        lines.append(f"{impl}: reached {len(ts)}/{len(rs)}, time to target median {t:.3f} s "
+                     f"[{min(ts, default=math.inf):.3f}-{max(ts, default=math.inf):.3f}], "
+                     f"updates/s median {u:.0f} [{min(r['updates_per_s'] for r in rs):.0f}-"
+                     f"{max(r['updates_per_s'] for r in rs):.0f}]{ratio}, all ok: "
+                     f"{all(r.get('updates_ok', True) for r in rs)}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -381,6 +444,9 @@ def main(argv=None) -> int:
     a = parse(argv)
     if a.table:
         print(table(a.table))
+        return 0
+    if a.compare:
+        print(compare_summary(compare(a)), flush=True)
         return 0
     r = run(a)
     print(json.dumps(r) if a.json else "\n".join(f"{k:>22}: {v}" for k, v in r.items()), flush=True)

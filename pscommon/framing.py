@@ -35,7 +35,8 @@ def _field_number(message, name: str) -> int:
 def _chunk_field() -> int:
     numbers = {_field_number(m, "chunk") for m in (ps_pb2.PushRequest, ps_pb2.PullResponse,
                                                    ps_pb2.DeclareRequest)}
-    numbers |= {_field_number(m, "chunks") for m in (ps_pb2.PushBatchRequest, ps_pb2.PullBatchReply)}
+    numbers |= {_field_number(m, "chunks") for m in (ps_pb2.PushBatchRequest, ps_pb2.PullBatchReply,
+                                                     ps_pb2.PushPullRequest, ps_pb2.PushPullReply)}
     if len(numbers) != 1:  # the .proto changed: frames would no longer parse as all three
         raise RuntimeError(f"the data-plane envelopes disagree on the chunk field: {numbers}")
     return numbers.pop()
@@ -98,7 +99,7 @@ def serialize(message) -> bytes:
 
 
 def parameter_server_stub(channel):
-    """A ParameterServer stub whose uploads (Declare, Push, PushBatch) take frames and
+    """A ParameterServer stub whose uploads (Declare, Push, PushBatch, PushPullBatch) take frames and
     batches as well as messages and whose Pull yields Frames for chunks; the other methods
     are the generated stub's."""
     stub = ps_pb2_grpc.ParameterServerStub(channel)
@@ -108,6 +109,8 @@ def parameter_server_stub(channel):
                                                  response_deserializer=reply.FromString))
     stub.PushBatch = channel.unary_unary(path + "PushBatch", request_serializer=serialize,
                                          response_deserializer=ps_pb2.PushReply.FromString)
+    stub.PushPullBatch = channel.unary_unary(path + "PushPullBatch", request_serializer=serialize,
+                                             response_deserializer=ps_pb2.PushPullReply.FromString)
     stub.Pull = channel.unary_stream(path + "Pull", request_serializer=serialize,
                                      response_deserializer=deserializer(ps_pb2.PullResponse))
     return stub

@@ -63,6 +63,7 @@ METHOD_ROLES: Mapping[str, frozenset[str]] = types.MappingProxyType({
     _PS + "Push": _allow(WORKER),
     _PS + "PullBatch": _allow(WORKER),
     _PS + "PushBatch": _allow(WORKER),
+    _PS + "PushPullBatch": _allow(WORKER),                   # a push and the next step's pull in one call
     _PS + "PullRows": _allow(WORKER),
     _PS + "PullRowsBatch": _allow(WORKER),
     _PS + "SettleStep": _allow(WORKER),                      # sync: a worker's step settled at shard 0

@@ -349,6 +349,8 @@ def build_parser() -> Parser:
                    help="digits-mlp, digits-cnn, ctr, ctr-sparse (embedding tables), or module:function")
     p.add_argument("--data", default=None, help="module:function returning the data of a custom --model")
     p.add_argument("--overlap", action="store_true", help="push gradients during backward, prefetch pulls")
+    p.add_argument("--no-fuse", action="store_true", help="pull in a call of its own every step, instead of "
+                   "in the reply of the previous step's push (async and ssp, shards up to 1 MiB; docs/api.md)")
     p.add_argument("--min-workers", type=int, default=0, help="wait until this many workers are alive "
                    "before the first step")
     p.add_argument("--connect-timeout", type=_timeout, default=120.0, metavar="SECONDS",
@@ -396,6 +398,8 @@ def build_parser() -> Parser:
                         "updates/s: live (redrawn in place), plain (a line every few seconds), none; auto: "
                         "live when stdout is a terminal, else plain (--json: none)")
     p.add_argument("--quiet", action="store_const", const="none", dest="view", help="the same as --view none")
+    p.add_argument("--admit-after", type=int, default=1,
+                   help="every server's --admit-after: an embedding-table id gets a stored row from its N-th lookup")
 
     for name, help_ in (("status", "cluster state"), ("inspect", "tensors held by each shard")):
         p = sub.add_parser(name, help=help_)
@@ -513,18 +517,20 @@ def _run_worker(a) -> int:
                       epochs=a.epochs, partitions=a.partitions, options=options_from_args(a),
                       min_workers=a.min_workers, connect_timeout_s=a.connect_timeout, name=a.name,
                       device_compression={"auto": None, "on": True, "off": False}[a.device_compression],
-                      append_metrics=a.append)
+                      append_metrics=a.append, fuse=not a.no_fuse)
     print(summary_line(train(cfg, stop), cfg), flush=True)
     return 0
 
 
 def _run_up(a) -> int:
     from shardps.psctl.up import UpConfig, parse_churn, run
+    from shardps.psserver.embeddings import TablePolicy
+    TablePolicy(admit_after=a.admit_after)  # refused here, by name, not as a server that never got ready
     return run(UpConfig(job=job_from_args(a), workers=a.workers, model=a.model, steps=a.steps,
                         batch_size=a.batch_size, seed=a.seed, run_dir=a.run_dir,
                         straggler_delay_s=a.step_delay, timeout_s=a.timeout, as_json=a.json,
                         churn=parse_churn(a.churn), epochs=a.epochs, plot=a.plot,
-                        min_accuracy=a.min_accuracy, view=a.view))
+                        min_accuracy=a.min_accuracy, view=a.view, admit_after=a.admit_after))
 
 
 def _run_status(a) -> int:

@@ -286,32 +286,14 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._check_shard(request.shard)
         self._check_credential(request.caller)
         self._check_model(request.model_fingerprint)
-        if len(request.keys) > self.limits.max_keys_per_call:
-            raise InvalidArgument(f"more than {self.limits.max_keys_per_call} keys in one Pull")
-        cfg = CodecConfig.from_proto(request.codec)
-        if cfg.name not in ("fp32", "raw", "fp16", "bf16"):
-            raise InvalidArgument(f"pull codec {cfg} is not one of fp32, fp16, bf16")
-        keys = self.shard.keys_for_pull(list(request.keys))
-        if max_bytes is not None:
-            # every pull codec is at most raw size; each key adds its meta and framing
-            size = self.shard.nbytes_of(keys) + sum(BATCH_KEY_OVERHEAD + 2 * len(k) for k in keys)
-            if size > max_bytes:
-                raise ResourceExhausted(f"a one-message pull of {len(keys)} keys may need {size} bytes, "
-                                        f"more than {max_bytes}; use Pull")
+        cfg, keys = self._pull_keys(list(request.keys), request.codec, max_bytes)
         check_clock(request.step, "pull")
         remaining = context.time_remaining()
         wait_budget = (remaining if remaining is not None else DATA_TIMEOUT_S) * 0.8
         version, next_step, waited = self.shard.wait_pull(
             request.caller.worker_id, request.caller.incarnation, request.step, wait_budget,
             observer=request.caller.observer, settled=_settled_of(request.caller))
-        small, lossless = self.shard.job.small_tensor_bytes, self.shard.job.lossless
-
-        def encode(key, value):
-            # the frames copy the value: taken under the shard's lock, they are a consistent read
-            start = time.perf_counter()
-            meta, payload = codecs.encode(key, value, tensor_pb2.DTYPE_FLOAT32, cfg, small, lossless)
-            return meta, list(chunk_frames(meta, payload)), time.perf_counter() - start
-
+        encode = self._encoder(cfg)
         if self.shard.nbytes_of(keys) <= SNAPSHOT_BYTES:
             # small reads are one consistent snapshot: every key and the header's version
             # from the same moment (so staleness is measured exactly)
@@ -320,13 +302,42 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             # large reads go key by key, bounding memory to one key's copy; async readers of a
             # busy shard may see keys from neighbouring versions (as in any Hogwild-style PS)
             encoded = ((key, self.shard.read(key, lambda value, key=key: encode(key, value))) for key in keys)
+        return (ps_pb2.PullHeader(shard_version=version, wait_s=waited, next_step=next_step),
+                self._pull_frames(encoded))
 
-        def frames():
-            for key, (meta, key_frames, encode_s) in encoded:
-                self.shard.count_traffic(self.shard.pull_traffic, key,
-                                         self.shard.entries[key].value.nbytes, meta.payload_size, encode_s)
-                yield from key_frames
-        return ps_pb2.PullHeader(shard_version=version, wait_s=waited, next_step=next_step), frames()
+    def _pull_keys(self, names: list[str], codec: tensor_pb2.CodecSpec, max_bytes: int | None
+                   ) -> tuple[CodecConfig, list[str]]:
+        """A pull's codec and keys, checked; with max_bytes, a pull whose reply could exceed
+        it is refused."""
+        if len(names) > self.limits.max_keys_per_call:
+            raise InvalidArgument(f"more than {self.limits.max_keys_per_call} keys in one Pull")
+        cfg = CodecConfig.from_proto(codec)
+        if cfg.name not in ("fp32", "raw", "fp16", "bf16"):
+            raise InvalidArgument(f"pull codec {cfg} is not one of fp32, fp16, bf16")
+        keys = self.shard.keys_for_pull(names)
+        if max_bytes is not None:
+            # every pull codec is at most raw size; each key adds its meta and framing
+            size = self.shard.nbytes_of(keys) + sum(BATCH_KEY_OVERHEAD + 2 * len(k) for k in keys)
+            if size > max_bytes:
+                raise ResourceExhausted(f"a one-message pull of {len(keys)} keys may need {size} bytes, "
+                                        f"more than {max_bytes}; use Pull")
+        return cfg, keys
+
+    def _encoder(self, cfg: CodecConfig):
+        small, lossless = self.shard.job.small_tensor_bytes, self.shard.job.lossless
+
+        def encode(key, value):
+            # the frames copy the value: taken under the shard's lock, they are a consistent read
+            start = time.perf_counter()
+            meta, payload = codecs.encode(key, value, tensor_pb2.DTYPE_FLOAT32, cfg, small, lossless)
+            return meta, list(chunk_frames(meta, payload)), time.perf_counter() - start
+        return encode
+
+    def _pull_frames(self, encoded):
+        for key, (meta, key_frames, encode_s) in encoded:
+            self.shard.count_traffic(self.shard.pull_traffic, key,
+                                     self.shard.entries[key].value.nbytes, meta.payload_size, encode_s)
+            yield from key_frames
 
     @servicer_errors
     def Push(self, request_iterator, context):
@@ -340,7 +351,40 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             raise InvalidArgument("PushBatch without a header")
         return self._push(request.header, request.chunks, request.rows)
 
+    @servicer_errors
+    def PushPullBatch(self, request, context):
+        """PushBatch, then the pull of the next step in the same reply when the gate admits it
+        at once (see Shard.push_pull). Every check of both halves runs before the push applies."""
+        if not request.HasField("header"):
+            raise InvalidArgument("PushPullBatch without a header")
+        header = request.header
+        grads, tensors, received = self._push_input(header, request.chunks, request.rows)
+        check_clock(header.step + 1, "pull")
+        cfg, keys = self._pull_keys(list(request.pull_keys), request.pull_codec, BATCH_BYTES)
+        encode, entries = self._encoder(cfg), self.shard.entries
+        (version, duplicate, staleness), pulled = self.shard.push_pull(
+            header.caller.worker_id, header.caller.incarnation, header.step, header.base_version, grads,
+            read=lambda: [(k, encode(k, entries[k].value)) for k in keys], settled=_settled_of(header.caller))
+        self._count_push(tensors, received, duplicate)
+        reply = ps_pb2.PushPullReply(push=ps_pb2.PushReply(shard_version=version, duplicate=duplicate,
+                                                           staleness=staleness))
+        if pulled is None:
+            return reply
+        pulled_version, next_step, encoded = pulled
+        reply.header.CopyFrom(ps_pb2.PullHeader(shard_version=pulled_version, next_step=next_step))
+        return batch(reply, list(self._pull_frames(encoded)))
+
     def _push(self, header, chunks, rows=()):
+        grads, tensors, received = self._push_input(header, chunks, rows)
+        version, duplicate, staleness = self.shard.push(
+            header.caller.worker_id, header.caller.incarnation, header.step, header.base_version, grads,
+            settled=_settled_of(header.caller))
+        self._count_push(tensors, received, duplicate)
+        return ps_pb2.PushReply(shard_version=version, duplicate=duplicate, staleness=staleness)
+
+    def _push_input(self, header, chunks, rows):
+        """A push's gradients, every check made: (grads to apply, {name: decoded or None},
+        {name: (payload bytes, decode seconds)})."""
         self._check_shard(header.shard)
         self._check_member_call(header.caller, "a push")
         check_clock(header.step, "push")
@@ -351,15 +395,14 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         grads = self._finite(header, grads)
         # keys without a gradient this step must still be this shard's: a typo is not a skip
         self.shard.check_keys_exist([name for name, g in tensors.items() if g is None])
-        version, duplicate, staleness = self.shard.push(
-            header.caller.worker_id, header.caller.incarnation, header.step, header.base_version, grads,
-            settled=_settled_of(header.caller))
-        if not duplicate:
-            for name, g in tensors.items():
-                if g is None:
-                    continue
+        return grads, tensors, received
+
+    def _count_push(self, tensors: dict, received: dict, duplicate: bool) -> None:
+        if duplicate:
+            return
+        for name, g in tensors.items():
+            if g is not None:
                 self.shard.count_traffic(self.shard.push_traffic, name, g.size * 4, *received[name])
-        return ps_pb2.PushReply(shard_version=version, duplicate=duplicate, staleness=staleness)
 
     def _finite(self, header, grads: dict) -> dict:
         """The push's gradients without NaN or Inf: one diverged worker must not poison the

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, TypeVar
 
 import numpy as np
 
@@ -22,6 +22,10 @@ from shardps.pscommon.stats import STALENESS_BOUNDS, WAIT_BOUNDS_S, Histogram
 from shardps.psserver import checkpoint, consistency, embeddings, ledger, optim, reseed
 
 log = logging.getLogger("shardps.server")
+T = TypeVar("T")
+# modes whose pull never waits for other workers' pushes to be settled: the pull of the next
+# step may ride on the reply of this step's push (PushPullBatch)
+FUSED_MODES = frozenset({"async", "ssp"})
 
 
 @dataclasses.dataclass
@@ -426,28 +430,56 @@ class Shard:
         """Take one push exactly once. Returns (shard_version, duplicate, staleness)."""
         self.check_push_keys(grads)
         with self.cond:
-            self._check_member(worker, incarnation)
-            self._wait_hold()
-            self._learn_settled(settled)
-            if ledger.classify(self.ledger, worker, incarnation, step) is ledger.Verdict.DUPLICATE:
-                self.duplicates += 1
-                return self.version, True, 0
-            # a refused push raises here, before the ledger or the clocks record it
+            return self._push_locked(worker, incarnation, step, base_version, grads, settled)
+
+    def push_pull(self, worker: int, incarnation: int, step: int, base_version: int,
+                  grads: dict[str, np.ndarray], read: Callable[[], T],
+                  settled: tuple[int, frozenset[int]] | None = None
+                  ) -> tuple[tuple[int, bool, int], tuple[int, int, T] | None]:
+        """push(), then in the same lock round the pull of step + 1 when the mode admits it at
+        once: ((shard_version, duplicate, staleness), (shard_version, next_step, read()) or
+        None). `read` runs under the lock, so the values are those right after this push (or
+        its first copy, for a duplicate). Nothing after the push raises: once it is applied,
+        the caller must hear so."""
+        if self.mode.name not in FUSED_MODES:
+            raise FailedPrecondition(f"shard {self.shard_id} serves a {self.mode.name} job: a push and a pull "
+                                     "are fused only in async and ssp (sync's pull waits for the step to settle)")
+        self.check_push_keys(grads)
+        with self.cond:
+            pushed = self._push_locked(worker, incarnation, step, base_version, grads, settled)
+            if self.draining or not self.mode.pull_ready(self.gate, worker, step + 1):
+                return pushed, None
+            self._learn_from_pull(worker, step + 1)
+            self.pulls += 1
+            if self.mode.records_pull_wait:
+                self.pull_wait.observe(0.0)
+            return pushed, (self.version, self.mode.next_step(self.gate, worker, step + 1), read())
+
+    def _push_locked(self, worker: int, incarnation: int, step: int, base_version: int,
+                     grads: dict[str, np.ndarray], settled: tuple[int, frozenset[int]] | None
+                     ) -> tuple[int, bool, int]:
+        self._check_member(worker, incarnation)
+        self._wait_hold()
+        self._learn_settled(settled)
+        if ledger.classify(self.ledger, worker, incarnation, step) is ledger.Verdict.DUPLICATE:
+            self.duplicates += 1
+            return self.version, True, 0
+        # a refused push raises here, before the ledger or the clocks record it
+        decision = self.mode.on_push(self.gate, worker, step, grads)
+        if isinstance(decision, consistency.Rebase):
+            self._take(decision)
             decision = self.mode.on_push(self.gate, worker, step, grads)
-            if isinstance(decision, consistency.Rebase):
-                self._take(decision)
-                decision = self.mode.on_push(self.gate, worker, step, grads)
-            apply_now = self._take(decision)
-            ledger.record(self.ledger, worker, incarnation, step)
-            self.gate.heard.add(worker)
-            self.gate.clocks[worker] = max(self.gate.clocks.get(worker, 0), step + 1)
-            self.pushes += 1
-            staleness = self._apply(apply_now, base_version)
-            if self.tables.stores:
-                self.tables.tick(max(self.gate.clocks.values()))
-            self._take_cut()
-            self.cond.notify_all()
-            return self.version, False, staleness
+        apply_now = self._take(decision)
+        ledger.record(self.ledger, worker, incarnation, step)
+        self.gate.heard.add(worker)
+        self.gate.clocks[worker] = max(self.gate.clocks.get(worker, 0), step + 1)
+        self.pushes += 1
+        staleness = self._apply(apply_now, base_version)
+        if self.tables.stores:
+            self.tables.tick(max(self.gate.clocks.values()))
+        self._take_cut()
+        self.cond.notify_all()
+        return self.version, False, staleness
 
     def _take(self, decision: consistency.PushDecision | consistency.ViewDecision
               ) -> Mapping[str, np.ndarray] | None:

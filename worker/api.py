@@ -93,14 +93,18 @@ class PSClient:
     @classmethod
     def connect(cls, scheduler: str, model: nn.Module, *, name: str = "", push_codec: str | None = None,
                 error_feedback: bool = True, overlap: bool = False,
-                device_compression: bool | None = None, **client_options) -> "PSClient":
-        """Join the job, wait for its servers, declare the model (idempotent) and pull."""
+                device_compression: bool | None = None, fuse: bool = True, **client_options) -> "PSClient":
+        """Join the job, wait for its servers, declare the model (idempotent) and pull.
+
+        fuse: in async and ssp, each push's reply carries the next pull (one round trip a
+        step; see push.may_fuse), so pull() after push() returns the values the shards held
+        right after this push was applied, as a prefetch with overlap=True would."""
         if not isinstance(model, nn.Module):
             raise InvalidArgument(f"model must be a torch.nn.Module, got {type(model).__name__}")
         cfg = ClientConfig(scheduler=scheduler, name=name,
                            push_codec=(CodecConfig.parse(push_codec, error_feedback=error_feedback)
                                        if push_codec else None),
-                           **client_options)
+                           fuse=fuse, **client_options)
         client = ShardClient(cfg)
         client.join()
         try:

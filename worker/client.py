@@ -32,7 +32,7 @@ from shardps.pscommon.tensors import ChunkAssembler
 from shardps.pscommon.wire.v1 import ps_pb2, ps_pb2_grpc, scheduler_pb2, tensor_pb2
 from shardps.worker import rows
 from shardps.worker.compression import ErrorFeedback
-from shardps.worker.push import StreamingPush, encoded_frames, push_call, row_bytes
+from shardps.worker.push import StreamingPush, encoded_frames, may_fuse, push_call, push_pull_call, row_bytes
 from shardps.worker.session import Identity, Session, SessionConfig, Stopped
 from shardps.worker.transport import Transport
 
@@ -53,6 +53,11 @@ class ClientConfig:
     retry_deadline_s: float = 120.0           # retrying one pull/push on a retryable error
     max_tensor_bytes: int = 64 << 20
     pull_streams: int = 2                     # concurrent Pull streams per shard
+    # a push carries the next step's pull where push.may_fuse allows (one round trip a
+    # step), and the next pull() returns those values: the shard's right after our push, not
+    # at the pull's call. Off here, so a bare client's pull reads at its call; PSClient and
+    # the built-in loop turn it on (psctl worker --no-fuse turns it off)
+    fuse: bool = False
     security: Security = NO_SECURITY
     # set when the worker must stop (psctl worker: SIGTERM, SIGINT): every wait ends (Stopped)
     stop: threading.Event | None = None
@@ -91,6 +96,16 @@ class _Plan:
         return cls(smap, batched, groups, nbytes)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Fused:
+    """The pull half of a PushPullBatch reply, kept for the pull of `step` (our next)."""
+
+    step: int
+    incarnation: int
+    plan: _Plan
+    reply: ps_pb2.PushPullReply
+
+
 def _balanced(keys: list[Key], n: int) -> list[list[Key]]:
     """`keys` in at most `n` groups of about equal bytes, largest first."""
     keys = sorted(keys, key=lambda k: (-k.nbytes, k.key))
@@ -127,6 +142,7 @@ class ShardClient:
         self._settled: ps_pb2.StepOutcome | None = None
         self._settled_clock = 0
         self._settling = None   # the SettleStep started when our last push was acknowledged
+        self._fused: dict[int, _Fused] = {}   # shard -> the next step's values a fused push brought
 
     # -- identity, job and model, read-only ----------------------------------------------
     @property
@@ -396,8 +412,11 @@ class ShardClient:
         plan = self._plan
         self._await_settled()
         step = self.session.identity.clock
-        tasks = [(shard, group) for shard in range(self.job.num_servers) for group in plan.pull_groups[shard]]
-        results: dict[int, list[tuple[int, int]]] = {}
+        fused = self._take_fused(plan, step)
+        tasks = [(shard, group) for shard in range(self.job.num_servers) if shard not in fused
+                 for group in plan.pull_groups[shard]]
+        results: dict[int, list[tuple[int, int]]] = {
+            shard: [self._receive_fused(plan, shard, reply, into)] for shard, reply in fused.items()}
         if len(tasks) == 1:  # one call: no hand-off to a pool thread and back
             shard, group = tasks[0]
             results[shard] = [self._pull_keys(plan, shard, group, step, into)]
@@ -413,6 +432,21 @@ class ShardClient:
             for shard, rs in results.items():
                 self._shard_versions[shard] = min(version for version, _ in rs)
         self._copy = into   # our freshest copy of every shard, should one restart empty
+
+    def _take_fused(self, plan: _Plan, step: int) -> dict[int, ps_pb2.PushPullReply]:
+        """The values our last push brought for this pull (each is used once): only those for
+        this very step, incarnation and shard map; anything else (a step sat out, a rejoin, a
+        push that failed on another shard) is dropped and pulled again."""
+        with self._lock:
+            kept, self._fused = self._fused, {}
+        incarnation = self.session.identity.incarnation
+        return {shard: f.reply for shard, f in kept.items()
+                if f.step == step and f.incarnation == incarnation and f.plan is plan}
+
+    def _receive_fused(self, plan: _Plan, shard: int, reply: ps_pb2.PushPullReply,
+                       into: dict[str, np.ndarray]) -> tuple[int, int]:
+        self._receive(shard, {k.key: k for k in plan.pull_groups[shard][0]}, reply.chunks, into)
+        return reply.header.shard_version, reply.header.next_step
 
     def _pull_keys(self, plan: _Plan, shard: int, group: list[Key], step: int,
                    into: dict[str, np.ndarray]) -> tuple[int, int]:
@@ -705,10 +739,20 @@ class ShardClient:
         # batched shard's call starts once every gradient was handed over)
         batched = self.fits_batch(shard) and (not self._tables or
                                               self._plan.dense_bytes[shard] + row_bytes(feed) <= BATCH_BYTES)
-        call = push_call(header, lambda: encoded_frames(feed, encode, sizes), batched, self.cfg.data_timeout_s)
+        plan = self._plan
+        frames = lambda: encoded_frames(feed, encode, sizes)   # noqa: E731
+        fused = may_fuse(self.cfg.fuse, self.job.mode, self.session.identity.observer, batched)
+        if fused:
+            pull_keys = [k.key for k in plan.pull_groups[shard][0]]
+            call = push_pull_call(header, frames, pull_keys, (self.cfg.pull_codec or self.job.pull_codec).to_proto(),
+                                  self.cfg.data_timeout_s)
+        else:
+            call = push_call(header, frames, batched, self.cfg.data_timeout_s)
         reply = self._on_shard(shard, call)
         with self._lock:
             self.traffic.logical_sent += sizes["logical"]
             self.traffic.wire_sent += sizes["wire"]
-        return reply
+            if fused and reply.HasField("header"):   # ssp may answer without: the next pull calls
+                self._fused[shard] = _Fused(step + 1, header.caller.incarnation, plan, reply)
+        return reply.push if fused else reply
 

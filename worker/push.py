@@ -75,6 +75,41 @@ class _Feed:
             yield item
 
 
+FUSED_MODES = ("async", "ssp")
+
+
+def may_fuse(enabled: bool, mode: str, observer: bool, batched: bool) -> bool:
+    """May this step's push to a shard carry the pull of the next step (PushPullBatch)?
+    Only where that changes nothing a step computes: the values come from the shard's lock
+    right after this push applied, which is what a pull sent at the moment of the
+    acknowledgement would read. So: async and ssp (their pull of step + 1 needs nothing but
+    this push; ssp's gate is asked as a pull's would be, and a reply without values means
+    "pull as usual"), never sync (its pull waits for the step to be settled: SettleStep);
+    a member (an observer does not push); a shard whose push and pull each go as one message
+    (the unary call; a streamed push keeps its stream); and not turned off (--no-fuse)."""
+    return enabled and not observer and batched and mode in FUSED_MODES
+
+
+def _batch_parts(frames: Callable[[], list | object]) -> tuple[list, list]:
+    """(RowBlock messages, chunk frames) of one attempt: in a batch the row blocks go in its
+    `rows`, the frames after the envelope."""
+    items = list(frames())
+    rows = [m for m in items if isinstance(m, ps_pb2.RowBlock)]
+    return rows, ([f for f in items if not isinstance(f, ps_pb2.RowBlock)] if rows else items)
+
+
+def push_pull_call(header: ps_pb2.PushHeader, frames: Callable[[], list | object], pull_keys: list[str],
+                   pull_codec, timeout_s: float):
+    """fn(stub) for the transport: one PushPullBatch message, the push of `frames()` and the
+    pull of the next step's `pull_keys`; retried whole (the ledger makes the push half a
+    duplicate, and the pull half is a read)."""
+    def fused(stub) -> ps_pb2.PushPullReply:
+        rows, chunks = _batch_parts(frames)
+        envelope = ps_pb2.PushPullRequest(header=header, rows=rows, pull_keys=pull_keys, pull_codec=pull_codec)
+        return stub.PushPullBatch(batch(envelope, chunks), timeout=timeout_s)
+    return fused
+
+
 def push_call(header: ps_pb2.PushHeader, frames: Callable[[], list | object], batched: bool,
               timeout_s: float):
     """fn(stub) for the transport: one PushBatch message for a small shard, else a Push
@@ -82,10 +117,7 @@ def push_call(header: ps_pb2.PushHeader, frames: Callable[[], list | object], ba
     everything again."""
     if batched:
         def one_message(stub):
-            items = list(frames())
-            # row blocks come as RowBlock messages: in a batch they go in its `rows`
-            rows = [m for m in items if isinstance(m, ps_pb2.RowBlock)]
-            chunks = [f for f in items if not isinstance(f, ps_pb2.RowBlock)] if rows else items
+            rows, chunks = _batch_parts(frames)
             return stub.PushBatch(batch(ps_pb2.PushBatchRequest(header=header, rows=rows), chunks), timeout=timeout_s)
         return one_message
 

@@ -51,6 +51,7 @@ class TrainConfig:
     min_workers: int = 0            # wait until this many workers are alive before step 0
     connect_timeout_s: float = 120.0  # waiting for the scheduler and every server at start
     device_compression: bool | None = None   # None: fp16/bf16/topk pushes encoded on CUDA devices
+    fuse: bool = True               # a push's reply carries the next pull where it may (push.may_fuse)
 
     def __post_init__(self):
         if self.model not in models.BUILTIN and ":" not in self.model:
@@ -470,7 +471,8 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
         ps = PSClient.connect(cfg.scheduler, model, name=name, push_codec=cfg.push_codec,
                               error_feedback=cfg.error_feedback,
                               overlap=cfg.overlap, device_compression=cfg.device_compression,
-                              security=cfg.options.security, stop=stop, connect_timeout_s=cfg.connect_timeout_s)
+                              security=cfg.options.security, stop=stop, connect_timeout_s=cfg.connect_timeout_s,
+                              fuse=cfg.fuse)
     except Stopped:
         summary = dict(worker=None, steps=0, skipped=0, stopped=True)
         metrics.write(**summary)

@@ -59,6 +59,11 @@ class ParameterServerStub:
                 request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushBatchRequest.SerializeToString,
                 response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.PushPullBatch = channel.unary_unary(
+                '/shardps.pscommon.wire.v1.ParameterServer/PushPullBatch',
+                request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushPullRequest.SerializeToString,
+                response_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushPullReply.FromString,
+                _registered_method=True)
         self.Inspect = channel.unary_unary(
                 '/shardps.pscommon.wire.v1.ParameterServer/Inspect',
                 request_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.InspectRequest.SerializeToString,
@@ -132,6 +137,18 @@ class ParameterServerServicer:
 
     def PushBatch(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushPullBatch(self, request, context):
+        """PushBatch, and in the same reply the values of the caller's next step (its pull for
+        step + 1), read under the shard's lock right after the push was applied (or found to be
+        a duplicate): one round trip a step for a small model. async and ssp only; in ssp the
+        values come only when the gate admits step + 1 at once (else the reply has no header and
+        the caller pulls as usual). The push half is exactly PushBatch (ledger, credential,
+        validation); the pull half is exactly PullBatch's checks, made before anything applies.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -219,6 +236,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.PushBatch,
                     request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushBatchRequest.FromString,
                     response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushReply.SerializeToString,
+            ),
+            'PushPullBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushPullBatch,
+                    request_deserializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushPullRequest.FromString,
+                    response_serializer=shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushPullReply.SerializeToString,
             ),
             'Inspect': grpc.unary_unary_rpc_method_handler(
                     servicer.Inspect,
@@ -391,6 +413,33 @@ class ParameterServer:
             '/shardps.pscommon.wire.v1.ParameterServer/PushBatch',
             shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushBatchRequest.SerializeToString,
             shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPullBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardps.pscommon.wire.v1.ParameterServer/PushPullBatch',
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushPullRequest.SerializeToString,
+            shardps_dot_pscommon_dot_wire_dot_v1_dot_ps__pb2.PushPullReply.FromString,
             options,
             channel_credentials,
             insecure,
