@@ -50,6 +50,13 @@ class _Entry:
     encoded: Encoded
 
 
+def worth_caching(codec: str, lossless: str) -> bool:
+    """Whether pulls in this variant are worth keeping: an fp32 pull without the lossless
+    layer is a copy of the value into frames, which a hit saves little of, while keeping it
+    would hold a second copy of the shard (the server's memory goal counts it)."""
+    return codec != "fp32" or lossless != "off"
+
+
 def fresh(entry: _Entry | None, version: int, owner: object) -> bool:
     """Whether a cached entry is the encoding of this version of this owner's value."""
     return entry is not None and entry.version == version and entry.owner is owner

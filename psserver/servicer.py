@@ -20,7 +20,7 @@ from shardps.pscommon.codecs.bf16 import from_bf16_bits
 from shardps.pscommon.framing import BATCH_BYTES, batch, body_of, chunk_frames, chunk_of
 from shardps.pscommon.tensors import FLOAT_DTYPES, ChunkAssembler, check_shape, numel
 from shardps.pscommon.wire.v1 import job_pb2, ps_pb2, ps_pb2_grpc, tensor_pb2
-from shardps.psserver import consistency
+from shardps.psserver import consistency, pull_cache
 from shardps.psserver.embeddings import RowGrad, TableKey
 from shardps.psserver.shard import Shard
 
@@ -118,6 +118,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         # the job key the scheduler handed over at registration; without one (a shard used
         # alone, the tests' bare servers) callers' credentials are not checked
         self.member_key = member_key
+        # a version's encoded pull, for every worker that pulls that version (pull_cache.py)
+        self.pull_cache = pull_cache.PullCache()
 
     def _check_member_call(self, caller: ps_pb2.Caller, what: str) -> None:
         """A call only a member makes (a push, a re-seed offer, SettleStep): never as an
@@ -326,11 +328,24 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def _encoder(self, cfg: CodecConfig):
         small, lossless = self.shard.job.small_tensor_bytes, self.shard.job.lossless
 
-        def encode(key, value):
+        def fresh(key, value):
             # the frames copy the value: taken under the shard's lock, they are a consistent read
             start = time.perf_counter()
             meta, payload = codecs.encode(key, value, tensor_pb2.DTYPE_FLOAT32, cfg, small, lossless)
-            return meta, list(chunk_frames(meta, payload)), time.perf_counter() - start
+            return pull_cache.Encoded(meta, tuple(chunk_frames(meta, payload)), time.perf_counter() - start)
+
+        if not pull_cache.worth_caching(cfg.name, lossless):
+            def encode(key, value):
+                got = fresh(key, value)
+                return got.meta, list(got.frames), got.encode_s
+            return encode
+        variant = (cfg, small, lossless)
+
+        def encode(key, value):
+            # under the shard's lock: the entry's version and identity are the value's
+            entry, hits = self.shard.entries[key], self.pull_cache.hits
+            got = self.pull_cache.get(key, variant, entry.version, entry, lambda: fresh(key, value))
+            return got.meta, list(got.frames), 0.0 if self.pull_cache.hits > hits else got.encode_s
         return encode
 
     def _pull_frames(self, encoded):

@@ -489,7 +489,11 @@ class ShardClient:
             if k is None or meta.name in seen:
                 raise Internal(f"shard {shard} sent key {meta.name!r} unasked or twice")
             start = time.perf_counter()
-            into[k.param][k.offset:k.offset + k.length] = codecs.decode(meta, payload, k.length).reshape(-1)
+            dst = into[k.param][k.offset:k.offset + k.length]
+            if dst.dtype == np.float32 and dst.flags.c_contiguous:
+                codecs.decode_into(meta, payload, k.length, dst)   # no dense temporary
+            else:
+                dst[:] = codecs.decode(meta, payload, k.length).reshape(-1)
             decode_s += time.perf_counter() - start
             seen.add(meta.name)
             logical += k.length * 4
