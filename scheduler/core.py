@@ -248,36 +248,28 @@ def _table(t: TableSpec) -> str:
     return f"table {_shown(t.name)} (dim {t.dim}, {t.initializer} {t.scale:g}, seed {t.seed})"
 
 
-def _table_differences(mine: tuple[TableSpec, ...], theirs: tuple[TableSpec, ...]) -> list[str]:
-    mine_by, theirs_by = {t.name: t for t in mine}, {t.name: t for t in theirs}
+def _differences(mine: dict, theirs: dict, show, changed) -> list[str]:
+    """How the declared set `theirs` differs from the job's `mine` (both by name): what it
+    has, what it lacks, what it has otherwise (`changed(theirs, mine)` says how)."""
     out = []
-    if [n for n in theirs_by if n not in mine_by]:
-        out.append("it has " + _some([_table(t) for n, t in theirs_by.items() if n not in mine_by])
+    if [n for n in theirs if n not in mine]:
+        out.append("it has " + _some([show(x) for n, x in theirs.items() if n not in mine])
                    + ", which the job's has not")
-    if [n for n in mine_by if n not in theirs_by]:
-        out.append("it lacks " + _some([_table(t) for n, t in mine_by.items() if n not in theirs_by]))
-    changed = [n for n in mine_by if n in theirs_by and mine_by[n] != theirs_by[n]]
-    if changed:
-        out.append(_some([f"{_table(theirs_by[n])} where the job's is {_table(mine_by[n])}" for n in changed], 2))
+    if [n for n in mine if n not in theirs]:
+        out.append("it lacks " + _some([show(x) for n, x in mine.items() if n not in theirs]))
+    different = [n for n in mine if n in theirs and mine[n] != theirs[n]]
+    if different:
+        out.append(_some([changed(theirs[n], mine[n]) for n in different], 2))
     return out
 
 
 def model_mismatch(job: sharding.ShardMap, declared: sharding.ShardMap) -> str:
     """Why a declared model is refused, for the person who started it: a job trains one
     model; how this one differs from it; and how to train another."""
-    mine = {p.name: p for p in job.params}
-    theirs = {p.name: p for p in declared.params}
-    differs = []
-    if [n for n in theirs if n not in mine]:
-        differs.append("it has " + _some([_param(p) for n, p in theirs.items() if n not in mine])
-                       + ", which the job's has not")
-    if [n for n in mine if n not in theirs]:
-        differs.append("it lacks " + _some([_param(p) for n, p in mine.items() if n not in theirs]))
-    changed = [n for n in mine if n in theirs and mine[n] != theirs[n]]
-    if changed:
-        differs.append(_some([f"{_param(theirs[n])} where the job's is {list(mine[n].shape)}"
-                              for n in changed], 2))
-    differs += _table_differences(job.tables, declared.tables)
+    differs = _differences({p.name: p for p in job.params}, {p.name: p for p in declared.params}, _param,
+                           lambda theirs, mine: f"{_param(theirs)} where the job's is {list(mine.shape)}")
+    differs += _differences({t.name: t for t in job.tables}, {t.name: t for t in declared.tables}, _table,
+                            lambda theirs, mine: f"{_table(theirs)} where the job's is {_table(mine)}")
     if not differs:
         differs.append("the same parameters in another order")
     return (f"this job trains one model, {job.fingerprint} ({_size(job)}), and the model "
