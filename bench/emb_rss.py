@@ -224,7 +224,7 @@ def run_once(rows: int, a) -> dict:
 
 
 def run(a) -> dict:
-    sizes = [max(1, a.rows // 10), a.rows]
+    sizes = [a.rows] if a.one_size else [max(1, a.rows // 10), a.rows]
     runs = [run_once(n, a) for n in sizes]
     big = runs[-1]
     # the goal's server ratio is stated for >= 20M rows: at a tenth of that a server's fixed
@@ -244,6 +244,7 @@ def parse(argv=None):
     ap.add_argument("--batch", type=int, default=65536, help="fresh ids a step")
     ap.add_argument("--servers", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="20,000 rows, batch 4096: for a test")
+    ap.add_argument("--one-size", action="store_true", help="only the --rows run, without the tenth before it")
     ap.add_argument("--checkpoint", action="store_true", help="after training, each server writes a checkpoint: "
                     "its peak RSS then too (disk: about 150 bytes a row)")
     ap.add_argument("--timeout", type=float, default=1800, help="abort a run after this many seconds")
