@@ -30,7 +30,9 @@ evaluation takes seconds, so the points are sparser than the reference's and a t
 is an upper bound, coarse to the spacing of the points. Times count from the end of the first
 step (the earliest worker's), so data generation and process start are left out of both. The
 clusters' last point is the served model once every worker has finished, at the time of the
-last step. Rows stored are the servers' TableStatus (`psctl status --json`).
+last step. Rows stored are the servers' TableStatus (`psctl status --json`). Under --quick the
+workers train on the small log through `psctl worker --data ctr_sparse_auc:quick_log` (bench/
+appended to their PYTHONPATH), as any click log of another size or seed can be given.
 
     .venv/bin/python bench/ctr_sparse_auc.py --out runs/ctr_sparse_auc.json   # 7-8 min on a busy 2-core VM
     .venv/bin/python bench/ctr_sparse_auc.py --quick                          # a small log: 1.5-3 min
@@ -76,7 +78,7 @@ PRESETS = {   # train, test, batch, partitions, eval every (steps of all workers
 }
 THRESHOLDS = (0.70, 0.75, 0.78, 0.80)
 RUNS = ("reference", "async", "ssp", "async-admit2")
-SHIM = "--as-worker"   # argv[1] of this file run as a worker on a smaller log (--quick)
+QUICK_DATA = f"{pathlib.Path(__file__).stem}:quick_log"   # the workers' --data under --quick (bench/ on their path)
 SERVED = "served-auc.jsonl"   # in each cluster run's folder: plot it with the workers' files
 
 
@@ -115,13 +117,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def use_log(train: int, test: int) -> None:
-    """Point the built-in ctr-sparse model at a log of this size (seed 0) in this process:
-    the workers under --quick, and the evaluator. The built-in size needs nothing."""
-    if (train, test) != (ctr_sparse.TRAIN_SAMPLES, ctr_sparse.TEST_SAMPLES):
-        old = models.BUILTIN["ctr-sparse"]
-        models.BUILTIN["ctr-sparse"] = models.ModelEntry(old.build, lambda: ctr_sparse.click_data(train, test),
-                                                         old.task)
+def quick_log() -> ctr_sparse.ClickSplit:
+    """The --quick preset's click log (seed 0): the workers' `--data`."""
+    return ctr_sparse.click_data(PRESETS["quick"]["train"], PRESETS["quick"]["test"])
+
+
+def click_log(preset: dict) -> ctr_sparse.ClickSplit:
+    """The log a preset trains and evaluates on; the full preset's is the built-in one."""
+    return ctr_sparse.click_data(preset["train"], preset["test"])
 
 
 def source_tree() -> dict:
@@ -193,16 +196,18 @@ def worker_argv(a, address: str, index: int, metrics: pathlib.Path) -> list[str]
             "--partitions", str(p["partitions"]), "--batch-size", str(p["batch"]), "--seed", "0",
             "--min-workers", str(a.workers), "--metrics-out", str(metrics), "--no-progress",
             "--name", f"worker-{index}"]
-    if (p["train"], p["test"]) == (ctr_sparse.TRAIN_SAMPLES, ctr_sparse.TEST_SAMPLES):
-        return [sys.executable, "-m", "shardps.psctl", *args]
-    return [sys.executable, str(pathlib.Path(__file__).resolve()), SHIM, str(p["train"]), str(p["test"]), *args]
+    if (p["train"], p["test"]) != (ctr_sparse.TRAIN_SAMPLES, ctr_sparse.TEST_SAMPLES):
+        args += ["--data", QUICK_DATA]
+    return [sys.executable, "-m", "shardps.psctl", *args]
 
 
 def spawn_worker(cluster, name: str, argv: list[str]) -> subprocess.Popen:
-    """A worker in the cluster's process table (stopped with it), its log beside the others'."""
+    """A worker in the cluster's process table (stopped with it), its log beside the others'.
+    bench/ goes last on its path, for --data QUICK_DATA: a tree shim's entries keep precedence."""
+    path = os.pathsep.join(filter(None, (os.environ.get("PYTHONPATH"), str(_HERE))))
     with open(cluster.run_dir / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"), process_group=0)
+                                env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path), process_group=0)
     cluster.procs[name] = proc
     return proc
 
@@ -241,7 +246,7 @@ def step_times(path: pathlib.Path) -> tuple[list[float], dict]:
     return [start + r["time"] for r in records if "step" in r and "loss" in r], final
 
 
-def served_snapshot(address: str, steps_now) -> tuple[float, int, dict]:
+def served_snapshot(address: str, steps_now, split: ctr_sparse.ClickSplit) -> tuple[float, int, dict]:
     """The served model's held-out metrics (as `evaluate_served`: an observer's reads), with
     the time and the workers' step count right after its reads: the model evaluated is no
     newer than that. (Stamped before the reads, a busy machine would date it seconds and many
@@ -252,7 +257,6 @@ def served_snapshot(address: str, steps_now) -> tuple[float, int, dict]:
     from shardps.worker.train import ObservedRows
 
     t_begin = time.time()
-    entry = models.entry("ctr-sparse")
     model = models.build("ctr-sparse", 0)
     reads = {}
 
@@ -274,7 +278,7 @@ def served_snapshot(address: str, steps_now) -> tuple[float, int, dict]:
         pull_dense()
         reads["to"] = (time.time(), steps_now())
     with ObservedRows(address, sharded_embeddings(model)) as rows:
-        metrics = entry.task.evaluate(model, entry.dataset(), fetch)
+        metrics = ctr_sparse.CLICK.evaluate(model, split, fetch)
     (t_from, s_from), (t_to, s_to) = reads["from"], reads["to"]
     return t_to, s_to, {**metrics, "read_from_step": s_from, "read_s": round(t_to - t_from, 2),
                         "eval_s": round(time.time() - t_begin, 2)}
@@ -286,6 +290,7 @@ def run_cluster(a, name: str, job: JobSpec, server_flags: tuple[str, ...], run_d
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(run_dir)
+    split = click_log(a.preset)   # the evaluator's: made in main(), before the first run
     t_start = time.time()
     try:
         address = cluster.start_scheduler(job)
@@ -305,13 +310,13 @@ def run_cluster(a, name: str, job: JobSpec, server_flags: tuple[str, ...], run_d
             if first_step is None and steps:
                 first_step = time.time()
             if steps >= next_eval:
-                evals.append(served_snapshot(address, steps_now))
+                evals.append(served_snapshot(address, steps_now, split))
                 next_eval = (evals[-1][1] // a.preset["eval_every"] + 1) * a.preset["eval_every"]
             time.sleep(0.1)
         failed = [f"worker-{i} exited {w.returncode}" for i, w in enumerate(workers) if w.returncode != 0]
         if failed:
             raise RuntimeError(f"{name}: {', '.join(failed)}; logs in {run_dir}")
-        final = served_snapshot(address, steps_now)[2]
+        final = served_snapshot(address, steps_now, split)[2]
         status = ops.collect_status(address, 10.0)
     finally:
         cluster.stop()
@@ -381,14 +386,13 @@ def table(doc: dict) -> str:
 def main(argv=None) -> int:
     a = parse_args(argv)
     p = a.preset
-    use_log(p["train"], p["test"])
     run_dir = pathlib.Path(a.run_dir or tempfile.mkdtemp(prefix="ctr-sparse-auc-"))
     doc = {"preset": "quick" if a.quick else "full", **p, "workers": a.workers, "servers": a.servers,
            "ssp_staleness": a.staleness, "optimizer": {"kind": "adagrad", "lr": LR, "initial_accumulator": INIT_ACC,
                                                        "eps": EPS},
            "thresholds": a.thresholds, **source_tree(), "loadavg_start": loadavg(), "run_dir": str(run_dir), "runs": {}}
     if set(a.runs) - {"reference"}:
-        models.entry("ctr-sparse").dataset()   # the evaluator's log, made now: not in a run's first point
+        click_log(p)   # the evaluator's log, made now: not in a run's first point
     t0 = time.time()
     for name in a.runs:
         print(f"ctr_sparse_auc: {name} (load {loadavg()})", file=sys.stderr, flush=True)
@@ -413,14 +417,5 @@ def main(argv=None) -> int:
     return 0
 
 
-def worker_shim(argv: list[str]) -> int:
-    """`psctl worker` on a click log of another size: argv is TRAIN TEST then its flags."""
-    from shardps.psctl import cli
-    use_log(int(argv[0]), int(argv[1]))
-    return cli.main(argv[2:])
-
-
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == SHIM:
-        raise SystemExit(worker_shim(sys.argv[2:]))
     raise SystemExit(main())

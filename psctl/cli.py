@@ -178,6 +178,17 @@ def _rate_window(text: str) -> float:
     return value
 
 
+def _eval_every(text: str) -> int:
+    """--eval-every: a number of steps, 0 (only the final evaluation) or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of steps") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 (evaluate only at the end) or a number of steps")
+    return value
+
+
 def _timeout(text: str) -> float:
     """--connect-timeout: seconds, more than 0."""
     try:
@@ -371,6 +382,10 @@ def build_parser() -> Parser:
     p.add_argument("--epochs", type=int, default=0, help="train on assigned data partitions for E epochs "
                    "(instead of --steps)")
     p.add_argument("--partitions", type=int, default=16, help="data partitions per epoch (with --epochs)")
+    p.add_argument("--eval-every", type=_eval_every, default=0, metavar="STEPS",
+                   help="also evaluate on the held-out set every STEPS of this worker's steps, a record each "
+                        "in --metrics-out (psctl plot draws the curve); 0: only at the end. Its time is left "
+                        "out of the records' times and of steps/s")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--name", default="", help="this worker's label in psctl status and the scheduler's log "
                    "(default: HOST:PID)")
@@ -391,6 +406,9 @@ def build_parser() -> Parser:
                    "or start a new one at these times, counted from when every worker has trained its first step")
     p.add_argument("--epochs", type=int, default=0, help="train on assigned data partitions instead of --steps")
     p.add_argument("--plot", default=None, help="write the training curves to this PNG at the end")
+    p.add_argument("--eval-every", type=_eval_every, default=None, metavar="STEPS",
+                   help="every worker's --eval-every: held-out metrics every STEPS of its steps; default: "
+                        "0, or with --plot about 6 points per worker over the run")
     p.add_argument("--min-accuracy", type=float, default=0.0,
                    help="exit 1 if the served model's held-out accuracy ends below this")
     p.add_argument("--view", choices=["auto", "live", "plain", "none"], default="auto",
@@ -517,7 +535,7 @@ def _run_worker(a) -> int:
                       epochs=a.epochs, partitions=a.partitions, options=options_from_args(a),
                       min_workers=a.min_workers, connect_timeout_s=a.connect_timeout, name=a.name,
                       device_compression={"auto": None, "on": True, "off": False}[a.device_compression],
-                      append_metrics=a.append, fuse=not a.no_fuse)
+                      append_metrics=a.append, fuse=not a.no_fuse, eval_every=a.eval_every)
     print(summary_line(train(cfg, stop), cfg), flush=True)
     return 0
 
@@ -530,7 +548,8 @@ def _run_up(a) -> int:
                         batch_size=a.batch_size, seed=a.seed, run_dir=a.run_dir,
                         straggler_delay_s=a.step_delay, timeout_s=a.timeout, as_json=a.json,
                         churn=parse_churn(a.churn), epochs=a.epochs, plot=a.plot,
-                        min_accuracy=a.min_accuracy, view=a.view, admit_after=a.admit_after))
+                        min_accuracy=a.min_accuracy, view=a.view, admit_after=a.admit_after,
+                        eval_every=a.eval_every))
 
 
 def _run_status(a) -> int:

@@ -57,6 +57,35 @@ class UpConfig:
     min_accuracy: float = 0.0                    # exit 1 when the served model ends below it
     view: str = "auto"                           # live view while training: auto, live, plain, none
     admit_after: int = 1                         # every server's --admit-after (embedding tables)
+    eval_every: int | None = None                # every worker's --eval-every; None: plot_eval_every's
+
+    def __post_init__(self):
+        if self.eval_every is not None and self.eval_every < 0:
+            raise InvalidArgument(f"eval_every={self.eval_every} must be an integer >= 0")
+
+
+PLOT_POINTS = 6   # held-out points per worker's curve when --plot chose --eval-every
+
+
+def plot_eval_every(cfg: UpConfig, train_samples) -> int:
+    """The workers' --eval-every: the one given; else with --plot about PLOT_POINTS points per
+    worker over its run (one ctr-sparse evaluation reads the rows of 50k test samples: seconds
+    on a busy machine, so a handful, not one every few steps); else 0, the final record alone.
+    `train_samples()` is the training set's size, asked only with --epochs."""
+    if cfg.eval_every is not None:
+        return cfg.eval_every
+    if not cfg.plot:
+        return 0
+    steps = cfg.steps
+    if cfg.epochs:   # the workers share each epoch's batches
+        steps = cfg.epochs * -(-train_samples() // cfg.batch_size) // max(1, cfg.workers)
+    return max(1, -(-steps // PLOT_POINTS))
+
+
+def train_samples(model: str) -> int:
+    from shardps.worker import models
+    entry = models.entry(model)
+    return entry.task.size(entry.dataset())   # ctr-sparse: made once, the final evaluation's too
 
 
 def parse_churn(text: str) -> tuple[tuple[str, float], ...]:
@@ -153,6 +182,8 @@ class Cluster:
             args += ["--epochs", str(cfg.epochs)]
         if min_workers:
             args += ["--min-workers", str(min_workers)]
+        if cfg.eval_every:
+            args += ["--eval-every", str(cfg.eval_every)]
         if index == 0 and cfg.straggler_delay_s:
             args += ["--step-delay", str(cfg.straggler_delay_s)]
         return self.spawn(f"worker-{index}", args)
@@ -287,6 +318,7 @@ def plot_curves(run_dir: pathlib.Path, out: str, report) -> None:
 def run(cfg: UpConfig) -> int:
     from shardps.psctl import ops
 
+    cfg = dataclasses.replace(cfg, eval_every=plot_eval_every(cfg, lambda: train_samples(cfg.model)))
     run_dir = pathlib.Path(cfg.run_dir or tempfile.mkdtemp(prefix="shardps-up-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(run_dir)
@@ -302,7 +334,8 @@ def run(cfg: UpConfig) -> int:
         # the first workers start together: a sync job's early steps then average them all
         workers = [cluster.start_worker(i, cfg, min_workers=cfg.workers) for i in range(cfg.workers)]
         say(f"{cfg.workers} workers training {cfg.model} for "
-            f"{f'{cfg.epochs} epochs' if cfg.epochs else f'{cfg.steps} steps'}, mode {cfg.job.mode}")
+            f"{f'{cfg.epochs} epochs' if cfg.epochs else f'{cfg.steps} steps'}, mode {cfg.job.mode}"
+            + (f", held-out evaluation every {cfg.eval_every} steps" if cfg.eval_every else ""))
         view = start_view(cfg, cluster)
         try:
             killed = churn_and_wait(cluster, workers, cfg, view.say if view else say)
@@ -323,7 +356,7 @@ def run(cfg: UpConfig) -> int:
         # the metric --min-accuracy bounds: accuracy, or for a click model the held-out AUC
         score_name, score = ("auc", final["eval_auc"]) if "eval_auc" in final else ("accuracy", final["eval_accuracy"])
         summary = {"run_dir": str(run_dir), "scheduler": address, "mode": cfg.job.mode,
-                   "wall_s": round(time.time() - t0, 2), "workers": results,
+                   "wall_s": round(time.time() - t0, 2), "eval_every": cfg.eval_every, "workers": results,
                    "final_accuracy": final.get("eval_accuracy"), "final_auc": final.get("eval_auc"),
                    "teacher_auc": final.get("teacher_auc"),
                    "status": ops.collect_status(address, 10.0),

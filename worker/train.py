@@ -18,7 +18,7 @@ from shardps.pscommon.errors import FailedPrecondition, InvalidArgument, PSError
 from shardps.pscommon.lifecycle import DaemonOptions, Telemetry
 from shardps.pscommon.security import NO_SECURITY, Security
 from shardps.pscommon.wire.v1 import scheduler_pb2 as pb
-from shardps.worker import data, models
+from shardps.worker import data, loading, models
 from shardps.worker.api import PSClient
 from shardps.worker.client import ClientConfig, ShardClient
 from shardps.worker.embedding import EmbeddingClient, sharded_embeddings
@@ -52,6 +52,7 @@ class TrainConfig:
     connect_timeout_s: float = 120.0  # waiting for the scheduler and every server at start
     device_compression: bool | None = None   # None: fp16/bf16/topk pushes encoded on CUDA devices
     fuse: bool = True               # a push's reply carries the next pull where it may (push.may_fuse)
+    eval_every: int = 0             # > 0: held-out metrics every this many of our steps (a curve to plot)
 
     def __post_init__(self):
         if self.model not in models.BUILTIN and ":" not in self.model:
@@ -68,6 +69,8 @@ class TrainConfig:
         if self.epochs < 0 or not 1 <= self.partitions <= 100_000:
             raise InvalidArgument(f"epochs {self.epochs} must be >= 0 and partitions {self.partitions} "
                                   "in [1, 100000]")
+        if self.eval_every < 0:
+            raise InvalidArgument(f"eval every {self.eval_every} steps: must be >= 0 (0: only at the end)")
 
 
 def pick_device(name: str) -> torch.device:
@@ -88,6 +91,16 @@ class MetricsWriter:
         except OSError as exc:  # a path given on the command line: a usage error, named
             raise InvalidArgument(f"cannot write --metrics-out {path}: {exc.strerror or exc}") from None
         self.t0 = time.time()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The records' clock stands still meanwhile: a worker's periodic evaluations are left
+        out of the times its step records carry, so its loss against time is training time."""
+        began = time.time()
+        try:
+            yield
+        finally:
+            self.t0 += time.time() - began
 
     def write(self, **record) -> None:
         if self.f:
@@ -218,6 +231,8 @@ class Loop:
         self.sitting_out = False    # the last thing we did was sit out a step
         self.loss = float("nan")
         self.upcoming: torch.Tensor | None = None   # the next batch, when known
+        self.evals, self.eval_s = 0, 0.0   # periodic evaluations (eval_every) and their seconds
+        self.observer: ObservedRows | None = None   # reads the test ids' rows, kept between evaluations
 
     def step(self, idx: torch.Tensor) -> bool:
         """pull, forward/backward on the batch `idx`, push. False: sync skipped the step.
@@ -249,7 +264,35 @@ class Loop:
         if self.bar:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{self.loss:.3f}")
+        if eval_due(self.done, self.cfg):
+            self.evaluate_now()
         return True
+
+    def evaluate_now(self) -> None:
+        """A periodic record of the held-out metrics of the model as this worker holds it. Its
+        seconds go to `eval_s`, not to the training time: the records' clock stops meanwhile
+        and train() leaves them out of wall_s, hence out of the steps/s reported. A failure
+        (a server gone) costs the point, not the training."""
+        if self.stop.is_set():
+            return   # stopping: the servers may be gone, and the final record follows
+        began = time.monotonic()
+        try:
+            with self.metrics.paused():
+                held_out = self._held_out()
+        except PSError as exc:
+            log.warning("held-out evaluation at step %d failed: %s", self.done, exc)
+            return
+        finally:
+            self.eval_s += time.monotonic() - began
+        self.evals += 1
+        self.metrics.write(step=self.done, **periodic_record(held_out), worker=self.ps.worker_id)
+
+    def _held_out(self) -> dict:
+        modules = sharded_embeddings(self.model)
+        if modules and self.observer is None:   # one observer for every evaluation: one attach
+            self.observer = ObservedRows(self.cfg.scheduler, modules, self.cfg.options.security)
+        return evaluate(self.task, self.model, self.split, self.cfg.scheduler, self.cfg.options.security,
+                        self.observer)
 
     def run_steps(self) -> None:
         n = self.task.size(self.split)
@@ -336,6 +379,26 @@ class Loop:
             self.waits.close()
         if self.rows:
             self.rows.close()
+        if self.observer:
+            with contextlib.suppress(PSError, Stopped):   # leaving: nothing depends on it
+                self.observer.close()
+            self.observer = None
+
+
+def eval_due(done: int, cfg: TrainConfig) -> bool:
+    """A periodic evaluation after our `done`-th step? Not after the last of --steps: the final
+    record evaluates the same model."""
+    return bool(cfg.eval_every) and done % cfg.eval_every == 0 and (cfg.epochs > 0 or done < cfg.steps)
+
+
+PERIODIC_FIELDS = {"eval_accuracy": "accuracy", "eval_auc": "auc", "eval_logloss": "logloss",
+                   "teacher_auc": "teacher_auc"}
+
+
+def periodic_record(held_out: dict) -> dict:
+    """A periodic evaluation's fields as psctl plot reads them (`accuracy`, or `auc` and
+    `logloss` with the teacher's AUC): the final record's `eval_` names are its end marker."""
+    return {PERIODIC_FIELDS[k]: v for k, v in held_out.items() if k in PERIODIC_FIELDS}
 
 
 def partition_batches(n: int, partitions: int, epoch: int, partition: int, batch_size: int, seed: int):
@@ -419,13 +482,15 @@ class ObservedRows:
         self.close()
 
 
-def evaluate(task, model, split, scheduler: str, security: Security = NO_SECURITY) -> dict:
+def evaluate(task, model, split, scheduler: str, security: Security = NO_SECURITY,
+             observer: ObservedRows | None = None) -> dict:
     """The task's held-out metrics of `model` as it is (its dense parameters already pulled),
-    the rows of its sharded tables, if any, read from the servers as an observer."""
+    the rows of its sharded tables, if any, read from the servers as an observer (`observer`,
+    or one for this call)."""
     modules = sharded_embeddings(model)
     if not modules:
         return task.evaluate(model, split)
-    with ObservedRows(scheduler, modules, security) as rows:
+    with contextlib.nullcontext(observer) if observer else ObservedRows(scheduler, modules, security) as rows:
         try:
             return task.evaluate(model, split, rows.fetch)
         finally:
@@ -461,6 +526,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
     entry = models.entry(cfg.model, cfg.data)
     model = models.build(cfg.model, cfg.seed, cfg.data).to(device)
     split = entry.dataset()
+    loading.check_split(split, entry.task, cfg.model, cfg.data)
     check_fits(model, split, device, cfg, entry.task)  # before joining: a mismatch must not fix the job's model
     metrics = MetricsWriter(cfg.metrics_out, append=cfg.append_metrics)
     name = cfg.name or f"{os.uname().nodename}:{os.getpid()}"
@@ -499,12 +565,12 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
             loop.bar.close()
         if not stop.is_set():  # when stopping, the servers may be gone: evaluate what we have
             ps.pull()
-        wall_s = time.time() - t0
+        wall_s = time.time() - t0 - loop.eval_s   # training time: steps/s leaves the evaluations out
         held_out = _final_evaluation(entry.task, model, split, cfg, stopped=stop.is_set())
         done, skipped, loss = loop.done, loop.skipped, loop.loss
         summary = dict(worker=ps.worker_id, steps=done, skipped=skipped, idle_steps=loop.idle_steps,
                        final_loss=round(loss, 5),
-                       **held_out, wall_s=round(wall_s, 3),
+                       **held_out, wall_s=round(wall_s, 3), evals=loop.evals, eval_s=round(loop.eval_s, 3),
                        bytes_sent=ps.bytes_sent, bytes_received=ps.bytes_received,
                        logical_sent=ps.client.traffic.logical_sent,
                        logical_received=ps.client.traffic.logical_received,
