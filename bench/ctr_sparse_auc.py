@@ -60,7 +60,6 @@ _HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(1, str(_HERE.parent))
 sys.path.insert(2, str(_HERE))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -252,30 +251,18 @@ def served_snapshot(address: str, steps_now, split: ctr_sparse.ClickSplit) -> tu
     newer than that. (Stamped before the reads, a busy machine would date it seconds and many
     steps too early: the test ids' rows are tens of MB.) The dense parameters are read last,
     after the rows; `read_from_step` and `read_s` say over how many steps the reads spread."""
-    from shardps.worker.client import ClientConfig, ShardClient
     from shardps.worker.embedding import sharded_embeddings
-    from shardps.worker.train import ObservedRows
+    from shardps.worker.train import ObservedRows, load_served
 
     t_begin = time.time()
     model = models.build("ctr-sparse", 0)
     reads = {}
 
-    def pull_dense() -> None:
-        client = ShardClient(ClientConfig(scheduler=address, name="evaluation"))
-        try:
-            client.attach()
-            flat = {n: np.empty(p.numel(), np.float32) for n, p in model.named_parameters()}
-            client.pull(flat)
-        finally:
-            client.leave()
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(torch.from_numpy(flat[n]).view(p.shape))
 
     def fetch(ids_by_module) -> None:   # the task's evaluation calls it once, before its forward
         reads["from"] = (time.time(), steps_now())
         rows.fetch(ids_by_module)
-        pull_dense()
+        load_served(model, address)
         reads["to"] = (time.time(), steps_now())
     with ObservedRows(address, sharded_embeddings(model)) as rows:
         metrics = ctr_sparse.CLICK.evaluate(model, split, fetch)

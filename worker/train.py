@@ -505,6 +505,13 @@ def evaluate_served(scheduler: str, model_name: str, data_spec: str | None = Non
     "teacher_auc", "teacher_logloss"} for ctr-sparse. (`psctl up`'s final evaluation.)"""
     entry = models.entry(model_name, data_spec)
     model = models.build(model_name, 0, data_spec)
+    load_served(model, scheduler, security)
+    return evaluate(entry.task, model, entry.dataset(), scheduler, security)
+
+
+def load_served(model: torch.nn.Module, scheduler: str, security: Security = NO_SECURITY) -> None:
+    """Copy the dense parameters the servers hold now into `model`, read as an observer (a
+    model's embedding tables stay on the servers: its task reads the rows it needs)."""
     client = ShardClient(ClientConfig(scheduler=scheduler, name="evaluation", security=security))
     try:
         client.attach()
@@ -515,7 +522,6 @@ def evaluate_served(scheduler: str, model_name: str, data_spec: str | None = Non
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(torch.from_numpy(flat[n]).view(p.shape))
-    return evaluate(entry.task, model, entry.dataset(), scheduler, security)
 
 
 def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
