@@ -6,7 +6,8 @@ or the peers' own `bench/peers/emb_table.py`). What
 is shardps here: a real `psctl scheduler` (mode async, optimizer adagrad, lr 0.01, initial
 accumulator 0.1, eps 1e-10: the servers apply exactly the workload's sparse Adagrad) and S
 real `psctl server` processes; W worker processes, each driving a ShardClient. Rows move only
-through shardps's gRPC path (PullRows, and RowBlocks in Push); the multiprocessing Queue,
+through shardps's gRPC path (RowBlocks in PushPullBatch, or PullRows and Push with --no-fuse);
+the multiprocessing Queue,
 Events and Barrier only coordinate the benchmark's own processes, as in ps_loop.py.
 
 Tables and keys. One embedding table per field (`f00`, `f01`, ...; the workload's "F fields,
@@ -16,14 +17,18 @@ is `emb_spec.id64(idx, f)`; shardps places it by its own hash of that key
 `"placement": "shard_of(id64)"`). Rows are created
 on first touch, so a server holds only the rows the run touches, not F x N. `--tables shared`
 puts every field in one table instead (id64 keys are distinct across fields): a variant that
-shows what a table per field costs (both make one PullRows and one Push call per shard and
-step; a table per field has a RowBlock and a row-store call per table).
+shows what a table per field costs (a table per field has a RowBlock and a row-store call
+per table). The model is tables only: no dense parameter.
 
 Step, per worker: per table, `np.unique` of the batch's keys (drawn and keyed before the
 clock starts, as the peers do); `pull_rows` of those keys; g = rows * 1e-3; `push({},
-row_grads=...)` (one Push per shard carrying every table). A shardps model must declare at
-least one dense parameter, so a 1-element `pad` rides along, never pulled and skipped
-(`no_gradient`) in every push.
+row_grads=..., next_rows=...)`: one call per shard (PushPullBatch) carrying every table's
+gradients and the next step's unique keys, whose reply brings those rows, read right after
+this push applied; the next step's `pull_rows` of exactly those keys answers from them, so a
+step is one round trip per shard (the next step's `np.unique` is done one step ahead; the
+run's last push carries none). Rows come only from the servers' lookups either way, so
+the checks below are the same. `--no-fuse`: two calls per shard and step (PullRows, then
+Push), the path before the fused call (impl "shardps[two-call]").
 
 Checks. Every server counts, per table, the rows it served (answered to pulls) and the rows
 it updated (the optimizer's applies); the driver reads them after the timed run (the Inspect
@@ -80,7 +85,6 @@ WARMUP = emb_spec.WARMUP_STEPS
 LR, EPS, GRAD_SCALE = emb_spec.LR, emb_spec.EPS, emb_spec.GRAD_SCALE
 ROW_INIT, ACC_INIT = emb_spec.ROW_INIT, emb_spec.ACC_INIT
 PEER_MALLOC_ENV = "MALLOC_MMAP_THRESHOLD_"  # the peers' marker of tuned glibc malloc
-PAD = "pad"  # the one dense parameter a shardps model must have
 
 
 # -- the workload -------------------------------------------------------------------------------
@@ -157,7 +161,8 @@ def updates_from_values(values: np.ndarray, trajectory: np.ndarray) -> tuple[np.
 
 # -- small helpers ------------------------------------------------------------------------------
 def impl_name(a) -> str:
-    return "shardps" + ("[shared-table]" if a.tables == "shared" else "") + ("+malloc" if malloc_tuned() else "")
+    return ("shardps" + ("[shared-table]" if a.tables == "shared" else "") + ("" if a.fuse else "[two-call]")
+            + ("+malloc" if malloc_tuned() else ""))
 
 
 # -- worker process -----------------------------------------------------------------------------
@@ -173,32 +178,38 @@ def worker_main(w: int, a, scheduler: str, q, declared, go, barrier) -> None:
     p = preset_of(a)
     D = p["dim"]
     names = table_names(p, a.tables)
-    batches = iter(keyed_batches(w, p, a.tables, WARMUP + a.steps))
-    client = ShardClient(ClientConfig(scheduler=scheduler, name=f"emb-loop-{w}"))
+    total = WARMUP + a.steps
+    batches = iter(keyed_batches(w, p, a.tables, total))
+    client = ShardClient(ClientConfig(scheduler=scheduler, name=f"emb-loop-{w}", fuse=a.fuse))
     try:
         client.join()
         client.wait_for_servers()
         if w > 0:
             declared.wait(a.timeout)  # worker 0 creates the tables; declare is idempotent
-        # the scheduler refuses a model without dense parameters ("the model declares no
-        # parameters"), so one float32 rides along; it is never pulled, and skipped in every push
-        client.declare({PAD: np.zeros(1, np.float32)}, tuple(TableSpec(n, D, "constant", ROW_INIT, 0) for n in names))
+        client.declare({}, tuple(TableSpec(n, D, "constant", ROW_INIT, 0) for n in names))
         q.put(("declared", w, None))
         go.wait(a.timeout)
 
         moved: list[int] = []  # distinct rows pulled (= pushed) per step
         phase = dict.fromkeys(("dedup", "pull", "grad", "push"), 0.0)
         timing = [False]
+        ahead = [None]  # fused: the next step's unique keys, asked for with this step's push
+        done = [0]
+
+        def unique_of(keys):
+            return {n: np.unique(k) for n, k in zip(names, keys)}
 
         def step():
             t0 = time.perf_counter()
-            uniq = {n: np.unique(k) for n, k in zip(names, next(batches))}
+            uniq = ahead[0] if ahead[0] is not None else unique_of(next(batches))
+            done[0] += 1
+            ahead[0] = unique_of(next(batches)) if a.fuse and done[0] < total else None
             t1 = time.perf_counter()
             rows = client.pull_rows(uniq)
             t2 = time.perf_counter()
             grads = {n: (u, rows[n] * GRAD_SCALE) for n, u in uniq.items()}  # one row per distinct id
             t3 = time.perf_counter()
-            client.push({}, no_gradient=(PAD,), row_grads=grads)
+            client.push({}, row_grads=grads, next_rows=ahead[0])
             t4 = time.perf_counter()
             moved.append(sum(len(u) for u in uniq.values()))
             if timing[0]:
@@ -401,7 +412,7 @@ def run(a) -> dict:
     record.update(
         grpc=grpc.__version__,
         # shardps-only fields
-        malloc_tuned=malloc_tuned(), placement="shard_of(id64)", tables=a.tables,
+        malloc_tuned=malloc_tuned(), placement="shard_of(id64)", tables=a.tables, fused=a.fuse,
         server_base_rss_mb=round(base_rss / 2**20, 1),
         worker_phase_s={k: round(sum(w["phase_s"][k] for w in wres) / W, 6) for k in ("dedup", "pull", "grad", "push")},
         rows_received=received,
@@ -429,6 +440,8 @@ def parse(argv=None):
     ap.add_argument("--tables", choices=["per-field", "shared"], default="per-field",
                     help="one table per field (the workload's layout, default) or one table for all fields")
     ap.add_argument("--rows", type=int, default=None, help="rows per field, replacing the preset's N (tests only)")
+    ap.add_argument("--no-fuse", dest="fuse", action="store_false",
+                    help="two calls per shard and step (PullRows, then Push) instead of one PushPullBatch")
     ap.add_argument("--no-check", dest="check", action="store_false",
                     help="skip the checkpoint read-back (rows_ok, update_ok, acc_ok): for profiling runs")
     ap.add_argument("--run-dir", default=None, help="keep the daemons' logs here (default: a temp dir, removed)")

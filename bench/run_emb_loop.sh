@@ -10,8 +10,10 @@
 # Env: OUTDIR (default bench/results), VENV (default .venv), REPS (default 2), TMO (seconds per
 # run, default 240), PEERS (the peer scripts, default bench/peers), PRESETS (default
 # "small large"), CONFIGS (S,W pairs, default "1,1 1,2 2,2"), IMPLS (any of shardps shared
-# torch_rpc limit; default "shardps torch_rpc limit"; "shared" adds shardps with one table for
-# all fields), TPS (torch_rpc_emb transports, default "uv"; "uv auto" adds shared memory),
+# torch_rpc limit two_call shared_two_call; default "shardps torch_rpc limit"; "shared" adds
+# shardps with one table for all fields; "two_call" and "shared_two_call" add those two with
+# --no-fuse, a PullRows and a Push per shard and step instead of one PushPullBatch, so the
+# fused and the two-call paths and the peer come from one invocation), TPS (torch_rpc_emb transports, default "uv"; "uv auto" adds shared memory),
 # STEPS (override N for every run; quick checks only: the workload's N is small 200, large 20),
 # APPEND=1 (keep earlier lines in the file).
 set -u
@@ -65,6 +67,8 @@ for preset in $PRESETS; do
       a=(--preset "$preset" --servers "${cfg%,*}" --workers "${cfg#*,}" "${steps[@]}")
       want shardps && run "${UNTUNED[@]}" -- bench/emb_loop.py "${a[@]}"
       want shared && run "${UNTUNED[@]}" -- bench/emb_loop.py "${a[@]}" --tables shared
+      want two_call && run "${UNTUNED[@]}" -- bench/emb_loop.py "${a[@]}" --no-fuse
+      want shared_two_call && run "${UNTUNED[@]}" -- bench/emb_loop.py "${a[@]}" --tables shared --no-fuse
       if want torch_rpc && [ -f "$PEERS/torch_rpc_emb.py" ]; then
         for tp in $TPS; do
           run "${UNTUNED[@]}" -- "$PEERS/torch_rpc_emb.py" "${a[@]}" --tp "$tp"

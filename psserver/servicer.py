@@ -369,25 +369,47 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     @servicer_errors
     def PushPullBatch(self, request, context):
         """PushBatch, then the pull of the next step in the same reply when the gate admits it
-        at once (see Shard.push_pull). Every check of both halves runs before the push applies."""
+        at once (see Shard.push_pull): the dense keys asked and the rows of `pull_rows` (a
+        training lookup, as PullRowsBatch's), read under the lock right after the push. Every
+        check of both halves runs before the push applies."""
         if not request.HasField("header"):
             raise InvalidArgument("PushPullBatch without a header")
         header = request.header
         grads, tensors, received = self._push_input(header, request.chunks, request.rows)
         check_clock(header.step + 1, "pull")
         cfg, keys = self._pull_keys(list(request.pull_keys), request.pull_codec, BATCH_BYTES)
+        row_dtype = tables.row_dtype(request.pull_rows_dtype, "PushPullBatch rows")
+        row_asks = self._row_asks(request.pull_rows, "PushPullBatch pull_rows", row_dtype, BATCH_BYTES)
         encode, entries = self._encoder(cfg), self.shard.entries
+
+        def read():   # under the shard's lock, right after the push
+            return [(k, encode(k, entries[k].value)) for k in keys], self._fused_rows(row_asks)
         (version, duplicate, staleness), pulled = self.shard.push_pull(
             header.caller.worker_id, header.caller.incarnation, header.step, header.base_version, grads,
-            read=lambda: [(k, encode(k, entries[k].value)) for k in keys], settled=_settled_of(header.caller))
+            read=read, settled=_settled_of(header.caller))
         self._count_push(tensors, received, duplicate)
         reply = ps_pb2.PushPullReply(push=ps_pb2.PushReply(shard_version=version, duplicate=duplicate,
                                                            staleness=staleness))
         if pulled is None:
             return reply
-        pulled_version, next_step, encoded = pulled
+        pulled_version, next_step, (encoded, row_values) = pulled
         reply.header.CopyFrom(ps_pb2.PullHeader(shard_version=pulled_version, next_step=next_step))
+        if row_values is not None:   # encoded out of the lock: the lookup copied the rows
+            reply.rows.extend(block for (table, ids, data), values in zip(row_asks, row_values)
+                              for block in tables.row_blocks(table, ids, values, row_dtype, ids_bytes=data))
         return batch(reply, list(self._pull_frames(encoded)))
+
+    def _fused_rows(self, asks: list[tuple]) -> list[np.ndarray] | None:
+        """The rows of a fused call's next step (under the shard's lock, after the push), or
+        None when the lookup is refused: the push applied all the same and must be
+        acknowledged, so the reply goes without rows and the worker pulls them (the same
+        refusal then reaches it)."""
+        if not asks:
+            return []
+        try:
+            return self.shard.read_rows([(table, ids) for table, ids, _ in asks], observer=False)
+        except PSError:
+            return None
 
     def _push(self, header, chunks, rows=()):
         grads, tensors, received = self._push_input(header, chunks, rows)
@@ -451,31 +473,36 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._check_model(request.model_fingerprint)
         check_clock(request.step, "row pull")
         dtype = tables.row_dtype(request.dtype, "PullRows")
-        wire_ids = []   # each block's id bytes: the reply's blocks carry them back as they came
-
-        def parse(block):
-            what = f"PullRows of table {block.table!r}"
-            if block.values:
-                raise InvalidArgument(f"{what}: a pull names ids only, it carries no values")
-            wire_ids.append(block.ids)
-            return tables.ids_from_bytes(wire_ids[-1], what), self.shard.row_dim(block.table), None
-
-        checked = self._row_blocks(request.rows, parse)
-        asks = [(table, ids) for table, ids, _, _ in checked]
-        itemsize = tables.ROW_ITEMSIZE[dtype]
-        size = sum(len(ids) * (8 + dim * itemsize) + BATCH_KEY_OVERHEAD for _, ids, dim, _ in checked)
-        if max_bytes is not None and size > max_bytes:
-            raise ResourceExhausted(f"a one-message row pull may need {size} bytes, more than {max_bytes}; "
-                                    "use PullRows")
+        asks = self._row_asks(request.rows, "PullRows", dtype, max_bytes)
         remaining = context.time_remaining()
         version, next_step, waited = self.shard.wait_pull(
             request.caller.worker_id, request.caller.incarnation, request.step,
             (remaining if remaining is not None else DATA_TIMEOUT_S) * 0.8, observer=request.caller.observer,
             settled=_settled_of(request.caller))
-        values = self.shard.read_rows(asks, observer=request.caller.observer)
-        blocks = (block for (table, ids), rows, data in zip(asks, values, wire_ids)
+        values = self.shard.read_rows([(table, ids) for table, ids, _ in asks], observer=request.caller.observer)
+        blocks = (block for (table, ids, data), rows in zip(asks, values)
                   for block in tables.row_blocks(table, ids, rows, dtype, ids_bytes=data))
         return ps_pb2.PullHeader(shard_version=version, wait_s=waited, next_step=next_step), blocks
+
+    def _row_asks(self, blocks, kind: str, dtype: int, max_bytes: int | None) -> list[tuple[str, np.ndarray, bytes]]:
+        """A row pull's (table, ids, the ids' bytes as they came: the reply carries them back),
+        every block checked; with max_bytes, one whose reply could exceed it is refused."""
+        wire_ids = []
+
+        def parse(block):
+            what = f"{kind} of table {block.table!r}"
+            if block.values:
+                raise InvalidArgument(f"{what}: a pull names ids only, it carries no values")
+            wire_ids.append(block.ids)
+            return tables.ids_from_bytes(wire_ids[-1], what), self.shard.row_dim(block.table), None
+
+        checked = self._row_blocks(blocks, parse)
+        itemsize = tables.ROW_ITEMSIZE[dtype]
+        size = sum(len(ids) * (8 + dim * itemsize) + BATCH_KEY_OVERHEAD for _, ids, dim, _ in checked)
+        if max_bytes is not None and size > max_bytes:
+            raise ResourceExhausted(f"a one-message row pull may need {size} bytes, more than {max_bytes}; "
+                                    "use PullRows")
+        return [(table, ids, data) for (table, ids, _, _), data in zip(checked, wire_ids)]
 
     @servicer_errors
     def SettleStep(self, request, context):

@@ -439,8 +439,9 @@ class Shard:
         """push(), then in the same lock round the pull of step + 1 when the mode admits it at
         once: ((shard_version, duplicate, staleness), (shard_version, next_step, read()) or
         None). `read` runs under the lock, so the values are those right after this push (or
-        its first copy, for a duplicate). Nothing after the push raises: once it is applied,
-        the caller must hear so."""
+        its first copy, for a duplicate); the servicer's reads the dense keys and the rows
+        asked (read_rows: the lock is reentrant). Nothing after the push raises: once it is
+        applied, the caller must hear so."""
         if self.mode.name not in FUSED_MODES:
             raise FailedPrecondition(f"shard {self.shard_id} serves a {self.mode.name} job: a push and a pull "
                                      "are fused only in async and ssp (sync's pull waits for the step to settle)")

@@ -106,6 +106,37 @@ class _Fused:
     reply: ps_pb2.PushPullReply
 
 
+@dataclasses.dataclass(frozen=True)
+class _NextRows:
+    """The rows a push asks for with it, for our next step's pull_rows: `asks` as the caller
+    gave them (copied: the next pull_rows must name exactly these), `plan` their placement."""
+
+    asks: dict[str, np.ndarray]
+    plan: rows.RowPlan
+
+    @classmethod
+    def of(cls, asks: dict[str, np.ndarray], num_shards: int) -> "_NextRows":
+        mine = {table: np.array(ids, copy=True) for table, ids in asks.items()}
+        return cls(mine, rows.plan_rows(mine, num_shards))
+
+    def same(self, asks: dict[str, np.ndarray]) -> bool:
+        """Whether `asks` names exactly our ids, table by table in the same order."""
+        if list(asks) != list(self.asks):
+            return False
+        return all(np.array_equal(rows.as_ids(asks[t], t), rows.as_ids(ids, t)) for t, ids in self.asks.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class _FusedRows:
+    """One shard's rows of `asked.plan` (its parts, in order) that a fused push brought for the
+    row pull of `step` (our next)."""
+
+    step: int
+    incarnation: int
+    asked: _NextRows
+    values: list[np.ndarray]
+
+
 def _balanced(keys: list[Key], n: int) -> list[list[Key]]:
     """`keys` in at most `n` groups of about equal bytes, largest first."""
     keys = sorted(keys, key=lambda k: (-k.nbytes, k.key))
@@ -143,6 +174,7 @@ class ShardClient:
         self._settled_clock = 0
         self._settling = None   # the SettleStep started when our last push was acknowledged
         self._fused: dict[int, _Fused] = {}   # shard -> the next step's values a fused push brought
+        self._fused_rows: dict[int, _FusedRows] = {}   # shard -> the next step's rows a fused push brought
 
     # -- identity, job and model, read-only ----------------------------------------------
     @property
@@ -489,11 +521,13 @@ class ShardClient:
             if k is None or meta.name in seen:
                 raise Internal(f"shard {shard} sent key {meta.name!r} unasked or twice")
             start = time.perf_counter()
-            dst = into[k.param][k.offset:k.offset + k.length]
-            if dst.dtype == np.float32 and dst.flags.c_contiguous:
+            target = into[k.param]
+            # a buffer that is not an array (export's, which records the writes) takes an assignment
+            dst = target[k.offset:k.offset + k.length] if isinstance(target, np.ndarray) else None
+            if dst is not None and dst.dtype == np.float32 and dst.flags.c_contiguous:
                 codecs.decode_into(meta, payload, k.length, dst)   # no dense temporary
             else:
-                dst[:] = codecs.decode(meta, payload, k.length).reshape(-1)
+                target[k.offset:k.offset + k.length] = codecs.decode(meta, payload, k.length).reshape(-1)
             decode_s += time.perf_counter() - start
             seen.add(meta.name)
             logical += k.length * 4
@@ -508,15 +542,25 @@ class ShardClient:
 
     # -- push ----------------------------------------------------------------------------
     def push(self, grads: dict[str, np.ndarray], no_gradient: tuple[str, ...] = (),
-             row_grads: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[ps_pb2.PushReply]:
+             row_grads: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+             next_rows: dict[str, np.ndarray] | None = None) -> list[ps_pb2.PushReply]:
         """Push flat float32 gradients (by parameter name) for the current clock, then advance it.
         Parameters in `no_gradient` had none this step: the servers leave them untouched.
         `row_grads` maps a table to (ids, float32 [len(ids), dim] gradients); a declared
         table it leaves out had no rows this step.
 
+        `next_rows` ({table: ids}, as pull_rows takes them): the next step's ids, asked for
+        with this push where the push is fused (ClientConfig.fuse, push.may_fuse): a shard's
+        reply then brings its rows, read right after our push applied, and the next
+        pull_rows of exactly these ids answers from them without a call to that shard.
+
         Raises Aborted in sync mode when the step completed without this worker: pull again.
         """
-        stream = self.start_push(eager=False)
+        nxt = None
+        if next_rows and self.cfg.fuse:
+            self._check_tables(next_rows)
+            nxt = _NextRows.of(next_rows, self.job.num_servers)
+        stream = self.start_push(eager=False, next_rows=nxt)
         for name, g in grads.items():
             stream.add(name, g)
         for name in no_gradient:
@@ -527,11 +571,11 @@ class ShardClient:
                                   for table, spec in self._tables.items()})
         return stream.finish()
 
-    def start_push(self, eager: bool = True) -> StreamingPush:
+    def start_push(self, eager: bool = True, next_rows: _NextRows | None = None) -> StreamingPush:
         """A push for the current clock whose gradients arrive one parameter at a time. eager:
         each shard's call starts with its first gradient (for autograd hooks: sending overlaps
-        the rest of backward); otherwise every call starts in finish()."""
-        return StreamingPush(self, self.session.identity.clock, self.shard_versions(), eager)
+        the rest of backward); otherwise every call starts in finish(). `next_rows`: see push()."""
+        return StreamingPush(self, self.session.identity.clock, self.shard_versions(), eager, next_rows=next_rows)
 
     def fits_batch(self, shard: int) -> bool:
         """Whether a push of every key of `shard` goes as one PushBatch message (a shard whose
@@ -552,16 +596,34 @@ class ShardClient:
 
         The step's plan (unique ids, their shards) is kept: a push of the same ids' gradients
         reuses it (`split_row_grads`) instead of deduplicating and hashing them again."""
+        self._check_tables(asks)
+        self._await_settled()
+        step = self.session.identity.clock
+        fused = self._take_fused_rows(asks, step)
+        plan = next(iter(fused.values())).asked.plan if fused else rows.plan_rows(asks, self.job.num_servers)
+        with self._lock:   # the current step's plan and a prefetch's: newest first
+            self._row_plans = (plan, *self._row_plans[:1])
+        answers = {s: f.values for s, f in fused.items()}
+        answers.update(self._each_shard([s for s in plan.shards() if s not in fused],
+                                        lambda s: self._pull_rows_shard(s, plan, step)))
+        return plan.assemble(answers, {t: self._tables[t].dim for t in asks})
+
+    def _check_tables(self, asks: dict) -> None:
         for table in asks:
             if table not in self._tables:
                 raise InvalidArgument(f"table {table!r} is not one of the declared tables {sorted(self._tables)}")
-        plan = rows.plan_rows(asks, self.job.num_servers)
-        with self._lock:   # the current step's plan and a prefetch's: newest first
-            self._row_plans = (plan, *self._row_plans[:1])
-        self._await_settled()
-        step = self.session.identity.clock
-        answers = self._each_shard(plan.shards(), lambda s: self._pull_rows_shard(s, plan, step))
-        return plan.assemble(answers, {t: self._tables[t].dim for t in asks})
+
+    def _take_fused_rows(self, asks: dict[str, np.ndarray], step: int) -> dict[int, _FusedRows]:
+        """The rows our last push brought for this row pull (each used once): only for this
+        very step and incarnation, and only when `asks` are exactly the ids that push named;
+        otherwise they are dropped and every shard is asked."""
+        with self._lock:
+            kept, self._fused_rows = self._fused_rows, {}
+        incarnation = self.session.identity.incarnation
+        kept = {s: f for s, f in kept.items() if f.step == step and f.incarnation == incarnation}
+        if not kept or not next(iter(kept.values())).asked.same(asks):
+            return {}
+        return kept
 
     def split_row_grads(self, table: str, ids, grads: np.ndarray) -> dict[int, tuple]:
         """Each shard's (unique ids, summed float32 gradients, ids' wire bytes or None) of a
@@ -656,26 +718,27 @@ class ShardClient:
                 raise Internal(f"shard {shard} answered a row pull without a header first")
             return [r.rows for r in replies]
 
-        def once(stub):
-            blocks = read(stub)
-            wire = 0
-            if len(blocks) == len(asks):   # the usual answer: a block per table asked, in order
-                out = []
-                for b, (table, ids, _) in zip(blocks, asks):
-                    values = b.values
-                    wire += len(b.ids) + len(values)
-                    if b.table != table or len(b.ids) != 8 * len(ids):
-                        out = None
-                        break
-                    out.append(tables.decode_rows(values, b.dtype, len(ids), self._tables[table].dim,
-                                                  f"shard {shard} rows"))
-                if out is not None:
-                    self._count_received(out, wire)
-                    return out
-            out = self._rows_in_order(shard, asks, blocks)
-            self._count_received(out, sum(len(b.ids) + len(b.values) for b in blocks))
-            return out
-        return self._on_shard(shard, once)
+        return self._on_shard(shard, lambda stub: self._decode_rows(shard, asks, read(stub)))
+
+    def _decode_rows(self, shard: int, asks: list[tuple], blocks) -> list[np.ndarray]:
+        """The rows of each (table, ids, ...) of `asks` from a reply's blocks, counted as received."""
+        wire = 0
+        if len(blocks) == len(asks):   # the usual answer: a block per table asked, in order
+            out = []
+            for b, (table, ids, _) in zip(blocks, asks):
+                values = b.values
+                wire += len(b.ids) + len(values)
+                if b.table != table or len(b.ids) != 8 * len(ids):
+                    out = None
+                    break
+                out.append(tables.decode_rows(values, b.dtype, len(ids), self._tables[table].dim,
+                                              f"shard {shard} rows"))
+            if out is not None:
+                self._count_received(out, wire)
+                return out
+        out = self._rows_in_order(shard, asks, blocks)
+        self._count_received(out, sum(len(b.ids) + len(b.values) for b in blocks))
+        return out
 
     def _rows_in_order(self, shard: int, asks: list[tuple], blocks) -> list[np.ndarray]:
         """The rows of each ask from a reply whose blocks split a table's rows over several."""
@@ -722,7 +785,8 @@ class ShardClient:
     def push_codec(self) -> CodecConfig:
         return self.cfg.push_codec or self.job.push_codec
 
-    def send_push(self, shard: int, step: int, base_version: int, feed) -> ps_pb2.PushReply:
+    def send_push(self, shard: int, step: int, base_version: int, feed,
+                  next_rows: _NextRows | None = None) -> ps_pb2.PushReply:
         codec = self.push_codec
         header = ps_pb2.PushHeader(caller=self._caller(), shard=shard, step=step, base_version=base_version,
                                    model_fingerprint=self.shard_map.fingerprint)
@@ -746,17 +810,49 @@ class ShardClient:
         plan = self._plan
         frames = lambda: encoded_frames(feed, encode, sizes)   # noqa: E731
         fused = may_fuse(self.cfg.fuse, self.job.mode, self.session.identity.observer, batched)
+        row_asks, row_dtype = self._fused_row_asks(shard, next_rows) if fused else ([], 0)
         if fused:
             pull_keys = [k.key for k in plan.pull_groups[shard][0]]
             call = push_pull_call(header, frames, pull_keys, (self.cfg.pull_codec or self.job.pull_codec).to_proto(),
-                                  self.cfg.data_timeout_s)
+                                  self.cfg.data_timeout_s,
+                                  pull_rows=[ps_pb2.RowBlock(table=t, ids=b) for t, _, b in row_asks],
+                                  pull_rows_dtype=row_dtype)
         else:
             call = push_call(header, frames, batched, self.cfg.data_timeout_s)
         reply = self._on_shard(shard, call)
+        served = fused and reply.HasField("header")   # ssp may answer without: the next pull calls
+        row_values = self._fused_row_values(shard, row_asks, reply) if served and row_asks else None
         with self._lock:
             self.traffic.logical_sent += sizes["logical"]
             self.traffic.wire_sent += sizes["wire"]
-            if fused and reply.HasField("header"):   # ssp may answer without: the next pull calls
+            if served:
                 self._fused[shard] = _Fused(step + 1, header.caller.incarnation, plan, reply)
+            if row_values is not None:
+                self._fused_rows[shard] = _FusedRows(step + 1, header.caller.incarnation, next_rows, row_values)
         return reply.push if fused else reply
+
+    def _fused_row_asks(self, shard: int, next_rows: _NextRows | None) -> tuple[list[tuple], int]:
+        """(table, ids, ids' bytes) of the next step's rows on `shard` that a fused push asks
+        for, and their dtype: none when the shard holds none of them, or when their reply
+        could pass a one-message reply's size (the next pull_rows asks the shard then)."""
+        parts = next_rows.plan.parts.get(shard, []) if next_rows is not None else []
+        if not parts:
+            return [], 0
+        dtype = self.row_dtype(self.cfg.pull_codec or self.job.pull_codec)
+        itemsize = tables.ROW_ITEMSIZE[dtype]
+        size = sum(len(p.ids) * (8 + self._tables[p.table].dim * itemsize) + 160 for p in parts)
+        if size > BATCH_BYTES:
+            return [], 0
+        return [(p.table, p.ids, p.ids_bytes) for p in parts], dtype
+
+    def _fused_row_values(self, shard: int, asks: list[tuple], reply: ps_pb2.PushPullReply) -> list[np.ndarray] | None:
+        """The rows of `asks` in a served fused reply, or None when it brought none (the server
+        refused the lookup after applying the push: the next pull_rows asks again, and hears why)."""
+        if not reply.rows:
+            return None
+        try:
+            return self._decode_rows(shard, asks, reply.rows)
+        except PSError as exc:   # the push is acknowledged all the same; the rows are asked again
+            log.debug("shard %d: rows of a fused reply not taken: %s", shard, exc)
+            return None
 

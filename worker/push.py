@@ -99,13 +99,14 @@ def _batch_parts(frames: Callable[[], list | object]) -> tuple[list, list]:
 
 
 def push_pull_call(header: ps_pb2.PushHeader, frames: Callable[[], list | object], pull_keys: list[str],
-                   pull_codec, timeout_s: float):
+                   pull_codec, timeout_s: float, pull_rows: list[ps_pb2.RowBlock] = (), pull_rows_dtype: int = 0):
     """fn(stub) for the transport: one PushPullBatch message, the push of `frames()` and the
-    pull of the next step's `pull_keys`; retried whole (the ledger makes the push half a
-    duplicate, and the pull half is a read)."""
+    pull of the next step's `pull_keys` and `pull_rows` (ids only); retried whole (the ledger
+    makes the push half a duplicate, and the pull half is a read)."""
     def fused(stub) -> ps_pb2.PushPullReply:
         rows, chunks = _batch_parts(frames)
-        envelope = ps_pb2.PushPullRequest(header=header, rows=rows, pull_keys=pull_keys, pull_codec=pull_codec)
+        envelope = ps_pb2.PushPullRequest(header=header, rows=rows, pull_keys=pull_keys, pull_codec=pull_codec,
+                                          pull_rows=pull_rows, pull_rows_dtype=pull_rows_dtype)
         return stub.PushPullBatch(batch(envelope, chunks), timeout=timeout_s)
     return fused
 
@@ -158,10 +159,12 @@ def no_gradient_meta(k) -> tensor_pb2.TensorMeta:
 class StreamingPush:
     """One step's push for `client` (a ShardClient; only its public methods are used)."""
 
-    def __init__(self, client, step: int, base_versions: dict[int, int], eager: bool = True):
+    def __init__(self, client, step: int, base_versions: dict[int, int], eager: bool = True, next_rows=None):
         self.client = client
         self.step = step
         self.eager = eager
+        # the next step's row ids, asked for by each shard's call where it is fused
+        self.next_rows = next_rows
         # the versions the gradients are computed on: a prefetched pull may move them on
         # before every shard's call has started
         self.base_versions = base_versions
@@ -250,7 +253,8 @@ class StreamingPush:
         self.futures[shard] = self.client.submit(self._send, shard)
 
     def _send(self, shard: int) -> ps_pb2.PushReply:
-        return self.client.send_push(shard, self.step, self.base_versions.get(shard, 0), self.feeds[shard])
+        return self.client.send_push(shard, self.step, self.base_versions.get(shard, 0), self.feeds[shard],
+                                     next_rows=self.next_rows)
 
     def abandon(self) -> None:
         """Give up this step's push: streams already started end at once instead of waiting

@@ -50,11 +50,13 @@ def test_ids_are_the_peers_and_update_counts_read_back_from_values(emb_loop):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("servers,workers", [(1, 1), (2, 2)])
-def test_emb_loop_runs_end_to_end_and_its_checks_hold(tmp_path, servers, workers):
+@pytest.mark.parametrize("servers,workers,fuse", [(1, 1, True), (2, 2, True), (2, 2, False)])
+def test_emb_loop_runs_end_to_end_and_its_checks_hold(tmp_path, servers, workers, fuse):
+    """Fused (one PushPullBatch per shard and step, the default) and two calls (--no-fuse):
+    rows served equal the rows the workers asked for and received, either way."""
     cmd = [sys.executable, str(SCRIPT), "--preset", "small", "--rows", "1000", "--steps", "3",
            "--servers", str(servers), "--workers", str(workers), "--json", "--timeout", "25",
-           "--run-dir", str(tmp_path / "run")]
+           "--run-dir", str(tmp_path / "run"), *(() if fuse else ("--no-fuse",))]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=40)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(done.stdout.strip().splitlines()[-1])
@@ -63,3 +65,6 @@ def test_emb_loop_runs_end_to_end_and_its_checks_hold(tmp_path, servers, workers
     assert (record["servers"], record["workers"], record["steps"], record["rows"]) == (servers, workers, 3, 1000)
     assert record["state"]["rows_served"] == record["state"]["rows_updated"] == record["state"]["expected_rows"] > 0
     assert record["rows_per_s"] > 0 and 0 < record["unique_frac"] <= 1
+    assert record["fused"] is fuse and ("[two-call]" in record["impl"]) is not fuse
+    steps = 2 + 3   # the workload's warm-up steps and the timed ones
+    assert all(s["pushes"] == workers * steps for s in record["per_server"])

@@ -309,28 +309,34 @@ class PushBatchRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ...) -> None: ...
 
 class PushPullRequest(_message.Message):
-    __slots__ = ("header", "chunks", "rows", "pull_keys", "pull_codec")
+    __slots__ = ("header", "chunks", "rows", "pull_keys", "pull_codec", "pull_rows", "pull_rows_dtype")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     PULL_KEYS_FIELD_NUMBER: _ClassVar[int]
     PULL_CODEC_FIELD_NUMBER: _ClassVar[int]
+    PULL_ROWS_FIELD_NUMBER: _ClassVar[int]
+    PULL_ROWS_DTYPE_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorChunk]
     rows: _containers.RepeatedCompositeFieldContainer[RowBlock]
     pull_keys: _containers.RepeatedScalarFieldContainer[str]
     pull_codec: _job_pb2.CodecSpec
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., pull_keys: _Optional[_Iterable[str]] = ..., pull_codec: _Optional[_Union[_job_pb2.CodecSpec, _Mapping]] = ...) -> None: ...
+    pull_rows: _containers.RepeatedCompositeFieldContainer[RowBlock]
+    pull_rows_dtype: _tensor_pb2.DType
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., pull_keys: _Optional[_Iterable[str]] = ..., pull_codec: _Optional[_Union[_job_pb2.CodecSpec, _Mapping]] = ..., pull_rows: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ..., pull_rows_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
 
 class PushPullReply(_message.Message):
-    __slots__ = ("header", "chunks", "push")
+    __slots__ = ("header", "chunks", "push", "rows")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     PUSH_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     header: PullHeader
     chunks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorChunk]
     push: PushReply
-    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., push: _Optional[_Union[PushReply, _Mapping]] = ...) -> None: ...
+    rows: _containers.RepeatedCompositeFieldContainer[RowBlock]
+    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., push: _Optional[_Union[PushReply, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[RowBlock, _Mapping]]] = ...) -> None: ...
 
 class PullRowsBatchReply(_message.Message):
     __slots__ = ("header", "rows")

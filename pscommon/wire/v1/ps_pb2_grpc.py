@@ -148,6 +148,9 @@ class ParameterServerServicer:
         values come only when the gate admits step + 1 at once (else the reply has no header and
         the caller pulls as usual). The push half is exactly PushBatch (ledger, credential,
         validation); the pull half is exactly PullBatch's checks, made before anything applies.
+        The pull half may name embedding rows too (pull_rows: PullRowsBatch's checks), read in
+        the same lock round as the dense values: what a PullRows sent at the acknowledgement
+        would read, so a step of an embedding model is one call per shard.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
