@@ -107,6 +107,7 @@ RAW_METHODS = {  # method -> (request type, kind of call)
     "Pull": (ps_pb2.PullRequest, "unary-stream"),
     "PullBatch": (ps_pb2.PullRequest, "unary-unary"),
     "PushBatch": (ps_pb2.PushBatchRequest, "unary-unary"),
+    "PushPullBatch": (ps_pb2.PushPullRequest, "unary-unary"),
     "Inspect": (ps_pb2.InspectRequest, "unary-unary"),
     "ShardStatus": (ps_pb2.ShardStatusRequest, "unary-unary"),
     "Checkpoint": (ps_pb2.CheckpointRequest, "unary-unary"),
@@ -182,15 +183,21 @@ class Live:
         return "OK"
 
     def push(self, label: str, items, may_succeed: bool = False) -> str:
-        """The push as a stream, and again as one PushBatch message where the items are one
-        header and then chunks only (the shapes a batch can carry); both must be refused alike."""
+        """The push as a stream, and again as one PushBatch message and as the push half of a
+        PushPullBatch where the items are one header and then chunks only (the shapes a batch
+        can carry); all must be refused alike."""
         msgs = to_requests(items, ps_pb2.PushRequest)
         got = self.outcome(label, lambda: self.stub.Push(iter(msgs), timeout=DEADLINE_S), may_succeed)
         if items and items[0][0] == "h" and all(tag == "c" for tag, _ in items[1:]):
-            batch = ps_pb2.PushBatchRequest(header=items[0][1], chunks=[c for _, c in items[1:]])
+            chunks = [c for _, c in items[1:]]
+            batch = ps_pb2.PushBatchRequest(header=items[0][1], chunks=chunks)
             as_batch = self.outcome(f"batch {label}", lambda: self.stub.PushBatch(batch, timeout=DEADLINE_S),
                                     may_succeed)
             assert as_batch == got, f"{label}: Push answered {got}, PushBatch {as_batch}"
+            fused = ps_pb2.PushPullRequest(header=items[0][1], chunks=chunks)
+            as_fused = self.outcome(f"fused {label}", lambda: self.stub.PushPullBatch(fused, timeout=DEADLINE_S),
+                                    may_succeed)
+            assert as_fused == got, f"{label}: Push answered {got}, PushPullBatch {as_fused}"
         return got
 
     def declare(self, label: str, items, may_succeed: bool = False) -> str:
@@ -947,9 +954,10 @@ def valid_serialized(method: str) -> list[bytes]:
         name = "zz" if method == "Push" else "w"
         return [kind(header=head).SerializeToString()] + [kind(chunk=c).SerializeToString()
                                                         for c in good_chunks(name, GRAD["w"], step=16)]
-    if method == "PushBatch":
+    if method in ("PushBatch", "PushPullBatch"):
         head = ps_pb2.PushHeader(caller=ps_pb2.Caller(worker_id=DEAD_WORKER, incarnation=1), model_fingerprint=FP)
-        return [ps_pb2.PushBatchRequest(header=head, chunks=good_chunks("zz", GRAD["w"], step=16)).SerializeToString()]
+        kind = ps_pb2.PushBatchRequest if method == "PushBatch" else ps_pb2.PushPullRequest
+        return [kind(header=head, chunks=good_chunks("zz", GRAD["w"], step=16)).SerializeToString()]
     if method in ("PullRows", "PullRowsBatch"):   # the fuzzed shard holds no table: a decodable ask names an unknown one
         return [ps_pb2.PullRowsRequest(caller=ps_pb2.Caller(worker_id=3, incarnation=1, observer=True),
                                        model_fingerprint=FP,
