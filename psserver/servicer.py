@@ -380,10 +380,11 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         cfg, keys = self._pull_keys(list(request.pull_keys), request.pull_codec, BATCH_BYTES)
         row_dtype = tables.row_dtype(request.pull_rows_dtype, "PushPullBatch rows")
         row_asks = self._row_asks(request.pull_rows, "PushPullBatch pull_rows", row_dtype, BATCH_BYTES)
-        encode, entries = self._encoder(cfg), self.shard.entries
+        encode = self._encoder(cfg)
 
         def read():   # under the shard's lock, right after the push
-            return [(k, encode(k, entries[k].value)) for k in keys], self._fused_rows(row_asks)
+            # under the shard's lock: its entries now (a restore replaces them)
+            return [(k, encode(k, self.shard.entries[k].value)) for k in keys], self._fused_rows(row_asks)
         (version, duplicate, staleness), pulled = self.shard.push_pull(
             header.caller.worker_id, header.caller.incarnation, header.step, header.base_version, grads,
             read=read, settled=_settled_of(header.caller))

@@ -23,9 +23,6 @@ from shardps.psserver import checkpoint, consistency, embeddings, ledger, optim,
 
 log = logging.getLogger("shardps.server")
 T = TypeVar("T")
-# modes whose pull never waits for other workers' pushes to be settled: the pull of the next
-# step may ride on the reply of this step's push (PushPullBatch)
-FUSED_MODES = frozenset({"async", "ssp"})
 
 
 @dataclasses.dataclass
@@ -442,7 +439,7 @@ class Shard:
         its first copy, for a duplicate); the servicer's reads the dense keys and the rows
         asked (read_rows: the lock is reentrant). Nothing after the push raises: once it is
         applied, the caller must hear so."""
-        if self.mode.name not in FUSED_MODES:
+        if not self.mode.fuses_pull:
             raise FailedPrecondition(f"shard {self.shard_id} serves a {self.mode.name} job: a push and a pull "
                                      "are fused only in async and ssp (sync's pull waits for the step to settle)")
         self.check_push_keys(grads)

@@ -142,6 +142,9 @@ class ConsistencyMode(abc.ABC):
     name = ""
     records_pull_wait = True    # pulls may wait at the gate, so how long they waited is telling
     measures_staleness = True   # pushes apply alone, on parameters that may have moved since the pull
+    # the pull of the next step may ride on the reply of this step's push (PushPullBatch): a
+    # pull that never waits for other workers' pushes to be settled
+    fuses_pull = True
 
     def __init__(self, staleness: int = 0, settles: bool = True, shards: int = 1):
         self.staleness = staleness

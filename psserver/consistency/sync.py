@@ -40,6 +40,7 @@ class SyncMode(ConsistencyMode):
     name = "sync"
     # one averaged update per step, on the parameters every contributor pulled: never stale
     measures_staleness = False
+    fuses_pull = False   # the next step's pull waits until this one is settled (SettleStep)
 
     def pull_ready(self, state, worker, step):
         return state.completed_step >= step
