@@ -155,11 +155,14 @@ class PSClient:
             self.client.rejoin(incarnation)
             self.client.pull(self.weights.arrays)
 
-    def push(self, row_grads: dict | None = None) -> bool:
+    def push(self, row_grads: dict | None = None, next_rows: dict | None = None) -> bool:
         """Push the gradients of model.parameters(), and `row_grads` of the model's sharded
         embedding tables ({table: (ids, grads)}, as EmbeddingClient.row_grads() gives them; a
         table left out had no rows this step); False when the step did not count (sync mode
-        completed it without us, or we had to rejoin) and the next pull catches up."""
+        completed it without us, or we had to rejoin) and the next pull catches up.
+        `next_rows` ({table: ids}, as EmbeddingClient.asks() gives them for the next batch):
+        where the push is fused, its replies bring those rows and the next fetch of exactly
+        these ids makes no call for them (ShardClient.push)."""
         stream, self._stream = self._stream, None
         if stream is None:
             stream = self.client.start_push(eager=False)
@@ -167,6 +170,7 @@ class PSClient:
                 if p.grad is not None:
                     self._add_grad(stream, n, p.grad)
         try:
+            stream.ask_next_rows(self.client.plan_next_rows(next_rows))
             self._settle_handoffs()
             for table, (ids, g) in (row_grads or {}).items():
                 stream.add_rows(table, ids, g)

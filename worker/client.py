@@ -175,6 +175,7 @@ class ShardClient:
         self._settling = None   # the SettleStep started when our last push was acknowledged
         self._fused: dict[int, _Fused] = {}   # shard -> the next step's values a fused push brought
         self._fused_rows: dict[int, _FusedRows] = {}   # shard -> the next step's rows a fused push brought
+        self.row_pulls_fused = 0   # pull_rows answered by fused replies alone, without a call
 
     # -- identity, job and model, read-only ----------------------------------------------
     @property
@@ -556,11 +557,7 @@ class ShardClient:
 
         Raises Aborted in sync mode when the step completed without this worker: pull again.
         """
-        nxt = None
-        if next_rows and self.cfg.fuse:
-            self._check_tables(next_rows)
-            nxt = _NextRows.of(next_rows, self.job.num_servers)
-        stream = self.start_push(eager=False, next_rows=nxt)
+        stream = self.start_push(eager=False, next_rows=self.plan_next_rows(next_rows))
         for name, g in grads.items():
             stream.add(name, g)
         for name in no_gradient:
@@ -570,6 +567,14 @@ class ShardClient:
             stream.add_row_grads({table: given.get(table, (np.zeros(0, np.int64), np.zeros((0, spec.dim), np.float32)))
                                   for table, spec in self._tables.items()})
         return stream.finish()
+
+    def plan_next_rows(self, next_rows: dict[str, np.ndarray] | None) -> _NextRows | None:
+        """The next step's row ids ({table: ids}) as a push carries them (see push()); None
+        when there are none or this client does not fuse."""
+        if not next_rows or not self.cfg.fuse:
+            return None
+        self._check_tables(next_rows)
+        return _NextRows.of(next_rows, self.job.num_servers)
 
     def start_push(self, eager: bool = True, next_rows: _NextRows | None = None) -> StreamingPush:
         """A push for the current clock whose gradients arrive one parameter at a time. eager:
@@ -604,8 +609,10 @@ class ShardClient:
         with self._lock:   # the current step's plan and a prefetch's: newest first
             self._row_plans = (plan, *self._row_plans[:1])
         answers = {s: f.values for s, f in fused.items()}
-        answers.update(self._each_shard([s for s in plan.shards() if s not in fused],
-                                        lambda s: self._pull_rows_shard(s, plan, step)))
+        calls = [s for s in plan.shards() if s not in fused]
+        answers.update(self._each_shard(calls, lambda s: self._pull_rows_shard(s, plan, step)))
+        if fused and not calls:
+            self.row_pulls_fused += 1
         return plan.assemble(answers, {t: self._tables[t].dim for t in asks})
 
     def _check_tables(self, asks: dict) -> None:

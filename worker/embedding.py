@@ -202,6 +202,7 @@ class EmbeddingClient:
             f"{mode} mode: the next step's pull waits until every worker pushed this one, so prefetch is off")
         self.pulls = 0             # pull_rows calls made (fetches and prefetches)
         self.prefetch_hits = 0     # fetches served by a prefetch
+        self.fused_hits = 0        # fetches served by the rows the last push's replies brought
         self._fetch_clock: int | None = None  # the clock of the step whose rows the modules hold
         self._prefetch: tuple[int, dict[str, np.ndarray], futures.Future] | None = None
         self._pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rows-prefetch")
@@ -218,7 +219,9 @@ class EmbeddingClient:
         got = self._take_prefetch(asks)
         if got is None:
             self.pulls += 1
+            before = self.client.row_pulls_fused
             got = self._pull(asks)
+            self.fused_hits += self.client.row_pulls_fused - before
         self._fetch_clock = self.client.clock
         for name, m in self.modules.items():
             if name in asks:
@@ -242,6 +245,12 @@ class EmbeddingClient:
         self.pulls += 1  # counted here, on the caller's thread, not on the pool's
         self._prefetch = (clock, asks, self._pool.submit(self._pull, asks))
         return True
+
+    def asks(self, ids_by_module: dict) -> dict[str, np.ndarray]:
+        """{table: unique ids}, what fetch() of these ids pulls: hand the next batch's to
+        PSClient.push(next_rows=...) and, where the push is fused, its replies bring the rows
+        the next fetch() then takes without a call."""
+        return self._unique_ids(ids_by_module)
 
     def row_grads(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{table: (ids, float32 gradient rows)} for client.push(..., row_grads=...): the unique

@@ -249,6 +249,11 @@ class StreamingPush:
                 if self.eager and k.shard not in self.futures and not self.client.fits_batch(k.shard):
                     self._start(k.shard)
 
+    def ask_next_rows(self, next_rows) -> None:
+        """Ask for the next step's rows (ShardClient.plan_next_rows) with the calls not started
+        yet: the one-message calls, which start in finish() and are the ones that fuse."""
+        self.next_rows = next_rows
+
     def _start(self, shard: int) -> None:
         self.futures[shard] = self.client.submit(self._send, shard)
 

@@ -212,7 +212,8 @@ class Loop:
     ctr_sparse.ClickPrediction): the batch's inputs and targets, the loss. A model with
     sharded embedding tables names the ids each of them reads (`model.row_ids(*inputs)`); the
     loop fetches those rows before the forward and pushes their gradients with the dense
-    ones, and with `overlap` (async, ssp) prefetches the next batch's rows once the push is
+    ones; in async and ssp the push also asks for the next batch's rows where it is fused
+    (one call a shard and step), or with `overlap` a prefetch pulls them once the push is
     acknowledged."""
 
     def __init__(self, cfg: TrainConfig, ps: PSClient, model, device, split,
@@ -222,7 +223,10 @@ class Loop:
         self.task = task or models.entry(cfg.model, cfg.data).task
         modules = sharded_embeddings(model)
         self.rows = EmbeddingClient(ps.client, modules) if modules else None
-        self.prefetch_rows = bool(self.rows and cfg.overlap and self.rows.prefetch_enabled)
+        # the next batch's rows come with this step's push where it is fused (one call a shard
+        # and step); else, with overlap, a prefetch pulls them once the push is acknowledged
+        self.fuse_rows = bool(self.rows and cfg.fuse and ps.client.job.mode in ("async", "ssp"))
+        self.prefetch_rows = bool(self.rows and cfg.overlap and self.rows.prefetch_enabled and not self.fuse_rows)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + ps.worker_id)
         self.bar = _progress(cfg.steps if not cfg.epochs else None, cfg.progress)
         self.waits = BarWaits(self.bar).start() if self.bar else None   # "waiting for shard 1 (...)"
@@ -236,7 +240,8 @@ class Loop:
 
     def step(self, idx: torch.Tensor) -> bool:
         """pull, forward/backward on the batch `idx`, push. False: sync skipped the step.
-        With rows to prefetch, the batch after this one is `self.upcoming` (run_* set it)."""
+        With rows, the batch after this one is `self.upcoming` (run_* set it): its rows come with
+        this push (fused) or a prefetch after it (overlap)."""
         ps, model = self.ps, self.model
         inputs, y = self.task.batch(self.split, idx, self.device)
         ps.pull()
@@ -250,7 +255,10 @@ class Loop:
         self.loss = float(loss_t.detach())
         if self.cfg.step_delay_s:
             time.sleep(self.cfg.step_delay_s)  # a deliberate straggler (benchmarks)
-        pushed = ps.push(row_grads=self.rows.row_grads() if self.rows else None)
+        next_rows = None
+        if self.fuse_rows and self.upcoming is not None:
+            next_rows = self.rows.asks(model.row_ids(*self.task.batch(self.split, self.upcoming, self.device)[0]))
+        pushed = ps.push(row_grads=self.rows.row_grads() if self.rows else None, next_rows=next_rows)
         if self.waits:
             self.waits.clear()
         if not pushed:
@@ -590,7 +598,8 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> dict:
                                         "encode_s": round(v.total_encode_s, 4)}
                                     for k, v in ps.client.compression_stats().items()})
         if loop.rows:
-            summary.update(row_pulls=loop.rows.pulls, row_prefetch_hits=loop.rows.prefetch_hits)
+            summary.update(row_pulls=loop.rows.pulls, row_prefetch_hits=loop.rows.prefetch_hits,
+                           row_fused_hits=loop.rows.fused_hits)
         metrics.write(**summary)
     metrics.close()
     telemetry.stop()

@@ -60,14 +60,15 @@ class Recording(Loop):
         return ok
 
 
-def run_loop(c, split, steps: int, model_name: str = "ctr-sparse", overlap: bool = False, task=None):
+def run_loop(c, split, steps: int, model_name: str = "ctr-sparse", overlap: bool = False, task=None,
+             fuse: bool = False):
     """`steps` steps of the worker's loop for one worker; returns (loop, model, held-out metrics
     before, after). The model leaves the job when this returns."""
     cfg = TrainConfig(scheduler=c.address, model=model_name, steps=steps, batch_size=BATCH, progress=False,
-                      overlap=overlap)
+                      overlap=overlap, fuse=fuse)
     model = models.build(model_name, seed=0)
     task = task or models.entry(model_name).task
-    with PSClient.connect(c.address, model, overlap=overlap) as ps:
+    with PSClient.connect(c.address, model, overlap=overlap, fuse=fuse) as ps:
         loop = Recording(cfg, ps, model, torch.device("cpu"), split, MetricsWriter(None), threading.Event(), task)
         before = evaluate(task, model, split, c.address)
         try:
@@ -118,9 +119,14 @@ def test_prefetching_the_next_batchs_rows_changes_no_loss(cluster, small, one_th
     job = JobSpec(mode=mode, staleness=2 if mode == "ssp" else 0, num_servers=2, optimizer=ADAGRAD)
     plain, *_ = run_loop(cluster(job), small, steps=12)
     ahead, _, _, after = run_loop(cluster(job), small, steps=12, overlap=True)
-    assert ahead.losses == plain.losses   # the same floats, step by step
-    assert (plain.rows.pulls, plain.rows.prefetch_hits) == (12, 0)
+    fused, *_ = run_loop(cluster(job), small, steps=12, overlap=True, fuse=True)
+    assert ahead.losses == plain.losses == fused.losses   # the same floats, step by step
+    assert (plain.rows.pulls, plain.rows.prefetch_hits, plain.rows.fused_hits) == (12, 0, 0)
     assert (ahead.rows.pulls, ahead.rows.prefetch_hits) == (12, 11)   # every fetch after the first
+    # fused: the next batch's rows come with each push, so no prefetch; ssp's may come
+    # without rows when the gate does not admit the next step at once (then a call)
+    assert fused.rows.prefetch_hits == 0
+    assert fused.rows.fused_hits == 11 if mode == "async" else 0 < fused.rows.fused_hits <= 11
 
 
 def test_worker_final_record_reports_auc_and_the_teachers(cluster, small, tmp_path, monkeypatch):
@@ -139,7 +145,8 @@ def test_worker_final_record_reports_auc_and_the_teachers(cluster, small, tmp_pa
     assert final["eval_auc"] > 0.55 and math.isfinite(final["eval_logloss"])
     assert final["teacher_auc"] == small.teacher["teacher_auc"]
     assert "eval_accuracy" not in final
-    assert final["row_pulls"] == 20 and final["row_prefetch_hits"] == 19   # async + overlap
+    # async: each push asks for the next batch's rows (fused), so no prefetch is left to make
+    assert (final["row_pulls"], final["row_prefetch_hits"], final["row_fused_hits"]) == (20, 0, 19)
     # what `psctl up` evaluates at the end: the served parameters, read as an observer
     served = evaluate_served(c.address, "ctr-sparse")
     assert served == {k: final[k] for k in ("eval_auc", "eval_logloss", "teacher_auc", "teacher_logloss")}

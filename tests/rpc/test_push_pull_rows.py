@@ -270,3 +270,44 @@ def test_malformed_next_step_ids_are_refused_and_change_nothing(shard_server):
         assert err.value.code() == code, what
         assert _state(srv) == before, what
     assert srv.shard.ledger[0].last_step == 0
+
+
+def _psclient_losses(address: str, fuse: bool, steps: int) -> list[float]:
+    """A torch model of one ShardedEmbeddingBag through PSClient and EmbeddingClient, each push
+    handing over the next batch's ids (EmbeddingClient.asks)."""
+    import torch
+
+    from shardps import PSClient
+    from shardps.worker.embedding import EmbeddingClient, ShardedEmbeddingBag, sharded_embeddings
+
+    model = torch.nn.Module()
+    model.bag = ShardedEmbeddingBag("items", 4, mode="sum", initializer="uniform", scale=0.1, seed=1)
+    batches = [torch.from_numpy(asks_of(s, SHARED)["emb"]) for s in range(steps + 1)]
+    offsets = torch.tensor([0, 10, 20])
+    losses = []
+    with PSClient.connect(address, model, fuse=fuse) as ps:
+        rows = EmbeddingClient(ps.client, sharded_embeddings(model))
+        for step in range(steps):
+            ps.pull()
+            rows.fetch({model.bag: batches[step]})
+            loss = ((model.bag(batches[step], offsets) - 1.0) ** 2).mean()
+            loss.backward()
+            assert ps.push(row_grads=rows.row_grads(), next_rows=rows.asks({model.bag: batches[step + 1]}))
+            losses.append(loss.item())
+        rows.close()
+    return losses
+
+
+def test_psclient_hands_the_next_batchs_ids_to_its_push():
+    """PSClient.push(next_rows=EmbeddingClient.asks(next batch)): fused, the next fetch takes
+    the rows from the push's replies (one PullRows, the first step's); the losses are the
+    unfused run's, bit for bit."""
+    steps = 5
+    job = JobSpec(num_servers=2, optimizer=JOB.optimizer)
+    got = {}
+    for fuse in (False, True):
+        with counted_cluster(job) as (address, _, fused, pulls):
+            got[fuse] = _psclient_losses(address, fuse, steps)
+            assert _calls(pulls) == [1 if fuse else steps] * 2
+            assert _calls(fused) == [steps * fuse] * 2
+    assert got[True] == got[False]
