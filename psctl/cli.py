@@ -362,8 +362,8 @@ def build_parser() -> Parser:
     p.add_argument("--overlap", action="store_true", help="push gradients during backward, prefetch pulls")
     p.add_argument("--no-fuse", action="store_true", help="pull in a call of its own every step, instead of "
                    "in the reply of the previous step's push (async and ssp, shards up to 1 MiB; docs/api.md)")
-    p.add_argument("--min-workers", type=int, default=0, help="wait until this many workers are alive "
-                   "before the first step")
+    p.add_argument("--min-workers", type=int, default=0, help="wait until this many workers have joined "
+                   "(alive, or already finished and left) before the first step")
     p.add_argument("--connect-timeout", type=_timeout, default=120.0, metavar="SECONDS",
                    help="keep trying this long to reach the scheduler and every server at start, then exit 1")
     p.add_argument("--steps", type=int, default=300)

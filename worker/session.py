@@ -22,6 +22,8 @@ from shardps.pscommon.security import NO_SECURITY, Security
 from shardps.pscommon.wire.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("shardps.worker")
+# a worker counts toward --min-workers once it has joined, until it is declared dead
+_JOINED = frozenset({scheduler_pb2.MEMBER_STATE_ALIVE, scheduler_pb2.MEMBER_STATE_LEFT})
 
 
 class Stopped(Exception):
@@ -258,15 +260,16 @@ class Session:
         return say
 
     def wait_for_workers(self, n: int) -> None:
-        """Block until at least `n` workers are alive (a start gate, so a sync job's first
-        steps are not taken by whoever connected first)."""
+        """Block until at least `n` workers have joined: alive, or already left after their
+        steps (a start gate, so a sync job's first steps are not taken by whoever connected
+        first; a fast worker may finish and leave before a slow one looks)."""
         def ready():
             st = grpcutil.call(self._sched.Status, scheduler_pb2.StatusRequest(), self.cfg.control_timeout_s)
-            alive = sum(1 for w in st.workers if w.state == scheduler_pb2.MEMBER_STATE_ALIVE)
-            if alive < n:
-                raise Unavailable(f"{alive} of {n} workers alive")
+            joined = sum(1 for w in st.workers if w.state in _JOINED)
+            if joined < n:
+                raise Unavailable(f"{joined} of {n} workers joined")
         self._retry(ready, self.cfg.connect_timeout_s, backoff=grpcutil.Backoff(0.05, 0.5),
-                    waiting=self._waiting_for(f"{n} live workers (--min-workers)"))
+                    waiting=self._waiting_for(f"{n} workers to join (--min-workers)"))
 
     def declare_model(self, request: scheduler_pb2.DeclareModelRequest) -> scheduler_pb2.JobInfo:
         return grpcutil.call(self._sched.DeclareModel, request, self.cfg.control_timeout_s)

@@ -48,7 +48,7 @@ class TrainConfig:
     partitions: int = 16
     options: DaemonOptions = DaemonOptions()
     overlap: bool = False           # stream gradients from autograd hooks, prefetch pulls
-    min_workers: int = 0            # wait until this many workers are alive before step 0
+    min_workers: int = 0            # wait until this many workers have joined before step 0
     connect_timeout_s: float = 120.0  # waiting for the scheduler and every server at start
     device_compression: bool | None = None   # None: fp16/bf16/topk pushes encoded on CUDA devices
     fuse: bool = True               # a push's reply carries the next pull where it may (push.may_fuse)

@@ -22,6 +22,7 @@ import torch
 
 from shardps import PSClient
 from shardps.pscommon.config import JobSpec
+from shardps.pscommon.errors import PSError
 from shardps.psserver.daemon import ServerConfig, ServerProcess
 from shardps.scheduler import membership as mb
 from shardps.scheduler.daemon import SchedulerConfig, SchedulerProcess
@@ -237,3 +238,20 @@ def test_a_signal_stops_a_worker_waiting_for_a_dead_shard(one_shard, tmp_path, s
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def test_min_workers_counts_a_worker_that_already_finished_and_left(cluster):
+    """A fast worker may take its steps and leave before a slow one checks the start gate
+    (psctl up --workers 2 sets --min-workers 2): the gate counts workers that joined, alive
+    or left, not only those alive at the moment it looks; a dead one does not count."""
+    c = cluster(JobSpec(num_servers=1))
+    fast = ShardClient(ClientConfig(scheduler=c.address, name="fast"))
+    fast.join()
+    fast.wait_for_workers(1)
+    fast.leave()
+    slow = ShardClient(ClientConfig(scheduler=c.address, name="slow", connect_timeout_s=5))
+    slow.join()
+    slow.wait_for_workers(2)    # returns at once: the fast one joined, then left
+    with pytest.raises(PSError, match="2 of 3 workers joined"):
+        slow.wait_for_workers(3)
+    slow.leave()
