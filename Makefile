@@ -25,11 +25,11 @@ demo: $(STAMP)
 	$(VENV)/bin/psctl up --servers 2 --workers 3 --mode async --model digits-mlp --steps 300 \
 		--run-dir runs/demo --plot runs/demo/curve.png --min-accuracy 0.95
 
-# three tests at a time on CI's two cores (pytest-xdist; worksteal evens out the long
-# integration runs): the suite's processes wait on leases, step delays and sockets much of
-# the time (two at a time kept 1.5 of the 2 cores busy: 25.5 CPU-minutes in 16.4 minutes).
-# JOBS=1 runs one at a time (-p no:xdist is not needed).
-JOBS   ?= 3
+# two tests at a time (pytest-xdist; worksteal evens out the long integration runs): the
+# suite's processes wait on leases, steps and sockets about half the time, so two share CI's
+# two cores with room to spare (three finished sooner but starved timing-bound tests: a sync
+# consistent cut was outrun five times). JOBS=1 runs one at a time (-p no:xdist is not needed).
+JOBS   ?= 2
 PYTEST := $(PY) -m pytest -q $(if $(filter-out 1,$(JOBS)),-n $(JOBS) --dist worksteal)
 
 # the slowest tests are listed at the end, to keep the suite inside its 15 minutes

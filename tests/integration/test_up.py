@@ -17,10 +17,12 @@ WAIT_S = 280            # below pytest-timeout's 300 s, so a hang is reported wi
 
 # mode, extra flags, steps per worker: the fewest steps that clear the bar with a margin
 # (sync averages the three workers' gradients into one update per step, so it needs more steps)
+# async is make demo's job; sync the settling protocol over two shards. ssp through psctl up
+# is left to test_failures (kill -9 and SIGTERM of a shard) and test_elastic (paused workers),
+# which train it to the same bar: the suite's 15 minutes
 MODES = [
     pytest.param("async", [], 300, id="async"),
     pytest.param("sync", [], 800, id="sync"),
-    pytest.param("ssp", ["--staleness", "2"], 300, id="ssp"),
 ]
 
 
