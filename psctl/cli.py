@@ -542,8 +542,6 @@ def _run_worker(a) -> int:
 
 def _run_up(a) -> int:
     from shardps.psctl.up import UpConfig, parse_churn, run
-    from shardps.psserver.embeddings import TablePolicy
-    TablePolicy(admit_after=a.admit_after)  # refused here, by name, not as a server that never got ready
     return run(UpConfig(job=job_from_args(a), workers=a.workers, model=a.model, steps=a.steps,
                         batch_size=a.batch_size, seed=a.seed, run_dir=a.run_dir,
                         straggler_delay_s=a.step_delay, timeout_s=a.timeout, as_json=a.json,

@@ -60,6 +60,9 @@ class UpConfig:
     eval_every: int | None = None                # every worker's --eval-every; None: plot_eval_every's
 
     def __post_init__(self):
+        if isinstance(self.admit_after, bool) or not isinstance(self.admit_after, int) or self.admit_after < 1:
+            # refused here, by name, rather than as servers that never get ready
+            raise InvalidArgument(f"admit_after={self.admit_after!r} must be an integer >= 1")
         if self.eval_every is not None and self.eval_every < 0:
             raise InvalidArgument(f"eval_every={self.eval_every} must be an integer >= 0")
 

@@ -73,19 +73,20 @@ class PullCache:
         self._entries: collections.OrderedDict[tuple[str, Hashable], _Entry] = collections.OrderedDict()
 
     def get(self, key: str, variant: Hashable, version: int, owner: object,
-            encode: Callable[[], Encoded]) -> Encoded:
-        """The encoding of `key` at `version` in `variant`: cached, or `encode()` now (and kept)."""
+            encode: Callable[[], Encoded]) -> tuple[Encoded, bool]:
+        """The encoding of `key` at `version` in `variant` and whether it was a hit: cached, or
+        `encode()` now (and kept)."""
         slot = (key, variant)
         with self._lock:
             entry = self._entries.get(slot)
             if fresh(entry, version, owner):
                 self._entries.move_to_end(slot)
                 self.hits += 1
-                return entry.encoded
+                return entry.encoded, True
             self.misses += 1
         encoded = encode()
         self._put(slot, _Entry(version, owner, encoded))
-        return encoded
+        return encoded, False
 
     def _put(self, slot, entry: _Entry) -> None:
         with self._lock:

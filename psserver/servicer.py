@@ -326,27 +326,27 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return cfg, keys
 
     def _encoder(self, cfg: CodecConfig):
+        """encode(key, value) -> (meta, frames, seconds encoding took): a pull's key as sent,
+        from the pull cache where its variant is worth keeping (a hit took no time)."""
         small, lossless = self.shard.job.small_tensor_bytes, self.shard.job.lossless
 
         def fresh(key, value):
             # the frames copy the value: taken under the shard's lock, they are a consistent read
             start = time.perf_counter()
             meta, payload = codecs.encode(key, value, tensor_pb2.DTYPE_FLOAT32, cfg, small, lossless)
-            return pull_cache.Encoded(meta, tuple(chunk_frames(meta, payload)), time.perf_counter() - start)
+            return meta, list(chunk_frames(meta, payload)), time.perf_counter() - start
 
         if not pull_cache.worth_caching(cfg.name, lossless):
-            def encode(key, value):
-                got = fresh(key, value)
-                return got.meta, list(got.frames), got.encode_s
-            return encode
+            return fresh
         variant = (cfg, small, lossless)
 
-        def encode(key, value):
+        def cached(key, value):
             # under the shard's lock: the entry's version and identity are the value's
-            entry, hits = self.shard.entries[key], self.pull_cache.hits
-            got = self.pull_cache.get(key, variant, entry.version, entry, lambda: fresh(key, value))
-            return got.meta, list(got.frames), 0.0 if self.pull_cache.hits > hits else got.encode_s
-        return encode
+            entry = self.shard.entries[key]
+            got, hit = self.pull_cache.get(key, variant, entry.version, entry,
+                                           lambda: pull_cache.Encoded(*fresh(key, value)))
+            return got.meta, list(got.frames), 0.0 if hit else got.encode_s
+        return cached
 
     def _pull_frames(self, encoded):
         for key, (meta, key_frames, encode_s) in encoded:
@@ -382,8 +382,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         row_asks = self._row_asks(request.pull_rows, "PushPullBatch pull_rows", row_dtype, BATCH_BYTES)
         encode = self._encoder(cfg)
 
-        def read():   # under the shard's lock, right after the push
-            # under the shard's lock: its entries now (a restore replaces them)
+        def read():   # under the shard's lock, right after the push: its entries now (a restore replaces them)
             return [(k, encode(k, self.shard.entries[k].value)) for k in keys], self._fused_rows(row_asks)
         (version, duplicate, staleness), pulled = self.shard.push_pull(
             header.caller.worker_id, header.caller.incarnation, header.step, header.base_version, grads,

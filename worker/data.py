@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
+import importlib.util
+import pathlib
 from typing import Callable
 
 import numpy as np
@@ -27,18 +30,30 @@ class Split:
     y_test: torch.Tensor
 
 
+def bundled_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits as `load_digits(return_X_y=True)` gives them (float64
+    pixels 0..16, int64 labels), read from its CSV: importing scikit-learn would cost a worker
+    process about 2 s at start."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("scikit-learn is not installed: the digits dataset is its bundled copy")
+    path = pathlib.Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
 @functools.lru_cache(maxsize=2)
 def digits(image: bool = False) -> Split:
     """1347 train / 450 test samples; features scaled to [0, 1]; image=True gives 1x8x8."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from shardps.worker.digits_split import TEST, TRAIN
 
-    x, y = load_digits(return_X_y=True)
+    x, y = bundled_digits()
     x = (x / 16.0).astype(np.float32)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    train, test = np.asarray(TRAIN), np.asarray(TEST)
     shape = (-1, 1, 8, 8) if image else (-1, 64)
-    return Split(torch.from_numpy(x_tr).reshape(shape), torch.from_numpy(y_tr.astype(np.int64)),
-                 torch.from_numpy(x_te).reshape(shape), torch.from_numpy(y_te.astype(np.int64)))
+    return Split(torch.from_numpy(x[train]).reshape(shape), torch.from_numpy(y[train]),
+                 torch.from_numpy(x[test]).reshape(shape), torch.from_numpy(y[test]))
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -23,6 +23,7 @@ from shardps.worker.api import PSClient
 from shardps.worker.client import ClientConfig, ShardClient
 from shardps.worker.embedding import EmbeddingClient, sharded_embeddings
 from shardps.worker.metrics import WorkerCollector
+from shardps.worker.push import FUSED_MODES
 from shardps.worker.session import Stopped
 
 log = logging.getLogger("shardps.worker")
@@ -225,7 +226,7 @@ class Loop:
         self.rows = EmbeddingClient(ps.client, modules) if modules else None
         # the next batch's rows come with this step's push where it is fused (one call a shard
         # and step); else, with overlap, a prefetch pulls them once the push is acknowledged
-        self.fuse_rows = bool(self.rows and cfg.fuse and ps.client.job.mode in ("async", "ssp"))
+        self.fuse_rows = bool(self.rows and cfg.fuse and ps.client.job.mode in FUSED_MODES)
         self.prefetch_rows = bool(self.rows and cfg.overlap and self.rows.prefetch_enabled and not self.fuse_rows)
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + ps.worker_id)
         self.bar = _progress(cfg.steps if not cfg.epochs else None, cfg.progress)

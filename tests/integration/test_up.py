@@ -1,5 +1,5 @@
 """`psctl up`: a whole local cluster (scheduler, 2 servers, 3 workers as real processes)
-trains digits-mlp to the accuracy bar in every consistency mode, and its JSON summary carries
+trains digits-mlp to the accuracy bar in async and sync, and its JSON summary carries
 status and inspect documents that describe the job it ran."""
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ UP_TIMEOUT_S = 240      # psctl up gives up (exit != 0) after this (a bound for 
 WAIT_S = 280            # below pytest-timeout's 300 s, so a hang is reported with its logs
 
 # mode, extra flags, steps per worker: the fewest steps that clear the bar with a margin
-# (sync averages the three workers' gradients into one update per step, so it needs more steps)
+# (sync averages the three workers' gradients into one update per step: a larger rate, 0.5 as
+# in test_failures, gets it there in about as many steps as async; 0.973 at 400 on an idle box)
 # async is make demo's job; sync the settling protocol over two shards. ssp through psctl up
 # is left to test_failures (kill -9 and SIGTERM of a shard) and test_elastic (paused workers),
 # which train it to the same bar: the suite's 15 minutes
 MODES = [
     pytest.param("async", [], 300, id="async"),
-    pytest.param("sync", [], 800, id="sync"),
+    pytest.param("sync", ["--lr", "0.5"], 400, id="sync"),
 ]
 
 

@@ -35,9 +35,10 @@ class _Owner:
 def test_a_hit_is_the_same_frames_as_a_fresh_encode(lossless):
     value = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
     cache, owner, calls = PullCache(), _Owner(), []
-    first = cache.get("w", (BF16, lossless), 3, owner, _encoder("w", value, lossless=lossless, calls=calls))
-    again = cache.get("w", (BF16, lossless), 3, owner, _encoder("w", value, lossless=lossless, calls=calls))
+    first, first_hit = cache.get("w", (BF16, lossless), 3, owner, _encoder("w", value, lossless=lossless, calls=calls))
+    again, again_hit = cache.get("w", (BF16, lossless), 3, owner, _encoder("w", value, lossless=lossless, calls=calls))
     assert calls == ["w"] and again is first and (cache.hits, cache.misses) == (1, 1)
+    assert (first_hit, again_hit) == (False, True)
     fresh_encoding = _encoder("w", value, lossless=lossless)()
     assert again.frames == fresh_encoding.frames and len(again.frames) > 1
     assert again.meta == fresh_encoding.meta
@@ -47,10 +48,10 @@ def test_a_new_version_is_encoded_again_from_the_new_value():
     value, cache, owner, calls = np.ones(5000, np.float32), PullCache(), _Owner(), []
     cache.get("w", BF16, 1, owner, _encoder("w", value.copy(), calls=calls))
     value -= 0.5
-    got = cache.get("w", BF16, 2, owner, _encoder("w", value.copy(), calls=calls))
+    got, _ = cache.get("w", BF16, 2, owner, _encoder("w", value.copy(), calls=calls))
     assert calls == ["w", "w"]
     assert got.frames == _encoder("w", value)().frames
-    assert cache.get("w", BF16, 2, owner, _encoder("w", value, calls=calls)) is got
+    assert cache.get("w", BF16, 2, owner, _encoder("w", value, calls=calls)) == (got, True)
     assert len(calls) == 2
 
 
@@ -58,18 +59,19 @@ def test_a_replaced_owner_at_the_same_version_is_not_served_stale():
     cache, calls = PullCache(), []
     cache.get("w", BF16, 7, _Owner(), _encoder("w", np.ones(5000, np.float32), calls=calls))
     restored = np.full(5000, 2.0, np.float32)
-    got = cache.get("w", BF16, 7, _Owner(), _encoder("w", restored, calls=calls))
+    got, hit = cache.get("w", BF16, 7, _Owner(), _encoder("w", restored, calls=calls))
+    assert not hit
     assert calls == ["w", "w"] and got.frames == _encoder("w", restored)().frames
 
 
 def test_variants_and_keys_are_kept_apart():
     cache, owner, calls, value = PullCache(), _Owner(), [], np.ones(5000, np.float32)
     fp32, fp16 = CodecConfig.parse("fp32"), CodecConfig.parse("fp16")
-    a = cache.get("w", fp32, 1, owner, _encoder("w", value, fp32, calls=calls))
-    b = cache.get("w", fp16, 1, owner, _encoder("w", value, fp16, calls=calls))
-    c = cache.get("v", fp16, 1, owner, _encoder("v", value, fp16, calls=calls))
+    a, _ = cache.get("w", fp32, 1, owner, _encoder("w", value, fp32, calls=calls))
+    b, _ = cache.get("w", fp16, 1, owner, _encoder("w", value, fp16, calls=calls))
+    c, _ = cache.get("v", fp16, 1, owner, _encoder("v", value, fp16, calls=calls))
     assert calls == ["w", "w", "v"] and len({a.frames, b.frames, c.frames}) == 3
-    assert cache.get("w", fp32, 1, owner, _encoder("w", value, fp32, calls=calls)) is a
+    assert cache.get("w", fp32, 1, owner, _encoder("w", value, fp32, calls=calls)) == (a, True)
 
 
 def test_the_cache_stays_under_its_byte_cap_oldest_out_first():
