@@ -454,10 +454,12 @@ def test_up_churn(procs):
 
 @pytest.mark.slow
 def test_up_churn_add_after_killing_the_last_worker(procs):
-    """kill@1 takes the only worker (still starting), add@2 must still start a new one that
-    trains the job to the end."""
+    """kill@1 takes the only worker mid-run (up slows worker 0 alone: its 20 steps take at
+    least 5 s, where unslowed they ended before the kill), add@2 must still start a new one
+    that trains the job to the end."""
     rc, out, run_dir, logs = run_up(
         procs, "up-last", "--servers", "1", "--workers", "1", "--mode", "async", "--steps", "20",
+        "--step-delay", "0.25",
         "--churn", "kill@1,add@2", "--timeout", "200", as_json=False)
     assert "churn: killed worker 0" in out, f"{out}\n{logs}"
     assert "churn: started worker 1" in out, f"the add@2 event never ran (exit {rc}):\n{out}\n{logs}"
