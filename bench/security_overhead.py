@@ -521,7 +521,7 @@ def main_orchestrate(a) -> int:
     rows, checks = summarize(runs)
     import grpc
     summary = {
-        "command": " ".join(f"{k}={os.environ[k]}" for k in ("REPS", "PRESETS", "CONFIGS", "SEEDS", "STEPS")
+        "command": " ".join(f"{k}={os.environ[k]}" for k in ("REPS", "PRESETS", "CONFIGS", "SEEDS", "STEPS", "ATTACK_RATE", "ATTACK_NICE")
                             if k in os.environ) + " python bench/security_overhead.py"
                    + (" --attack" if a.attack else ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
