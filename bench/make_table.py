@@ -27,7 +27,11 @@ def load(paths: list[str]) -> list[dict]:
                     continue  # a failed run leaves nothing or a traceback line; skip it
                 r = json.loads(line)
                 # grpc_raw runs both message granularities; each is its own row
-                rows.extend(r.pop("modes").values() if "modes" in r else [r])
+                link = r.get("link")
+                for row in (r.pop("modes").values() if "modes" in r else [r]):
+                    if link:   # a shaped link is its own preset: ratios compare runs on the same link
+                        row["preset"] = f"{row['preset']}@{link}"
+                    rows.append(row)
     return rows
 
 

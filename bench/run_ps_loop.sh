@@ -10,7 +10,9 @@
 # "bf16,bf16 fp32,topk:0.01"; default none), STEPS (override N for every run; quick checks
 # only, the workload's N is small 200 / large 10), APPEND=1 (keep earlier lines in the file),
 # BENCH (the folder of ps_loop.py, default this script's; bench/compare_commits.sh points it at
-# the old tree's).
+# the old tree's), LINK (a tc rate such as 1gbit or 10gbit: every run goes through
+# bench/peers/linkrate.sh, one shaped loopback in a private network namespace, and its JSON line
+# gets "link"; make_table.py then shows the preset as small@1gbit; needs root; memcpy skipped).
 #
 # Which shardps the runs import is whatever `import shardps` gives in $OUTDIR: the installed
 # package, or a bench/tree_shim.py folder on PYTHONPATH. Every run starts in $OUTDIR, never in a
@@ -29,6 +31,7 @@ CONFIGS=${CONFIGS:-1,1 1,2 2,2}
 IMPLS=${IMPLS:-shardps torch_rpc grpc_raw memcpy}
 CODEC_RUNS=${CODEC_RUNS:-}
 STEPS=${STEPS:-}
+LINK=${LINK:-}
 PY=$VENV/bin/python
 OUT=$OUTDIR/ps_loop.jsonl; LOG=$OUTDIR/run_ps_loop.log
 [ "${APPEND:-0}" = 1 ] || : > "$OUT"
@@ -47,7 +50,12 @@ run() {  # run ENV-ARGS... -- SCRIPT ARGS...  -> one JSON line appended; failure
   local envs=() t0=$SECONDS
   while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
   echo "### ${envs[*]} $*" >> "$LOG"
-  if env "${envs[@]}" timeout "$TMO" "$PY" "$@" --json --timeout "$inner_tmo" >> "$OUT" 2>> "$LOG"; then
+  local wrap=() line
+  # TensorPipe picks its interface by name: in the link's namespace there is only lo
+  [ -n "$LINK" ] && wrap=(bash "$PEERS/linkrate.sh" "$LINK" env TP_SOCKET_IFNAME=lo)
+  if line=$(env "${envs[@]}" timeout "$TMO" "${wrap[@]}" "$PY" "$@" --json --timeout "$inner_tmo" 2>> "$LOG"); then
+    [ -n "$LINK" ] && line=$(printf '%s\n' "$line" | sed "s/^{/{\"link\": \"$LINK\", /")
+    printf '%s\n' "$line" >> "$OUT"
     echo "ok   $((SECONDS - t0))s  ${envs[*]} $*" >&2
   else
     echo "FAIL $((SECONDS - t0))s  ${envs[*]} $*  (see $LOG)" >&2
@@ -57,7 +65,7 @@ run() {  # run ENV-ARGS... -- SCRIPT ARGS...  -> one JSON line appended; failure
 for preset in $PRESETS; do
   steps=(); [ -n "$STEPS" ] && steps=(--steps "$STEPS")
   for rep in $(seq "$REPS"); do
-    want memcpy && run "${UNTUNED[@]}" -- "$PEERS/memcpy_limit.py" --preset "$preset"
+    want memcpy && [ -z "$LINK" ] && run "${UNTUNED[@]}" -- "$PEERS/memcpy_limit.py" --preset "$preset"
     for cfg in $CONFIGS; do
       a=(--preset "$preset" --servers "${cfg%,*}" --workers "${cfg#*,}" "${steps[@]}")
       if want shardps; then
