@@ -56,8 +56,11 @@ _META_KEY = _field_number(tensor_pb2.TensorChunk, "meta") << 3 | _LEN
 _OFFSET_KEY = _field_number(tensor_pb2.TensorChunk, "offset") << 3  # a varint
 _DATA_KEY = _field_number(tensor_pb2.TensorChunk, "data") << 3 | _LEN
 _CHUNK_TAG = _varint(_chunk_field() << 3 | _LEN)
-# Transfers up to this size go as one PullBatch/PushBatch message; larger ones stream frames.
-BATCH_BYTES = 1 << 20
+# Transfers up to this size go as one PullBatch/PushBatch/PushPullBatch message; larger ones
+# stream frames. 4 MiB, half the 8 MiB message cap (headroom for headers, keys and rows):
+# ps-loop's small preset at S,W = 2,2 (2 MB a shard) moved 35% more as one message each way
+# than streamed at a 1 MiB bound, and at 1,1 (4 MB) the same (docs/benchmarks.md).
+BATCH_BYTES = 4 << 20
 _DATA_TAG = _varint(_DATA_KEY)
 
 

@@ -17,7 +17,7 @@ from shardps.pscommon.security import NO_SECURITY, Security, add_port, secure_ch
 
 log = logging.getLogger(__name__)
 
-# A message is one chunk (~1 MiB) plus framing; 8 MiB leaves room and still refuses abuse.
+# A message is at most one BATCH_BYTES transfer (4 MiB) or one 2 MiB chunk, plus framing: 8 MiB leaves room and still refuses abuse.
 MAX_MESSAGE_BYTES = 8 << 20
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

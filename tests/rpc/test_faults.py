@@ -247,10 +247,11 @@ def test_async_pushes_apply_exactly_once_when_replies_are_lost(faulty_shard):
 # -- the same through the worker's own client, over both push RPCs ------------------------------
 def test_shard_client_retries_lost_replies_exactly_once_over_push_and_push_batch():
     """ShardClient's retry path (backoff, re-resolving the shard, resending the same encoded
-    bytes) under 10% lost replies: a 1.2 MB tensor on one shard goes by the Push stream, a small
-    one on the other by PushBatch; every push is applied once."""
-    workers, steps, big_n = 2, 250, 300_000
-    job = JobSpec(num_servers=2, optimizer=OptimizerConfig(kind="sgd", lr=LR))
+    bytes) under 10% lost replies: a tensor just past the one-message bound on one shard goes
+    by the Push stream, a small one on the other by PushBatch; every push is applied once."""
+    from shardps.pscommon.framing import BATCH_BYTES
+    workers, steps, big_n = 2, 200, BATCH_BYTES // 4 + 1000
+    job = JobSpec(num_servers=2, slice_bytes=2 * BATCH_BYTES, optimizer=OptimizerConfig(kind="sgd", lr=LR))
     sched = SchedulerProcess(SchedulerConfig(job=job))
     sched.start()
     injectors = [FaultInjector(FaultPlan(drop_response_after_apply=0.1, methods=("Push", "PushBatch"),

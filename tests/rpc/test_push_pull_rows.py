@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
+from shardps.pscommon.framing import BATCH_BYTES
 from shardps.pscommon import tables
 from shardps.pscommon.config import JobSpec, OptimizerConfig
 from shardps.pscommon.tables import TableSpec
@@ -250,7 +251,7 @@ def test_malformed_next_step_ids_are_refused_and_change_nothing(shard_server):
         tables.initial_rows(EMB, mine) - np.float32(LR))
     before = _state(srv)
     foreign = _on_shard(1, 1)[0]
-    many = _on_shard(0, 50_000)   # 50,000 x (8 + 16) bytes: past 1 MiB
+    many = _on_shard(0, BATCH_BYTES // (8 + 4 * EMB.dim) + 1000)   # ids and their rows: past one message
     cases = {
         "ids not 8-byte": ([ps_pb2.RowBlock(table="emb", ids=b"\x01" * 7)], 0, grpc.StatusCode.INVALID_ARGUMENT),
         "values with ids": ([ps_pb2.RowBlock(table="emb", ids=tables.ids_to_bytes(mine), values=b"\0" * 32)], 0,

@@ -6,6 +6,7 @@ import grpc
 import numpy as np
 import pytest
 
+from shardps.pscommon.framing import BATCH_BYTES
 from shardps.pscommon import tables
 from shardps.pscommon.config import JobSpec, OptimizerConfig
 from shardps.pscommon.errors import InvalidArgument
@@ -256,7 +257,7 @@ def test_a_bad_policy_is_refused():
 
 def test_one_message_row_calls_match_the_streams(shard_server):
     """PushBatch carries row blocks as Push does (the same update, once); PullRowsBatch
-    answers as PullRows, and refuses before the gate a reply that could pass 1 MiB."""
+    answers as PullRows, and refuses before the gate a reply that could pass one message."""
     srv = shard_server(job=job())
     declare(srv)
     ids, g = ids_of(3, 4, 3), np.ones((3, 4), np.float32)
@@ -273,7 +274,8 @@ def test_one_message_row_calls_match_the_streams(shard_server):
     init = tables.initial_rows(EMB, ids_of(3, 4))
     np.testing.assert_allclose(got, init - LR * np.array([[2.0] * 4, [1.0] * 4], np.float32), atol=1e-7)
     big = ps_pb2.PullRowsRequest(caller=caller(0, 1), shard=0, step=1, model_fingerprint=FP,
-                                 rows=[ps_pb2.RowBlock(table="emb", ids=tables.ids_to_bytes(np.arange(50_000)))])
+                                 rows=[ps_pb2.RowBlock(table="emb", ids=tables.ids_to_bytes(
+                                     np.arange(BATCH_BYTES // (8 + 4 * EMB.dim) + 1000)))])
     with pytest.raises(grpc.RpcError) as err:
         srv.stub.PullRowsBatch(big, timeout=TIMEOUT_S)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "use PullRows" in err.value.details()

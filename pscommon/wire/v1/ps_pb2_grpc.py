@@ -187,7 +187,7 @@ class ParameterServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PullRowsBatch(self, request, context):
-        """PullRows in one message, for replies up to 1 MiB (a stream costs a thread per call in
+        """PullRows in one message, for replies up to 4 MiB (a stream costs a thread per call in
         grpcio's client, which is most of a small step's time).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
