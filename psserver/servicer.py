@@ -463,7 +463,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     @servicer_errors
     def PullRowsBatch(self, request, context):
-        """PullRows in one message; refused before the gate when its reply could pass one message (framing.BATCH_BYTES)."""
+        """PullRows in one message; refused before the gate when its reply could pass
+        framing.BATCH_BYTES."""
         header, blocks = self._pull_rows(request, context, max_bytes=BATCH_BYTES)
         return ps_pb2.PullRowsBatchReply(header=header, rows=list(blocks))
 
