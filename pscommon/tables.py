@@ -103,6 +103,7 @@ class TableSpec:
 ROW_ITEMSIZE = {tensor_pb2.DTYPE_FLOAT32: 4, tensor_pb2.DTYPE_FLOAT16: 2, tensor_pb2.DTYPE_BFLOAT16: 2}
 # one RowBlock's ids and values: half the message cap, so a block and its envelope always fit
 ROW_BLOCK_BYTES = 4 << 20
+_WIRE_U64, _WIRE_F32 = np.dtype("<u8"), np.dtype("<f4")   # built once: a dtype from a string costs a parse
 
 
 def ids_to_bytes(ids: np.ndarray) -> bytes:
@@ -113,7 +114,8 @@ def ids_from_bytes(data: bytes, what: str) -> np.ndarray:
     """uint64 ids from a RowBlock's `ids`; InvalidArgument unless whole 8-byte ids."""
     if len(data) % 8:
         raise InvalidArgument(f"{what}: {len(data)} id bytes is not a whole number of 8-byte ids")
-    return np.frombuffer(data, "<u8").astype(np.uint64, copy=False)
+    ids = np.frombuffer(data, _WIRE_U64)
+    return ids if ids.dtype == np.uint64 else ids.astype(np.uint64)   # a view on little-endian hosts
 
 
 def row_dtype(dtype: int, what: str) -> int:
@@ -145,7 +147,8 @@ def decode_rows(data: bytes, dtype: int, n: int, dim: int, what: str) -> np.ndar
     elif dtype == tensor_pb2.DTYPE_FLOAT16:
         flat = np.frombuffer(data, "<f2").astype(np.float32)
     else:
-        flat = np.frombuffer(data, "<f4").astype(np.float32, copy=False)
+        flat = np.frombuffer(data, _WIRE_F32)
+        flat = flat if flat.dtype == np.float32 else flat.astype(np.float32)
     return flat.reshape(n, dim)
 
 

@@ -111,6 +111,8 @@ def _key(seed: int, salt: int) -> np.uint64:
 
 def as_ids(ids, what: str = "ids") -> np.ndarray:
     """A 1-D uint64 array of ids from any integer array-like; int64 bits are kept (-1 is 2**64-1)."""
+    if type(ids) is np.ndarray and ids.dtype == U64 and ids.ndim == 1 and ids.flags.c_contiguous:
+        return ids   # a request's ids as tables.ids_from_bytes makes them: nothing to convert
     if isinstance(ids, (list, tuple)):
         ids = _python_ids(ids, what)
     a = np.asarray(ids)
@@ -208,13 +210,25 @@ class HashIndex:
     """pandas' khash Int64HashTable over the ids' int64 view; -1 marks an evicted id."""
 
     def __init__(self, size_hint: int = 0):
-        from pandas._libs.hashtable import Int64HashTable  # imported here: servers without tables skip pandas
+        from pandas._libs import hashtable  # imported here: servers without tables skip pandas
 
-        self._table = Int64HashTable(max(size_hint, 16))
+        self._table = hashtable.Int64HashTable(max(size_hint, 16))
+        self._vector = getattr(hashtable, "Int64Vector", None)
+        # whether get_or_add is offered: private pandas API too, so checked, not assumed
+        self.adds = self._vector is not None and hasattr(self._table, "get_labels")
         self.tombstones = 0
 
     def get(self, ids: np.ndarray) -> np.ndarray:
         return self._table.lookup(ids.view(np.int64))
+
+    def get_or_add(self, ids: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the slot of each id, the ids that had none, in order of first appearance): those
+        are given slots first, first + 1, ..., in that order. One pass over the ids, which a
+        get, then a put of the missing, then their dedupe would take three. An evicted id
+        (a tombstone, -1) would read as present: only for an index without tombstones."""
+        new = self._vector()
+        slots = self._table.get_labels(ids.view(np.int64), new, count_prior=first)
+        return slots, new.to_array().view(U64)
 
     def put(self, ids: np.ndarray, slots: np.ndarray) -> None:
         self._table.map_keys_to_values(ids.view(np.int64), slots.astype(np.int64, copy=False))
@@ -290,6 +304,10 @@ def hash_index_available() -> bool:
     except ImportError:
         return False
     return all(hasattr(Int64HashTable, m) for m in ("lookup", "map_keys_to_values", "sizeof"))
+
+
+def _adds(index) -> bool:
+    return isinstance(index, HashIndex) and index.adds
 
 
 def make_index(kind: str, size_hint: int = 0):
@@ -487,10 +505,11 @@ class RowStore:
     # ---- slabs and slots
 
     def _allocate(self, capacity: int) -> None:
-        # recent lookups whose ids all have rows: ids' bytes -> their slots, so the push that
-        # follows a pull of the same ids skips the index (a row's slot changes only when rows
-        # are evicted or the store is restored, which clear it)
-        self._recent: dict[bytes, np.ndarray] = {}
+        # recent lookups whose ids all have rows: ids' bytes -> (their slots, the clock they
+        # were stamped at), so the push that follows a pull of the same ids skips the index
+        # and, at the same clock, the stamp (a row's slot changes only when rows are evicted
+        # or the store is restored, which clear it; a stamp only ever writes the clock)
+        self._recent: dict[bytes, tuple[np.ndarray, float]] = {}
         self._slabs = Slabs()
         self._set_slabs({name: self._slabs.new(name, capacity, row, dtype)
                          for name, (row, dtype) in self._slab_layout().items()})
@@ -546,22 +565,31 @@ class RowStore:
         fresh = not len(self._free)   # no evicted slot to reuse: the new rows are slots [high, high + k)
         slots = self._take_slots(len(ids))
         at = slice(int(slots[0]), int(slots[0]) + len(slots)) if fresh and len(slots) else slots
-        if self.config.initializer.kind in ("zeros", "constant") and fresh:
-            self._values[at] = self.config.initializer.scale   # the initializer's value, without the rows
-        elif fresh:
-            self._values[at] = self.config.initializer.rows(ids, self.dim)
-        else:
-            sparse_optim.put_rows(self._values, slots, self.config.initializer.rows(ids, self.dim))
-        for spec in self._spec:
-            self._state[spec.name][at] = spec.fill
-        self._ids[at] = ids
-        self._last[at] = self._clock
-        self._touches[at] = 0
-        self._live[at] = True
+        self._init_rows(ids, slots, at, fresh)
         self._index.put(ids, slots)
+        return slots
+
+    def _init_rows(self, ids: np.ndarray, slots, at, fresh: bool) -> None:
+        """The new rows of `ids` at `slots` (`at`: the same as a slice when they are fresh)."""
+        # slots never used (fresh) are zero in every slab (new or grown mappings are zero
+        # pages, and nothing writes past high), so zero writes to them are skipped
+        init = self.config.initializer
+        if init.kind in ("zeros", "constant") and fresh:
+            if init.scale:
+                self._values[at] = init.scale   # the initializer's value, without the rows
+        elif fresh:
+            self._values[at] = init.rows(ids, self.dim)
+        else:
+            sparse_optim.put_rows(self._values, slots, init.rows(ids, self.dim))
+        for spec in self._spec:
+            if spec.fill or not fresh:
+                self._state[spec.name][at] = spec.fill
+        self._ids[at] = ids   # no clock: every caller of _resolve stamps the rows it resolved
+        if not fresh:
+            self._touches[at] = 0
+        self._live[at] = True
         self._rows += len(ids)
         self._counts["admitted"] += len(ids)
-        return slots
 
     def _evict(self, slots: np.ndarray, reason: str) -> None:
         self._recent.clear()
@@ -583,6 +611,8 @@ class RowStore:
     def _resolve(self, ids: np.ndarray, touch: bool) -> tuple[np.ndarray, bool]:
         """(slots of `ids`, whether all have one), creating the rows of missing ids that are
         admitted; -1 for the rest."""
+        if self._sketch is None and self.config.max_rows is None and self._fresh_only():
+            return self._resolve_fresh(ids), True
         slots = self._index.get(ids)
         missing = slots < 0
         if not missing.any():
@@ -608,6 +638,23 @@ class RowStore:
             new_slots[admit] = self._insert(new_ids[admit])
         slots[missing] = new_slots if inverse is None else new_slots[inverse]
         return slots, everyone
+
+    def _fresh_only(self) -> bool:
+        """Whether every new row goes to a fresh slot and the index can say which ids are new
+        as it adds them: nothing was evicted (no free slot, no tombstone), a hash index."""
+        return not len(self._free) and not self._index.tombstones and _adds(self._index)
+
+    def _resolve_fresh(self, ids: np.ndarray) -> np.ndarray:
+        """_resolve without admission or a cap, in one pass of the index: the missing ids get
+        slots [high, high + k) as the index adds them. Room for every id is made first (a
+        refused growth then leaves the index as it was), so the slabs may double one call
+        before their slots run out: address space, not memory, until rows are written."""
+        self._grow(self._high + len(ids))
+        slots, new_ids = self._index.get_or_add(ids, self._high)
+        if len(new_ids):
+            start, self._high = self._high, self._high + len(new_ids)
+            self._init_rows(new_ids, None, slice(start, self._high), fresh=True)
+        return slots
 
     def _admit(self, new_ids: np.ndarray, touch: bool):
         """(which of `new_ids` get a row now, a callable that records this call's touches)."""
@@ -650,7 +697,7 @@ class RowStore:
             if create:
                 self._stamp(slots)
                 self._remember(ids, slots)
-            return np.take(self._values, slots, axis=0)
+            return self._values.take(slots, axis=0)
         found = slots >= 0
         if create:
             self._stamp(slots[found])
@@ -663,7 +710,7 @@ class RowStore:
     def _remember(self, ids: np.ndarray, slots: np.ndarray) -> None:
         if len(self._recent) >= _RECENT:
             del self._recent[next(iter(self._recent))]   # the oldest
-        self._recent[ids.tobytes()] = slots
+        self._recent[ids.tobytes()] = (slots, self._clock)
 
     def _stamp(self, slots):
         self._last[slots] = self._clock
@@ -684,18 +731,21 @@ class RowStore:
         """`apply` for gradients already checked and summed: `ids` unique uint64, `grads`
         finite float32 [len(ids), dim] (a push's RowGrad: the servicer checked and summed
         them, so the store does not do it again)."""
-        slots = self._recent.get(ids.tobytes()) if len(ids) else None
-        complete = slots is not None
-        if slots is None:
+        recent = self._recent.get(ids.tobytes()) if len(ids) else None
+        if recent is not None:
+            slots, stamped = recent[0], recent[1] == self._clock
+        else:
             slots, complete = self._resolve(ids, touch=False)  # may refuse the call (max_rows)
+            stamped = False
+            if not complete:
+                kept = slots >= 0
+                self._counts["dropped_gradients"] += int((~kept).sum())
+                slots, grads = slots[kept], grads[kept]
         self._step += 1
-        if not complete:
-            kept = slots >= 0
-            self._counts["dropped_gradients"] += int((~kept).sum())
-            slots, grads = slots[kept], grads[kept]
         if len(slots):
             self.optimizer.apply(self._values, self._state, slots, grads, self._step)
-            self._last[slots] = self._clock
+            if not stamped:
+                self._last[slots] = self._clock
         return len(slots)
 
     @property

@@ -172,7 +172,7 @@ def put_rows(slab: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> None:
     row = _ROW_TYPES.get(width)
     if row is None:   # made once per width: a dtype costs as much to build as the put itself
         row = _ROW_TYPES.setdefault(width, np.dtype((np.void, width)))
-    np.put(slab.view(row).ravel(), slots, np.ascontiguousarray(rows, slab.dtype).view(row).ravel())
+    slab.view(row).ravel().put(slots, np.ascontiguousarray(rows, slab.dtype).view(row).ravel())
 
 
 _ROW_TYPES: dict[int, np.dtype] = {}
@@ -199,7 +199,7 @@ class SparseOptimizer(abc.ABC):
 
 class SparseSGD(SparseOptimizer):
     def apply(self, values, state, slots, grads, step):
-        rows = np.take(values, slots, axis=0)
+        rows = values.take(slots, axis=0)
         if self.cfg.weight_decay:
             grads = grads + F32(self.cfg.weight_decay) * rows
         rows -= F32(self.cfg.lr) * grads
@@ -212,15 +212,16 @@ class SparseAdagrad(SparseOptimizer):
 
     def apply(self, values, state, slots, grads, step):
         cfg = self.cfg
-        acc = np.take(state["sum"], slots, axis=0)
-        acc += grads * grads
+        acc = state["sum"].take(slots, axis=0)
+        work = grads * grads   # one temporary for the whole update: at a few hundred rows
+        acc += work            # a step is numpy calls, and allocations are part of each
         put_rows(state["sum"], slots, acc)
         clr = cfg.lr / (1 + (step - 1) * cfg.lr_decay)
-        std = np.sqrt(acc)
+        std = np.sqrt(acc, out=work)
         std += F32(cfg.eps)
-        update = grads / std
+        update = np.divide(grads, std, out=work)
         update *= F32(clr)
-        rows = np.take(values, slots, axis=0)
+        rows = values.take(slots, axis=0)
         rows -= update
         put_rows(values, slots, rows)
 
@@ -232,14 +233,14 @@ class SparseAdam(SparseOptimizer):
 
     def apply(self, values, state, slots, grads, step):
         cfg = self.cfg
-        m = np.take(state["exp_avg"], slots, axis=0)
+        m = state["exp_avg"].take(slots, axis=0)
         m += (grads - m) * F32(1 - cfg.beta1)  # the order of torch's ops, for the same rounding
         put_rows(state["exp_avg"], slots, m)
-        v_old = np.take(state["exp_avg_sq"], slots, axis=0)
+        v_old = state["exp_avg_sq"].take(slots, axis=0)
         v = v_old + (grads * grads - v_old) * F32(1 - cfg.beta2)
         put_rows(state["exp_avg_sq"], slots, v)
         step_size = self._step_size(state, slots, step)
-        rows = np.take(values, slots, axis=0)
+        rows = values.take(slots, axis=0)
         rows -= step_size * (m / (np.sqrt(v) + F32(cfg.eps)))
         put_rows(values, slots, rows)
 
@@ -247,7 +248,7 @@ class SparseAdam(SparseOptimizer):
         b1, b2, lr = self.cfg.beta1, self.cfg.beta2, self.cfg.lr
         if self.cfg.step == "global":
             return F32(lr * math.sqrt(1 - b2 ** step) / (1 - b1 ** step))
-        t = np.take(state["step"], slots, axis=0) + 1
+        t = state["step"].take(slots, axis=0) + 1
         put_rows(state["step"], slots, t)
         t = t.astype(np.float64)
         return (lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)).astype(F32)
@@ -259,9 +260,9 @@ class SparseFtrl(SparseOptimizer):
 
     def apply(self, values, state, slots, grads, step):
         cfg = self.cfg
-        w = np.take(values, slots, axis=0)
-        z = np.take(state["z"], slots, axis=0)
-        n = np.take(state["n"], slots, axis=0)
+        w = values.take(slots, axis=0)
+        z = state["z"].take(slots, axis=0)
+        n = state["n"].take(slots, axis=0)
         g2 = grads * grads
         sqrt_n = np.sqrt(n)
         n += g2
