@@ -44,7 +44,8 @@ $OUTDIR/security_overhead.json) and as a Markdown table on stdout. Figures, not
 assertions. Env: OUTDIR (default bench/results), REPS (3), PRESETS ("small"), CONFIGS
 ("1,1 2,2"), SEEDS (digits seeds, "0"), DIGITS_WORKERS (3), TMO (seconds per run, 180),
 STEPS (override ps-loop's N; quick checks only), ATTACK_RATE (forged calls a second, 200),
-ATTACK_NICE (the attacker's niceness, 19).
+ATTACK_NICE (the attacker's niceness, 19), ATTACK_SCHED ("idle": the attacker at SCHED_IDLE;
+default "other"). The attacker's report carries its own CPU time (`attacker_cpu_s`).
 """
 from __future__ import annotations
 
