@@ -36,6 +36,8 @@ for p in (str(HERE), str(ROOT)):
     if p not in sys.path:
         sys.path.insert(1, p)
 
+from overlap import cpu_seconds  # noqa: E402  (bench/ on sys.path, above)
+
 PS = "/shardps.pscommon.wire.v1.ParameterServer/"
 
 
@@ -43,11 +45,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def daemon_cpu_s(pid: int) -> float:
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(call, pid: int, n: int) -> dict:
@@ -60,7 +57,7 @@ def measure(call, pid: int, n: int) -> dict:
         except grpc.RpcError:
             pass
     codes: dict[str, int] = {}
-    cpu0, t0 = daemon_cpu_s(pid), time.perf_counter()
+    cpu0, t0 = cpu_seconds([pid]), time.perf_counter()
     for _ in range(n):
         try:
             call()
@@ -68,7 +65,7 @@ def measure(call, pid: int, n: int) -> dict:
         except grpc.RpcError as err:
             code = err.code().name
         codes[code] = codes.get(code, 0) + 1
-    cpu1, t1 = daemon_cpu_s(pid), time.perf_counter()
+    cpu1, t1 = cpu_seconds([pid]), time.perf_counter()
     return {"daemon_cpu_us": round((cpu1 - cpu0) / n * 1e6), "round_trip_us": round((t1 - t0) / n * 1e6),
             "codes": codes}
 
@@ -128,7 +125,7 @@ class Daemons:
         self.sched = subprocess.Popen([*psctl, "scheduler", "--listen", self.sched_address, "--servers", "1",
                                        *flags], stdout=open(work / "scheduler.log", "wb"), stderr=subprocess.STDOUT)
         self.server = subprocess.Popen([*psctl, "server", "--scheduler", self.sched_address, "--listen",
-                                        f"127.0.0.1:{_free_port()}", "--shard-id", "0", *flags],
+                                        "127.0.0.1:0", "--shard-id", "0", *flags],
                                        stdout=open(work / "server.log", "wb"), stderr=subprocess.STDOUT)
 
     def server_address(self, timeout_s: float = 60.0) -> str:

@@ -33,7 +33,7 @@ def test_every_forged_kind_is_refused_and_measured(tmp_path):
             assert row["codes"] == {"OK": 20}, row
         else:
             assert "OK" not in row["codes"], row
-        assert row["daemon_cpu_us"] >= 0 and row["round_trip_us"] > 0
+        assert row["round_trip_us"] > 0
     assert "| bare grpcio echo (the floor) |" in done.stdout
 
 
